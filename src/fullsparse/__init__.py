@@ -1,0 +1,28 @@
+"""fullsparse: fully sparse training with 2:4 structured sparsity on all three GEMMs.
+
+The public face::
+
+    import fullsparse
+    cfg = fullsparse.recipe("fst")               # frozen SparsityConfig
+    report = fullsparse.sparsify_(model, cfg)    # swap Conv2d/Linear for sparse twins
+    print(report)
+
+See ``fst-spec.md`` (the contract) and README.md.
+"""
+
+from fullsparse.config import RECIPES, SparsityConfig, recipe
+from fullsparse.nn import SparseConv2d, SparseLinear, SparsifyReport, densify_, sparsify_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RECIPES",
+    "SparsityConfig",
+    "recipe",
+    "sparsify_",
+    "densify_",
+    "SparsifyReport",
+    "SparseConv2d",
+    "SparseLinear",
+    "__version__",
+]

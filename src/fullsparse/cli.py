@@ -1,0 +1,59 @@
+"""The ``fullsparse`` command line: a thin front end over the library.
+
+Each subcommand lives in its own module under :mod:`fullsparse.commands` and provides
+``add_parser(subparsers)`` (which sets ``func``) — parse, build a config, call a library
+function. Errors the user can fix (:class:`fullsparse.errors.UserError`) print one line and
+exit with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fullsparse.errors import UserError
+
+#: Subcommand modules, in the order ``fullsparse --help`` lists them.
+COMMANDS = ("train", "compare", "eval", "export", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fullsparse import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fullsparse",
+        description="Fully sparse (2:4 forward, grad_input and grad_weight) training.",
+    )
+    parser.add_argument("--version", action="version", version=f"fullsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"fullsparse.commands.{name}")
+        except ModuleNotFoundError as exc:  # a subcommand not written yet
+            if exc.name == f"fullsparse.commands.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

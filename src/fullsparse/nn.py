@@ -1,0 +1,493 @@
+"""Sparse drop-in modules and the in-place model transforms ``sparsify_`` / ``densify_``.
+
+:class:`SparseConv2d` and :class:`SparseLinear` subclass ``nn.Conv2d`` / ``nn.Linear``: the
+same parameters (the very same ``Parameter`` objects after :meth:`from_dense`), the same
+``state_dict`` keys, so optimizers and checkpoints see no difference. What is not a parameter
+— the TSM mask and its step counter — lives in non-persistent buffers and is saved with
+:func:`sparse_state_dict` / restored with :func:`load_sparse_state_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.functional import (
+    output_weight_mask,
+    sparse_conv2d,
+    sparse_linear,
+    transposable_mask,
+)
+
+__all__ = [
+    "SparseConv2d",
+    "SparseLinear",
+    "LayerReport",
+    "SparsifyReport",
+    "sparsify_",
+    "densify_",
+    "sparse_modules",
+    "sparse_state_dict",
+    "load_sparse_state_",
+    "pruned_state_dict",
+]
+
+
+class _SparseMixin:
+    """What both sparse modules share: the config, the cached TSM mask and its clock."""
+
+    config: SparsityConfig
+    weight: nn.Parameter
+    training: bool
+
+    def _init_sparse(self, config: SparsityConfig | str) -> None:
+        self.config = resolve_config(config)
+        # Non-persistent: the state_dict keys stay those of the torch module this replaces.
+        self.register_buffer("tsm_mask", None, persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer(  # type: ignore[attr-defined]
+            "tsm_step", torch.zeros((), dtype=torch.int64), persistent=False
+        )
+
+    def _groups(self) -> int:
+        return int(getattr(self, "groups", 1))
+
+    def _forward_mask(self) -> Tensor | None:
+        """The cached transposable mask, recomputed every ``tsm_interval`` training steps.
+
+        A training step is one forward in training mode with grad enabled. S_K masks are not
+        cached: they follow the weight at every step (the cost is in the overhead benchmark).
+        """
+        if not self.config.uses_transposable_mask:
+            return None
+        stepping = self.training and torch.is_grad_enabled()
+        mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
+        due = stepping and int(self.tsm_step) % self.config.tsm_interval == 0
+        if mask is None or due or mask.shape != self.weight.shape:
+            mask = transposable_mask(self.weight.detach(), self._groups())
+            self.tsm_mask = mask
+        if stepping:
+            self.tsm_step += 1  # type: ignore[has-type]
+        return mask
+
+    def pruned_weight(self) -> Tensor:
+        """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached."""
+        mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
+        out = output_weight_mask(self.weight.detach(), self.config, self._groups(), mask)
+        return self.weight.detach() if out is None else self.weight.detach() * out
+
+    def _sparse_repr(self) -> str:
+        return f"recipe={self.config.name}"
+
+
+class SparseConv2d(_SparseMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
+
+    def __init__(self, *args: Any, config: SparsityConfig | str = "fst", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sparse(config)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, config: SparsityConfig | str) -> SparseConv2d:
+        """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module)}")
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,  # type: ignore[arg-type]
+            stride=module.stride,  # type: ignore[arg-type]
+            padding=module.padding,  # type: ignore[arg-type]
+            dilation=module.dilation,  # type: ignore[arg-type]
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            config=config,
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new.tsm_step = new.tsm_step.to(module.weight.device)
+        new.train(module.training)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` with the same (latent, unpruned) Parameters."""
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,  # type: ignore[arg-type]
+            stride=self.stride,  # type: ignore[arg-type]
+            padding=self.padding,  # type: ignore[arg-type]
+            dilation=self.dilation,  # type: ignore[arg-type]
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+        )
+        dense.weight = self.weight
+        dense.bias = self.bias
+        dense.train(self.training)
+        return dense
+
+    def forward(self, input: Tensor) -> Tensor:
+        mask = self._forward_mask()
+        padding: Any = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then padding 0
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return sparse_conv2d(
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            config=self.config,
+            forward_mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+
+class SparseLinear(_SparseMixin, nn.Linear):
+    """``nn.Linear`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
+
+    def __init__(self, *args: Any, config: SparsityConfig | str = "fst", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sparse(config)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, config: SparsityConfig | str) -> SparseLinear:
+        """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense needs an nn.Linear, got {type(module)}")
+        new = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            config=config,
+        )
+        new.weight = module.weight
+        new.bias = module.bias
+        new.tsm_step = new.tsm_step.to(module.weight.device)
+        new.train(module.training)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the same (latent, unpruned) Parameters."""
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
+        dense.weight = self.weight
+        dense.bias = self.bias
+        dense.train(self.training)
+        return dense
+
+    def forward(self, input: Tensor) -> Tensor:
+        return sparse_linear(
+            input, self.weight, self.bias, config=self.config, forward_mask=self._forward_mask()
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+
+# --------------------------------------------------------------------------- reports
+@dataclass
+class LayerReport:
+    """One row of a :class:`SparsifyReport`."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    sparse: bool
+    reason: str
+
+    @property
+    def action(self) -> str:
+        return "sparse" if self.sparse else "dense"
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify_` / :func:`densify_` did to every Conv/Linear-like layer."""
+
+    recipe: str
+    rows: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [r.name for r in self.rows if r.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [r.name for r in self.rows if not r.sparse]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[LayerReport]:
+        return iter(self.rows)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "layers": [
+                {
+                    "name": r.name,
+                    "kind": r.kind,
+                    "shape": list(r.shape),
+                    "action": r.action,
+                    "reason": r.reason,
+                }
+                for r in self.rows
+            ],
+        }
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "weight shape", "gets", "why")
+        body = [
+            (
+                r.name or "<model>",
+                r.kind,
+                "x".join(map(str, r.shape)) or "-",
+                self.recipe if r.sparse else "dense",
+                r.reason,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
+        lines = [
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in (head, *body)
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n_sparse = len(self.sparse_names)
+        lines.append(f"{n_sparse} of {len(self.rows)} layers use {self.recipe!r}")
+        return "\n".join(lines)
+
+
+# Layer types that hold GEMM weights but that fullsparse does not replace; listed in the
+# report so that nothing is silently left dense.
+_UNSUPPORTED = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.MultiheadAttention,
+    nn.Bilinear,
+)
+
+
+def _dense_reason(name: str, module: nn.Module, fused_children: set[str]) -> str | None:
+    """Why ``module`` must stay dense whatever the filter says, or None if it can be sparse."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy module not initialised yet (run one forward first)"
+    if name in fused_children:
+        return "weight read directly by nn.MultiheadAttention's fused kernel"
+    if not module.weight.is_floating_point():  # type: ignore[union-attr]
+        return f"weight dtype {module.weight.dtype} is not floating point"  # type: ignore
+    if isinstance(module, nn.Conv2d):
+        cig = module.in_channels // module.groups
+        if module.groups > 1 and cig < 4:
+            return (
+                f"grouped conv with {cig} input channel(s) per group (< 4): 2:4 groups would "
+                "mix kernel taps of too few channels"
+            )
+    return None
+
+
+def _fused_children(model: nn.Module) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child_name, _ in module.named_modules():
+                if child_name:
+                    names.add(f"{name}.{child_name}" if name else child_name)
+    return names
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def sparsify_(
+    model: nn.Module,
+    config_or_recipe_name: SparsityConfig | str,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+) -> SparsifyReport:
+    """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
+
+    Default selection: every ``nn.Conv2d`` and ``nn.Linear`` except the last ``nn.Linear``
+    in ``named_modules()`` order (the classifier head). ``filter_fn(name, module) -> bool``
+    replaces that selection. Layers that cannot carry 2:4 meaningfully stay dense whatever
+    the filter says. Layers already sparse get the new config. Parameters are shared, not
+    copied: an optimizer built before the call keeps working.
+
+    Returns:
+        A :class:`SparsifyReport` with one row per Conv/Linear-like layer: what it got, why.
+    """
+    config = resolve_config(config_or_recipe_name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify_ needs an nn.Module, got {type(model).__name__}")
+    report = SparsifyReport(recipe=config.name)
+    named = list(model.named_modules())
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
+    fused = _fused_children(model)
+    replaced: dict[int, nn.Module] = {}  # a module registered under two names is swapped once
+    for name, module in named:
+        if isinstance(module, _UNSUPPORTED):
+            report.rows.append(
+                LayerReport(
+                    name,
+                    type(module).__name__,
+                    _shape(module),
+                    False,
+                    "layer type not supported (fullsparse replaces Conv2d and Linear)",
+                )
+            )
+            continue
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        kind = type(module).__name__
+        shape = _shape(module)
+        if filter_fn is not None:
+            chosen, why_not = bool(filter_fn(name, module)), "excluded by filter_fn"
+        else:
+            chosen, why_not = name != head, "classifier head (last Linear)"
+        reason = _dense_reason(name, module, fused)
+        if not chosen or reason is not None:
+            if isinstance(module, _SparseMixin) and id(module) not in replaced:
+                replaced[id(module)] = module.to_dense()  # type: ignore[attr-defined]
+            if id(module) in replaced:
+                _set_module(model, name, replaced[id(module)])
+            report.rows.append(LayerReport(name, kind, shape, False, reason or why_not))
+            continue
+        if id(module) not in replaced:
+            if isinstance(module, _SparseMixin):
+                module.config = config
+                module.tsm_mask = None
+                replaced[id(module)] = module
+            else:
+                cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
+                replaced[id(module)] = cls.from_dense(module, config)  # type: ignore[arg-type]
+        _set_module(model, name, replaced[id(module)])
+        report.rows.append(LayerReport(name, kind, shape, True, _sparse_note(module, config)))
+    return report
+
+
+def _shape(module: nn.Module) -> tuple[int, ...]:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter):
+        return tuple(weight.shape)
+    return ()
+
+
+def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
+    if config.is_dense:
+        return "dense recipe (same math as torch)"
+    notes = []
+    k = module.weight[0].numel()  # type: ignore[index]
+    if k % 4:
+        notes.append(f"K={k} zero-padded to {k + (-k) % 4}")
+    if isinstance(module, nn.Linear) and config.grad_weight == "ir":
+        notes.append("IR pairs tokens (dim -2); dense grad_weight for 2-D inputs")
+    return "; ".join(notes) or "2:4"
+
+
+def densify_(model: nn.Module) -> SparsifyReport:
+    """Turn every sparse module of ``model`` back into its torch type, in place.
+
+    Parameters are shared (latent, unpruned weights); to keep the pruned weights, load
+    :func:`pruned_state_dict` into the result.
+    """
+    report = SparsifyReport(recipe="dense")
+    restored: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _SparseMixin):
+            if id(module) not in restored:
+                restored[id(module)] = module.to_dense()  # type: ignore[attr-defined]
+            dense = restored[id(module)]
+            _set_module(model, name, dense)
+            report.rows.append(
+                LayerReport(
+                    name,
+                    type(dense).__name__,
+                    _shape(dense),
+                    False,
+                    f"restored from {type(module).__name__} ({module.config.name})",
+                )
+            )
+    return report
+
+
+def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every SparseConv2d / SparseLinear in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, _SparseMixin):
+            yield name, module
+
+
+def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The sparse state that is not in ``model.state_dict()``: TSM masks and step clocks.
+
+    Plain tensors only, so checkpoints load with ``torch.load(weights_only=True)``.
+    """
+    state: dict[str, Tensor] = {}
+    for name, module in sparse_modules(model):
+        state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
+        if module.tsm_mask is not None:  # type: ignore[attr-defined]
+            state[f"{name}.tsm_mask"] = module.tsm_mask.detach().cpu().clone()  # type: ignore
+    return state
+
+
+def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Restore what :func:`sparse_state_dict` saved (in place). Unknown keys raise KeyError."""
+    modules = dict(sparse_modules(model))
+    seen = set()
+    for key, value in state.items():
+        name, _, attr = key.rpartition(".")
+        if name not in modules or attr not in ("tsm_step", "tsm_mask"):
+            raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
+        module = modules[name]
+        device = module.weight.device
+        if attr == "tsm_mask" and tuple(value.shape) != tuple(module.weight.shape):
+            raise ValueError(
+                f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
+                f"is {tuple(module.weight.shape)}"
+            )
+        setattr(module, attr, value.to(device=device))
+        seen.add(name)
+    for name, module in modules.items():
+        if name not in seen:
+            module.tsm_mask = None  # type: ignore[attr-defined]
+
+
+def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` with each sparse layer's weight replaced by its pruned forward
+    weight (what inference uses); loads into the dense model."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, module in sparse_modules(model):
+        key = f"{name}.weight" if name else "weight"
+        if key in state:
+            state[key] = module.pruned_weight().clone()  # type: ignore[attr-defined]
+    return state
