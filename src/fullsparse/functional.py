@@ -53,7 +53,7 @@ def _weight_2d(weight: Tensor) -> Tensor:
 def mask_k(weight: Tensor) -> Tensor:
     """S_K: magnitude 2:4 mask along K of ``W2`` (the forward operand's mask), ``weight``'s
     shape."""
-    return mask_2to4(_weight_2d(weight), dim=1).view(weight.shape)
+    return mask_2to4(_weight_2d(weight), dim=1).reshape(weight.shape)
 
 
 def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
@@ -64,14 +64,14 @@ def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
     """
     co = weight.shape[0]
     per_group = weight.reshape(groups, co // groups, -1)  # [g, Co/g, K]
-    return mask_2to4(per_group, dim=1).view(weight.shape)
+    return mask_2to4(per_group, dim=1).reshape(weight.shape)
 
 
 def transposable_mask(weight: Tensor, groups: int = 1) -> Tensor:
     """TSM mask: 2:4 along K and along Co of each group's ``W2`` at once."""
     co = weight.shape[0]
     per_group = weight.reshape(groups, co // groups, -1)
-    return transposable_mask_2to4(per_group).view(weight.shape)
+    return transposable_mask_2to4(per_group).reshape(weight.shape)
 
 
 def output_weight_mask(

@@ -169,7 +169,9 @@ def transposable_mask_2to4(w2d: torch.Tensor) -> torch.Tensor:
     blocks = score.reshape(b, rb, 4, cb, 4).permute(0, 1, 3, 2, 4)
     patterns = transposable_patterns(w.device)
     # kept magnitude of every pattern on every block; ties resolve to the first pattern
-    kept = torch.einsum("bxyij,pij->bxyp", blocks, patterns)
+    # (autocast off: a bf16 einsum would round the sums and pick other patterns)
+    with torch.autocast(w.device.type, enabled=False):
+        kept = torch.einsum("bxyij,pij->bxyp", blocks, patterns)
     best = kept.argmax(-1)  # [B, R/4, C/4]
     mask = patterns[best].bool()  # [B, R/4, C/4, 4, 4]
     mask = mask.permute(0, 1, 3, 2, 4).reshape(b, rb * 4, cb * 4)[:, :r, :c]

@@ -349,7 +349,7 @@ def sparsify_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ needs an nn.Module, got {type(model).__name__}")
     report = SparsifyReport(recipe=config.name)
-    named = list(model.named_modules())
+    named = list(model.named_modules(remove_duplicate=False))
     linears = [n for n, m in named if isinstance(m, nn.Linear)]
     head = linears[-1] if linears else None
     fused = _fused_children(model)
@@ -422,7 +422,7 @@ def densify_(model: nn.Module) -> SparsifyReport:
     """
     report = SparsifyReport(recipe="dense")
     restored: dict[int, nn.Module] = {}
-    for name, module in list(model.named_modules()):
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, _SparseMixin):
             if id(module) not in restored:
                 restored[id(module)] = module.to_dense()  # type: ignore[attr-defined]
