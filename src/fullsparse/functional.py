@@ -39,6 +39,14 @@ __all__ = [
     "conv_grad_weight",
     "linear_grad_weight",
     "ir_grad_output",
+    "mask_k",
+    "mask_co",
+    "transposable_mask",
+    "decay_term",
+    "conv_grad_input_for",
+    "conv_grad_weight_for",
+    "linear_grad_input_for",
+    "linear_grad_weight_for",
 ]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -322,6 +330,82 @@ def linear_grad_weight(
     return dy2.t().mm(x2)
 
 
+# --------------------------------------------------------------------------- per recipe
+# The backward roles as a config reads them; the autograd functions and the benchmarks both
+# call these, so what is timed is what trains. ``grad_output``/``input`` are in the compute
+# dtype; ``weight`` is the master weight (masks are taken from it, in its own precision).
+
+
+def decay_term(weight: Tensor, out_mask: Tensor | None, config: SparsityConfig) -> Tensor | None:
+    """SR-STE (Eq. 6): ``λ·(W − S(W))`` = ``λ·W`` on the pruned entries, or None."""
+    if not config.decay or out_mask is None:
+        return None
+    return config.decay * (weight * ~out_mask)
+
+
+def conv_grad_input_for(
+    config: SparsityConfig,
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+    geo: ConvGeometry,
+) -> Tensor:
+    """``grad_input`` (Eq. 2) of a conv: ``dX = W_giᵀ · dY_gi`` with the config's operands."""
+    w_gi = grad_input_weight(weight, out_mask, config, geo.groups).to(grad_output.dtype)
+    dy_gi = grad_output
+    if config.grad_input_grad_output == "2:4_co":
+        dy_gi = _mask_channels(grad_output, 1, geo.groups)
+    return conv_grad_input(dy_gi, input, w_gi, geo)
+
+
+def conv_grad_weight_for(
+    config: SparsityConfig,
+    input: Tensor,
+    grad_output: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+    geo: ConvGeometry,
+) -> Tensor:
+    """``grad_weight`` (Eq. 3) of a conv in the config's mode, plus the SR-STE decay; in the
+    weight's dtype."""
+    grad = conv_grad_weight(
+        input,
+        grad_output,
+        weight.to(grad_output.dtype),
+        geo,
+        config.grad_weight,
+        config.ir_alpha,
+    ).to(weight.dtype)
+    decay = decay_term(weight, out_mask, config)
+    return grad if decay is None else grad + decay
+
+
+def linear_grad_input_for(
+    config: SparsityConfig, grad_output: Tensor, weight: Tensor, out_mask: Tensor | None
+) -> Tensor:
+    """``grad_input`` (Eq. 2) of a linear layer: ``dX = dY_gi · W_gi``."""
+    w_gi = grad_input_weight(weight, out_mask, config, 1).to(grad_output.dtype)
+    dy_gi = grad_output
+    if config.grad_input_grad_output == "2:4_co":
+        dy_gi = grad_output * mask_2to4(grad_output, dim=-1)
+    return dy_gi.matmul(w_gi)
+
+
+def linear_grad_weight_for(
+    config: SparsityConfig,
+    input: Tensor,
+    grad_output: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+) -> Tensor:
+    """``grad_weight`` (Eq. 3) of a linear layer plus the SR-STE decay, in the weight's dtype."""
+    grad = linear_grad_weight(input, grad_output, config.grad_weight, config.ir_alpha)
+    grad = grad.to(weight.dtype)
+    decay = decay_term(weight, out_mask, config)
+    return grad if decay is None else grad + decay
+
+
 # --------------------------------------------------------------------------- checks
 def _check_tensor(t: object, what: str) -> Tensor:
     if not isinstance(t, Tensor):
@@ -385,19 +469,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
             # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
-            if ctx.needs_input_grad[0]:
-                w_gi = grad_input_weight(weight, out_mask, config, geo.groups).to(compute)
-                dy_gi = dy
-                if config.grad_input_grad_output == "2:4_co":
-                    dy_gi = _mask_channels(dy, 1, geo.groups)
-                grad_input = conv_grad_input(dy_gi, x, w_gi, geo).to(ctx.input_dtype)
-            # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
-            if ctx.needs_input_grad[1]:
-                grad_weight = conv_grad_weight(
-                    x, dy, weight.to(compute), geo, config.grad_weight, config.ir_alpha
-                ).to(weight.dtype)
-                if config.decay and out_mask is not None:
-                    grad_weight = grad_weight + config.decay * (weight * ~out_mask)
+            if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
+                grad_input = conv_grad_input_for(config, dy, x, weight, out_mask, geo)
+                grad_input = grad_input.to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
+                grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None
@@ -520,19 +596,11 @@ class _SparseLinearFn(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
-            if ctx.needs_input_grad[0]:
-                w_gi = grad_input_weight(weight, out_mask, config, 1).to(compute)
-                dy_gi = dy
-                if config.grad_input_grad_output == "2:4_co":
-                    dy_gi = dy * mask_2to4(dy, dim=-1)
-                grad_input = dy_gi.matmul(w_gi).to(ctx.input_dtype)
-            # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
-            if ctx.needs_input_grad[1]:
-                grad_weight = linear_grad_weight(x, dy, config.grad_weight, config.ir_alpha).to(
-                    weight.dtype
-                )
-                if config.decay and out_mask is not None:
-                    grad_weight = grad_weight + config.decay * (weight * ~out_mask)
+            if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
+                grad_input = linear_grad_input_for(config, dy, weight, out_mask)
+                grad_input = grad_input.to(ctx.input_dtype)
+            if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
+                grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch import Tensor
 
 __all__ = [
     "mask_2to4",
@@ -36,19 +37,29 @@ def _pad_last_to_multiple_of_4(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _keep_top2_of_4(score: torch.Tensor) -> torch.Tensor:
+def _keep_top2_of_4(score: Tensor) -> Tensor:
     """Mask of the two largest scores in each group of 4 along the last axis.
 
-    ``score`` has shape ``[..., 4]`` and is non-negative (NaN already mapped to +inf). An
-    element is kept when fewer than two others beat it; j beats i when ``score[j] >
-    score[i]``, or when they are equal and ``j < i`` — so ties go to the lower index and
-    exactly two are kept in every group, whatever the values.
+    ``score`` has shape ``[..., 4]`` (NaN already mapped to +inf). An element is kept when
+    fewer than two others beat it; j beats i when ``score[j] > score[i]``, or when they are
+    equal and ``j < i`` — so ties go to the lower index and exactly two are kept in every
+    group, whatever the values. Six pairwise comparisons per group, no sort.
     """
-    si = score.unsqueeze(-1)  # [..., 4, 1]: element i
-    sj = score.unsqueeze(-2)  # [..., 1, 4]: competitor j
-    lower = torch.ones(4, 4, dtype=torch.bool, device=score.device).tril(-1)  # [i, j]: j < i
-    beats = (sj > si) | ((sj == si) & lower)
-    return beats.sum(-1) < 2
+    s0, s1, s2, s3 = score.unbind(-1)
+    # a_b: element a (the lower index) beats element b; b beats a exactly when not a_b
+    c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3
+    c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
+    n01, n02, n03, n12, n13, n23 = (c.to(torch.uint8) for c in (c01, c02, c03, c12, c13, c23))
+    beaten = torch.stack(
+        (
+            3 - n01 - n02 - n03,  # element 0 is beaten by every j it does not beat
+            n01 + 2 - n12 - n13,
+            n02 + n12 + 1 - n23,
+            n03 + n13 + n23,
+        ),
+        dim=-1,
+    )
+    return beaten < 2
 
 
 def mask_2to4(t: torch.Tensor, dim: int) -> torch.Tensor:
