@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from fullsparse.errors import UserError
 
 #: Subcommand modules, in the order ``fullsparse --help`` lists them.
-COMMANDS = ("train", "compare", "eval", "export", "bench")
+COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
