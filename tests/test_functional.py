@@ -385,3 +385,17 @@ def test_bfloat16_autocast_on_cpu(name):
 def test_bad_input_gets_a_clear_error(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+def test_activation_and_gradient_operands_are_2to4():
+    """S_T(dY), S_T(Xᵀ) (WG/WX) and S_Co(dY) (GG/GX) are 2:4 along their reduction axes."""
+    from fullsparse.functional import _mask_channels, _mask_spatial_conv
+
+    torch.manual_seed(10)
+    dy = torch.randn(2, 12, 5, 7)
+    st = _mask_spatial_conv(dy)  # along N·Ho·Wo per channel, (n, h, w) order
+    assert is_2to4(st.transpose(0, 1).reshape(12, -1), 1)
+    sco = _mask_channels(dy, 1, groups=3)  # along Co within each of 3 groups of 4
+    assert is_2to4(sco.reshape(2, 3, 4, 5, 7), 2)
+    tokens = torch.randn(3, 5, 8)
+    assert is_2to4(_mask_channels(tokens, -1, 1), -1)
