@@ -46,20 +46,22 @@ def _keep_top2_of_4(score: Tensor) -> Tensor:
     group, whatever the values. Six pairwise comparisons per group, no sort.
     """
     s0, s1, s2, s3 = score.unbind(-1)
-    # a_b: element a (the lower index) beats element b; b beats a exactly when not a_b
+    # cab: element a (the lower index) beats element b; b beats a exactly when not cab.
     c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3
     c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
-    n01, n02, n03, n12, n13, n23 = (c.to(torch.uint8) for c in (c01, c02, c03, c12, c13, c23))
-    beaten = torch.stack(
-        (
-            3 - n01 - n02 - n03,  # element 0 is beaten by every j it does not beat
-            n01 + 2 - n12 - n13,
-            n02 + n12 + 1 - n23,
-            n03 + n13 + n23,
-        ),
-        dim=-1,
-    )
-    return beaten < 2
+    # An element is kept when it beats at least two of the other three (a majority vote);
+    # bool temporaries only, a quarter of the size of the scores.
+    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+    keep[..., 0] = _majority(c01, c02, c03)
+    keep[..., 1] = _majority(~c01, c12, c13)
+    keep[..., 2] = _majority(~c02, ~c12, c23)
+    keep[..., 3] = _majority(~c03, ~c13, ~c23)
+    return keep
+
+
+def _majority(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """At least two of three bool tensors are true."""
+    return (a & b) | (c & (a | b))
 
 
 def mask_2to4(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -85,7 +87,7 @@ def mask_2to4(t: torch.Tensor, dim: int) -> torch.Tensor:
     moved = t.detach().movedim(dim, -1)
     score = moved.abs()
     if score.is_floating_point():
-        score = torch.nan_to_num(score, nan=float("inf"))
+        score = score.nan_to_num_(nan=float("inf"))  # abs() made a fresh tensor
     score = _pad_last_to_multiple_of_4(score)
     groups = score.reshape(*score.shape[:-1], -1, 4)
     keep = _keep_top2_of_4(groups).reshape(score.shape)[..., :size]
