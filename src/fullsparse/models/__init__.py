@@ -1,0 +1,134 @@
+"""The model zoo: CIFAR ResNets, torchvision-compatible ImageNet ResNets, ViT-Ti.
+
+``build_model(name, num_classes, in_channels, image_size)`` is the one entry point; names
+are in :data:`MODELS`, plus ``tv:<name>`` for any torchvision classifier (optional extra).
+
+Invariant every model here keeps, because the sparsifier relies on it: each Conv2d/Linear
+is called through its module's ``forward`` (so swapping the module for a subclass works),
+and the classifier head is the *last* ``nn.Linear`` in ``model.named_modules()`` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fullsparse.errors import UserError
+from fullsparse.models.resnet import (
+    CifarResNet,
+    ResNet,
+    resnet18,
+    resnet20,
+    resnet32,
+    resnet50,
+    resnet56,
+)
+from fullsparse.models.vit import VisionTransformer, default_patch_size, vit_tiny
+
+__all__ = [
+    "MODELS",
+    "build_model",
+    "head_name",
+    "CifarResNet",
+    "ResNet",
+    "VisionTransformer",
+    "default_patch_size",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "resnet18",
+    "resnet50",
+    "vit_tiny",
+]
+
+#: Prefix that routes a name to torchvision (``tv:resnet34``, ``tv:mobilenet_v3_small``).
+TORCHVISION_PREFIX = "tv:"
+
+
+def _resnet(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    # ResNets are fully convolutional with an adaptive pool: image_size does not shape them.
+    def build(num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
+        return fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+    return build
+
+
+def _vit_tiny(num_classes: int, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
+    return vit_tiny(num_classes, in_channels, image_size, **kwargs)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": _resnet(resnet20),
+    "resnet32": _resnet(resnet32),
+    "resnet56": _resnet(resnet56),
+    "resnet18": _resnet(resnet18),
+    "resnet50": _resnet(resnet50),
+    "vit_tiny": _vit_tiny,
+}
+
+#: Names :func:`build_model` accepts (besides ``tv:<torchvision name>``).
+MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vit_tiny")
+assert set(MODELS) == set(_BUILDERS)
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs: Any
+) -> nn.Module:
+    """Build a randomly initialised classifier.
+
+    Args:
+        name: one of :data:`MODELS`, or ``tv:<name>`` for a torchvision classification model
+            (needs ``pip install 'fullsparse[vision]'``; first Conv2d replaced when
+            ``in_channels != 3``, see :func:`fullsparse.models.tv.build_torchvision_model`).
+        num_classes: width of the classifier head.
+        in_channels: image channels (1 for Fashion-MNIST); adapts the stem conv.
+        image_size: input side; shapes ViTs (patch size, position embedding), ignored by
+            the ResNets.
+        **kwargs: model-specific options, e.g. ``depth``, ``embed_dim``, ``num_heads``,
+            ``patch_size`` for ``vit_tiny``.
+
+    Returns:
+        ``nn.Module`` mapping ``[N, in_channels, image_size, image_size]`` to
+        ``[N, num_classes]``.
+
+    Raises:
+        UserError: unknown name (the message lists the choices), non-positive sizes,
+            an option the model does not take, or an incompatible image size.
+    """
+    if num_classes < 1 or in_channels < 1 or image_size < 1:
+        raise UserError(
+            f"model sizes must be >= 1: num_classes={num_classes}, in_channels={in_channels}, "
+            f"image_size={image_size}"
+        )
+    if name.startswith(TORCHVISION_PREFIX):
+        from fullsparse.models.tv import build_torchvision_model
+
+        return build_torchvision_model(
+            name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, image_size, **kwargs
+        )
+    builder = _BUILDERS.get(name)
+    if builder is None:
+        raise UserError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
+            f"or tv:<torchvision model name>"
+        )
+    try:
+        return builder(num_classes, in_channels, image_size, **kwargs)
+    except TypeError as exc:  # an option this model does not take
+        raise UserError(f"model {name!r}: {exc}") from exc
+    except ValueError as exc:  # sizes the architecture rejects (depth, patch divisibility)
+        raise UserError(f"model {name!r}: {exc}") from exc
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the classifier head: the last ``nn.Linear`` in ``named_modules()`` order.
+
+    Raises:
+        UserError: the model has no ``nn.Linear``.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise UserError(f"{type(model).__name__} has no nn.Linear, so no classifier head")
+    return names[-1]
