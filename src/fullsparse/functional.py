@@ -7,10 +7,13 @@ Each layer is three GEMMs, written out below in labelled roles:
 - ``grad_weight`` (Eq. 3) ``dW = dY · Xᵀ`` (+ λ·(W − W_out)) — reduction over N·Ho·Wo / tokens
 
 A frozen :class:`~fullsparse.config.SparsityConfig` decides what each operand is; the
-functions never ask which recipe they run. Everything here is dense PyTorch on any device
-(the *reference* backend): 2:4 operands are materialised as masked dense tensors, except the
-FST weight gradient, which is computed as a half-size strided product — half the FLOPs on
-any hardware, no sparse kernel needed.
+functions never ask which recipe they run. Operands are prepared here (2:4 operands as
+masked dense tensors); a *kernel* object chosen before the autograd function runs
+(:mod:`fullsparse.kernels`, the ``backend=`` argument) computes the ``output`` and
+``grad_input`` GEMMs from them — dense PyTorch ops (``reference``) or 2:4 sparse tensor
+cores (``semi_structured``) — and the functions never ask which. The FST weight gradient
+is a half-size strided product — half the FLOPs on any hardware, no sparse kernel needed —
+and is the same on every backend.
 
 Shapes: conv ``input [N, Ci, H, W]``, ``weight [Co, Ci/g, kh, kw]``, ``grad_output
 [N, Co, Ho, Wo]``; linear ``input [..., T, d_in]`` (or ``[B, d_in]``), ``weight
@@ -20,12 +23,21 @@ Shapes: conv ``input [N, Ci, H, W]``, ``weight [Co, Ci/g, kh, kw]``, ``grad_outp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.kernels import (
+    REFERENCE_CONV,
+    REFERENCE_LINEAR,
+    check_backend,
+    select_conv_kernel,
+    select_linear_kernel,
+)
+from fullsparse.kernels.reference import conv_grad_input, conv_output
 from fullsparse.masks import mask_2to4, transposable_mask_2to4
 
 __all__ = [
@@ -191,28 +203,8 @@ class ConvGeometry:
 
 
 # --------------------------------------------------------------------------- the GEMMs
-def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: ConvGeometry) -> Tensor:
-    """``output`` (Eq. 1): ``y = W_out · X`` as a convolution."""
-    return F.conv2d(input, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
-
-
-def conv_grad_input(
-    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
-) -> Tensor:
-    """``grad_input`` (Eq. 2): ``dX = W_giᵀ · dY`` (col2im of it) — ``input`` gives the shape."""
-    return torch.ops.aten.convolution_backward(
-        grad_output,
-        input,
-        weight,
-        None,
-        list(geo.stride),
-        list(geo.padding),
-        list(geo.dilation),
-        False,
-        [0, 0],
-        geo.groups,
-        [True, False, False],
-    )[0]
+# conv_output (Eq. 1) and conv_grad_input (Eq. 2) live in fullsparse.kernels.reference (the
+# reference kernel) and are re-exported above under their old names.
 
 
 def _conv_weight_grad(
@@ -350,13 +342,16 @@ def conv_grad_input_for(
     weight: Tensor,
     out_mask: Tensor | None,
     geo: ConvGeometry,
+    *,
+    kernel: Any = REFERENCE_CONV,
 ) -> Tensor:
-    """``grad_input`` (Eq. 2) of a conv: ``dX = W_giᵀ · dY_gi`` with the config's operands."""
+    """``grad_input`` (Eq. 2) of a conv: ``dX = W_giᵀ · dY_gi`` with the config's operands,
+    computed by ``kernel`` (:mod:`fullsparse.kernels`; the reference conv by default)."""
     w_gi = grad_input_weight(weight, out_mask, config, geo.groups).to(grad_output.dtype)
     dy_gi = grad_output
     if config.grad_input_grad_output == "2:4_co":
         dy_gi = _mask_channels(grad_output, 1, geo.groups)
-    return conv_grad_input(dy_gi, input, w_gi, geo)
+    return kernel.grad_input(dy_gi, input, w_gi, geo)
 
 
 def conv_grad_weight_for(
@@ -382,14 +377,20 @@ def conv_grad_weight_for(
 
 
 def linear_grad_input_for(
-    config: SparsityConfig, grad_output: Tensor, weight: Tensor, out_mask: Tensor | None
+    config: SparsityConfig,
+    grad_output: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+    *,
+    kernel: Any = REFERENCE_LINEAR,
 ) -> Tensor:
-    """``grad_input`` (Eq. 2) of a linear layer: ``dX = dY_gi · W_gi``."""
+    """``grad_input`` (Eq. 2) of a linear layer: ``dX = dY_gi · W_gi``, computed by
+    ``kernel`` (:mod:`fullsparse.kernels`; a dense matmul by default)."""
     w_gi = grad_input_weight(weight, out_mask, config, 1).to(grad_output.dtype)
     dy_gi = grad_output
     if config.grad_input_grad_output == "2:4_co":
         dy_gi = grad_output * mask_2to4(grad_output, dim=-1)
-    return dy_gi.matmul(w_gi)
+    return kernel.grad_input(dy_gi, w_gi)
 
 
 def linear_grad_weight_for(
@@ -445,6 +446,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         geo: ConvGeometry,
         config: SparsityConfig,
         forward_mask: Tensor | None,
+        kernel: Any,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         out_mask = output_weight_mask(weight, config, geo.groups, forward_mask)
@@ -453,9 +455,9 @@ class _SparseConv2dFn(torch.autograd.Function):
         w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = conv_output(x, w_out, b, geo)
+            y = kernel.output(x, w_out, b, geo)  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
-        ctx.geo, ctx.config, ctx.compute = geo, config, compute
+        ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.input_dtype = input.dtype
@@ -470,13 +472,15 @@ class _SparseConv2dFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
             if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
-                grad_input = conv_grad_input_for(config, dy, x, weight, out_mask, geo)
+                grad_input = conv_grad_input_for(
+                    config, dy, x, weight, out_mask, geo, kernel=ctx.kernel
+                )
                 grad_input = grad_input.to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
                 grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -496,17 +500,24 @@ def sparse_conv2d(
     *,
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
     Same arguments and result shape as :func:`torch.nn.functional.conv2d` (``padding`` may
     be an int, a pair, ``'valid'`` or ``'same'``). ``forward_mask``: a precomputed bool mask
     for the forward weight (a module's cached TSM mask); computed from ``weight`` if omitted.
+    ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
+    ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
 
     Raises:
-        ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry.
+        ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry,
+            unknown backend.
+        fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
+            cannot run (the message says why and how to get it).
     """
     config = resolve_config(config)
+    check_backend(backend)
     _check_tensor(input, "sparse_conv2d input")
     _check_tensor(weight, "sparse_conv2d weight")
     if bias is not None:
@@ -559,7 +570,9 @@ def sparse_conv2d(
             f"{(kh, kw)} (padding={geo.padding}, dilation={geo.dilation}): output would be "
             f"{ho}x{wo}"
         )
-    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask)
+    compute = _autocast_dtype(input.device.type) or input.dtype
+    kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
+    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask, kernel)
 
 
 # --------------------------------------------------------------------------- linear
@@ -572,6 +585,7 @@ class _SparseLinearFn(torch.autograd.Function):
         bias: Tensor | None,
         config: SparsityConfig,
         forward_mask: Tensor | None,
+        kernel: Any,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         out_mask = output_weight_mask(weight, config, 1, forward_mask)
@@ -580,9 +594,9 @@ class _SparseLinearFn(torch.autograd.Function):
         w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = F.linear(x, w_out, b)  # output (Eq. 1)
+            y = kernel.output(x, w_out, b)  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
-        ctx.config, ctx.compute = config, compute
+        ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.input_dtype = input.dtype
@@ -597,13 +611,13 @@ class _SparseLinearFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
             if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
-                grad_input = linear_grad_input_for(config, dy, weight, out_mask)
+                grad_input = linear_grad_input_for(config, dy, weight, out_mask, kernel=ctx.kernel)
                 grad_input = grad_input.to(ctx.input_dtype)
             if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
                 grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def sparse_linear(
@@ -613,16 +627,22 @@ def sparse_linear(
     *,
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
     ``input`` is ``[..., T, d_in]`` (tokens on dim -2; the FST weight gradient pairs adjacent
     tokens) or ``[B, d_in]`` (no token axis: dense weight gradient) or ``[d_in]``.
+    ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
+    ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
 
     Raises:
-        ValueError: wrong ndim, mismatched features, non-float dtype.
+        ValueError: wrong ndim, mismatched features, non-float dtype, unknown backend.
+        fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
+            cannot run (the message says why and how to get it).
     """
     config = resolve_config(config)
+    check_backend(backend)
     _check_tensor(input, "sparse_linear input")
     _check_tensor(weight, "sparse_linear weight")
     if bias is not None:
@@ -644,6 +664,10 @@ def sparse_linear(
         )
     if _autocast_dtype(input.device.type) is None:
         _check_same_dtype(input, weight, bias, "sparse_linear")
+    compute = _autocast_dtype(input.device.type) or input.dtype
+    kernel = select_linear_kernel(backend, config, input, weight, compute)
     if input.ndim == 1:
-        return _SparseLinearFn.apply(input.unsqueeze(0), weight, bias, config, forward_mask)[0]
-    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask)
+        return _SparseLinearFn.apply(
+            input.unsqueeze(0), weight, bias, config, forward_mask, kernel
+        )[0]
+    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel)

@@ -24,6 +24,7 @@ from fullsparse.functional import (
     sparse_linear,
     transposable_mask,
 )
+from fullsparse.kernels import BackendUnavailableError, LayerShape, check_backend, predict_plan
 
 __all__ = [
     "SparseConv2d",
@@ -45,9 +46,13 @@ class _SparseMixin:
     config: SparsityConfig
     weight: nn.Parameter
     training: bool
+    #: How the output / grad_input GEMMs run: "auto", "reference", "semi_structured" or
+    #: "emulation" (fullsparse.kernels). Not part of the state_dict: it is a runtime choice.
+    backend: str
 
-    def _init_sparse(self, config: SparsityConfig | str) -> None:
+    def _init_sparse(self, config: SparsityConfig | str, backend: str = "auto") -> None:
         self.config = resolve_config(config)
+        self.backend = check_backend(backend)
         # Non-persistent: the state_dict keys stay those of the torch module this replaces.
         self.register_buffer("tsm_mask", None, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer(  # type: ignore[attr-defined]
@@ -82,18 +87,26 @@ class _SparseMixin:
         return self.weight.detach() if out is None else self.weight.detach() * out
 
     def _sparse_repr(self) -> str:
-        return f"recipe={self.config.name}"
+        return f"recipe={self.config.name}, backend={self.backend}"
 
 
 class SparseConv2d(_SparseMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
 
-    def __init__(self, *args: Any, config: SparsityConfig | str = "fst", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        config: SparsityConfig | str = "fst",
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_sparse(config)
+        self._init_sparse(config, backend)
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, config: SparsityConfig | str) -> SparseConv2d:
+    def from_dense(
+        cls, module: nn.Conv2d, config: SparsityConfig | str, *, backend: str = "auto"
+    ) -> SparseConv2d:
         """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module)}")
@@ -109,6 +122,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             padding_mode=module.padding_mode,
             device="meta",
             config=config,
+            backend=backend,
         )
         new.weight = module.weight
         new.bias = module.bias
@@ -151,6 +165,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             self.groups,
             config=self.config,
             forward_mask=mask,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -160,12 +175,20 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 class SparseLinear(_SparseMixin, nn.Linear):
     """``nn.Linear`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
 
-    def __init__(self, *args: Any, config: SparsityConfig | str = "fst", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        config: SparsityConfig | str = "fst",
+        backend: str = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_sparse(config)
+        self._init_sparse(config, backend)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, config: SparsityConfig | str) -> SparseLinear:
+    def from_dense(
+        cls, module: nn.Linear, config: SparsityConfig | str, *, backend: str = "auto"
+    ) -> SparseLinear:
         """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense needs an nn.Linear, got {type(module)}")
@@ -175,6 +198,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
             bias=module.bias is not None,
             device="meta",
             config=config,
+            backend=backend,
         )
         new.weight = module.weight
         new.bias = module.bias
@@ -194,7 +218,12 @@ class SparseLinear(_SparseMixin, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         return sparse_linear(
-            input, self.weight, self.bias, config=self.config, forward_mask=self._forward_mask()
+            input,
+            self.weight,
+            self.bias,
+            config=self.config,
+            forward_mask=self._forward_mask(),
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -211,6 +240,10 @@ class LayerReport:
     shape: tuple[int, ...]
     sparse: bool
     reason: str
+    #: For sparse layers: the backend its GEMMs will use ("reference", "semi_structured",
+    #: "emulation", or "auto" for a k×k conv decided by one measurement) and why.
+    backend: str = ""
+    backend_reason: str = ""
 
     @property
     def action(self) -> str:
@@ -223,6 +256,7 @@ class SparsifyReport:
 
     recipe: str
     rows: list[LayerReport] = field(default_factory=list)
+    backend: str = "auto"
 
     @property
     def sparse_names(self) -> list[str]:
@@ -247,6 +281,7 @@ class SparsifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe,
+            "backend": self.backend,
             "layers": [
                 {
                     "name": r.name,
@@ -254,13 +289,15 @@ class SparsifyReport:
                     "shape": list(r.shape),
                     "action": r.action,
                     "reason": r.reason,
+                    "backend": r.backend,
+                    "backend_reason": r.backend_reason,
                 }
                 for r in self.rows
             ],
         }
 
     def __str__(self) -> str:
-        head = ("layer", "type", "weight shape", "gets", "why")
+        head = ("layer", "type", "weight shape", "gets", "why", "backend")
         body = [
             (
                 r.name or "<model>",
@@ -268,6 +305,7 @@ class SparsifyReport:
                 "x".join(map(str, r.shape)) or "-",
                 self.recipe if r.sparse else "dense",
                 r.reason,
+                (f"{r.backend}: {r.backend_reason}" if r.backend_reason else r.backend) or "-",
             )
             for r in self.rows
         ]
@@ -333,6 +371,9 @@ def sparsify_(
     model: nn.Module,
     config_or_recipe_name: SparsityConfig | str,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    *,
+    backend: str = "auto",
+    compute_dtype: torch.dtype | None = None,
 ) -> SparsifyReport:
     """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
 
@@ -342,57 +383,123 @@ def sparsify_(
     the filter says. Layers already sparse get the new config. Parameters are shared, not
     copied: an optimizer built before the call keeps working.
 
+    ``backend`` is given to every sparse layer (:mod:`fullsparse.kernels`): ``auto``
+    (default) runs 2:4 sparse tensor cores where a layer's GEMMs fit them and the reference
+    path elsewhere; ``semi_structured`` insists (and raises here, before changing anything,
+    for what is already known not to fit: recipe, grouping, shapes; device and dtype are
+    checked at the forward); ``reference`` / ``emulation`` as named. ``compute_dtype`` only
+    informs the report's prediction (default: the weight's dtype if fp16/bf16, else bf16
+    autocast is assumed).
+
     Returns:
-        A :class:`SparsifyReport` with one row per Conv/Linear-like layer: what it got, why.
+        A :class:`SparsifyReport` with one row per Conv/Linear-like layer: what it got, why,
+        and which backend its GEMMs will use and why.
+
+    Raises:
+        fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` and a
+            chosen layer cannot run it (the message names every such layer).
     """
     config = resolve_config(config_or_recipe_name)
+    check_backend(backend)
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify_ needs an nn.Module, got {type(model).__name__}")
-    report = SparsifyReport(recipe=config.name)
+    report = SparsifyReport(recipe=config.name, backend=backend)
     named = list(model.named_modules(remove_duplicate=False))
     linears = [n for n, m in named if isinstance(m, nn.Linear)]
     head = linears[-1] if linears else None
     fused = _fused_children(model)
-    replaced: dict[int, nn.Module] = {}  # a module registered under two names is swapped once
+
+    # Decide everything first, so that an explicit backend that cannot run fails before the
+    # model is changed. One row per layer: (name, module, sparse?, why it stays dense).
+    decisions: list[tuple[str, nn.Module, bool, str]] = []
     for name, module in named:
         if isinstance(module, _UNSUPPORTED):
-            report.rows.append(
-                LayerReport(
-                    name,
-                    type(module).__name__,
-                    _shape(module),
-                    False,
-                    "layer type not supported (fullsparse replaces Conv2d and Linear)",
-                )
-            )
+            why = "layer type not supported (fullsparse replaces Conv2d and Linear)"
+            decisions.append((name, module, False, why))
             continue
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        kind = type(module).__name__
-        shape = _shape(module)
         if filter_fn is not None:
             chosen, why_not = bool(filter_fn(name, module)), "excluded by filter_fn"
         else:
             chosen, why_not = name != head, "classifier head (last Linear)"
         reason = _dense_reason(name, module, fused)
-        if not chosen or reason is not None:
+        sparse = chosen and reason is None
+        decisions.append((name, module, sparse, "" if sparse else (reason or why_not)))
+    plans: dict[str, tuple[str, str]] = {}
+    failures = []
+    for name, module, sparse, _ in decisions:
+        if sparse:
+            try:
+                plans[name] = _predict_backend(module, config, backend, compute_dtype)
+            except BackendUnavailableError as exc:
+                failures.append(f"{name or '<model>'}: {exc}")
+    if failures:
+        raise BackendUnavailableError(
+            f"sparsify_(backend='semi_structured'): {len(failures)} layer(s) cannot run it — "
+            + " | ".join(failures)
+        )
+
+    replaced: dict[int, nn.Module] = {}  # a module registered under two names is swapped once
+    for name, module, sparse, why in decisions:
+        kind = type(module).__name__
+        shape = _shape(module)
+        if isinstance(module, _UNSUPPORTED):
+            report.rows.append(LayerReport(name, kind, shape, False, why))
+            continue
+        if not sparse:
             if isinstance(module, _SparseMixin) and id(module) not in replaced:
                 replaced[id(module)] = module.to_dense()  # type: ignore[attr-defined]
             if id(module) in replaced:
                 _set_module(model, name, replaced[id(module)])
-            report.rows.append(LayerReport(name, kind, shape, False, reason or why_not))
+            report.rows.append(LayerReport(name, kind, shape, False, why))
             continue
         if id(module) not in replaced:
             if isinstance(module, _SparseMixin):
                 module.config = config
+                module.backend = backend
                 module.tsm_mask = None
                 replaced[id(module)] = module
             else:
                 cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
-                replaced[id(module)] = cls.from_dense(module, config)  # type: ignore[arg-type]
+                replaced[id(module)] = cls.from_dense(  # type: ignore[attr-defined]
+                    module, config, backend=backend
+                )
         _set_module(model, name, replaced[id(module)])
-        report.rows.append(LayerReport(name, kind, shape, True, _sparse_note(module, config)))
+        chosen_backend, backend_reason = plans[name]
+        note = _sparse_note(module, config)
+        report.rows.append(
+            LayerReport(name, kind, shape, True, note, chosen_backend, backend_reason)
+        )
     return report
+
+
+def _layer_shape(module: nn.Module) -> LayerShape:
+    """The static GEMM facts of a Conv2d / Linear for the backend rules."""
+    weight = module.weight  # type: ignore[union-attr]
+    if isinstance(module, nn.Conv2d):
+        padding: Any = module.padding
+        if isinstance(padding, str):  # 'valid' is 0; 'same' pads unless the kernel is 1x1
+            size1 = tuple(module.kernel_size) == (1, 1)
+            padding = (0, 0) if padding == "valid" or size1 else (1, 1)
+        return LayerShape(
+            "conv",
+            tuple(weight.shape),
+            tuple(module.stride),  # type: ignore[arg-type]
+            tuple(padding),
+            tuple(module.dilation),  # type: ignore[arg-type]
+            module.groups,
+        )
+    return LayerShape("linear", tuple(weight.shape))
+
+
+def _predict_backend(
+    module: nn.Module, config: SparsityConfig, backend: str, compute_dtype: torch.dtype | None
+) -> tuple[str, str]:
+    weight = module.weight  # type: ignore[union-attr]
+    return predict_plan(
+        _layer_shape(module), config, backend, weight.device, weight.dtype, compute_dtype
+    )
 
 
 def _shape(module: nn.Module) -> tuple[int, ...]:

@@ -1,0 +1,96 @@
+"""The reference kernels: each GEMM role as a plain dense PyTorch op on masked operands.
+
+This is the path every other backend is tested against, and what ``backend="auto"`` uses
+wherever a 2:4 kernel cannot run (CPU, float32, shapes the kernel rejects). 2:4 operands
+arrive here already masked (zeros in place), so the product is the spec's formula exactly;
+no sparse hardware is involved.
+
+Kernels receive the operands the autograd functions prepared (``fullsparse.functional``):
+
+- ``output(input, weight_out, bias[, geo])``  — Eq. 1, ``y = W_out · X``
+- ``grad_input(grad_output, weight_gi[, input, geo])`` — Eq. 2, ``dX = W_giᵀ · dY``
+
+``geo`` is any object with ``stride``, ``padding``, ``dilation`` (pairs) and ``groups``
+(:class:`fullsparse.functional.ConvGeometry`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "conv_output",
+    "conv_grad_input",
+    "ReferenceLinearKernel",
+    "ReferenceConvKernel",
+    "REFERENCE_LINEAR",
+    "REFERENCE_CONV",
+]
+
+
+def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+    """``output`` (Eq. 1): ``y = W_out · X`` as a convolution."""
+    return F.conv2d(input, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
+
+
+def conv_grad_input(grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any) -> Tensor:
+    """``grad_input`` (Eq. 2): ``dX = W_giᵀ · dY`` (col2im of it) — ``input`` gives the shape."""
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        input,
+        weight,
+        None,
+        list(geo.stride),
+        list(geo.padding),
+        list(geo.dilation),
+        False,
+        [0, 0],
+        geo.groups,
+        [True, False, False],
+    )[0]
+
+
+class ReferenceLinearKernel:
+    """Dense ``F.linear`` / ``matmul`` on masked operands (any device, any float dtype)."""
+
+    name = "reference"
+    output_sparse = False
+    grad_input_sparse = False
+
+    def output(self, input: Tensor, weight_out: Tensor, bias: Tensor | None) -> Tensor:
+        """Eq. 1: ``input [..., d_in]`` · ``weight_outᵀ`` (+ bias) → ``[..., d_out]``."""
+        return F.linear(input, weight_out, bias)
+
+    def grad_input(self, grad_output: Tensor, weight_gi: Tensor) -> Tensor:
+        """Eq. 2: ``grad_output [..., d_out]`` · ``weight_gi [d_out, d_in]`` → ``[..., d_in]``."""
+        return grad_output.matmul(weight_gi)
+
+    def __repr__(self) -> str:
+        return "ReferenceLinearKernel()"
+
+
+class ReferenceConvKernel:
+    """Dense convolutions (cuDNN / oneDNN) on masked weights."""
+
+    name = "reference"
+    output_sparse = False
+    grad_input_sparse = False
+
+    def output(self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+        return conv_output(input, weight_out, bias, geo)
+
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: Any) -> Tensor:
+        return conv_grad_input(grad_output, input, weight_gi, geo)
+
+    def __repr__(self) -> str:
+        return "ReferenceConvKernel()"
+
+
+#: Stateless singletons: what ``backend="reference"`` (and ``auto`` on CPU) hands the
+#: autograd functions.
+REFERENCE_LINEAR = ReferenceLinearKernel()
+REFERENCE_CONV = ReferenceConvKernel()
