@@ -1,0 +1,48 @@
+"""``fullsparse compare``: the same run under several recipes, one table (markdown + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fullsparse.commands.train import add_train_arguments, overrides_from_args
+from fullsparse.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    from fullsparse.train import compare
+    from fullsparse.train.config import config_from_sources
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise ConfigError("--recipes needs a comma-separated list, e.g. dense,fst")
+    overrides = overrides_from_args(args)
+    out = overrides.pop("out", None)
+    overrides.pop("recipe", None)
+    config = config_from_sources(args.config_file, overrides)
+    result = compare(config, recipes, out=out if out is not None else config.out)
+    if config.quiet:
+        return 0
+    print()
+    print(result.text_table())
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"table: {result.out / 'compare.md'} and {result.out / 'compare.json'}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="train several recipes with identical settings and print one table",
+        description="Train the same model/data/schedule once per recipe (default dense and "
+        "fst) into OUT/<recipe>/ and print best/final top-1 and time per epoch side by side; "
+        "the table is also written to OUT/compare.md and OUT/compare.json. Takes every "
+        "train flag; --out is the comparison folder (default runs/compare-<dataset>-<model>-"
+        "seed<seed>).",
+    )
+    parser.add_argument(
+        "--recipes", default="dense,fst", help="comma-separated recipes (default dense,fst)"
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=run)

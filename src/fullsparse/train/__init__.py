@@ -1,0 +1,35 @@
+"""Training: ``train(TrainConfig(...))`` runs a recipe end to end; checkpoints, DDP, AMP.
+
+    from fullsparse.train import TrainConfig, train
+    summary = train(TrainConfig(model="resnet20", dataset="fashion-mnist", recipe="fst"))
+
+The command line (``fullsparse train|compare|eval|export``) is a thin front end over the
+functions exported here.
+"""
+
+from fullsparse.train.checkpoint import load_checkpoint
+from fullsparse.train.compare import CompareResult, compare
+from fullsparse.train.config import TrainConfig, config_from_sources, load_config_file
+from fullsparse.train.inference import (
+    ExportReport,
+    evaluate_checkpoint,
+    export_checkpoint,
+    load_trained_model,
+)
+from fullsparse.train.loop import NonFiniteLossError, evaluate, train
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "compare",
+    "CompareResult",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+    "ExportReport",
+    "load_trained_model",
+    "load_checkpoint",
+    "config_from_sources",
+    "load_config_file",
+    "NonFiniteLossError",
+]

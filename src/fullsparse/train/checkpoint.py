@@ -1,0 +1,235 @@
+"""Checkpoints: atomic writes, ``weights_only`` reads, identity checks, RNG capture.
+
+Everything a checkpoint holds is a tensor or a plain Python value (dict, list, tuple, str,
+number, bool, None), so :func:`load_checkpoint` can use ``torch.load(weights_only=True)``
+— loading a checkpoint never runs code from the file.
+
+Layout (``FORMAT``, version ``VERSION``)::
+
+    format, version          what this file is
+    identity                 model / dataset / recipe (+ sparsity fields, shapes): a resume
+                             or an eval refuses a checkpoint whose identity differs
+    config                   the resolved TrainConfig as a dict
+    epoch                    completed epochs (= the loader epoch to continue from)
+    model                    the (unwrapped) model's state_dict
+    sparse_state             fullsparse.nn.sparse_state_dict(model): TSM masks, step counters
+    optimizer, scheduler     their state_dicts
+    scaler                   GradScaler state_dict (fp16 AMP) or None
+    rng                      torch CPU, CUDA (per device), Python random, NumPy states
+    history                  per-epoch metrics so far (rewrites metrics.jsonl on resume)
+    best_top1, best_epoch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fullsparse.errors import CheckpointError
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "IDENTITY_KEYS",
+    "atomic_write_bytes",
+    "atomic_torch_save",
+    "save_checkpoint",
+    "copy_checkpoint",
+    "load_checkpoint",
+    "check_identity",
+    "capture_rng",
+    "restore_rng",
+]
+
+FORMAT = "fullsparse-checkpoint"
+VERSION = 1
+#: Identity fields: a checkpoint is only usable by a run/model that agrees on all of them.
+IDENTITY_KEYS = (
+    "model",
+    "model_kwargs",
+    "dataset",
+    "num_classes",
+    "in_channels",
+    "image_size",
+    "recipe",
+    "sparsity",
+)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_REQUIRED = ("identity", "config", "epoch", "model", "sparse_state", "optimizer", "rng")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is; not every OS allows it.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via ``write(fileobj)`` into a temp file beside ``path``, fsync, rename.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically ``torch.save`` ``state`` (with format and version stamped in)."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    _atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Atomic copy (``best.pt`` from ``last.pt`` without serialising twice)."""
+    src = Path(src)
+
+    def write(f: Any) -> None:
+        with open(src, "rb") as s:
+            while chunk := s.read(1 << 22):
+                f.write(chunk)
+
+    _atomic_write(Path(dst), write)
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative part of a (often multi-paragraph) load error, on one line."""
+    text = " ".join(str(exc).split())
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # weights_only refusals bury the reason after boilerplate
+        text = text.split(marker, 1)[1]
+        for tail in (" Check the documentation", ". Please use", " Please use"):
+            text = text.split(tail, 1)[0]
+        return f"weights-only unpickler: {text.strip()}"
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a fullsparse checkpoint on CPU with ``weights_only=True``.
+
+    A missing, truncated, corrupt, foreign or newer-format file raises CheckpointError with
+    one line saying which and where.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only "
+            f"fullsparse checkpoint): {_reason(exc)}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fullsparse checkpoint (no '{FORMAT}' stamp)")
+    version = state.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this fullsparse reads "
+            f"versions up to {VERSION} (upgrade fullsparse)"
+        )
+    missing = [k for k in _REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    return state
+
+
+def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint made for another model, dataset or recipe (one line)."""
+    diffs = [
+        f"{key} {found.get(key)!r} != {expected.get(key)!r}"
+        for key in IDENTITY_KEYS
+        if found.get(key) != expected.get(key)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another run (checkpoint vs this run: {'; '.join(diffs)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# RNG states as tensors and plain values (weights_only-loadable).
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": None,
+    }
+    np = sys.modules.get("numpy")  # only if something in this process uses NumPy
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        n = min(len(cuda_states), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda_states[i], i)
+    np_state = state.get("numpy")
+    if np_state is not None:
+        import numpy as np
+
+        np.random.set_state(
+            (
+                np_state["kind"],
+                np_state["keys"].numpy().astype("uint32"),
+                np_state["pos"],
+                np_state["has_gauss"],
+                np_state["cached_gaussian"],
+            )
+        )

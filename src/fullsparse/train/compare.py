@@ -1,0 +1,160 @@
+"""Side-by-side runs: the same TrainConfig under several recipes, one table.
+
+``compare(config, ("dense", "fst"))`` trains each recipe into ``<out>/<recipe>/`` with
+identical settings (seed, data, schedule) and writes ``compare.md`` and ``compare.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fullsparse.config import RECIPES, recipe
+from fullsparse.errors import ConfigError
+from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
+
+__all__ = ["compare", "CompareResult", "recipe_configs", "default_compare_dir"]
+
+COLUMNS = ("recipe", "best top-1 (%)", "final top-1 (%)", "s/epoch", "time vs dense")
+
+
+def default_compare_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"compare-{config.dataset}-{config.model}-seed{config.seed}".replace(
+        ":", "_"
+    )
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table_cells(self) -> list[tuple[str, ...]]:
+        dense = next((r for r in self.rows if r["recipe"] == "dense"), None)
+        cells = []
+        for r in self.rows:
+            ratio = "-"
+            if dense is not None and dense["seconds_per_epoch"] > 0:
+                ratio = f"{r['seconds_per_epoch'] / dense['seconds_per_epoch']:.2f}x"
+            cells.append(
+                (
+                    r["recipe"],
+                    _pct(r["best_top1"]),
+                    _pct(r["final_top1"]),
+                    f"{r['seconds_per_epoch']:.1f}",
+                    ratio,
+                )
+            )
+        return cells
+
+    def text_table(self) -> str:
+        cells = self.table_cells()
+        widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells, strict=False)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        for row in cells:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        return "\n".join(line.rstrip() for line in lines)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.table_cells()]
+        return "\n".join(lines) + "\n"
+
+
+def _pct(value: float) -> str:
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{value:.2f}")
+    )
+
+
+def recipe_configs(
+    config: TrainConfig, recipes: tuple[str, ...] | list[str], out: Path
+) -> tuple[list[TrainConfig], list[str]]:
+    """One config per recipe (run folder ``out/<recipe>``), validated before anything runs.
+
+    The recipe overrides of ``config`` (``ir_alpha``, ``decay``, ...) go to every recipe
+    that takes them; a recipe they would clash with (e.g. ``ir_alpha`` for ``dense``) keeps
+    its own value, and a note says so.
+    """
+    if not recipes:
+        raise ConfigError("compare needs at least one recipe")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise ConfigError(
+            f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}"
+        )
+    if len(set(recipes)) != len(recipes):
+        raise ConfigError(f"recipes are listed twice: {', '.join(recipes)}")
+    overrides = {
+        k: getattr(config, k) for k in SPARSITY_OVERRIDES if getattr(config, k) is not None
+    }
+    configs, notes = [], []
+    for name in recipes:
+        kept = {}
+        for key, value in overrides.items():
+            try:
+                recipe(name, **{key: value})
+                kept[key] = value
+            except ValueError:
+                notes.append(f"{key}={value} does not apply to {name} (kept its default)")
+        cleared = {k: None for k in SPARSITY_OVERRIDES}
+        resume = config.resume
+        if resume is True and not (out / name / "last.pt").is_file():
+            resume = False  # the comparison stopped before this recipe's first epoch
+        configs.append(
+            config.replace(recipe=name, out=str(out / name), resume=resume, **{**cleared, **kept})
+        )
+    return configs, notes
+
+
+def compare(
+    config: TrainConfig,
+    recipes: tuple[str, ...] | list[str] = ("dense", "fst"),
+    out: str | Path | None = None,
+) -> CompareResult:
+    """Train ``config`` once per recipe; returns the rows (also in ``compare.md/.json``)."""
+    from fullsparse.train.checkpoint import atomic_write_bytes
+    from fullsparse.train.distributed import init_distributed, shutdown_distributed
+    from fullsparse.train.loop import _check_run_dir, resolve_device, train
+
+    out = Path(out) if out is not None else default_compare_dir(config)
+    configs, notes = recipe_configs(config, recipes, out)
+    for cfg in configs:  # refuse before the first run starts, not after it
+        _check_run_dir(cfg)
+    device = resolve_device(config.device)
+    info = init_distributed(device.type)
+    result = CompareResult(out=out, notes=notes)
+    try:
+        for cfg in configs:
+            summary = train(cfg)
+            result.rows.append(
+                {
+                    "recipe": cfg.recipe,
+                    "best_top1": summary["best_top1"],
+                    "final_top1": summary["final_top1"],
+                    "seconds_per_epoch": summary["seconds_per_epoch"],
+                    "epochs": summary["epochs_done"],
+                    "run_dir": summary["run_dir"],
+                }
+            )
+    finally:
+        shutdown_distributed(info)
+    if info.is_main:
+        dense = next((r for r in result.rows if r["recipe"] == "dense"), None)
+        for r in result.rows:
+            r["time_vs_dense"] = (
+                r["seconds_per_epoch"] / dense["seconds_per_epoch"]
+                if dense and dense["seconds_per_epoch"] > 0
+                else None
+            )
+        payload = {"rows": result.rows, "notes": notes, "config": config.to_dict()}
+        atomic_write_bytes(out / "compare.json", (json.dumps(payload, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "compare.md", result.markdown().encode())
+    return result

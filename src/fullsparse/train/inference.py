@@ -1,0 +1,216 @@
+"""Using a trained checkpoint: evaluate it, or export its 2:4-pruned weights.
+
+The checkpoint's ``identity`` (model, sizes, recipe fields) rebuilds the exact sparse model,
+so neither needs the original command line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fullsparse.errors import CheckpointError, UserError
+from fullsparse.train import checkpoint as ckpt
+from fullsparse.train.config import TrainConfig
+
+__all__ = [
+    "load_trained_model",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+    "ExportReport",
+    "ExportRow",
+]
+
+
+def load_trained_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The sparse model of checkpoint ``path`` (eval mode, on ``device``) and the checkpoint."""
+    from fullsparse.nn import load_sparse_state_
+    from fullsparse.train.loop import build_sparse_model
+
+    state = ckpt.load_checkpoint(path)
+    identity = state["identity"]
+    try:
+        model, _ = build_sparse_model(identity)
+        model.load_state_dict(state["model"])
+        load_sparse_state_(model, state["sparse_state"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not rebuild its model {identity.get('model')!r}: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
+    model.to(device)
+    model.eval()
+    return model, state
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    amp: str = "none",
+) -> dict[str, Any]:
+    """Top-1/top-5 of checkpoint ``path`` on its dataset's test split.
+
+    ``data_dir`` overrides the folder stored in the checkpoint's config (data moved).
+    """
+    from fullsparse.data import make_loader
+    from fullsparse.train.loop import _subset, build_data, evaluate, resolve_device
+
+    state = ckpt.load_checkpoint(path)
+    saved = dict(state["config"])
+    for key in ("resume", "force"):
+        saved[key] = False
+    changes: dict[str, Any] = {}
+    if data_dir is not None:
+        changes["data_dir"] = data_dir
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    try:
+        config = TrainConfig.from_dict(saved, source=f"checkpoint {path}").replace(
+            device=device, amp=amp, **changes
+        )
+    except UserError as exc:
+        raise CheckpointError(f"checkpoint {path} holds an unusable config: {exc}") from None
+    dev = resolve_device(config.device)
+    if config.amp == "fp16" and dev.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    bundle = build_data(config)
+    model, _ = load_trained_model(path, dev)
+    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    loader = make_loader(test_set, config.batch_size, train=False, seed=config.seed)
+    result = evaluate(model, loader, dev, amp=config.amp)
+    identity = state["identity"]
+    return {
+        "checkpoint": str(path),
+        "model": identity["model"],
+        "dataset": identity["dataset"],
+        "recipe": identity["recipe"],
+        "epoch": int(state["epoch"]),
+        "top1": result["top1"],
+        "top5": result["top5"],
+        "loss": result["loss"],
+        "images": result["count"],
+    }
+
+
+@dataclass
+class ExportRow:
+    name: str
+    shape: tuple[int, ...]
+    #: Fraction of zero weights.
+    sparsity: float
+    #: Whether the layer's weight was pruned (a sparse layer with a sparse forward).
+    pruned: bool
+    #: 2:4 along K (``W.reshape(Co, -1)``, dim 1) — None for layers that are not pruned.
+    is_2to4: bool | None
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    meta_path: Path
+    recipe: str
+    rows: list[ExportRow] = field(default_factory=list)
+
+    @property
+    def pruned_layers(self) -> list[ExportRow]:
+        return [r for r in self.rows if r.pruned]
+
+    def __str__(self) -> str:
+        head = ("layer", "weight shape", "zeros", "2:4 along K")
+        body = [
+            (
+                r.name,
+                "x".join(map(str, r.shape)),
+                f"{100 * r.sparsity:.1f}%",
+                "-" if r.is_2to4 is None else ("yes" if r.is_2to4 else "NO"),
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(c) for c in col) for col in zip(head, *body, strict=False)]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in (head, *body)
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        n = len(self.pruned_layers)
+        lines.append(
+            f"{n} of {len(self.rows)} layers pruned 2:4 (recipe {self.recipe!r}), all verified"
+            if n
+            else f"no layer is pruned (recipe {self.recipe!r} has a dense forward)"
+        )
+        return "\n".join(lines)
+
+
+def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False) -> ExportReport:
+    """Write checkpoint ``path``'s inference weights to ``out`` as a plain state_dict.
+
+    Every sparse layer's weight is its pruned forward weight (``S_K(W)`` or the TSM mask),
+    verified 2:4 along K; the file loads with ``load_state_dict`` into the *dense* model
+    ``fullsparse.models.build_model(...)`` whose arguments are written beside it as
+    ``<out>.json``. Refuses to overwrite ``out`` unless ``force``.
+    """
+    from fullsparse.masks import is_2to4
+    from fullsparse.nn import pruned_state_dict, sparse_modules
+
+    out = Path(out)
+    meta_path = out.with_name(out.name + ".json")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out} is a folder; give a file name for the exported weights")
+    model, state = load_trained_model(path, "cpu")
+    identity = state["identity"]
+    weights = pruned_state_dict(model)
+    pruned = {
+        name: module
+        for name, module in sparse_modules(model)
+        if module.config.output != "dense"  # type: ignore[union-attr]
+    }
+    report = ExportReport(out=out, meta_path=meta_path, recipe=identity["recipe"])
+    bad = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        w = weights[f"{name}.weight"]
+        w2 = w.reshape(w.shape[0], -1)  # [Co, K]: the output GEMM's operand
+        ok = is_2to4(w2, dim=1) if name in pruned else None
+        if ok is False:
+            bad.append(name)
+        sparsity = float((w == 0).sum()) / w.numel()
+        report.rows.append(ExportRow(name, tuple(w.shape), sparsity, name in pruned, ok))
+    if bad:
+        raise UserError(
+            f"export verification failed: weights of {', '.join(bad)} are not 2:4 along K; "
+            "nothing was written"
+        )
+    meta = {
+        "format": "fullsparse-export",
+        "model": identity["model"],
+        "num_classes": identity["num_classes"],
+        "in_channels": identity["in_channels"],
+        "image_size": identity["image_size"],
+        "model_kwargs": identity["model_kwargs"],
+        "dataset": identity["dataset"],
+        "recipe": identity["recipe"],
+        "sparsity": identity["sparsity"],
+        "epoch": int(state["epoch"]),
+        "mean": state.get("mean"),
+        "std": state.get("std"),
+        "source_checkpoint": str(path),
+        "load_with": "fullsparse.models.build_model(model, num_classes, in_channels, "
+        "image_size, **model_kwargs).load_state_dict(torch.load(path, weights_only=True))",
+    }
+    ckpt.atomic_torch_save(out, weights)
+    ckpt.atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+    return report

@@ -1,0 +1,976 @@
+"""The training loop behind ``fullsparse train``: :func:`train` runs a :class:`TrainConfig`.
+
+One code path for every setting: single process or ``torchrun`` (DDP), CPU or CUDA, fp32 or
+autocast, eager or compiled. A run folder holds::
+
+    config.json     the resolved TrainConfig (``--config`` reads it back)
+    train.log       everything printed, plus the sparsify report
+    metrics.jsonl   one JSON object per epoch
+    last.pt         checkpoint after the latest epoch (atomic), best.pt: best test top-1
+    summary.json    the run's outcome (also :func:`train`'s return value)
+    curves.png      loss/accuracy/lr curves (when matplotlib is installed)
+
+Optimisation follows the paper (§7.1): SGD with momentum 0.9, lr 0.1 × batch/256, cosine
+decay to 0 per step after an optional linear warm-up, weight decay 7e-5, label smoothing 0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fullsparse.errors import CheckpointError, ConfigError, UserError
+from fullsparse.train import checkpoint as ckpt
+from fullsparse.train.config import TrainConfig
+from fullsparse.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+    shutdown_distributed,
+)
+from fullsparse.train.plot import MATPLOTLIB_HINT, plot_curves
+from fullsparse.train.progress import ProgressBar
+
+__all__ = [
+    "train",
+    "evaluate",
+    "NonFiniteLossError",
+    "RESULT_FILES",
+    "resolve_device",
+    "build_data",
+    "build_sparse_model",
+    "model_identity",
+]
+
+#: Files a run writes into its folder; ``force`` removes exactly these (never the folder).
+RESULT_FILES = (
+    "config.json",
+    "train.log",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "summary.json",
+    "curves.png",
+)
+#: Config fields that may change between a run and its resume without changing the maths.
+_RUN_CONTROL = ("resume", "force", "out", "stop_after", "progress", "quiet", "plot", "workers")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/Inf; the message names the step and the first bad layer."""
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks (also used by eval/export)
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
+def build_data(config: TrainConfig) -> Any:
+    """The DatasetBundle of ``config`` (missing data raises DataNotFoundError)."""
+    from fullsparse.data import DATASETS, build_datasets
+
+    if config.dataset not in DATASETS:
+        raise ConfigError(
+            f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASETS)}"
+        )
+    return build_datasets(
+        config.dataset,
+        config.data_dir,
+        image_size=config.image_size,
+        synthetic_train=config.synthetic_train,
+        synthetic_test=config.synthetic_test,
+        synthetic_classes=config.synthetic_classes,
+        seed=config.seed,
+    )
+
+
+def _check_model_name(name: str) -> None:
+    from fullsparse.models import MODELS
+
+    if name not in MODELS and not name.startswith("tv:"):
+        raise ConfigError(
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or tv:<torchvision name>"
+        )
+
+
+def model_identity(config: TrainConfig, bundle: Any) -> dict[str, Any]:
+    """What a checkpoint must agree on to be loaded into this run's model."""
+    return {
+        "model": config.model,
+        "model_kwargs": dict(config.model_kwargs),
+        "dataset": config.dataset,
+        "num_classes": int(bundle.num_classes),
+        "in_channels": int(bundle.in_channels),
+        "image_size": int(bundle.image_size),
+        "recipe": config.recipe,
+        "sparsity": config.sparsity().to_dict(),
+    }
+
+
+def build_sparse_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Build the model an identity describes and sparsify it; returns (model, report)."""
+    from fullsparse.config import SparsityConfig
+    from fullsparse.models import build_model
+    from fullsparse.nn import sparsify_
+
+    model = build_model(
+        identity["model"],
+        identity["num_classes"],
+        in_channels=identity["in_channels"],
+        image_size=identity["image_size"],
+        **identity["model_kwargs"],
+    )
+    report = sparsify_(model, SparsityConfig(**identity["sparsity"]))
+    return model, report
+
+
+def _build_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
+    # One seam for tests (e.g. to inject a NaN into a layer); train() calls only this.
+    return build_sparse_model(identity)
+
+
+def _subset(dataset: Any, n: int | None, seed: int, *, random_pick: bool) -> Any:
+    """The first ``n`` examples (test) or a fixed seeded random ``n`` (train).
+
+    Keeps the dataset's type where the loader depends on it (batched in-memory indexing,
+    per-example augmentation seeds of image folders).
+    """
+    if n is None or n >= len(dataset):
+        return dataset
+    if random_pick:
+        g = torch.Generator().manual_seed(seed)
+        indices = torch.randperm(len(dataset), generator=g)[:n].sort().values
+    else:
+        indices = torch.arange(n)
+    from fullsparse.data import ImageFolderDataset, TensorImageDataset
+
+    if isinstance(dataset, TensorImageDataset):
+        return TensorImageDataset(
+            dataset.images[indices],
+            dataset.labels[indices],
+            dataset.mean,
+            dataset.std,
+            dataset.augmentation,
+        )
+    if isinstance(dataset, ImageFolderDataset):
+        picked = copy.copy(dataset)
+        picked.samples = [dataset.samples[i] for i in indices.tolist()]
+        return picked
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under torch.compile and DDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> tuple:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    *,
+    amp: str = "none",
+    channels_last: bool = False,
+    dist_info: DistInfo | None = None,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy on ``loader`` (reduced over ranks)."""
+    dist_info = dist_info or DistInfo()
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    try:
+        for x, y in loader:
+            x, y = _to_device(x, y, device, channels_last)
+            with autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices  # [B, k]
+            hits = topk == y[:, None]
+            stats = torch.stack(
+                [
+                    F.cross_entropy(logits, y, reduction="sum"),
+                    hits[:, 0].sum().to(logits.dtype),
+                    hits.any(dim=1).sum().to(logits.dtype),
+                ]
+            ).tolist()
+            loss_sum += stats[0]
+            top1 += stats[1]
+            top5 += stats[2]
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], dist_info, device)
+    if count == 0:
+        return {"loss": float("nan"), "top1": 0.0, "top5": 0.0, "count": 0}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "count": int(count),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Logging: stdout (rank 0, unless quiet) and the run folder's train.log
+
+
+class _RunLog:
+    def __init__(self, enabled: bool, quiet: bool) -> None:
+        self.enabled = enabled
+        self.quiet = quiet
+        self.file: TextIO | None = None
+        self._pending: list[str] = []
+
+    def open(self, path: Path, append: bool) -> None:
+        if not self.enabled:
+            return
+        self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        for line in self._pending:
+            self.file.write(line + "\n")
+        self._pending.clear()
+        self.file.flush()
+
+    def info(self, message: str, *, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console and not self.quiet:
+            print(message, flush=True)
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        for line in stamped.splitlines() if "\n" in message else [stamped]:
+            if self.file is not None:
+                self.file.write(line + "\n")
+            else:
+                self._pending.append(line)
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# ---------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not config.no_wd_bn_bias:
+        return [{"params": params, "weight_decay": config.weight_decay}]
+    # 1-D parameters are exactly the norm scales/shifts and the biases here.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up to 1
+    over ``warmup_steps``, then cosine from 1 down to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite loss diagnosis
+
+
+def _diagnose_nonfinite(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, amp_ctx: Any, distributed: bool
+) -> str:
+    """Where non-finite values first appear: the weights, else the first layer (in call
+    order) whose output is non-finite, else the first parameter with a non-finite gradient.
+
+    Runs ``model`` (unwrapped: no DDP/compile) once more on the failing batch; the run is
+    stopping, so the extra forward's side effects (BN statistics) do not matter.
+    """
+    bad_weights = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad_weights:
+        more = f" (+{len(bad_weights) - 1} more)" if len(bad_weights) > 1 else ""
+        return f"non-finite weights in {bad_weights[0]}{more}"
+    found: list[str] = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if found or not isinstance(output, Tensor) or not output.is_floating_point():
+                return
+            if not torch.isfinite(output.detach()).all():
+                found.append(f"{name} ({type(module).__name__})")
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(make_hook(name))
+        for name, module in model.named_modules()
+        if name and not list(module.children())  # leaves; the hooks see them in call order
+    ]
+    loss = None
+    try:
+        model.zero_grad(set_to_none=True)
+        with amp_ctx:
+            loss = loss_fn(model(x), y)
+    except Exception:  # diagnosis is best effort; the caller still reports the step
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if found:
+        return f"first non-finite activation: output of {found[0]}"
+    if loss is None or distributed:  # a backward outside DDP's forward confuses its reducer
+        return ""
+    try:
+        loss.backward()
+    except Exception:
+        return ""
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"first non-finite gradient: {name}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    skipped_steps: int = 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % 2**32)
+
+
+def _check_run_dir(config: TrainConfig) -> Path | None:
+    """Refuse to touch an existing run's results unless resuming or forced; returns the
+    checkpoint to resume from (or None)."""
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} exists and is not a folder")
+    existing = [f for f in RESULT_FILES if (run_dir / f).exists()]
+    if config.resume:
+        path = run_dir / "last.pt" if config.resume is True else Path(config.resume)
+        if not path.is_file():
+            raise CheckpointError(f"nothing to resume: checkpoint {path} does not exist")
+        own = run_dir / "last.pt"
+        if existing and not (own.exists() and own.resolve() == path.resolve()):
+            raise UserError(
+                f"run folder {run_dir} already holds another run ({', '.join(existing)}); "
+                f"resume {path} into a new --out folder"
+            )
+        return path
+    if existing and not config.force:
+        raise UserError(
+            f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, --force to replace it, or --out for a new folder"
+        )
+    return None
+
+
+def _probe_step(
+    model: nn.Module,
+    raw_model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable,
+    amp_ctx_fn: Callable,
+    config: TrainConfig,
+) -> None:
+    """One forward+backward (train mode) and one forward (eval mode) on a real batch, then
+    every bit of state restored: flags like --compile/--amp/--channels-last fail here, with
+    a clear message, instead of part-way through an epoch."""
+    from fullsparse.nn import load_sparse_state_, sparse_state_dict
+
+    saved_model = {k: v.detach().clone() for k, v in raw_model.state_dict().items()}
+    saved_sparse = sparse_state_dict(raw_model)
+    saved_rng = ckpt.capture_rng()
+    flags = [
+        f
+        for f, on in (
+            (f"--amp {config.amp}", config.amp != "none"),
+            ("--channels-last", config.channels_last),
+            ("--compile", config.compile),
+            ("--deterministic", config.deterministic and x.device.type == "cuda"),
+        )
+        if on
+    ]
+    try:
+        model.train()
+        with amp_ctx_fn():
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        model.eval()
+        with torch.no_grad(), amp_ctx_fn():
+            model(x)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(
+            f"{' '.join(flags)} does not work with model {config.model} and recipe "
+            f"{config.recipe} here ({type(exc).__name__}: {first}); run without "
+            f"{'these flags' if len(flags) > 1 else 'it'}"
+        ) from None
+    finally:
+        model.train()
+        raw_model.zero_grad(set_to_none=True)
+        raw_model.load_state_dict(saved_model)
+        load_sparse_state_(raw_model, saved_sparse)
+        ckpt.restore_rng(saved_rng)
+
+
+def _probe_batch(dataset: Any, n: int) -> tuple[Tensor, Tensor]:
+    n = max(1, min(n, len(dataset)))
+    xs, ys = zip(*(dataset[i] for i in range(n)), strict=True)
+    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)
+
+
+def _check_capabilities(config: TrainConfig, device: torch.device) -> None:
+    if config.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "--amp fp16 needs CUDA (float16 training needs a GradScaler and fast fp16 "
+            "kernels); on CPU use --amp bf16"
+        )
+    if config.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+    if config.compile:
+        if not hasattr(torch, "compile"):
+            raise ConfigError("--compile needs torch >= 2.0")
+        if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise ConfigError(
+                "--compile on CPU needs a C++ compiler (g++ or clang++) for TorchInductor; "
+                "install one or run without --compile"
+            )
+        if sys.platform == "win32":
+            raise ConfigError("--compile is not supported on Windows by this torch; drop it")
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in keys
+        if k not in _RUN_CONTROL and old.get(k) != new.get(k)
+    ]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    ckpt.atomic_write_bytes(path, text.encode())
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train ``config.model`` on ``config.dataset`` with ``config.recipe``; return the summary.
+
+    Writes the run folder (see the module docstring) on rank 0. Under ``torchrun`` every
+    rank calls this; each gets the same summary.
+
+    Raises:
+        UserError (and its subclasses ConfigError, DataNotFoundError, CheckpointError,
+        NonFiniteLossError): a problem the user can fix; nothing was overwritten.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0") or 0))
+    _check_capabilities(config, device)
+    if config.deterministic and device.type == "cuda":
+        # cuBLAS needs this before its first call to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    dist_info = init_distributed(device.type)
+    log = _RunLog(enabled=dist_info.is_main, quiet=config.quiet)
+    try:
+        return _train(config, device, dist_info, log)
+    finally:
+        log.close()
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        shutdown_distributed(dist_info)
+
+
+def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog) -> dict:
+    from fullsparse.data import make_loader
+    from fullsparse.nn import load_sparse_state_, sparse_state_dict
+
+    world = dist_info.world_size
+    if config.batch_size % world:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is the global batch and must divide evenly over "
+            f"{world} processes"
+        )
+    local_batch = config.batch_size // world
+    if config.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError(
+            "--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only; on CPU train "
+            "without it (per-rank batch statistics) or use a model without BatchNorm"
+        )
+    run_dir = config.run_dir
+
+    # -- setup: everything that can fail on bad input happens before a file is written ----
+    error: BaseException | None = None
+    resume_from = state = identity = None
+    model = report = bundle = None
+    try:
+        resume_from = _check_run_dir(config) if dist_info.is_main else None
+        _seed_everything(config.seed)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        _check_model_name(config.model)  # before loading data: a typo fails in no time
+        bundle = build_data(config)
+        identity = model_identity(config, bundle)
+        model, report = _build_model(identity)
+        if config.resume:
+            path = run_dir / "last.pt" if config.resume is True else Path(config.resume)
+            state = ckpt.load_checkpoint(path)
+            ckpt.check_identity(path, state["identity"], identity)
+            resume_from = path
+    except Exception as exc:  # synchronised below so no rank waits for a failed one
+        error = exc
+    if any_rank(error is not None, dist_info, device):
+        if error is not None:
+            raise error
+        raise UserError("another process of this distributed run failed during setup")
+    assert model is not None and bundle is not None and identity is not None
+
+    train_set = _subset(bundle.train, config.train_subset, config.seed, random_pick=True)
+    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    train_loader = make_loader(
+        train_set,
+        local_batch,
+        train=True,
+        seed=config.seed,
+        rank=dist_info.rank,
+        world_size=world,
+        workers=config.workers,
+    )
+    test_loader = make_loader(
+        test_set,
+        local_batch,
+        train=False,
+        seed=config.seed,
+        rank=dist_info.rank,
+        world_size=world,
+        workers=config.workers,
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is larger than the {len(train_set)} training "
+            "images: no full batch per epoch"
+        )
+
+    # -- model, optimiser, schedule ---------------------------------------------------------
+    raw_model = model
+    if config.sync_bn and world > 1:
+        raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    raw_model.to(device)
+    if config.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        _param_groups(raw_model, config), lr=config.peak_lr, momentum=config.momentum
+    )
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
+    )
+    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+        return criterion(logits.float(), y)
+
+    run = _State()
+    if state is not None:
+        try:
+            raw_model.load_state_dict(state["model"])
+            load_sparse_state_(raw_model, state["sparse_state"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"checkpoint {resume_from} does not fit this run: {type(exc).__name__}: {first}"
+            ) from None
+        run.epoch = int(state["epoch"])
+        run.history = list(state.get("history", []))
+        run.best_top1 = float(state.get("best_top1", -1.0))
+        run.best_epoch = int(state.get("best_epoch", 0))
+        run.skipped_steps = int(state.get("skipped_steps", 0))
+        ckpt.restore_rng(state["rng"])  # last: nothing below may draw random numbers
+
+    model = raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if config.compile:
+        model = torch.compile(model)
+
+    def amp_ctx() -> contextlib.AbstractContextManager[Any]:
+        return autocast(device, config.amp)
+
+    # Evaluation needs no gradient sync, and under DDP the ranks' last test batches may
+    # differ in number: DDP's per-forward buffer broadcast would then wait forever.
+    eval_model = model if world == 1 else raw_model
+    if config.compile:
+        log.info("torch.compile: the first steps compile the model (minutes on a CPU)")
+    # CUDA has ops without deterministic kernels: find out now, not mid-epoch.
+    deterministic_cuda = config.deterministic and device.type == "cuda"
+    if config.compile or config.amp != "none" or config.channels_last or deterministic_cuda:
+        px, py = _probe_batch(train_set, local_batch)
+        px, py = _to_device(px, py, device, config.channels_last)
+        error = None
+        try:
+            _probe_step(model, raw_model, px, py, loss_fn, amp_ctx, config)
+        except UserError as exc:
+            error = exc
+        if any_rank(error is not None, dist_info, device):
+            raise error or UserError("another process failed its first training step")
+
+    # -- the run folder: written only now that everything is known to work --------------------
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.force:
+            for name in RESULT_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        log.open(run_dir / "train.log", append=state is not None)
+        _write_json(run_dir / "config.json", config.to_dict())
+        if state is not None:
+            _write_metrics(run_dir / "metrics.jsonl", run.history)
+    barrier(dist_info)
+
+    n_sparse = len([r for r in report.rows if r.sparse]) if report is not None else 0
+    n_layers = len(report.rows) if report is not None else 0
+    log.info(
+        f"fullsparse train: {config.model} on {config.dataset}, recipe {config.recipe!r} on "
+        f"{n_sparse} of {n_layers} layers, {len(train_set)} train / {len(test_set)} test images"
+    )
+    log.info(str(report), console=False)
+    log.info(
+        f"device {device} x{world}, global batch {config.batch_size}, lr {config.peak_lr:g}, "
+        f"{config.epochs} epochs of {steps_per_epoch} steps, amp {config.amp}"
+        + (", channels-last" if config.channels_last else "")
+        + (", compiled" if config.compile else "")
+        + (", deterministic" if config.deterministic else "")
+    )
+    log.info(f"run folder: {run_dir}")
+    if state is not None:
+        diffs = _config_differences(state["config"], config.to_dict())
+        log.info(f"resumed from {resume_from} after epoch {run.epoch}")
+        if diffs:
+            log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
+        threads = state.get("threads")
+        if config.deterministic and threads is not None and threads != torch.get_num_threads():
+            log.info(
+                f"note: the checkpoint was written with {threads} CPU threads, this process "
+                f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
+                "is not bit-identical to an uninterrupted one (set OMP_NUM_THREADS to match)"
+            )
+
+    # -- epochs -------------------------------------------------------------------------
+    last_epoch = config.stop_after if config.stop_after is not None else config.epochs
+    status = "completed"
+    for epoch in range(run.epoch, config.epochs):
+        if epoch >= last_epoch:
+            status = f"stopped after epoch {run.epoch} of {config.epochs} (stop_after)"
+            break
+        metrics = _train_epoch(
+            model,
+            raw_model,
+            train_loader,
+            optimizer,
+            scheduler,
+            scaler,
+            loss_fn,
+            amp_ctx,
+            device,
+            dist_info,
+            config,
+            epoch,
+            run,
+            log,
+        )
+        broadcast_buffers(raw_model, dist_info)
+        test = evaluate(
+            eval_model,
+            test_loader,
+            device,
+            amp=config.amp,
+            channels_last=config.channels_last,
+            dist_info=dist_info,
+        )
+        metrics.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+        metrics["eval_seconds"] = time.perf_counter() - metrics.pop("_eval_start")
+        run.epoch = epoch + 1
+        run.history.append(metrics)
+        is_best = test["top1"] > run.best_top1
+        if is_best:
+            run.best_top1, run.best_epoch = test["top1"], epoch + 1
+        log.info(
+            f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_acc']:.2f}% | test top-1 {test['top1']:.2f}% "
+            f"top-5 {test['top5']:.2f}% | lr {metrics['lr']:.4g} | "
+            f"{metrics['epoch_seconds']:.1f} s ({metrics['images_per_second']:.0f} img/s)"
+        )
+        if dist_info.is_main:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+            ckpt.save_checkpoint(
+                run_dir / "last.pt",
+                {
+                    "identity": identity,
+                    "config": config.to_dict(),
+                    "epoch": run.epoch,
+                    "loader_epoch": run.epoch,
+                    "model": raw_model.state_dict(),
+                    "sparse_state": sparse_state_dict(raw_model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": ckpt.capture_rng(),
+                    "history": run.history,
+                    "best_top1": run.best_top1,
+                    "best_epoch": run.best_epoch,
+                    "skipped_steps": run.skipped_steps,
+                    "mean": list(bundle.mean),
+                    "std": list(bundle.std),
+                    "torch_version": str(torch.__version__),
+                    "threads": torch.get_num_threads(),
+                },
+            )
+            if is_best:
+                ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+        barrier(dist_info)
+
+    summary = _summary(config, identity, run, status, device, world, n_sparse)
+    if dist_info.is_main:
+        _write_json(run_dir / "summary.json", summary)
+        if config.plot and run.history:
+            title = f"{config.model} / {config.dataset} / {config.recipe}"
+            try:
+                drawn = plot_curves(run.history, run_dir / "curves.png", title=title)
+            except Exception as exc:  # a plotting problem must not fail a finished run
+                log.info(f"curves.png failed ({type(exc).__name__}: {exc}); results are intact")
+            else:
+                if drawn:
+                    log.info(f"curves: {run_dir / 'curves.png'}", console=False)
+                else:
+                    log.info(f"curves.png skipped: matplotlib is not installed; {MATPLOTLIB_HINT}")
+        log.info(
+            f"{status}: best test top-1 {summary['best_top1']:.2f}% (epoch "
+            f"{summary['best_epoch']}), final {summary['final_top1']:.2f}%, "
+            f"{summary['seconds_per_epoch']:.1f} s/epoch"
+        )
+        log.info(f"results in {run_dir}/: summary.json, metrics.jsonl, last.pt, best.pt, train.log")
+    return summary
+
+
+def _train_epoch(
+    model: nn.Module,
+    raw_model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    loss_fn: Callable,
+    amp_ctx: Callable,
+    device: torch.device,
+    dist_info: DistInfo,
+    config: TrainConfig,
+    epoch: int,
+    run: _State,
+    log: _RunLog,
+) -> dict[str, Any]:
+    loader.set_epoch(epoch)
+    model.train()
+    steps = len(loader)
+    bar = ProgressBar(
+        steps,
+        f"epoch {epoch + 1}/{config.epochs}",
+        enabled=config.progress and dist_info.is_main,
+    )
+    loss_sum = correct = images = 0.0
+    skipped = 0
+    start = time.perf_counter()
+    with bar:
+        for step, (xb, yb) in enumerate(loader):
+            x, y = _to_device(xb, yb, device, config.channels_last)
+            if config.skip_nonfinite:
+                # A bad forward has already updated BatchNorm statistics (and the TSM
+                # clock); skipping the step must undo that too.
+                buffers = list(raw_model.buffers())
+                saved = [b.detach().clone() for b in buffers]
+            with amp_ctx():
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            stats = torch.stack(
+                [loss.detach().float(), (logits.argmax(1) == y).sum().float()]
+            ).tolist()
+            finite = math.isfinite(stats[0])
+            if any_rank(not finite, dist_info, device):
+                global_step = epoch * steps + step + 1
+                where = f"epoch {epoch + 1} step {step + 1}/{steps} (global step {global_step})"
+                if config.skip_nonfinite:
+                    with torch.no_grad():
+                        for b, v in zip(buffers, saved, strict=True):
+                            b.copy_(v)
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    skipped += 1
+                    run.skipped_steps += 1
+                    log.info(f"non-finite loss at {where}: step skipped (--skip-nonfinite)")
+                    continue
+                detail = _diagnose_nonfinite(
+                    raw_model, x, y, loss_fn, amp_ctx(), distributed=dist_info.enabled
+                )
+                last = config.run_dir / "last.pt"
+                kept = (
+                    f"the last good checkpoint {last} (epoch {run.epoch}) is untouched"
+                    if run.epoch > 0
+                    else "no checkpoint was written"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite loss ({stats[0]}) at {where}"
+                    + (f"; {detail}" if detail else "")
+                    + f"; {kept}; lower --lr, try without --amp, or pass --skip-nonfinite"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            n = y.numel()
+            loss_sum += stats[0] * n
+            correct += stats[1]
+            images += n
+            bar.update(n, stats[0], int(stats[1]))
+    seconds = time.perf_counter() - start
+    loss_sum, correct, images = all_reduce_sum([loss_sum, correct, images], dist_info, device)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / images if images else float("nan"),
+        "train_acc": 100.0 * correct / images if images else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+        "epoch_seconds": seconds,
+        "images_per_second": images / seconds if seconds > 0 else 0.0,
+        "train_images": int(images),
+        "skipped_steps": skipped,
+        "_eval_start": time.perf_counter(),
+    }
+
+
+def _summary(
+    config: TrainConfig,
+    identity: dict[str, Any],
+    run: _State,
+    status: str,
+    device: torch.device,
+    world: int,
+    n_sparse: int,
+) -> dict[str, Any]:
+    history = run.history
+    seconds = [h["epoch_seconds"] for h in history]
+    return {
+        "status": status,
+        "recipe": config.recipe,
+        "model": config.model,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "epochs_done": run.epoch,
+        "best_top1": max((h["test_top1"] for h in history), default=float("nan")),
+        "best_epoch": run.best_epoch,
+        "final_top1": history[-1]["test_top1"] if history else float("nan"),
+        "final_top5": history[-1]["test_top5"] if history else float("nan"),
+        "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
+        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else float("nan"),
+        "epoch_seconds": seconds,
+        "images_per_second": (
+            sum(h["train_images"] for h in history) / sum(seconds) if seconds else float("nan")
+        ),
+        "skipped_steps": run.skipped_steps,
+        "sparse_layers": n_sparse,
+        "sparsity": identity["sparsity"],
+        "num_classes": identity["num_classes"],
+        "device": str(device),
+        "world_size": world,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "run_dir": str(config.run_dir),
+        "config": config.to_dict(),
+    }
