@@ -68,7 +68,7 @@ class ConvShape:
         return 2 * self.cout * k * self.batch * self.out_size**2
 
 
-def resnet18_shapes(cifar_batch: int = 32, imagenet_batch: int = 8) -> list[ConvShape]:
+def resnet18_shapes(cifar_batch: int = 128, imagenet_batch: int = 16) -> list[ConvShape]:
     """The distinct conv shapes of ResNet-18 on CIFAR (32×32, 3×3 stem, no max-pool) and on
     ImageNet (224×224, 7×7 stride-2 stem + max-pool), one per stage (3×3 and the stride-2
     entry conv) — the paper's model at both input sizes."""

@@ -31,8 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="all",
         help="which input size's shapes to time (default: all)",
     )
-    layers.add_argument("--cifar-batch", type=int, default=32, help="batch at 32x32 (32)")
-    layers.add_argument("--imagenet-batch", type=int, default=8, help="batch at 224x224 (8)")
+    layers.add_argument("--cifar-batch", type=int, default=128, help="batch at 32x32 (128)")
+    layers.add_argument("--imagenet-batch", type=int, default=16, help="batch at 224x224 (16)")
     layers.add_argument("--warmup", type=int, default=1, help="untimed runs per role (1)")
     layers.add_argument("--repeats", type=int, default=5, help="timed runs, median (5)")
     layers.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
