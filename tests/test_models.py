@@ -385,8 +385,9 @@ def test_replace_first_conv_keeps_groups_rule() -> None:
     assert replace_first_conv_(model, 6) == "0" and model[0].weight.shape == (8, 3, 3, 3)
 
 
+@pytest.mark.vision
 def test_real_torchvision_resnet18_has_same_keys_as_ours() -> None:
-    tvm = pytest.importorskip("torchvision.models", reason="torchvision (vision extra) absent")
+    import torchvision.models as tvm
     theirs = tvm.resnet18(weights=None, num_classes=10)
     ours = build_model("resnet18", 10)
     assert {k: v.shape for k, v in theirs.state_dict().items()} == {
