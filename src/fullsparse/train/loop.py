@@ -12,6 +12,9 @@ autocast, eager or compiled. A run folder holds::
 
 Optimisation follows the paper (§7.1): SGD with momentum 0.9, lr 0.1 × batch/256, cosine
 decay to 0 per step after an optional linear warm-up, weight decay 7e-5, label smoothing 0.1.
+
+``task="lm"`` runs are handed to :mod:`fullsparse.train.lm`, which reuses the pieces here
+(run folder, log, checkpoints, optimiser, schedule) around its own data and metrics.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ __all__ = [
     "resolve_device",
     "build_data",
     "build_sparse_model",
+    "build_optimizer",
     "model_identity",
 ]
 
@@ -76,7 +80,8 @@ _RUN_CONTROL = ("resume", "force", "out", "stop_after", "progress", "quiet", "pl
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN/Inf; the message names the step and the first bad layer."""
+    """The loss or a gradient became NaN/Inf; the message names the step and the first bad
+    layer (the name predates the gradient check)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,16 +145,21 @@ def model_identity(config: TrainConfig, bundle: Any) -> dict[str, Any]:
 def build_sparse_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
     """Build the model an identity describes and sparsify it; returns (model, report)."""
     from fullsparse.config import SparsityConfig
-    from fullsparse.models import build_model
+    from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
 
-    model = build_model(
-        identity["model"],
-        identity["num_classes"],
-        in_channels=identity["in_channels"],
-        image_size=identity["image_size"],
-        **identity["model_kwargs"],
-    )
+    if identity.get("task") == "lm":
+        model = build_lm_model(
+            identity["model"], identity["vocab_size"], **identity["model_kwargs"]
+        )
+    else:
+        model = build_model(
+            identity["model"],
+            identity["num_classes"],
+            in_channels=identity["in_channels"],
+            image_size=identity["image_size"],
+            **identity["model_kwargs"],
+        )
     report = sparsify_(model, SparsityConfig(**identity["sparsity"]))
     return model, report
 
@@ -319,6 +329,22 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]
     ]
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """``config.optimizer`` over ``model``'s trainable parameters at ``config.peak_lr``."""
+    groups = _param_groups(model, config)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.peak_lr, betas=(config.momentum, 0.95))
+    return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum)
+
+
+def clip_gradients(model: nn.Module, config: TrainConfig) -> float | None:
+    """Clip the global gradient norm to ``config.grad_clip`` (0: off); returns the norm
+    before clipping, or None when clipping is off."""
+    if not config.grad_clip:
+        return None
+    return float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up to 1
     over ``warmup_steps``, then cosine from 1 down to 0 at ``total_steps``."""
@@ -384,6 +410,36 @@ def _diagnose_nonfinite(
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return f"first non-finite gradient: {name}"
     return ""
+
+
+def _first_nonfinite_gradient(model: nn.Module) -> str:
+    """``""`` when every gradient of ``model`` is finite; else where the first non-finite
+    one is, in backward order (the reverse of registration order): the layer nearest the
+    loss, where the NaN/Inf most likely arose before flowing into earlier layers.
+
+    One fused norm per step and one host sync; the per-parameter scan runs only when that
+    norm is not finite (a huge but finite gradient can overflow the norm: the scan then
+    finds nothing and the step goes on).
+    """
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return ""
+    grads = [g for _, g in named]
+    try:
+        norms = torch._foreach_norm(grads)  # what clip_grad_norm_ uses: few kernels
+    except (AttributeError, RuntimeError):
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return ""
+    bad = [name for name, g in reversed(named) if not bool(torch.isfinite(g).all())]
+    if not bad:
+        return ""
+    layer, _, param = bad[0].rpartition(".")
+    kind = type(model.get_submodule(layer)).__name__
+    return (
+        f"first non-finite gradient (backward order): {layer or '<model>'} ({kind}) {param}; "
+        f"{len(bad)} of {len(named)} gradients non-finite"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,6 +605,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     dist_info = init_distributed(device.type)
     log = _RunLog(enabled=dist_info.is_main, quiet=config.quiet)
     try:
+        if config.task == "lm":
+            from fullsparse.train.lm import train_lm
+
+            return train_lm(config, device, dist_info, log)
         return _train(config, device, dist_info, log)
     finally:
         log.close()
@@ -634,9 +694,7 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
     raw_model.to(device)
     if config.channels_last:
         raw_model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        _param_groups(raw_model, config), lr=config.peak_lr, momentum=config.momentum
-    )
+    optimizer = build_optimizer(raw_model, config)
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -704,6 +762,7 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
         if config.force:
             for name in RESULT_FILES:
                 (run_dir / name).unlink(missing_ok=True)
+        ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
         log.open(run_dir / "train.log", append=state is not None)
         _write_json(run_dir / "config.json", config.to_dict())
         if state is not None:
@@ -858,7 +917,7 @@ def _train_epoch(
     bar = ProgressBar(
         steps,
         f"epoch {epoch + 1}/{config.epochs}",
-        enabled=config.progress and dist_info.is_main,
+        enabled=config.progress and not config.quiet and dist_info.is_main,
     )
     loss_sum = correct = images = 0.0
     skipped = 0
@@ -877,8 +936,22 @@ def _train_epoch(
             stats = torch.stack(
                 [loss.detach().float(), (logits.argmax(1) == y).sum().float()]
             ).tolist()
-            finite = math.isfinite(stats[0])
-            if any_rank(not finite, dist_info, device):
+            # The loss is checked before backward (all ranks agree, so none waits in DDP's
+            # gradient all-reduce for a rank that skipped); the gradients after it.
+            problem = "" if math.isfinite(stats[0]) else "loss"
+            bad_grad = ""
+            if any_rank(bool(problem), dist_info, device):
+                problem = "loss"
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:  # fp16: the GradScaler skips inf/NaN gradients itself
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                    bad_grad = _first_nonfinite_gradient(raw_model)
+                    if any_rank(bool(bad_grad), dist_info, device):
+                        problem = "gradient"
+            if problem:
                 global_step = epoch * steps + step + 1
                 where = f"epoch {epoch + 1} step {step + 1}/{steps} (global step {global_step})"
                 if config.skip_nonfinite:
@@ -889,11 +962,16 @@ def _train_epoch(
                     scheduler.step()
                     skipped += 1
                     run.skipped_steps += 1
-                    log.info(f"non-finite loss at {where}: step skipped (--skip-nonfinite)")
+                    log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
                     continue
-                detail = _diagnose_nonfinite(
-                    raw_model, x, y, loss_fn, amp_ctx(), distributed=dist_info.enabled
-                )
+                if problem == "loss":
+                    head = f"non-finite loss ({stats[0]}) at {where}"
+                    detail = _diagnose_nonfinite(
+                        raw_model, x, y, loss_fn, amp_ctx(), distributed=dist_info.enabled
+                    )
+                else:
+                    head = f"non-finite gradient at {where} (the loss, {stats[0]:.4g}, is finite)"
+                    detail = bad_grad or "in another process"
                 last = config.run_dir / "last.pt"
                 kept = (
                     f"the last good checkpoint {last} (epoch {run.epoch}) is untouched"
@@ -901,17 +979,18 @@ def _train_epoch(
                     else "no checkpoint was written"
                 )
                 raise NonFiniteLossError(
-                    f"non-finite loss ({stats[0]}) at {where}"
+                    head
                     + (f"; {detail}" if detail else "")
                     + f"; {kept}; lower --lr, try without --amp, or pass --skip-nonfinite"
                 )
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
+                    clip_gradients(raw_model, config)
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
+                clip_gradients(raw_model, config)
                 optimizer.step()
             scheduler.step()
             n = y.numel()
