@@ -172,6 +172,7 @@ def test_fashion_mnist_not_found_message(
     isolated_fmnist: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FULLSPARSE_DATA", str(isolated_fmnist / "env"))
+    (isolated_fmnist / "d").mkdir()  # exists but holds nothing: every place is searched
     with pytest.raises(DataNotFoundError) as info:
         build_datasets("fashion-mnist", isolated_fmnist / "d")
     err = info.value
@@ -441,6 +442,7 @@ def test_cifar_truncated_or_wrong_batches(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_cifar_not_found_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FULLSPARSE_DATA", str(tmp_path / "env"))
+    (tmp_path / "d").mkdir()  # exists but holds nothing: every place is searched
     with pytest.raises(DataNotFoundError) as info:
         build_datasets("cifar100", tmp_path / "d")
     message = str(info.value)

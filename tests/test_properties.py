@@ -12,15 +12,17 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fullsparse import RECIPES, recipe
 from fullsparse.functional import sparse_conv2d, sparse_linear
 from reference import Geo, out_size, ref_conv, ref_linear
 
+# Examples per recipe (each test runs once per recipe, so no recipe gets only a handful of a
+# shared budget: drawn from one pool, tsm and gx had 7 of 300 conv cases).
 settings.register_profile(
-    "default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "default", max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
     "thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -32,9 +34,11 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """``|a - b| / scale``; scale defaults to ``|b|``. A plain sum whose terms cancel needs
+    the terms' size as its scale: rounding error is relative to it, not to the result."""
     a = a.detach().double()
-    scale = b.norm().item()
+    scale = b.norm().item() if scale is None else scale
     return (a - b).norm().item() / scale if scale > 0 else (a - b).norm().item()
 
 
@@ -67,13 +71,14 @@ def conv_cases(draw):
         bias=draw(st.booleans()),
         dtype=draw(st.sampled_from(list(DTYPES))),
         layout=draw(st.sampled_from(["contiguous", "channels_last", "noncontiguous"])),
-        recipe=draw(st.sampled_from(RECIPES)),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-@given(conv_cases())
-def test_conv_matches_reference_or_names_the_rule(case):
+@pytest.mark.parametrize("recipe_name", RECIPES)
+@given(case=conv_cases())
+def test_conv_matches_reference_or_names_the_rule(recipe_name, case):
+    case["recipe"] = recipe_name
     dtype = DTYPES[case["dtype"]]
     gen = torch.Generator().manual_seed(case["seed"])
     x = torch.randn(case["n"], case["ci"], case["h"], case["w"], generator=gen).to(dtype)
@@ -81,6 +86,9 @@ def test_conv_matches_reference_or_names_the_rule(case):
     b = torch.randn(case["co"], generator=gen).to(dtype) if case["bias"] else None
     geo = Geo(case["stride"], case["padding"], case["dilation"], case["groups"])
     ho, wo = out_size(case["h"], case["w"], *case["k"], geo)
+    # events: --hypothesis-show-statistics prints how the cases spread (docs/reliability.md)
+    event(f"dtype {case['dtype']}, {case['layout']}")
+    event("refused: output would be empty" if ho < 1 or wo < 1 else "compared to the reference")
     if ho < 1 or wo < 1:
         with pytest.raises(ValueError, match="smaller than the dilated kernel"):
             sparse_conv2d(
@@ -113,8 +121,8 @@ def test_conv_matches_reference_or_names_the_rule(case):
     assert _rel(y, want[0]) <= tol
     assert _rel(xin.grad, want[1]) <= tol
     assert _rel(wr.grad, want[2]) <= tol
-    if b is not None:
-        assert _rel(br.grad, want[3]) <= tol
+    if b is not None:  # grad_bias = dY summed over N, H, W: scale by the summed |dY|
+        assert _rel(br.grad, want[3], gy.double().abs().sum((0, 2, 3)).norm().item()) <= tol
 
 
 @st.composite
@@ -127,13 +135,14 @@ def linear_cases(draw):
         bias=draw(st.booleans()),
         dtype=draw(st.sampled_from(list(DTYPES))),
         noncontiguous=draw(st.booleans()),
-        recipe=draw(st.sampled_from(RECIPES)),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
-@given(linear_cases())
-def test_linear_matches_reference(case):
+@pytest.mark.parametrize("recipe_name", RECIPES)
+@given(case=linear_cases())
+def test_linear_matches_reference(recipe_name, case):
+    case["recipe"] = recipe_name
     dtype = DTYPES[case["dtype"]]
     gen = torch.Generator().manual_seed(case["seed"])
     shape = (*case["lead"], case["d_in"])
@@ -141,6 +150,8 @@ def test_linear_matches_reference(case):
     w = torch.randn(case["d_out"], case["d_in"], generator=gen).to(dtype)
     b = torch.randn(case["d_out"], generator=gen).to(dtype) if case["bias"] else None
     gy = torch.randn(*case["lead"], case["d_out"], generator=gen).to(dtype)
+    event(f"dtype {case['dtype']}, {'non-contiguous' if case['noncontiguous'] else 'contiguous'}")
+    event(f"input {len(shape)}-D")
     xin = _noncontiguous(x) if case["noncontiguous"] else x.clone()
     xin.requires_grad_(True)
     wr = w.clone().requires_grad_(True)

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from fullsparse.errors import UserError
 
@@ -19,10 +20,21 @@ from fullsparse.errors import UserError
 COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error:`` line and exit status 2, like every
+    other error of the command line (argparse prints the whole usage first). Subparsers are
+    made with the parent's class, so every subcommand inherits this; ``--help`` still
+    prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # argparse wraps long choice lists
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fullsparse import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fullsparse",
         description="Fully sparse (2:4 forward, grad_input and grad_weight) training.",
     )

@@ -40,6 +40,12 @@ __all__ = [
 ]
 
 
+def _is_compiling() -> bool:
+    # torch.compiler.is_compiling arrived in torch 2.3; torch._dynamo's in 2.1.
+    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
 class _SparseMixin:
     """What both sparse modules share: the config, the cached TSM mask and its clock."""
 
@@ -70,12 +76,36 @@ class _SparseMixin:
         """
         if not self.config.uses_transposable_mask:
             return None
+        if _is_compiling():
+            return self._forward_mask_traceable()
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         due = stepping and int(self.tsm_step) % self.config.tsm_interval == 0
         if mask is None or due or mask.shape != self.weight.shape:
             mask = transposable_mask(self.weight.detach(), self._groups())
             self.tsm_mask = mask
+        if stepping:
+            self.tsm_step += 1  # type: ignore[has-type]
+        return mask
+
+    def _forward_mask_traceable(self) -> Tensor:
+        """:meth:`_forward_mask` as torch.compile can trace it: the same masks, no graph break.
+
+        ``int(tsm_step)`` is data-dependent control flow: a graph break in every sparse
+        layer's forward, after which each layer's forward is compiled alone, once per weight
+        shape — past the recompile limit (8) the remaining layers silently ran eagerly. Here
+        the "is a recompute due" test stays a tensor and ``torch.where`` picks the new or the
+        cached mask; the candidate mask is computed every step (about 6·R·C flops, small next
+        to the GEMMs), but only a due step keeps it, exactly as in eager mode.
+        """
+        stepping = self.training and torch.is_grad_enabled()
+        mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
+        if mask is None or mask.shape != self.weight.shape:
+            mask = transposable_mask(self.weight.detach(), self._groups())
+        elif stepping:
+            due = self.tsm_step % self.config.tsm_interval == 0  # type: ignore[has-type]
+            mask = torch.where(due, transposable_mask(self.weight.detach(), self._groups()), mask)
+        self.tsm_mask = mask
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask

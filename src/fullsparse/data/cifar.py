@@ -94,8 +94,14 @@ def find_cifar(spec: CifarSpec, data_dir: str | os.PathLike[str] | None) -> Path
     ``$FULLSPARSE_DATA``.
 
     Raises:
-        DataNotFoundError: one line naming the folders looked in and how to get the data.
+        DataNotFoundError: one line naming the folders looked in and how to get the data;
+            or naming ``data_dir`` when it was given but does not exist.
     """
+    if data_dir is not None and not Path(data_dir).exists():
+        raise DataNotFoundError(
+            f"{spec.name} not found: --data-dir {data_dir} does not exist (fix the path, or "
+            f"leave --data-dir out to use ${ENV_VAR})"
+        )
     searched = _candidates(spec, data_dir)
     needed = spec.train_files + spec.test_files
     for d in searched:

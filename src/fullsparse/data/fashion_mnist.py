@@ -2,7 +2,8 @@
 
 Search order (first folder holding all four files wins):
 
-1. ``data_dir`` and ``data_dir/fashion-mnist``
+1. ``data_dir`` and ``data_dir/fashion-mnist`` (a given ``data_dir`` that does not exist
+   is an error, not a reason to look elsewhere)
 2. ``$FULLSPARSE_DATA`` and ``$FULLSPARSE_DATA/fashion-mnist``
 3. ``/usr/share/datasets/fashion-mnist`` — where Debian/Ubuntu's ``dataset-fashion-mnist``
    package installs the four ``*-ubyte.gz`` files.
@@ -79,8 +80,15 @@ def find_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> dict[s
     """Paths of the four files from the first folder that holds all of them.
 
     Raises:
-        DataNotFoundError: one line naming every folder looked in and how to get the data.
+        DataNotFoundError: one line naming every folder looked in and how to get the data;
+            or naming ``data_dir`` when it was given but does not exist (a typo must not
+            fall back to another copy of the data without a word).
     """
+    if data_dir is not None and not Path(data_dir).exists():
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found: --data-dir {data_dir} does not exist (fix the path, or "
+            f"leave --data-dir out to use ${ENV_VAR} or {DEBIAN_DIR})"
+        )
     searched = candidate_dirs(data_dir)
     for folder in searched:
         found = {role: _file_in(folder, stem) for role, stem in FILES.items()}

@@ -23,6 +23,7 @@ Layout (``FORMAT``, version ``VERSION``)::
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import random
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "atomic_write_bytes",
     "atomic_torch_save",
+    "remove_stale_temp_files",
     "save_checkpoint",
     "copy_checkpoint",
     "load_checkpoint",
@@ -81,14 +83,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     """Write via ``write(fileobj)`` into a temp file beside ``path``, fsync, rename.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file; a
+    killed process may leave its hidden temp file (``.<name>.<random>.tmp``), which no
+    reader ever opens and :func:`remove_stale_temp_files` deletes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
@@ -101,6 +109,19 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: str | Path, names: Any) -> list[Path]:
+    """Delete the temp files an interrupted :func:`_atomic_write` of ``folder/<name>`` left
+    behind (the rename is the commit: such a file was never a checkpoint). Call it only
+    when no other process writes into ``folder``. Returns what was removed."""
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f"{glob.escape(_temp_prefix(name))}*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -2,6 +2,8 @@
 
 ``compare(config, ("dense", "fst"))`` trains each recipe into ``<out>/<recipe>/`` with
 identical settings (seed, data, schedule) and writes ``compare.md`` and ``compare.json``.
+Classification rows show top-1; language-model rows (``task="lm"``) the final validation
+loss, perplexity and bits per byte.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from fullsparse.config import RECIPES, recipe
-from fullsparse.errors import ConfigError
+from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 
 __all__ = ["compare", "CompareResult", "recipe_configs", "default_compare_dir"]
 
 COLUMNS = ("recipe", "best top-1 (%)", "final top-1 (%)", "s/epoch", "time vs dense")
+LM_COLUMNS = ("recipe", "val loss", "perplexity", "bits/byte", "s/epoch", "time vs dense")
 
 
 def default_compare_dir(config: TrainConfig) -> Path:
@@ -32,6 +35,12 @@ class CompareResult:
     out: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ``classify`` or ``lm``: which columns the table has.
+    task: str = "classify"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return LM_COLUMNS if self.task == "lm" else COLUMNS
 
     def table_cells(self) -> list[tuple[str, ...]]:
         dense = next((r for r in self.rows if r["recipe"] == "dense"), None)
@@ -40,28 +49,30 @@ class CompareResult:
             ratio = "-"
             if dense is not None and dense["seconds_per_epoch"] > 0:
                 ratio = f"{r['seconds_per_epoch'] / dense['seconds_per_epoch']:.2f}x"
-            cells.append(
-                (
-                    r["recipe"],
-                    _pct(r["best_top1"]),
-                    _pct(r["final_top1"]),
-                    f"{r['seconds_per_epoch']:.1f}",
-                    ratio,
+            if self.task == "lm":
+                scores = (
+                    _num(r["val_loss"], 4),
+                    _num(r["perplexity"], 3),
+                    _num(r["bits_per_byte"], 3),
                 )
-            )
+            else:
+                scores = (_pct(r["best_top1"]), _pct(r["final_top1"]))
+            cells.append((r["recipe"], *scores, f"{r['seconds_per_epoch']:.1f}", ratio))
         return cells
 
     def text_table(self) -> str:
         cells = self.table_cells()
-        widths = [max(len(c) for c in col) for col in zip(COLUMNS, *cells, strict=False)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+        columns = self.columns
+        widths = [max(len(c) for c in col) for col in zip(columns, *cells, strict=False)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
         lines.append("  ".join("-" * w for w in widths))
         for row in cells:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
         return "\n".join(line.rstrip() for line in lines)
 
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        columns = self.columns
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(row) + " |" for row in self.table_cells()]
         return "\n".join(lines) + "\n"
 
@@ -72,6 +83,12 @@ def _pct(value: float) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value))
         else (f"{value:.2f}")
     )
+
+
+def _num(value: float | None, digits: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
 
 
 def recipe_configs(
@@ -128,17 +145,33 @@ def compare(
     configs, notes = recipe_configs(config, recipes, out)
     for cfg in configs:  # refuse before the first run starts, not after it
         _check_run_dir(cfg)
+    tables = [name for name in ("compare.json", "compare.md") if (out / name).exists()]
+    if tables and not (config.resume or config.force):
+        raise UserError(
+            f"comparison folder {out} already holds {', '.join(tables)}; pass --resume to "
+            "continue it, --force to replace it, or --out for a new folder"
+        )
     device = resolve_device(config.device)
     info = init_distributed(device.type)
-    result = CompareResult(out=out, notes=notes)
+    result = CompareResult(out=out, notes=notes, task=config.task)
     try:
         for cfg in configs:
             summary = train(cfg)
+            if config.task == "lm":
+                scores = {
+                    "val_loss": summary["final_val_loss"],
+                    "perplexity": summary["final_perplexity"],
+                    "bits_per_byte": summary["final_bits_per_byte"],
+                    "best_val_loss": summary["best_val_loss"],
+                    "best_epoch": summary["best_epoch"],
+                    "tokens_per_second": summary["tokens_per_second"],
+                }
+            else:
+                scores = {"best_top1": summary["best_top1"], "final_top1": summary["final_top1"]}
             result.rows.append(
                 {
                     "recipe": cfg.recipe,
-                    "best_top1": summary["best_top1"],
-                    "final_top1": summary["final_top1"],
+                    **scores,
                     "seconds_per_epoch": summary["seconds_per_epoch"],
                     "epochs": summary["epochs_done"],
                     "run_dir": summary["run_dir"],
@@ -154,7 +187,12 @@ def compare(
                 if dense and dense["seconds_per_epoch"] > 0
                 else None
             )
-        payload = {"rows": result.rows, "notes": notes, "config": config.to_dict()}
+        payload = {
+            "task": config.task,
+            "rows": result.rows,
+            "notes": notes,
+            "config": config.to_dict(),
+        }
         atomic_write_bytes(out / "compare.json", (json.dumps(payload, indent=2) + "\n").encode())
         atomic_write_bytes(out / "compare.md", result.markdown().encode())
     return result

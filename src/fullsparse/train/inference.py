@@ -59,7 +59,9 @@ def evaluate_checkpoint(
     device: str = "auto",
     amp: str = "none",
 ) -> dict[str, Any]:
-    """Top-1/top-5 of checkpoint ``path`` on its dataset's test split.
+    """Top-1/top-5 of checkpoint ``path`` on its dataset's test split — or, for a language
+    model, validation loss, perplexity and bits per byte on the run's fixed validation
+    windows (``"task": "lm"`` in the result).
 
     ``data_dir`` overrides the folder stored in the checkpoint's config (data moved).
     """
@@ -84,6 +86,8 @@ def evaluate_checkpoint(
     dev = resolve_device(config.device)
     if config.amp == "fp16" and dev.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
+    if config.task == "lm":
+        return _evaluate_lm_checkpoint(path, state, config, dev)
     bundle = build_data(config)
     model, _ = load_trained_model(path, dev)
     test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
@@ -100,6 +104,31 @@ def evaluate_checkpoint(
         "top5": result["top5"],
         "loss": result["loss"],
         "images": result["count"],
+    }
+
+
+def _evaluate_lm_checkpoint(
+    path: str | Path, state: dict[str, Any], config: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    from fullsparse.train.lm import build_corpus, evaluate_lm, validation_windows
+
+    corpus = build_corpus(config)
+    model, _ = load_trained_model(path, device)
+    windows = validation_windows(corpus.val, int(model.context), config.test_subset)
+    result = evaluate_lm(model, windows, config.batch_size, device, amp=config.amp)
+    identity = state["identity"]
+    return {
+        "checkpoint": str(path),
+        "task": "lm",
+        "model": identity["model"],
+        "dataset": identity["dataset"],
+        "recipe": identity["recipe"],
+        "epoch": int(state["epoch"]),
+        "loss": result["loss"],
+        "perplexity": result["perplexity"],
+        "bits_per_byte": result["bits_per_byte"],
+        "accuracy": result["accuracy"],
+        "tokens": result["tokens"],
     }
 
 
@@ -165,8 +194,9 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
 
     out = Path(out)
     meta_path = out.with_name(out.name + ".json")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
+    for target in (out, meta_path):  # the weights and their build arguments go together
+        if target.exists() and not force:
+            raise UserError(f"{target} already exists; pass --force to overwrite it")
     if out.exists() and out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for the exported weights")
     model, state = load_trained_model(path, "cpu")
@@ -194,12 +224,26 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
             f"export verification failed: weights of {', '.join(bad)} are not 2:4 along K; "
             "nothing was written"
         )
+    if identity.get("task") == "lm":
+        sizes = {"task": "lm", "vocab_size": identity["vocab_size"]}
+        load_with = (
+            "fullsparse.models.build_lm_model(model, vocab_size, **model_kwargs)"
+            ".load_state_dict(torch.load(path, weights_only=True))"
+        )
+    else:
+        sizes = {
+            "num_classes": identity["num_classes"],
+            "in_channels": identity["in_channels"],
+            "image_size": identity["image_size"],
+        }
+        load_with = (
+            "fullsparse.models.build_model(model, num_classes, in_channels, "
+            "image_size, **model_kwargs).load_state_dict(torch.load(path, weights_only=True))"
+        )
     meta = {
         "format": "fullsparse-export",
         "model": identity["model"],
-        "num_classes": identity["num_classes"],
-        "in_channels": identity["in_channels"],
-        "image_size": identity["image_size"],
+        **sizes,
         "model_kwargs": identity["model_kwargs"],
         "dataset": identity["dataset"],
         "recipe": identity["recipe"],
@@ -208,8 +252,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
         "mean": state.get("mean"),
         "std": state.get("std"),
         "source_checkpoint": str(path),
-        "load_with": "fullsparse.models.build_model(model, num_classes, in_channels, "
-        "image_size, **model_kwargs).load_state_dict(torch.load(path, weights_only=True))",
+        "load_with": load_with,
     }
     ckpt.atomic_torch_save(out, weights)
     ckpt.atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
