@@ -105,6 +105,13 @@ class StudySpec:
                     f"{key!r} is set per run by the study (recipes, seeds, out); "
                     "remove it from base/grid"
                 )
+        tasks = {self.base.get("task", "classify"), *self.grid.get("task", ())}
+        if tasks != {"classify"}:
+            # the study tables are top-1 accuracy; an lm run has none
+            raise ConfigError(
+                "a study compares classification runs (top-1); for a language model use "
+                "fullsparse compare --task lm"
+            )
         for key, values in self.grid.items():
             if not isinstance(values, (tuple, list)) or not values:
                 raise ConfigError(f"grid {key!r} needs a non-empty list of values, got {values!r}")

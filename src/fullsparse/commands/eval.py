@@ -1,4 +1,5 @@
-"""``fullsparse eval --checkpoint PATH``: top-1/top-5 of a checkpoint on its test set."""
+"""``fullsparse eval --checkpoint PATH``: top-1/top-5 of a checkpoint on its test set, or a
+language model's validation loss, perplexity and bits per byte."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result, indent=2))
+    elif result.get("task") == "lm":
+        print(
+            f"{result['model']} / {result['dataset']} / {result['recipe']} "
+            f"(epoch {result['epoch']}): val loss {result['loss']:.4f}  perplexity "
+            f"{result['perplexity']:.3f}  {result['bits_per_byte']:.3f} bits/byte  "
+            f"on {result['tokens']} validation bytes"
+        )
     else:
         print(
             f"{result['model']} / {result['dataset']} / {result['recipe']} "
@@ -43,7 +51,9 @@ def add_parser(subparsers: Any) -> None:
         "eval",
         help="evaluate a checkpoint on its dataset's test split",
         description="Rebuild the sparse model of a checkpoint and report top-1/top-5 accuracy "
-        "on the test split of the dataset it was trained on.",
+        "on the test split of the dataset it was trained on — or, for a language model "
+        "(--task lm), validation loss, perplexity and bits per byte on the run's fixed "
+        "validation windows.",
     )
     parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
     parser.add_argument("--data-dir", default=None, help="dataset folder, if it moved")

@@ -16,10 +16,31 @@ from fullsparse.errors import ConfigError
 # (flag, kind, help). kind: int | float | str | json | bool (--x / --no-x, so a flag can
 # turn off what a config file turned on) | flag (store_true). Defaults live in TrainConfig.
 _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--model", "str", "resnet20|resnet32|resnet56|resnet18|resnet50|vit_tiny|tv:<name>"),
-    ("--model-kwargs", "json", "extra build_model options as JSON, e.g. '{\"depth\": 2}'"),
-    ("--dataset", "str", "fashion-mnist|cifar10|cifar100|imagefolder|synthetic"),
-    ("--data-dir", "str", "dataset folder (default: $FULLSPARSE_DATA, system locations)"),
+    ("--task", "str", "classify (images, default) | lm (byte-level language model)"),
+    (
+        "--model",
+        "str",
+        "classify: resnet20 (default)|resnet32|resnet56|resnet18|resnet50|vit_tiny|"
+        "tv:<name>; lm: gpt_tiny (default)",
+    ),
+    (
+        "--model-kwargs",
+        "json",
+        "extra model options as JSON, e.g. '{\"depth\": 2}' or, for gpt_tiny, "
+        '\'{"context": 128, "depth": 4, "embed_dim": 128, "num_heads": 4}\'',
+    ),
+    (
+        "--dataset",
+        "str",
+        "classify: fashion-mnist (default)|cifar10|cifar100|imagefolder|synthetic; "
+        "lm: pystdlib (default: Python's standard library) | text (--data-dir folder)",
+    ),
+    (
+        "--data-dir",
+        "str",
+        "dataset folder (default: $FULLSPARSE_DATA, system locations); lm: a folder of "
+        ".py/.txt/.md/.rst files",
+    ),
     ("--image-size", "int", "input resolution (default: the dataset's)"),
     (
         "--train-subset",
@@ -27,23 +48,36 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "train on a fixed random subset of N images (default 10000 "
         "for a short main job; 'all' for full epochs)",
     ),
-    ("--test-subset", "int", "evaluate on the first N test images"),
+    ("--test-subset", "int", "evaluate on the first N test images (lm: validation windows)"),
     ("--synthetic-train", "int", "synthetic dataset: train images"),
     ("--synthetic-test", "int", "synthetic dataset: test images"),
     ("--synthetic-classes", "int", "synthetic dataset: classes"),
+    ("--text-train-bytes", "int", "lm: bytes of training text read (default 4000000)"),
+    ("--text-val-bytes", "int", "lm: bytes of validation text read (default 400000)"),
     ("--recipe", "str", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx (default fst)"),
     ("--ir-alpha", "float", "override: information-restoration strength α"),
     ("--decay", "float", "override: SR-STE decay λ"),
     ("--grad-input-source", "str", "override: dense|pruned source of the backward mask"),
     ("--tsm-interval", "int", "override: steps between TSM mask recomputations"),
+    ("--optimizer", "str", "sgd|adamw (default: sgd for classify, adamw for lm)"),
     ("--epochs", "int", "epochs (default 2)"),
-    ("--batch-size", "int", "global batch size over all processes (default 128)"),
-    ("--lr", "float", "peak learning rate (default 0.1 x batch/256)"),
-    ("--momentum", "float", "SGD momentum (default 0.9)"),
-    ("--weight-decay", "float", "weight decay (default 7e-5)"),
-    ("--no-wd-bn-bias", "flag", "no weight decay on norm layers and biases"),
-    ("--label-smoothing", "float", "label smoothing (default 0.1)"),
-    ("--warmup-epochs", "float", "linear warm-up epochs before the cosine decay"),
+    ("--steps-per-epoch", "int", "lm: optimizer steps per epoch (default 200)"),
+    (
+        "--batch-size",
+        "int",
+        "global batch size over all processes (default 128; lm: sequences of context bytes)",
+    ),
+    ("--lr", "float", "peak learning rate (default: sgd 0.1 x batch/256, adamw 3e-3)"),
+    ("--momentum", "float", "SGD momentum, or AdamW beta1 (default 0.9)"),
+    ("--weight-decay", "float", "weight decay (default: classify 7e-5, lm 0.1)"),
+    ("--no-wd-bn-bias", "flag", "no weight decay on norm layers and biases (lm: default)"),
+    ("--label-smoothing", "float", "label smoothing (default: classify 0.1, lm 0)"),
+    (
+        "--warmup-epochs",
+        "float",
+        "linear warm-up epochs before the cosine decay (default: classify 0, lm 10%% of the run)",
+    ),
+    ("--grad-clip", "float", "clip the gradient norm to this, 0 = off (default: lm 1.0, else 0)"),
     ("--seed", "int", "random seed (default 0)"),
     ("--workers", "int", "data loader worker processes (image folders)"),
     ("--device", "str", "auto|cpu|cuda (default auto)"),
@@ -51,7 +85,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--compile", "bool", "torch.compile the model (refused clearly if it cannot work)"),
     ("--sync-bn", "bool", "SyncBatchNorm under torchrun (global batch statistics)"),
     ("--deterministic", "bool", "deterministic algorithms: bit-identical reruns and resumes"),
-    ("--skip-nonfinite", "bool", "skip steps with a NaN/Inf loss instead of stopping"),
+    ("--skip-nonfinite", "bool", "skip steps with a NaN/Inf loss or gradient instead of stopping"),
     ("--out", "str", "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"),
     ("--force", "bool", "replace the results in an existing run folder"),
     ("--stop-after", "int", "end this invocation after epoch N (resume later)"),
@@ -167,8 +201,10 @@ def add_parser(subparsers: Any) -> None:
         "train",
         help="train a model with a sparsity recipe (default: ResNet-20, Fashion-MNIST, fst)",
         description="Train a model from scratch with a 2:4 recipe. With no arguments: "
-        "ResNet-20 on Fashion-MNIST with the fst recipe for 2 epochs. Under torchrun, "
-        "trains data-parallel (DDP).",
+        "ResNet-20 on Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a "
+        "byte-level GPT (gpt_tiny) on the Python standard library's sources, AdamW, "
+        "epochs of --steps-per-epoch steps, validation loss/perplexity/bits per byte. Under "
+        "torchrun, trains data-parallel (DDP).",
     )
     add_train_arguments(parser)
     parser.set_defaults(func=run)

@@ -1,7 +1,10 @@
-"""The model zoo: CIFAR ResNets, torchvision-compatible ImageNet ResNets, ViT-Ti.
+"""The model zoo: CIFAR ResNets, torchvision-compatible ImageNet ResNets, ViT-Ti, and a
+byte-level GPT for language modelling.
 
-``build_model(name, num_classes, in_channels, image_size)`` is the one entry point; names
+``build_model(name, num_classes, in_channels, image_size)`` builds the classifiers; names
 are in :data:`MODELS`, plus ``tv:<name>`` for any torchvision classifier (optional extra).
+``build_lm_model(name, vocab_size, **kwargs)`` builds the language models of
+:data:`LM_MODELS` (``tokens [B, T]`` -> ``logits [B, T, vocab]``).
 
 Invariant every model here keeps, because the sparsifier relies on it: each Conv2d/Linear
 is called through its module's ``forward`` (so swapping the module for a subclass works),
@@ -16,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from fullsparse.errors import UserError
+from fullsparse.models.gpt import GPT, gpt_tiny
 from fullsparse.models.resnet import (
     CifarResNet,
     ResNet,
@@ -29,8 +33,12 @@ from fullsparse.models.vit import VisionTransformer, default_patch_size, vit_tin
 
 __all__ = [
     "MODELS",
+    "LM_MODELS",
     "build_model",
+    "build_lm_model",
     "head_name",
+    "GPT",
+    "gpt_tiny",
     "CifarResNet",
     "ResNet",
     "VisionTransformer",
@@ -72,6 +80,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vit_tiny")
 assert set(MODELS) == set(_BUILDERS)
 
+_LM_BUILDERS: dict[str, Callable[..., nn.Module]] = {"gpt_tiny": gpt_tiny}
+#: Names :func:`build_lm_model` accepts (``fullsparse train --task lm``).
+LM_MODELS: tuple[str, ...] = ("gpt_tiny",)
+assert set(LM_MODELS) == set(_LM_BUILDERS)
+
 
 def build_model(
     name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs: Any
@@ -109,6 +122,8 @@ def build_model(
             name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, image_size, **kwargs
         )
     builder = _BUILDERS.get(name)
+    if name in _LM_BUILDERS:
+        raise UserError(f"{name!r} is a language model: build it with build_lm_model")
     if builder is None:
         raise UserError(
             f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
@@ -119,6 +134,32 @@ def build_model(
     except TypeError as exc:  # an option this model does not take
         raise UserError(f"model {name!r}: {exc}") from exc
     except ValueError as exc:  # sizes the architecture rejects (depth, patch divisibility)
+        raise UserError(f"model {name!r}: {exc}") from exc
+
+
+def build_lm_model(name: str, vocab_size: int = 256, **kwargs: Any) -> nn.Module:
+    """Build a randomly initialised causal language model.
+
+    Args:
+        name: one of :data:`LM_MODELS`.
+        vocab_size: token vocabulary (256 for bytes).
+        **kwargs: model options, e.g. ``context``, ``depth``, ``embed_dim``, ``num_heads``,
+            ``mlp_ratio`` for ``gpt_tiny``.
+
+    Returns:
+        ``nn.Module`` mapping ``tokens [B, T]`` (int64, ``T <= context``) to
+        ``logits [B, T, vocab_size]``; it has a ``context`` attribute.
+
+    Raises:
+        UserError: unknown name (the message lists the choices), or an option or size the
+            model rejects.
+    """
+    builder = _LM_BUILDERS.get(name)
+    if builder is None:
+        raise UserError(f"unknown language model {name!r}; choose one of: {', '.join(LM_MODELS)}")
+    try:
+        return builder(vocab_size=vocab_size, **kwargs)
+    except (TypeError, ValueError) as exc:  # an option it does not take, or a bad size
         raise UserError(f"model {name!r}: {exc}") from exc
 
 

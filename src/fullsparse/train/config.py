@@ -4,6 +4,12 @@ A run is described completely by a :class:`TrainConfig`; the run folder gets the
 config as ``config.json`` (which ``--config`` reads back). Sources are layered: field
 defaults < a config file (``--config run.yaml|run.json``) < command-line flags. Unknown keys
 are rejected with the valid names, so a typo never silently falls back to a default.
+
+Two tasks share the one config: ``classify`` (images, the paper's setting) and ``lm`` (a
+byte-level causal language model). Fields whose sensible value depends on the task (model,
+dataset, optimiser, weight decay, ...) default to None and are filled with the task's value
+when the config is built, so a built config — and ``config.json`` — always holds the values
+the run used.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from fullsparse.errors import ConfigError
 
 __all__ = [
     "TrainConfig",
+    "TASKS",
+    "OPTIMIZERS",
+    "LM_DATASETS",
     "AMP_MODES",
     "DEVICES",
     "SPARSITY_OVERRIDES",
@@ -34,6 +43,14 @@ AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+TASKS = ("classify", "lm")
+OPTIMIZERS = ("sgd", "adamw")
+#: Text corpora of the ``lm`` task: ``pystdlib`` is the running Python's standard library
+#: (present on every machine), ``text`` a folder of .py/.txt/.md/.rst files (``data_dir``).
+LM_DATASETS = ("pystdlib", "text")
+#: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
+#: 1e-3 at 10M parameters; smaller models take a larger one).
+ADAMW_LR = 3e-3
 
 
 @dataclass(frozen=True)
@@ -46,25 +63,37 @@ class TrainConfig:
     """
 
     # -- what is trained ------------------------------------------------------------------
-    #: A name from ``fullsparse.models.MODELS`` or ``tv:<torchvision name>``.
-    model: str = "resnet20"
-    #: Extra keyword arguments for ``build_model`` (e.g. a shrunk ViT: ``{"depth": 2}``).
+    #: ``classify`` (images -> class) or ``lm`` (bytes -> next byte). The None-defaults
+    #: below are filled from this (``_task_defaults``).
+    task: str = "classify"
+    #: classify: a name from ``fullsparse.models.MODELS`` or ``tv:<torchvision name>``;
+    #: lm: one of ``fullsparse.models.LM_MODELS``. None: ``resnet20`` / ``gpt_tiny``.
+    model: str | None = None
+    #: Extra keyword arguments for the model builder (e.g. a shrunk ViT: ``{"depth": 2}``;
+    #: a GPT's ``context``, ``depth``, ``embed_dim``, ``num_heads``).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: A name from ``fullsparse.data.DATASETS``.
-    dataset: str = "fashion-mnist"
-    #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations).
+    #: classify: a name from ``fullsparse.data.DATASETS``; lm: one of ``LM_DATASETS``.
+    #: None: ``fashion-mnist`` / ``pystdlib`` (``text`` when ``data_dir`` is given).
+    dataset: str | None = None
+    #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations); for
+    #: the lm ``text`` dataset, the folder of text files.
     data_dir: str | None = None
     #: Input resolution (None: the dataset's own).
     image_size: int | None = None
     #: Train on a fixed random subset of this many images (None: all). The default keeps
     #: the no-argument main job to a few minutes on a 2-core CPU; set None for full epochs.
     train_subset: int | None = 10000
-    #: Evaluate on the first this-many test images (None: all).
+    #: Evaluate on the first this-many test images — for lm, the first this-many
+    #: non-overlapping validation windows of ``context`` bytes (None: all).
     test_subset: int | None = None
     #: Size of the ``synthetic`` dataset (used only by ``dataset="synthetic"``).
     synthetic_train: int = 512
     synthetic_test: int = 256
     synthetic_classes: int = 10
+    #: lm: bytes of the corpus read for training / validation (whole files in a fixed order,
+    #: the last one cut; see ``fullsparse.data.text``). Caps keep the corpus in memory small.
+    text_train_bytes: int = 4_000_000
+    text_val_bytes: int = 400_000
 
     # -- sparsity -------------------------------------------------------------------------
     #: A recipe name from ``fullsparse.RECIPES``.
@@ -75,19 +104,37 @@ class TrainConfig:
     grad_input_source: str | None = None
     tsm_interval: int | None = None
 
-    # -- optimisation (paper §7.1) --------------------------------------------------------
+    # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
+    #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
+    #: None: sgd for classify, adamw for lm.
+    optimizer: str | None = None
     epochs: int = 2
-    #: Global batch size (all ranks together).
+    #: lm only: optimizer steps per epoch. An lm "epoch" is a fixed number of random
+    #: windows, so a run's length does not depend on the corpus size; each epoch ends with a
+    #: validation pass and a checkpoint. None: 200 for lm; a classify epoch is one pass over
+    #: the training images, so there it must stay None.
+    steps_per_epoch: int | None = None
+    #: Global batch size (all ranks together); lm: sequences of ``context`` bytes.
     batch_size: int = 128
-    #: Peak learning rate; None = 0.1 × batch_size / 256 (the linear scaling the paper uses).
+    #: Peak learning rate; None = 0.1 × batch_size / 256 for SGD (the linear scaling the
+    #: paper uses), ``ADAMW_LR`` for AdamW.
     lr: float | None = None
+    #: SGD momentum, or AdamW's β1 (β2 is 0.95, GPT-3's: steadier on short runs than 0.999).
     momentum: float = 0.9
-    weight_decay: float = 7e-5
+    #: None: 7e-5 for classify (the paper's), 0.1 for lm (decoupled AdamW decay, GPT-2's).
+    weight_decay: float | None = None
     #: No weight decay on 1-D parameters (BatchNorm/LayerNorm scales and shifts, biases).
-    no_wd_bn_bias: bool = False
-    label_smoothing: float = 0.1
+    #: None: off for classify (the paper decays everything), on for lm (GPT practice).
+    no_wd_bn_bias: bool | None = None
+    #: None: 0.1 for classify (the paper's); 0 for lm, whose train loss should be the same
+    #: cross-entropy as the validation loss that perplexity is computed from.
+    label_smoothing: float | None = None
     #: Linear warm-up length in epochs (fractions allowed) before the cosine decay to 0.
-    warmup_epochs: float = 0.0
+    #: None: 0 for classify; 10 % of the run for lm (Adam's early steps are noisy).
+    warmup_epochs: float | None = None
+    #: Clip the global gradient norm to this before each step (0: no clipping). None: 0 for
+    #: classify, 1.0 for lm (attention logits can spike early in training).
+    grad_clip: float | None = None
     seed: int = 0
     #: DataLoader worker processes (0: load in the training process).
     workers: int = 0
@@ -103,7 +150,7 @@ class TrainConfig:
     #: bit-identical on CPU with the same thread count (float sums depend on it), and on
     #: CUDA where every op has a deterministic kernel.
     deterministic: bool = False
-    #: On a NaN/Inf loss skip the step (and count it) instead of stopping the run.
+    #: On a NaN/Inf loss or gradient skip the step (and count it) instead of stopping.
     skip_nonfinite: bool = False
 
     # -- run folder -----------------------------------------------------------------------
@@ -127,6 +174,14 @@ class TrainConfig:
         problems = [p for p in (_check(name, getattr(self, name)) for name in _SPEC) if p]
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.task not in TASKS:
+            raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
+        for name, value in _task_defaults(self).items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: filled once, at build
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        _check_task_fields(self)
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.amp not in AMP_MODES:
@@ -159,7 +214,9 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.1 * self.batch_size / 256
+        if self.lr is not None:
+            return self.lr
+        return ADAMW_LR if self.optimizer == "adamw" else 0.1 * self.batch_size / 256
 
     @property
     def run_dir(self) -> Path:
@@ -196,9 +253,10 @@ class TrainConfig:
 _INT, _FLOAT, _BOOL, _STR = "int", "float", "bool", "str"
 _SPEC: dict[str, tuple[str, bool, float | None]] = {
     # name: (kind, optional, minimum)
-    "model": (_STR, False, None),
+    "task": (_STR, False, None),
+    "model": (_STR, True, None),
     "model_kwargs": ("dict", False, None),
-    "dataset": (_STR, False, None),
+    "dataset": (_STR, True, None),
     "data_dir": (_STR, True, None),
     "image_size": (_INT, True, 1),
     "train_subset": (_INT, True, 1),
@@ -206,19 +264,24 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
     "synthetic_train": (_INT, False, 1),
     "synthetic_test": (_INT, False, 1),
     "synthetic_classes": (_INT, False, 2),
+    "text_train_bytes": (_INT, False, 2),
+    "text_val_bytes": (_INT, False, 2),
     "recipe": (_STR, False, None),
     "ir_alpha": (_FLOAT, True, 0),
     "decay": (_FLOAT, True, 0),
     "grad_input_source": (_STR, True, None),
     "tsm_interval": (_INT, True, 1),
+    "optimizer": (_STR, True, None),
     "epochs": (_INT, False, 1),
+    "steps_per_epoch": (_INT, True, 1),
     "batch_size": (_INT, False, 1),
     "lr": (_FLOAT, True, 0),
     "momentum": (_FLOAT, False, 0),
-    "weight_decay": (_FLOAT, False, 0),
-    "no_wd_bn_bias": (_BOOL, False, None),
-    "label_smoothing": (_FLOAT, False, 0),
-    "warmup_epochs": (_FLOAT, False, 0),
+    "weight_decay": (_FLOAT, True, 0),
+    "no_wd_bn_bias": (_BOOL, True, None),
+    "label_smoothing": (_FLOAT, True, 0),
+    "warmup_epochs": (_FLOAT, True, 0),
+    "grad_clip": (_FLOAT, True, 0),
     "seed": (_INT, False, 0),
     "workers": (_INT, False, 0),
     "device": (_STR, False, None),
@@ -238,6 +301,79 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
 }
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 assert set(_SPEC) == set(_FIELDS), "every TrainConfig field needs a validation entry"
+
+
+def _task_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The values the None-defaults of ``config`` take for its task."""
+    if config.task == "lm":
+        return {
+            "model": "gpt_tiny",
+            "dataset": "text" if config.data_dir is not None else "pystdlib",
+            "optimizer": "adamw",
+            "steps_per_epoch": 200,
+            "weight_decay": 0.1,
+            "no_wd_bn_bias": True,
+            "label_smoothing": 0.0,
+            "warmup_epochs": 0.1 * config.epochs,
+            "grad_clip": 1.0,
+        }
+    return {
+        "model": "resnet20",
+        "dataset": "fashion-mnist",
+        "optimizer": "sgd",
+        "weight_decay": 7e-5,
+        "no_wd_bn_bias": False,
+        "label_smoothing": 0.1,
+        "warmup_epochs": 0.0,
+        "grad_clip": 0.0,
+    }
+
+
+def _check_task_fields(config: TrainConfig) -> None:
+    """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
+    from fullsparse.models import LM_MODELS, MODELS
+
+    model, dataset = config.model, config.dataset
+    if config.task == "lm":
+        if model not in LM_MODELS:
+            kind = (
+                "an image classifier"
+                if model in MODELS or str(model).startswith("tv:")
+                else "not a known model"
+            )
+            raise ConfigError(
+                f"task='lm' clashes with model={model!r} ({kind}); language models: "
+                f"{', '.join(LM_MODELS)}"
+            )
+        if dataset not in LM_DATASETS:
+            raise ConfigError(
+                f"task='lm' clashes with dataset={dataset!r}; text corpora: "
+                f"{', '.join(LM_DATASETS)} (text = the folder given as data_dir)"
+            )
+        if dataset == "text" and config.data_dir is None:
+            raise ConfigError("dataset='text' needs data_dir: a folder of .py/.txt/.md/.rst files")
+        if dataset == "pystdlib" and config.data_dir is not None:
+            raise ConfigError(
+                f"dataset='pystdlib' clashes with data_dir={config.data_dir!r}: pystdlib is "
+                "the running Python's standard library; for a folder use dataset='text' "
+                "(the lm default when data_dir is given)"
+            )
+        return
+    if model in LM_MODELS:
+        raise ConfigError(
+            f"model={model!r} is a language model: it needs task='lm' (--task lm), "
+            f"not task={config.task!r}"
+        )
+    if dataset in LM_DATASETS:
+        raise ConfigError(
+            f"dataset={dataset!r} is a text corpus: it needs task='lm' (--task lm), "
+            f"not task={config.task!r}"
+        )
+    if config.steps_per_epoch is not None:
+        raise ConfigError(
+            f"steps_per_epoch={config.steps_per_epoch} clashes with task={config.task!r}: a "
+            "classify epoch is one pass over the training images (use train_subset)"
+        )
 
 
 def _check(name: str, value: Any) -> str | None:

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_curves", "MATPLOTLIB_HINT"]
+__all__ = ["plot_curves", "plot_lm_curves", "MATPLOTLIB_HINT"]
 
 MATPLOTLIB_HINT = "pip install 'fullsparse[plot]'"
 
@@ -41,6 +41,41 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
     for ax in (ax_loss, ax_acc):
         ax.legend()
     for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def plot_lm_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> bool:
+    """A language-model run's curves: train/validation loss, validation bits per byte and
+    the learning rate per epoch. Returns False (and writes nothing) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return False
+    from fullsparse.train.checkpoint import atomic_write_bytes
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_bpb, ax_lr = fig.subplots(1, 3)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy (nats/byte)", title="loss")
+    ax_loss.legend()
+    ax_bpb.plot(epochs, [h["val_bits_per_byte"] for h in history], marker="o")
+    ax_bpb.set(xlabel="epoch", ylabel="bits/byte", title="validation bits per byte")
+    ax_lr.plot(epochs, [h["lr"] for h in history], marker="o")
+    ax_lr.set(xlabel="epoch", ylabel="lr (end of epoch)", title="learning rate")
+    for ax in (ax_loss, ax_bpb, ax_lr):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:

@@ -17,7 +17,8 @@ __all__ = ["ProgressBar"]
 class ProgressBar:
     """Per-epoch progress: ``update(images, loss, correct)`` after each step.
 
-    Shows the running mean loss, running accuracy and images/s since the start.
+    Shows the running mean loss, running accuracy and images/s since the start (``unit``
+    names what is counted: ``tok`` for a language model's tokens).
     """
 
     def __init__(
@@ -30,12 +31,14 @@ class ProgressBar:
         every_percent: int = 10,
         min_interval: float = 0.1,
         width: int = 24,
+        unit: str = "img",
     ) -> None:
         self.total = max(int(total_steps), 1)
         self.desc = desc
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.width = width
+        self.unit = unit
         self.min_interval = min_interval
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty and isatty())
@@ -86,7 +89,7 @@ class ProgressBar:
         acc = 100.0 * self.correct / self.images if self.images else 0.0
         return (
             f"{self.desc} [{bar}] {self.steps}/{self.total} "
-            f"loss {loss:.4f} acc {acc:5.2f}% {self.images_per_second:7.1f} img/s"
+            f"loss {loss:.4f} acc {acc:5.2f}% {self.images_per_second:7.1f} {self.unit}/s"
         )
 
     def __enter__(self) -> ProgressBar:
