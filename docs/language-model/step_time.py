@@ -1,11 +1,22 @@
-"""Interleaved per-step timing of gpt_tiny training steps (batch 32 x 128) per recipe."""
+"""Interleaved per-step timing of gpt_tiny training steps (batch 32 x 128) per recipe.
 
-import json, statistics, sys, time
+One AdamW step (forward, backward, clip, step) of dense, fst2 and fst in turn, the order
+rotated each round, so background load on a shared machine hits all three alike; medians.
+
+Usage: python docs/language-model/step_time.py THREADS ROUNDS > out.json
+"""
+
+import json
+import statistics
+import sys
+import time
+
 import torch
 import torch.nn.functional as F
+
 import fullsparse
-from fullsparse.models import gpt_tiny
 from fullsparse.bench import machine_info
+from fullsparse.models import gpt_tiny
 
 threads = int(sys.argv[1])
 rounds = int(sys.argv[2])
