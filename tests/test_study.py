@@ -78,6 +78,24 @@ def test_plan_names_are_deterministic_and_inapplicable_overrides_are_noted(tmp_p
     assert [r.name for r in plan_study(spec)[0]] == [r.name for r in runs]
 
 
+def test_an_ir_alpha_grid_leaves_fst_noir_at_zero_with_a_note(tmp_path):
+    spec = _spec(tmp_path, recipes=("fst_noir", "fst"), grid={"ir_alpha": (0.03,)}, seeds=(0,))
+    runs, notes = plan_study(spec)
+    assert [r.name for r in runs] == ["fst_noir-seed0", "fst-ir_alpha0.03-seed0"]
+    assert runs[0].config.sparsity().ir_alpha == 0.0
+    assert notes == ["ir_alpha=0.03 does not apply to fst_noir (kept its default)"]
+
+
+def test_compare_ir_alpha_leaves_fst_noir_at_zero_with_a_note(tmp_path):
+    from fullsparse.train.compare import recipe_configs
+    from fullsparse.train.config import TrainConfig
+
+    base = TrainConfig.from_dict({**TINY, "ir_alpha": 0.03}, source="test")
+    configs, notes = recipe_configs(base, ["fst_noir", "fst"], tmp_path)
+    assert [c.sparsity().ir_alpha for c in configs] == [0.0, 0.03]
+    assert notes == ["ir_alpha=0.03 does not apply to fst_noir (kept its default)"]
+
+
 def test_plan_crosses_several_grid_keys_and_seeds(tmp_path):
     spec = _spec(
         tmp_path,

@@ -19,6 +19,7 @@ __all__ = [
     "GRAD_INPUT_SOURCE",
     "SparsityConfig",
     "RECIPES",
+    "RECIPE_PINNED",
     "RECIPE_TABLE",
     "recipe",
     "resolve_config",
@@ -184,6 +185,11 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
 #: Recipe names, in the order of the spec's table.
 RECIPES: tuple[str, ...] = tuple(RECIPE_TABLE)
 
+#: Fields whose value *is* the recipe: ``fst_noir`` is ``fst`` with α = 0, so an
+#: ``ir_alpha`` override would silently turn it into ``fst`` with that α. :func:`recipe`
+#: refuses such an override (``compare``/``study`` then keep the recipe's value, with a note).
+RECIPE_PINNED: dict[str, dict[str, Any]] = {"fst_noir": {"ir_alpha": 0.0}}
+
 _FIELDS = {f.name for f in dataclasses.fields(SparsityConfig)} - {"name"}
 
 
@@ -204,6 +210,13 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
     if not isinstance(name, str) or name not in RECIPE_TABLE:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     _check_fields(overrides)
+    for key, pinned in RECIPE_PINNED.get(name, {}).items():
+        if key in overrides and overrides[key] != pinned:
+            raise ValueError(
+                f"recipe {name!r} is defined by {key}={pinned}; {key}={overrides[key]} would "
+                f"make it another recipe (for information restoration of strength "
+                f"{overrides[key]}, use recipe 'fst' with {key}={overrides[key]})"
+            )
     fields = dict(RECIPE_TABLE[name])
     fields.update(overrides)
     fields.setdefault("name", name)

@@ -1,0 +1,281 @@
+"""Recompute every table and curve of docs/results.md from the committed run folders.
+
+    python scripts/results.py                      # reads docs/results/, writes tables + PNGs
+    python scripts/results.py --runs runs/results  # the same from the live study folders
+
+Each run folder (``<study>/<recipe>[-<grid>]-seed<N>/``) holds the ``summary.json`` and
+``metrics.jsonl`` that ``fullsparse train`` wrote; ``--collect SRC`` copies just those two
+files (and ``config.json``) from a live study tree into the results tree, leaving the
+checkpoints behind. Nothing here trains: it only reads numbers back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+#: The paper's ImageNet ResNet-18 top-1 (%) for each recipe (Tables 1, 3 and 5).
+PAPER = {
+    "dense": 71.2,
+    "srste": 71.2,
+    "tsm": 70.7,
+    "fst2": 71.3,
+    "fst_noir": 69.4,
+    "fst": 71.0,
+    "wg": 67.5,
+    "wx": 69.9,
+    "gg": 0.1,
+    "gx": 0.1,
+}
+TABLE5 = ("dense", "srste", "fst2", "fst_noir", "fst")
+TABLE1 = ("dense", "wx", "wg", "gg", "gx")
+KEPT = ("summary.json", "metrics.jsonl", "config.json")
+RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
+
+
+def collect(src: Path, dst: Path) -> int:
+    """Copy the small result files of every completed run under ``src`` into ``dst``."""
+    n = 0
+    for summary in sorted(src.glob("*/*/summary.json")):
+        run = summary.parent
+        if json.loads(summary.read_text()).get("status") != "completed":
+            continue
+        out = dst / run.relative_to(src)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (run / name).is_file():
+                shutil.copyfile(run / name, out / name)
+        n += 1
+    return n
+
+
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    """One dict per completed run: study, variant, seed, summary, per-epoch metrics."""
+    runs = []
+    for summary_path in sorted(root.glob("*/*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") != "completed":
+            continue
+        match = RUN_NAME.match(summary_path.parent.name)
+        if not match:
+            continue
+        metrics_path = summary_path.parent / "metrics.jsonl"
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        runs.append(
+            {
+                "study": summary_path.parent.parent.name,
+                "variant": match["variant"],
+                "seed": int(match["seed"]),
+                "summary": summary,
+                "history": history,
+            }
+        )
+    return runs
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return mean, std, len(values)
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "–"
+    mean, std, n = _stats(values)
+    if n == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _group(runs: list[dict[str, Any]], study: str, variant: str) -> list[dict[str, Any]]:
+    return [r for r in runs if r["study"] == study and r["variant"] == variant]
+
+
+def _final(rs: list[dict[str, Any]]) -> list[float]:
+    return [r["summary"]["final_top1"] for r in rs]
+
+
+def _best(rs: list[dict[str, Any]]) -> list[float]:
+    return [r["summary"]["best_top1"] for r in rs]
+
+
+def _train_s(rs: list[dict[str, Any]]) -> list[float]:
+    return [r["summary"]["seconds_per_epoch"] for r in rs]
+
+
+def _find(runs: list[dict[str, Any]], variant: str, studies: tuple[str, ...]) -> list[dict]:
+    for study in studies:
+        found = _group(runs, study, variant)
+        if found:
+            return found
+    return []
+
+
+def accuracy_table(
+    runs: list[dict[str, Any]], variants: tuple[str, ...], studies: tuple[str, ...]
+) -> str:
+    """Final/best top-1 (mean ± std over seeds), Δ vs dense, and the paper's row."""
+    dense = _final(_find(runs, "dense", studies))
+    dense_mean = statistics.fmean(dense) if dense else math.nan
+    lines = [
+        "| recipe | seeds | final top-1 (%) | best top-1 (%) | Δ final vs dense | "
+        "paper (ImageNet R-18) | paper Δ |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant in variants:
+        rs = _find(runs, variant, studies)
+        final = _final(rs)
+        delta = f"{statistics.fmean(final) - dense_mean:+.2f}" if final and dense else "–"
+        paper = PAPER.get(variant)
+        paper_delta = f"{paper - PAPER['dense']:+.1f}" if paper is not None else "–"
+        lines.append(
+            f"| `{variant}` | {len(rs)} | {_cell(final)} | {_cell(_best(rs))} | {delta} | "
+            f"{paper if paper is not None else '–'} | {paper_delta} |"
+        )
+    return "\n".join(lines)
+
+
+def choices_table(runs: list[dict[str, Any]]) -> str:
+    """fst's open choices: α (0 = fst_noir, 1 = fst) and the backward-mask source."""
+    rows = [
+        ("ir_alpha = 0 (`fst_noir`)", _group(runs, "table5", "fst_noir")),
+        ("ir_alpha = 0.03", _group(runs, "fst-choices", "fst-ir_alpha0.03")),
+        ("ir_alpha = 0.25", _group(runs, "fst-choices", "fst-ir_alpha0.25")),
+        ("ir_alpha = 1 (`fst`, default)", _group(runs, "table5", "fst")),
+        (
+            "ir_alpha = 1, grad_input_source = pruned",
+            _group(runs, "fst-choices", "fst-grad_input_sourcepruned"),
+        ),
+    ]
+    lines = [
+        "| fst variant | seed 0 final top-1 (%) | all seeds final top-1 (%) | seeds |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, rs in rows:
+        seed0 = [r for r in rs if r["seed"] == 0]
+        lines.append(f"| {label} | {_cell(_final(seed0))} | {_cell(_final(rs))} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def vit_table(runs: list[dict[str, Any]]) -> str:
+    dense = _final(_group(runs, "vit", "dense"))
+    lines = [
+        "| recipe | final top-1 (%) | best top-1 (%) | Δ final vs dense | train s/epoch |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for variant in ("dense", "fst2", "fst"):
+        rs = _group(runs, "vit", variant)
+        final = _final(rs)
+        delta = "–"
+        if final and dense:
+            delta = f"{statistics.fmean(final) - statistics.fmean(dense):+.2f}"
+        lines.append(
+            f"| `{variant}` | {_cell(final)} | {_cell(_best(rs))} | {delta} | "
+            f"{_cell(_train_s(rs), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def time_table(runs: list[dict[str, Any]]) -> str:
+    """Seconds per epoch (training only, and evaluation) per recipe, ratio to dense."""
+    resnet = [r for r in runs if r["study"] != "vit"]
+    variants = sorted({r["variant"] for r in resnet}, key=lambda v: (v != "dense", v))
+    dense = _train_s([r for r in resnet if r["variant"] == "dense"])
+    lines = [
+        "| ResNet-20 variant | runs | train s/epoch | × dense | eval s/epoch | img/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant in variants:
+        rs = [r for r in resnet if r["variant"] == variant]
+        train_s = _train_s(rs)
+        evals = [statistics.fmean(h["eval_seconds"] for h in r["history"]) for r in rs]
+        ips = [r["summary"]["images_per_second"] for r in rs]
+        ratio = statistics.fmean(train_s) / statistics.fmean(dense) if dense else math.nan
+        lines.append(
+            f"| `{variant}` | {len(rs)} | {_cell(train_s, 1)} | {ratio:.2f}× | "
+            f"{_cell(evals, 1)} | {_cell(ips, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict[str, Any]], groups: dict[str, tuple], out: Path) -> bool:
+    """Mean test top-1 per epoch for each variant (one panel per group)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (title, (studies, variants, ymin)) in zip(axes[0], groups.items(), strict=True):
+        for variant in variants:
+            rs = _find(runs, variant, studies)
+            if not rs:
+                continue
+            epochs = min(len(r["history"]) for r in rs)
+            ys = [statistics.fmean(r["history"][e]["test_top1"] for r in rs) for e in range(epochs)]
+            ax.plot(range(1, epochs + 1), ys, marker=".", label=f"{variant} (n={len(rs)})")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylim(bottom=ymin)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("docs/results"), help="results tree")
+    parser.add_argument("--collect", type=Path, help="copy small files from this study tree first")
+    parser.add_argument("--out", type=Path, help="where tables.md/PNGs go (default: --runs)")
+    args = parser.parse_args(argv)
+    if args.collect:
+        print(f"collected {collect(args.collect, args.runs)} completed runs into {args.runs}")
+    runs = load_runs(args.runs)
+    if not runs:
+        print(f"no completed runs under {args.runs}", file=sys.stderr)
+        return 1
+    out = args.out or args.runs
+    out.mkdir(parents=True, exist_ok=True)
+    resnet = ("table5", "table1")
+    sections = [
+        ("Table 5 analogue (ResNet-20, Fashion-MNIST)", accuracy_table(runs, TABLE5, resnet)),
+        (
+            "Table 1 analogue, with the TSM baseline",
+            accuracy_table(runs, (*TABLE1, "tsm"), ("table1", "table5")),
+        ),
+        ("fst's open choices", choices_table(runs)),
+        ("ViT (Fashion-MNIST)", vit_table(runs)),
+        ("Time per epoch", time_table(runs)),
+    ]
+    text = "\n\n".join(f"### {title}\n\n{table}" for title, table in sections) + "\n"
+    (out / "tables.md").write_text(text)
+    print(text)
+    groups = {
+        "Table 5 rows (mean over seeds)": (resnet, TABLE5, 50),
+        "Table 1 rows + tsm": (("table1", "table5"), (*TABLE1, "tsm"), 0),
+        "ViT": (("vit",), ("dense", "fst2", "fst"), 30),
+    }
+    if plot_curves(runs, groups, out / "curves.png"):
+        print(f"wrote {out / 'tables.md'} and {out / 'curves.png'}")
+    else:
+        print(f"wrote {out / 'tables.md'} (matplotlib missing: no curves)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

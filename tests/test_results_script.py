@@ -1,0 +1,77 @@
+"""scripts/results.py rebuilds docs/results tables from run folders (fake ones here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results.py"
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("results_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(
+    root: Path, study: str, name: str, finals: list[float], seconds: float, status="completed"
+):
+    run = root / study / name
+    run.mkdir(parents=True)
+    history = [
+        {"epoch": i + 1, "test_top1": v, "epoch_seconds": seconds, "eval_seconds": 1.0}
+        for i, v in enumerate(finals)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    summary = {
+        "status": status,
+        "final_top1": finals[-1],
+        "best_top1": max(finals),
+        "seconds_per_epoch": seconds,
+        "images_per_second": 100.0,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "last.pt").write_bytes(b"checkpoint")  # must not be collected
+
+
+def test_tables_are_mean_std_over_seeds_with_deltas_and_paper_rows(tmp_path, results):
+    src = tmp_path / "live"
+    _run(src, "table5", "dense-seed0", [80.0, 90.0], 10.0)
+    _run(src, "table5", "dense-seed1", [80.0, 92.0], 12.0)
+    _run(src, "table5", "fst-seed0", [70.0, 89.0], 11.0)
+    _run(src, "table5", "fst-seed1", [70.0, 90.0], 11.0)
+    _run(src, "table5", "srste-seed0", [70.0, 75.0], 11.0, status="running")  # not counted
+    _run(src, "table1", "gg-seed0", [10.0, 10.0], 11.0)
+    _run(src, "fst-choices", "fst-ir_alpha0.03-seed0", [50.0, 88.0], 11.0)
+    dst = tmp_path / "docs"
+    assert results.main(["--runs", str(dst), "--collect", str(src)]) == 0
+    assert (dst / "table5" / "fst-seed1" / "summary.json").is_file()
+    assert not (dst / "table5" / "fst-seed1" / "last.pt").exists()
+    assert not (dst / "table5" / "srste-seed0").exists()
+    text = (dst / "tables.md").read_text()
+    sections = text.split("### ")
+    table5, table1 = sections[1], sections[2]
+    rows = {}
+    for section in (table1, table5):
+        for line in section.splitlines():
+            if line.startswith("| `"):
+                rows[line.split("|")[1].strip()] = line
+    dense = [c.strip() for c in rows["`dense`"].split("|")]
+    assert dense[2:6] == ["2", "91.00 ± 1.41", "91.00 ± 1.41", "+0.00"]
+    fst = [c.strip() for c in rows["`fst`"].split("|")]
+    assert fst[3] == "89.50 ± 0.71" and fst[5] == "-1.50" and fst[6] == "71.0"
+    gg = [c.strip() for c in rows["`gg`"].split("|")]
+    assert gg[3] == "10.00" and gg[5] == "-81.00" and gg[7] == "-71.1"
+    assert "| ir_alpha = 0.03 | 88.00 | 88.00 | 1 |" in text
+    assert "| `fst` | 2 | 11.0 ± 0.0 | 1.00× |" in text  # 11 s vs dense's mean 11 s
+
+
+def test_no_runs_is_an_error_not_an_empty_table(tmp_path, results, capsys):
+    assert results.main(["--runs", str(tmp_path)]) == 1
+    assert "no completed runs" in capsys.readouterr().err
