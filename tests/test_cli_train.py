@@ -191,6 +191,7 @@ def test_compare_prints_one_table_and_writes_markdown_and_json(tmp_path, capsys)
         (["--model", "resnet99"], "unknown model 'resnet99'"),
         (["--recipe", "fast"], "unknown recipe 'fast'"),
         (["--recipe", "dense", "--ir-alpha", "0.5"], "ir_alpha=0.5 clashes"),
+        (["--recipe", "fst_noir", "--ir-alpha", "0.5"], "use recipe 'fst' with ir_alpha=0.5"),
         (["--grad-input-source", "sideways"], "grad_input_source"),
         (["--epochs", "two"], "--epochs expects int, got 'two'"),
         (["--epochs", "0"], "epochs must be an integer >= 1"),

@@ -114,6 +114,6 @@ def test_every_table_entry_builds_and_dense_is_dense():
 
 def test_fst_noir_refuses_an_ir_alpha_that_would_make_it_another_recipe():
     assert recipe("fst_noir", ir_alpha=0.0).ir_alpha == 0.0
-    with pytest.raises(ValueError, match=r"'fst_noir' is defined by ir_alpha=0.0.*recipe 'fst'"):
+    with pytest.raises(ValueError, match=r"fst_noir is defined by ir_alpha=0.0.*recipe 'fst'"):
         recipe("fst_noir", ir_alpha=0.03)
     assert recipe("fst", ir_alpha=0.0).ir_alpha == 0.0  # fst itself takes any α

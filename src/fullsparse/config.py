@@ -213,9 +213,9 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
     for key, pinned in RECIPE_PINNED.get(name, {}).items():
         if key in overrides and overrides[key] != pinned:
             raise ValueError(
-                f"recipe {name!r} is defined by {key}={pinned}; {key}={overrides[key]} would "
-                f"make it another recipe (for information restoration of strength "
-                f"{overrides[key]}, use recipe 'fst' with {key}={overrides[key]})"
+                f"{name} is defined by {key}={pinned}; {key}={overrides[key]} would make it "
+                f"another recipe (for information restoration of strength {overrides[key]}, "
+                f"use recipe 'fst' with {key}={overrides[key]})"
             )
     fields = dict(RECIPE_TABLE[name])
     fields.update(overrides)
