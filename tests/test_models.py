@@ -388,6 +388,7 @@ def test_replace_first_conv_keeps_groups_rule() -> None:
 @pytest.mark.vision
 def test_real_torchvision_resnet18_has_same_keys_as_ours() -> None:
     import torchvision.models as tvm
+
     theirs = tvm.resnet18(weights=None, num_classes=10)
     ours = build_model("resnet18", 10)
     assert {k: v.shape for k, v in theirs.state_dict().items()} == {

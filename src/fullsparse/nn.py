@@ -400,7 +400,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def sparsify_(
     model: nn.Module,
     config_or_recipe_name: SparsityConfig | str,
-    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    filter_fn: Callable[[str, nn.Module], bool | str] | None = None,
     *,
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
@@ -408,10 +408,12 @@ def sparsify_(
     """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
 
     Default selection: every ``nn.Conv2d`` and ``nn.Linear`` except the last ``nn.Linear``
-    in ``named_modules()`` order (the classifier head). ``filter_fn(name, module) -> bool``
-    replaces that selection. Layers that cannot carry 2:4 meaningfully stay dense whatever
-    the filter says. Layers already sparse get the new config. Parameters are shared, not
-    copied: an optimizer built before the call keeps working.
+    in ``named_modules()`` order (the classifier head). ``filter_fn(name, module)`` replaces
+    that selection: True makes the layer sparse, False keeps it dense ("excluded by
+    filter_fn"), and a string keeps it dense with that string as the report's reason.
+    Layers that cannot carry 2:4 meaningfully stay dense whatever the filter says. Layers
+    already sparse get the new config. Parameters are shared, not copied: an optimizer
+    built before the call keeps working.
 
     ``backend`` is given to every sparse layer (:mod:`fullsparse.kernels`): ``auto``
     (default) runs 2:4 sparse tensor cores where a layer's GEMMs fit them and the reference
@@ -450,7 +452,11 @@ def sparsify_(
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         if filter_fn is not None:
-            chosen, why_not = bool(filter_fn(name, module)), "excluded by filter_fn"
+            verdict = filter_fn(name, module)
+            if isinstance(verdict, str):  # a reason to stay dense, for the report
+                chosen, why_not = False, verdict or "excluded by filter_fn"
+            else:
+                chosen, why_not = bool(verdict), "excluded by filter_fn"
         else:
             chosen, why_not = name != head, "classifier head (last Linear)"
         reason = _dense_reason(name, module, fused)
@@ -546,6 +552,9 @@ def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
     k = module.weight[0].numel()  # type: ignore[index]
     if k % 4:
         notes.append(f"K={k} zero-padded to {k + (-k) % 4}")
+    co = module.weight.shape[0]  # type: ignore[index]
+    if co % 4 and config.grad_input == "2:4_co":
+        notes.append(f"Co={co} zero-padded to {co + (-co) % 4} for the grad_input mask")
     if isinstance(module, nn.Linear) and config.grad_weight == "ir":
         notes.append("IR pairs tokens (dim -2); dense grad_weight for 2-D inputs")
     return "; ".join(notes) or "2:4"

@@ -30,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         print(json.dumps(result, indent=2))
+    elif result.get("task") == "detection":
+        print(
+            f"{result['model']} / {result['dataset']} / {result['recipe']} "
+            f"(epoch {result['epoch']}): mAP {result['map']:.2f}  mAP@0.5 "
+            f"{result['map_50']:.2f}  mAP@0.75 {result['map_75']:.2f}  on "
+            f"{result['images']} test images"
+        )
     elif result.get("task") == "lm":
         print(
             f"{result['model']} / {result['dataset']} / {result['recipe']} "
@@ -53,7 +60,8 @@ def add_parser(subparsers: Any) -> None:
         description="Rebuild the sparse model of a checkpoint and report top-1/top-5 accuracy "
         "on the test split of the dataset it was trained on — or, for a language model "
         "(--task lm), validation loss, perplexity and bits per byte on the run's fixed "
-        "validation windows.",
+        "validation windows; for a detector (--task detection), COCO mAP, mAP@0.5 and "
+        "mAP@0.75.",
     )
     parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
     parser.add_argument("--data-dir", default=None, help="dataset folder, if it moved")

@@ -16,12 +16,18 @@ from fullsparse.errors import ConfigError
 # (flag, kind, help). kind: int | float | str | json | bool (--x / --no-x, so a flag can
 # turn off what a config file turned on) | flag (store_true). Defaults live in TrainConfig.
 _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--task", "str", "classify (images, default) | lm (byte-level language model)"),
+    (
+        "--task",
+        "str",
+        "classify (images, default) | lm (byte-level language model) | detection "
+        "(torchvision detectors; the vision extra)",
+    ),
     (
         "--model",
         "str",
         "classify: resnet20 (default)|resnet32|resnet56|resnet18|resnet50|vit_tiny|"
-        "tv:<name>; lm: gpt_tiny (default)",
+        "tv:<name>; lm: gpt_tiny (default); detection: fcos_tiny (default)|"
+        "fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
     ),
     (
         "--model-kwargs",
@@ -33,7 +39,8 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "--dataset",
         "str",
         "classify: fashion-mnist (default)|cifar10|cifar100|imagefolder|synthetic; "
-        "lm: pystdlib (default: Python's standard library) | text (--data-dir folder)",
+        "lm: pystdlib (default: Python's standard library) | text (--data-dir folder); "
+        "detection: synthetic-det (default, generated shapes) | coco | voc (--data-dir)",
     ),
     (
         "--data-dir",
@@ -41,7 +48,12 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "dataset folder (default: $FULLSPARSE_DATA, system locations); lm: a folder of "
         ".py/.txt/.md/.rst files",
     ),
-    ("--image-size", "int", "input resolution (default: the dataset's)"),
+    (
+        "--image-size",
+        "int",
+        "input resolution (default: the dataset's; detection: the detector's resize side, "
+        "128 for synthetic-det)",
+    ),
     (
         "--train-subset",
         "int",
@@ -51,7 +63,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--test-subset", "int", "evaluate on the first N test images (lm: validation windows)"),
     ("--synthetic-train", "int", "synthetic dataset: train images"),
     ("--synthetic-test", "int", "synthetic dataset: test images"),
-    ("--synthetic-classes", "int", "synthetic dataset: classes"),
+    ("--synthetic-classes", "int", "synthetic dataset: classes (synthetic-det: 1-5 shapes)"),
     ("--text-train-bytes", "int", "lm: bytes of training text read (default 4000000)"),
     ("--text-val-bytes", "int", "lm: bytes of validation text read (default 400000)"),
     ("--recipe", "str", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx (default fst)"),
@@ -59,7 +71,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--decay", "float", "override: SR-STE decay λ"),
     ("--grad-input-source", "str", "override: dense|pruned source of the backward mask"),
     ("--tsm-interval", "int", "override: steps between TSM mask recomputations"),
-    ("--optimizer", "str", "sgd|adamw (default: sgd for classify, adamw for lm)"),
+    ("--optimizer", "str", "sgd|adamw (default: sgd for classify, adamw for lm and detection)"),
     ("--epochs", "int", "epochs (default 2)"),
     ("--steps-per-epoch", "int", "lm: optimizer steps per epoch (default 200)"),
     (
@@ -67,9 +79,9 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "int",
         "global batch size over all processes (default 128; lm: sequences of context bytes)",
     ),
-    ("--lr", "float", "peak learning rate (default: sgd 0.1 x batch/256, adamw 3e-3)"),
+    ("--lr", "float", "peak lr (default: sgd 0.1 x batch/256, adamw 3e-3)"),
     ("--momentum", "float", "SGD momentum, or AdamW beta1 (default 0.9)"),
-    ("--weight-decay", "float", "weight decay (default: classify 7e-5, lm 0.1)"),
+    ("--weight-decay", "float", "weight decay (default: classify 7e-5, lm 0.1, detection 0.05)"),
     ("--no-wd-bn-bias", "flag", "no weight decay on norm layers and biases (lm: default)"),
     ("--label-smoothing", "float", "label smoothing (default: classify 0.1, lm 0)"),
     (
@@ -77,7 +89,11 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "float",
         "linear warm-up epochs before the cosine decay (default: classify 0, lm 10%% of the run)",
     ),
-    ("--grad-clip", "float", "clip the gradient norm to this, 0 = off (default: lm 1.0, else 0)"),
+    (
+        "--grad-clip",
+        "float",
+        "clip the gradient norm, 0 = off (default: lm 1.0, detection 10, else 0)",
+    ),
     ("--seed", "int", "random seed (default 0)"),
     ("--workers", "int", "data loader worker processes (image folders)"),
     ("--device", "str", "auto|cpu|cuda (default auto)"),
@@ -203,8 +219,10 @@ def add_parser(subparsers: Any) -> None:
         description="Train a model from scratch with a 2:4 recipe. With no arguments: "
         "ResNet-20 on Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a "
         "byte-level GPT (gpt_tiny) on the Python standard library's sources, AdamW, "
-        "epochs of --steps-per-epoch steps, validation loss/perplexity/bits per byte. Under "
-        "torchrun, trains data-parallel (DDP).",
+        "epochs of --steps-per-epoch steps, validation loss/perplexity/bits per byte. With "
+        "--task detection: a torchvision detector (fcos_tiny by default) on generated "
+        "shapes or COCO/VOC folders, AdamW, COCO mAP. Under torchrun, trains data-parallel "
+        "(DDP; not for detection).",
     )
     add_train_arguments(parser)
     parser.set_defaults(func=run)

@@ -176,8 +176,7 @@ def _shape_mask(kind: str, box: tuple[float, float, float, float], size: int) ->
 def _overlaps(box: tuple[float, ...], others: list[tuple[float, ...]], gap: float) -> bool:
     x0, y0, x1, y1 = box
     return any(
-        x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap
-        for b in others
+        x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap for b in others
     )
 
 
@@ -211,7 +210,8 @@ def synthetic_detection_example(
         for _attempt in range(30):
             r = torch.rand(4, generator=g).tolist()
             w = size * (min_scale + (max_scale - min_scale) * r[0])
-            h = w * (0.6 + 0.8 * r[1]) if label != 5 else w  # rings stay round-ish
+            ring = SHAPE_CLASSES[label - 1] == "ring"
+            h = w if ring else w * (0.6 + 0.8 * r[1])  # rings stay round
             h = min(h, size * max_scale)
             x0, y0 = (size - w) * r[2], (size - h) * r[3]
             box = (x0, y0, x0 + w, y0 + h)
@@ -238,7 +238,7 @@ def synthetic_detection_example(
 class SyntheticDetection(Dataset):
     """``num_images`` generated shape images (see :func:`synthetic_detection_example`).
 
-    Generated on access (about a millisecond per 128-pixel image), so its size costs no
+    Generated on access (a few milliseconds per 128-pixel image), so its size costs no
     memory; ``dataset[i]`` is the same on every call, in every process.
     """
 
@@ -475,6 +475,7 @@ def find_coco_split(root: Path, split: str) -> tuple[Path, Path]:
 def find_voc_root(root: Path) -> Path:
     """The folder holding ``JPEGImages/Annotations/ImageSets``: ``root`` itself, or one
     ``VOC<year>`` inside it or inside ``root/VOCdevkit`` (the first in sorted order)."""
+
     def is_voc(p: Path) -> bool:
         return all((p / d).is_dir() for d in ("JPEGImages", "Annotations", "ImageSets"))
 
@@ -524,8 +525,7 @@ def build_detection_datasets(
         env = os.environ.get("FULLSPARSE_DATA")
         if env is None:
             raise DataNotFoundError(
-                f"dataset {name!r} needs --data-dir (the {name.upper()} folder) or "
-                "$FULLSPARSE_DATA"
+                f"dataset {name!r} needs --data-dir (the {name.upper()} folder) or $FULLSPARSE_DATA"
             )
         data_dir = Path(env) / name
     root = Path(data_dir)

@@ -22,6 +22,10 @@ __all__ = ["compare", "CompareResult", "recipe_configs", "default_compare_dir"]
 
 COLUMNS = ("recipe", "best top-1 (%)", "final top-1 (%)", "s/epoch", "time vs dense")
 LM_COLUMNS = ("recipe", "val loss", "perplexity", "bits/byte", "s/epoch", "time vs dense")
+DETECTION_COLUMNS = (
+    "recipe", "final mAP", "final mAP@0.5", "best mAP", "final train loss", "s/epoch",
+    "time vs dense",
+)  # fmt: skip
 
 
 def default_compare_dir(config: TrainConfig) -> Path:
@@ -35,11 +39,13 @@ class CompareResult:
     out: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    #: ``classify`` or ``lm``: which columns the table has.
+    #: ``classify``, ``lm`` or ``detection``: which columns the table has.
     task: str = "classify"
 
     @property
     def columns(self) -> tuple[str, ...]:
+        if self.task == "detection":
+            return DETECTION_COLUMNS
         return LM_COLUMNS if self.task == "lm" else COLUMNS
 
     def table_cells(self) -> list[tuple[str, ...]]:
@@ -49,7 +55,14 @@ class CompareResult:
             ratio = "-"
             if dense is not None and dense["seconds_per_epoch"] > 0:
                 ratio = f"{r['seconds_per_epoch'] / dense['seconds_per_epoch']:.2f}x"
-            if self.task == "lm":
+            if self.task == "detection":
+                scores = (
+                    _num(r["map"], 2),
+                    _num(r["map_50"], 2),
+                    _num(r["best_map"], 2),
+                    _num(r["train_loss"], 4),
+                )
+            elif self.task == "lm":
                 scores = (
                     _num(r["val_loss"], 4),
                     _num(r["perplexity"], 3),
@@ -157,7 +170,17 @@ def compare(
     try:
         for cfg in configs:
             summary = train(cfg)
-            if config.task == "lm":
+            if config.task == "detection":
+                scores = {
+                    "map": summary["final_map"],
+                    "map_50": summary["final_map_50"],
+                    "map_75": summary["final_map_75"],
+                    "best_map": summary["best_map"],
+                    "best_epoch": summary["best_epoch"],
+                    "train_loss": summary["final_train_loss"],
+                    "first_train_loss": summary["first_train_loss"],
+                }
+            elif config.task == "lm":
                 scores = {
                     "val_loss": summary["final_val_loss"],
                     "perplexity": summary["final_perplexity"],

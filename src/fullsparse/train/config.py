@@ -5,11 +5,11 @@ config as ``config.json`` (which ``--config`` reads back). Sources are layered: 
 defaults < a config file (``--config run.yaml|run.json``) < command-line flags. Unknown keys
 are rejected with the valid names, so a typo never silently falls back to a default.
 
-Two tasks share the one config: ``classify`` (images, the paper's setting) and ``lm`` (a
-byte-level causal language model). Fields whose sensible value depends on the task (model,
-dataset, optimiser, weight decay, ...) default to None and are filled with the task's value
-when the config is built, so a built config — and ``config.json`` — always holds the values
-the run used.
+Three tasks share the one config: ``classify`` (images, the paper's setting), ``lm`` (a
+byte-level causal language model) and ``detection`` (torchvision object detectors).
+Fields whose sensible value depends on the task (model, dataset, optimiser, weight decay,
+...) default to None and are filled with the task's value when the config is built, so a
+built config — and ``config.json`` — always holds the values the run used.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "TASKS",
     "OPTIMIZERS",
     "LM_DATASETS",
+    "DETECTION_DATASETS",
     "AMP_MODES",
     "DEVICES",
     "SPARSITY_OVERRIDES",
@@ -43,14 +44,22 @@ AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
-TASKS = ("classify", "lm")
+TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: Text corpora of the ``lm`` task: ``pystdlib`` is the running Python's standard library
 #: (present on every machine), ``text`` a folder of .py/.txt/.md/.rst files (``data_dir``).
 LM_DATASETS = ("pystdlib", "text")
+#: Datasets of the ``detection`` task: generated shapes, or COCO / VOC folders (``data_dir``).
+#: The same names as :data:`fullsparse.data.detection.DETECTION_DATASETS` (checked there).
+DETECTION_DATASETS = ("synthetic-det", "coco", "voc")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
-#: 1e-3 at 10M parameters; smaller models take a larger one).
+#: 1e-3 at 10M parameters; smaller models take a larger one). Detection uses it too: on
+#: fcos_tiny from scratch 1e-3 learned several times slower (docs/detection.md).
 ADAMW_LR = 3e-3
+#: Detection defaults (AdamW): decoupled weight decay and a clip that only catches the
+#: rare early spike of a from-scratch detector's box loss.
+DETECTION_WEIGHT_DECAY = 0.05
+DETECTION_GRAD_CLIP = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,22 +72,27 @@ class TrainConfig:
     """
 
     # -- what is trained ------------------------------------------------------------------
-    #: ``classify`` (images -> class) or ``lm`` (bytes -> next byte). The None-defaults
-    #: below are filled from this (``_task_defaults``).
+    #: ``classify`` (images -> class), ``lm`` (bytes -> next byte) or ``detection``
+    #: (images -> boxes). The None-defaults below are filled from this (``_task_defaults``).
     task: str = "classify"
     #: classify: a name from ``fullsparse.models.MODELS`` or ``tv:<torchvision name>``;
-    #: lm: one of ``fullsparse.models.LM_MODELS``. None: ``resnet20`` / ``gpt_tiny``.
+    #: lm: one of ``fullsparse.models.LM_MODELS``; detection: one of
+    #: ``fullsparse.models.detection.DETECTION_MODELS``. None: ``resnet20`` / ``gpt_tiny`` /
+    #: ``fcos_tiny``.
     model: str | None = None
     #: Extra keyword arguments for the model builder (e.g. a shrunk ViT: ``{"depth": 2}``;
     #: a GPT's ``context``, ``depth``, ``embed_dim``, ``num_heads``).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: classify: a name from ``fullsparse.data.DATASETS``; lm: one of ``LM_DATASETS``.
-    #: None: ``fashion-mnist`` / ``pystdlib`` (``text`` when ``data_dir`` is given).
+    #: classify: a name from ``fullsparse.data.DATASETS``; lm: one of ``LM_DATASETS``;
+    #: detection: one of ``DETECTION_DATASETS``. None: ``fashion-mnist`` / ``pystdlib``
+    #: (``text`` when ``data_dir`` is given) / ``synthetic-det``.
     dataset: str | None = None
     #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations); for
     #: the lm ``text`` dataset, the folder of text files.
     data_dir: str | None = None
-    #: Input resolution (None: the dataset's own).
+    #: Input resolution (None: the dataset's own). Detection: the detector's resize side
+    #: (min = max size; SSD: a fixed square) and the synthetic-det image side (None: 128
+    #: for synthetic-det, the detector's default for coco/voc).
     image_size: int | None = None
     #: Train on a fixed random subset of this many images (None: all). The default keeps
     #: the no-argument main job to a few minutes on a 2-core CPU; set None for full epochs.
@@ -86,10 +100,11 @@ class TrainConfig:
     #: Evaluate on the first this-many test images — for lm, the first this-many
     #: non-overlapping validation windows of ``context`` bytes (None: all).
     test_subset: int | None = None
-    #: Size of the ``synthetic`` dataset (used only by ``dataset="synthetic"``).
+    #: Size of the ``synthetic`` / ``synthetic-det`` datasets (used only by them).
     synthetic_train: int = 512
     synthetic_test: int = 256
-    synthetic_classes: int = 10
+    #: None: 10 for classify, 3 shape classes for detection (at most 5).
+    synthetic_classes: int | None = None
     #: lm: bytes of the corpus read for training / validation (whole files in a fixed order,
     #: the last one cut; see ``fullsparse.data.text``). Caps keep the corpus in memory small.
     text_train_bytes: int = 4_000_000
@@ -263,7 +278,7 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
     "test_subset": (_INT, True, 1),
     "synthetic_train": (_INT, False, 1),
     "synthetic_test": (_INT, False, 1),
-    "synthetic_classes": (_INT, False, 2),
+    "synthetic_classes": (_INT, True, 1),
     "text_train_bytes": (_INT, False, 2),
     "text_val_bytes": (_INT, False, 2),
     "recipe": (_STR, False, None),
@@ -305,10 +320,25 @@ assert set(_SPEC) == set(_FIELDS), "every TrainConfig field needs a validation e
 
 def _task_defaults(config: TrainConfig) -> dict[str, Any]:
     """The values the None-defaults of ``config`` take for its task."""
+    if config.task == "detection":
+        dataset = config.dataset or "synthetic-det"
+        return {
+            "model": "fcos_tiny",
+            "dataset": dataset,
+            "image_size": 128 if dataset == "synthetic-det" else None,
+            "synthetic_classes": 3,
+            "optimizer": "adamw",
+            "weight_decay": DETECTION_WEIGHT_DECAY,
+            "no_wd_bn_bias": True,
+            "label_smoothing": 0.0,
+            "warmup_epochs": min(1.0, 0.1 * config.epochs),
+            "grad_clip": DETECTION_GRAD_CLIP,
+        }
     if config.task == "lm":
         return {
             "model": "gpt_tiny",
             "dataset": "text" if config.data_dir is not None else "pystdlib",
+            "synthetic_classes": 10,  # unused by lm; the value classify configs record
             "optimizer": "adamw",
             "steps_per_epoch": 200,
             "weight_decay": 0.1,
@@ -320,6 +350,7 @@ def _task_defaults(config: TrainConfig) -> dict[str, Any]:
     return {
         "model": "resnet20",
         "dataset": "fashion-mnist",
+        "synthetic_classes": 10,
         "optimizer": "sgd",
         "weight_decay": 7e-5,
         "no_wd_bn_bias": False,
@@ -334,6 +365,9 @@ def _check_task_fields(config: TrainConfig) -> None:
     from fullsparse.models import LM_MODELS, MODELS
 
     model, dataset = config.model, config.dataset
+    if config.task == "detection":
+        _check_detection_fields(config)
+        return
     if config.task == "lm":
         if model not in LM_MODELS:
             kind = (
@@ -359,6 +393,19 @@ def _check_task_fields(config: TrainConfig) -> None:
                 "(the lm default when data_dir is given)"
             )
         return
+    from fullsparse.models.detection import DETECTION_MODELS
+
+    if model in DETECTION_MODELS or dataset in DETECTION_DATASETS:
+        what = f"model={model!r}" if model in DETECTION_MODELS else f"dataset={dataset!r}"
+        raise ConfigError(
+            f"{what} is for object detection: it needs task='detection' (--task detection), "
+            f"not task={config.task!r}"
+        )
+    if config.synthetic_classes < 2:
+        raise ConfigError(
+            f"synthetic_classes must be >= 2 for task={config.task!r}, "
+            f"got {config.synthetic_classes}"
+        )
     if model in LM_MODELS:
         raise ConfigError(
             f"model={model!r} is a language model: it needs task='lm' (--task lm), "
@@ -373,6 +420,62 @@ def _check_task_fields(config: TrainConfig) -> None:
         raise ConfigError(
             f"steps_per_epoch={config.steps_per_epoch} clashes with task={config.task!r}: a "
             "classify epoch is one pass over the training images (use train_subset)"
+        )
+
+
+def _check_detection_fields(config: TrainConfig) -> None:
+    """task='detection': a detector, a detection dataset, and no flag it does not support."""
+    from fullsparse.models.detection import DETECTION_MODELS, SSD_MIN_SIZE
+
+    if config.model not in DETECTION_MODELS:
+        raise ConfigError(
+            f"task='detection' clashes with model={config.model!r}; detectors: "
+            f"{', '.join(DETECTION_MODELS)}"
+        )
+    if config.dataset not in DETECTION_DATASETS:
+        raise ConfigError(
+            f"task='detection' clashes with dataset={config.dataset!r}; detection datasets: "
+            f"{', '.join(DETECTION_DATASETS)} (coco and voc read data_dir)"
+        )
+    if config.dataset == "synthetic-det" and config.data_dir is not None:
+        raise ConfigError(
+            f"dataset='synthetic-det' clashes with data_dir={config.data_dir!r}: it is "
+            "generated; for a folder use dataset='coco' or 'voc'"
+        )
+    if config.synthetic_classes > 5:
+        raise ConfigError(
+            f"synthetic_classes={config.synthetic_classes} clashes with task='detection': "
+            "synthetic-det has 5 shape classes at most"
+        )
+    if config.steps_per_epoch is not None:
+        raise ConfigError(
+            f"steps_per_epoch={config.steps_per_epoch} clashes with task='detection': an "
+            "epoch is one pass over the training images (use train_subset)"
+        )
+    if config.label_smoothing:
+        raise ConfigError(
+            f"label_smoothing={config.label_smoothing} clashes with task='detection': the "
+            "detectors' losses take none"
+        )
+    if config.model == "ssd300_vgg16" and (config.image_size or 300) < SSD_MIN_SIZE:
+        raise ConfigError(
+            f"image_size={config.image_size} clashes with model='ssd300_vgg16': it needs "
+            f">= {SSD_MIN_SIZE} pixels"
+        )
+    unsupported = [
+        flag
+        for flag, on in (
+            ("amp", config.amp != "none"),
+            ("channels_last", config.channels_last),
+            ("compile", config.compile),
+            ("sync_bn", config.sync_bn),
+        )
+        if on
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"{', '.join(unsupported)} clash(es) with task='detection': not supported for "
+            "detectors yet (they run in fp32, eagerly)"
         )
 
 

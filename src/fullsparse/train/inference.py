@@ -61,7 +61,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Top-1/top-5 of checkpoint ``path`` on its dataset's test split — or, for a language
     model, validation loss, perplexity and bits per byte on the run's fixed validation
-    windows (``"task": "lm"`` in the result).
+    windows (``"task": "lm"`` in the result); for a detector, mAP, mAP@0.5 and mAP@0.75
+    (``"task": "detection"``).
 
     ``data_dir`` overrides the folder stored in the checkpoint's config (data moved).
     """
@@ -88,6 +89,8 @@ def evaluate_checkpoint(
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16")
     if config.task == "lm":
         return _evaluate_lm_checkpoint(path, state, config, dev)
+    if config.task == "detection":
+        return _evaluate_detection_checkpoint(path, state, config, dev)
     bundle = build_data(config)
     model, _ = load_trained_model(path, dev)
     test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
@@ -129,6 +132,28 @@ def _evaluate_lm_checkpoint(
         "bits_per_byte": result["bits_per_byte"],
         "accuracy": result["accuracy"],
         "tokens": result["tokens"],
+    }
+
+
+def _evaluate_detection_checkpoint(
+    path: str | Path, state: dict[str, Any], config: TrainConfig, device: torch.device
+) -> dict[str, Any]:
+    from fullsparse.train.detection import build_detection_data, evaluate_detection
+    from fullsparse.train.loop import _subset
+
+    bundle = build_detection_data(config)
+    model, _ = load_trained_model(path, device)
+    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    result = evaluate_detection(model, test_set, config.batch_size, device)
+    identity = state["identity"]
+    return {
+        "checkpoint": str(path),
+        "task": "detection",
+        "model": identity["model"],
+        "dataset": identity["dataset"],
+        "recipe": identity["recipe"],
+        "epoch": int(state["epoch"]),
+        **result,
     }
 
 
@@ -224,7 +249,17 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
             f"export verification failed: weights of {', '.join(bad)} are not 2:4 along K; "
             "nothing was written"
         )
-    if identity.get("task") == "lm":
+    if identity.get("task") == "detection":
+        sizes = {
+            "task": "detection",
+            "num_classes": identity["num_classes"],
+            "image_size": identity["image_size"],
+        }
+        load_with = (
+            "fullsparse.models.detection.build_detection_model(model, num_classes, "
+            "image_size, **model_kwargs).load_state_dict(torch.load(path, weights_only=True))"
+        )
+    elif identity.get("task") == "lm":
         sizes = {"task": "lm", "vocab_size": identity["vocab_size"]}
         load_with = (
             "fullsparse.models.build_lm_model(model, vocab_size, **model_kwargs)"

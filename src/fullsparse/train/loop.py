@@ -13,8 +13,9 @@ autocast, eager or compiled. A run folder holds::
 Optimisation follows the paper (§7.1): SGD with momentum 0.9, lr 0.1 × batch/256, cosine
 decay to 0 per step after an optional linear warm-up, weight decay 7e-5, label smoothing 0.1.
 
-``task="lm"`` runs are handed to :mod:`fullsparse.train.lm`, which reuses the pieces here
-(run folder, log, checkpoints, optimiser, schedule) around its own data and metrics.
+``task="lm"`` runs are handed to :mod:`fullsparse.train.lm` and ``task="detection"`` runs to
+:mod:`fullsparse.train.detection`; both reuse the pieces here (run folder, log, checkpoints,
+optimiser, schedule) around their own data and metrics.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def build_sparse_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
     from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
 
+    if identity.get("task") == "detection":
+        from fullsparse.train.detection import build_sparse_detector
+
+        return build_sparse_detector(identity)
     if identity.get("task") == "lm":
         model = build_lm_model(
             identity["model"], identity["vocab_size"], **identity["model_kwargs"]
@@ -609,6 +614,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             from fullsparse.train.lm import train_lm
 
             return train_lm(config, device, dist_info, log)
+        if config.task == "detection":
+            from fullsparse.train.detection import train_detection
+
+            return train_detection(config, device, dist_info, log)
         return _train(config, device, dist_info, log)
     finally:
         log.close()

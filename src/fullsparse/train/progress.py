@@ -32,6 +32,7 @@ class ProgressBar:
         min_interval: float = 0.1,
         width: int = 24,
         unit: str = "img",
+        accuracy: bool = True,
     ) -> None:
         self.total = max(int(total_steps), 1)
         self.desc = desc
@@ -39,6 +40,7 @@ class ProgressBar:
         self.enabled = enabled
         self.width = width
         self.unit = unit
+        self.accuracy = accuracy  # False: a task without one (detection) shows the loss only
         self.min_interval = min_interval
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty and isatty())
@@ -87,9 +89,10 @@ class ProgressBar:
         bar = "#" * filled + "." * (self.width - filled)
         loss = self.loss_sum / self.images if self.images else float("nan")
         acc = 100.0 * self.correct / self.images if self.images else 0.0
+        shown = f"acc {acc:5.2f}% " if self.accuracy else ""
         return (
             f"{self.desc} [{bar}] {self.steps}/{self.total} "
-            f"loss {loss:.4f} acc {acc:5.2f}% {self.images_per_second:7.1f} {self.unit}/s"
+            f"loss {loss:.4f} {shown}{self.images_per_second:7.1f} {self.unit}/s"
         )
 
     def __enter__(self) -> ProgressBar:
