@@ -215,8 +215,12 @@ def plot_curves(runs: list[dict[str, Any]], groups: dict[str, tuple], out: Path)
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, (title, (studies, variants, ymin)) in zip(axes[0], groups.items(), strict=True):
+    cols = 2
+    rows = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.set_visible(False)
+    for ax, (title, (studies, variants, ymin)) in zip(axes.flat, groups.items(), strict=False):
         for variant in variants:
             rs = _find(runs, variant, studies)
             if not rs:
@@ -227,9 +231,9 @@ def plot_curves(runs: list[dict[str, Any]], groups: dict[str, tuple], out: Path)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 (%)")
-        ax.set_ylim(bottom=ymin)
         ax.grid(alpha=0.3)
         if ax.get_lines():
+            ax.set_ylim(bottom=ymin)
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -268,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     groups = {
         "Table 5 rows (mean over seeds)": (resnet, TABLE5, 50),
         "Table 1 rows + tsm": (("table1", "table5"), (*TABLE1, "tsm"), 0),
-        "ViT": (("vit",), ("dense", "fst2", "fst"), 30),
+        "fst variants: α and the backward-mask source": (
+            ("table5", "fst-choices"),
+            (
+                "fst_noir",
+                "fst-ir_alpha0.03",
+                "fst-ir_alpha0.25",
+                "fst",
+                "fst-grad_input_sourcepruned",
+            ),
+            50,
+        ),
+        "ViT (4 blocks, ViT-tiny width)": (("vit",), ("dense", "fst2", "fst"), 30),
     }
     if plot_curves(runs, groups, out / "curves.png"):
         print(f"wrote {out / 'tables.md'} and {out / 'curves.png'}")

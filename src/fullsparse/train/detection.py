@@ -23,7 +23,6 @@ One process only (no DDP) and fp32 only; ``TrainConfig`` refuses the other flags
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -34,21 +33,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fullsparse.errors import CheckpointError, UserError
+from fullsparse.errors import UserError
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train import loop as train_loop
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.distributed import DistInfo
 from fullsparse.train.loop import (
-    RESULT_FILES,
     NonFiniteLossError,
     _check_run_dir,
-    _config_differences,
+    _log_resume,
+    _open_run_folder,
+    _restore_run,
     _RunLog,
+    _save_epoch,
     _seed_everything,
     _subset,
     _write_json,
-    _write_metrics,
     build_optimizer,
     clip_gradients,
     lr_factor,
@@ -210,7 +210,6 @@ def train_detection(
 ) -> dict[str, Any]:
     """The detection counterpart of the classification ``_train`` (called by ``train``)."""
     from fullsparse.data.detection import epoch_flips
-    from fullsparse.nn import load_sparse_state_, sparse_state_dict
 
     if dist_info.world_size > 1:
         raise UserError("--task detection runs in one process; start it without torchrun")
@@ -250,33 +249,12 @@ def train_detection(
     )
     run = _State()
     if state is not None:
-        try:
-            raw_model.load_state_dict(state["model"])
-            load_sparse_state_(raw_model, state["sparse_state"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise CheckpointError(
-                f"checkpoint {resume_from} does not fit this run: {type(exc).__name__}: {first}"
-            ) from None
-        run.epoch = int(state["epoch"])
-        run.history = list(state.get("history", []))
-        run.best_map = float(state.get("best_map", -1.0))
-        run.best_epoch = int(state.get("best_epoch", 0))
-        run.skipped_steps = int(state.get("skipped_steps", 0))
-        ckpt.restore_rng(state["rng"])  # last: nothing below may draw random numbers
+        _restore_run(
+            state, resume_from, raw_model, optimizer, scheduler, None, run, "best_map", -1.0
+        )
 
     # -- the run folder: written only now that everything is known to work --------------------
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.force:
-        for name in RESULT_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-    ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
-    log.open(run_dir / "train.log", append=state is not None)
-    _write_json(run_dir / "config.json", config.to_dict())
-    if state is not None:
-        _write_metrics(run_dir / "metrics.jsonl", run.history)
+    _open_run_folder(config, log, state, run, dist_info)
 
     n_sparse = len(report.sparse_names)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -295,11 +273,7 @@ def train_detection(
         f"{steps_per_epoch} steps" + (", deterministic" if config.deterministic else "")
     )
     log.info(f"run folder: {run_dir}")
-    if state is not None:
-        diffs = _config_differences(state["config"], config.to_dict())
-        log.info(f"resumed from {resume_from} after epoch {run.epoch}")
-        if diffs:
-            log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
+    _log_resume(log, config, state, resume_from, run.epoch)
 
     # -- epochs -------------------------------------------------------------------------
     last_epoch = config.stop_after if config.stop_after is not None else config.epochs
@@ -337,31 +311,10 @@ def train_detection(
             f"{metrics['epoch_seconds']:.1f} s ({metrics['images_per_second']:.1f} img/s) + "
             f"eval {metrics['eval_seconds']:.1f} s"
         )
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-        ckpt.save_checkpoint(
-            run_dir / "last.pt",
-            {
-                "identity": identity,
-                "config": config.to_dict(),
-                "epoch": run.epoch,
-                "loader_epoch": run.epoch,
-                "model": raw_model.state_dict(),
-                "sparse_state": sparse_state_dict(raw_model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": None,
-                "rng": ckpt.capture_rng(),
-                "history": run.history,
-                "best_map": run.best_map,
-                "best_epoch": run.best_epoch,
-                "skipped_steps": run.skipped_steps,
-                "torch_version": str(torch.__version__),
-                "threads": torch.get_num_threads(),
-            },
-        )
-        if is_best:
-            ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+        _save_epoch(
+            config, identity, run, metrics, raw_model, optimizer, scheduler, None, "best_map",
+            is_best,
+        )  # fmt: skip
 
     summary = _summary(config, identity, run, status, device, report)
     summary.update(

@@ -21,7 +21,6 @@ resume with ``deterministic``); what differs is the data and what is measured:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import platform
 import time
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fullsparse.errors import CheckpointError, UserError
+from fullsparse.errors import UserError
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train import loop as train_loop
 from fullsparse.train.config import TrainConfig
@@ -44,16 +43,18 @@ from fullsparse.train.distributed import (
     barrier,
 )
 from fullsparse.train.loop import (
-    RESULT_FILES,
     NonFiniteLossError,
     _check_run_dir,
-    _config_differences,
     _diagnose_nonfinite,
+    _log_resume,
+    _open_run_folder,
     _probe_step,
+    _restore_run,
     _RunLog,
+    _save_epoch,
     _seed_everything,
+    _wrap_model,
     _write_json,
-    _write_metrics,
     autocast,
     build_optimizer,
     clip_gradients,
@@ -202,7 +203,6 @@ def train_lm(
     config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog
 ) -> dict[str, Any]:
     """The lm counterpart of the classification ``_train`` (called by ``train``)."""
-    from fullsparse.nn import load_sparse_state_, sparse_state_dict
 
     world = dist_info.world_size
     if config.batch_size % world:
@@ -267,32 +267,12 @@ def train_lm(
 
     run = _State()
     if state is not None:
-        try:
-            raw_model.load_state_dict(state["model"])
-            load_sparse_state_(raw_model, state["sparse_state"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise CheckpointError(
-                f"checkpoint {resume_from} does not fit this run: {type(exc).__name__}: {first}"
-            ) from None
-        run.epoch = int(state["epoch"])
-        run.history = list(state.get("history", []))
-        run.best_val_loss = float(state.get("best_val_loss", float("inf")))
-        run.best_epoch = int(state.get("best_epoch", 0))
-        run.skipped_steps = int(state.get("skipped_steps", 0))
-        ckpt.restore_rng(state["rng"])  # last: nothing below may draw random numbers
+        _restore_run(
+            state, resume_from, raw_model, optimizer, scheduler, scaler, run,
+            "best_val_loss", float("inf"),
+        )  # fmt: skip
 
-    model = raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if config.compile:
-        model = torch.compile(model)
+    model = _wrap_model(raw_model, world, device, config.compile)
 
     def amp_ctx() -> contextlib.AbstractContextManager[Any]:
         return autocast(device, config.amp)
@@ -312,17 +292,7 @@ def train_lm(
             raise error or UserError("another process failed its first training step")
 
     # -- the run folder: written only now that everything is known to work --------------------
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.force:
-            for name in RESULT_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-        ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
-        log.open(run_dir / "train.log", append=state is not None)
-        _write_json(run_dir / "config.json", config.to_dict())
-        if state is not None:
-            _write_metrics(run_dir / "metrics.jsonl", run.history)
-    barrier(dist_info)
+    _open_run_folder(config, log, state, run, dist_info)
 
     n_sparse = len([r for r in report.rows if r.sparse]) if report is not None else 0
     n_layers = len(report.rows) if report is not None else 0
@@ -344,18 +314,7 @@ def train_lm(
         + (", deterministic" if config.deterministic else "")
     )
     log.info(f"run folder: {run_dir}")
-    if state is not None:
-        diffs = _config_differences(state["config"], config.to_dict())
-        log.info(f"resumed from {resume_from} after epoch {run.epoch}")
-        if diffs:
-            log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
-        threads = state.get("threads")
-        if config.deterministic and threads is not None and threads != torch.get_num_threads():
-            log.info(
-                f"note: the checkpoint was written with {threads} CPU threads, this process "
-                f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
-                "is not bit-identical to an uninterrupted one (set OMP_NUM_THREADS to match)"
-            )
+    _log_resume(log, config, state, resume_from, run.epoch)
 
     # -- epochs -------------------------------------------------------------------------
     last_epoch = config.stop_after if config.stop_after is not None else config.epochs
@@ -393,31 +352,10 @@ def train_lm(
             f"({metrics['tokens_per_second']:.0f} tok/s)"
         )
         if dist_info.is_main:
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            ckpt.save_checkpoint(
-                run_dir / "last.pt",
-                {
-                    "identity": identity,
-                    "config": config.to_dict(),
-                    "epoch": run.epoch,
-                    "loader_epoch": run.epoch,
-                    "model": raw_model.state_dict(),
-                    "sparse_state": sparse_state_dict(raw_model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt.capture_rng(),
-                    "history": run.history,
-                    "best_val_loss": run.best_val_loss,
-                    "best_epoch": run.best_epoch,
-                    "skipped_steps": run.skipped_steps,
-                    "torch_version": str(torch.__version__),
-                    "threads": torch.get_num_threads(),
-                },
-            )
-            if is_best:
-                ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+            _save_epoch(
+                config, identity, run, metrics, raw_model, optimizer, scheduler, scaler,
+                "best_val_loss", is_best,
+            )  # fmt: skip
         barrier(dist_info)
 
     summary = _summary(config, identity, run, status, device, world, n_sparse)

@@ -588,6 +588,148 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     ckpt.atomic_write_bytes(path, text.encode())
 
 
+# ---------------------------------------------------------------------------------------
+# Run plumbing shared by every task (classify here, lm and detection in their modules)
+
+
+def _restore_run(
+    state: dict[str, Any],
+    resume_from: Path | None,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    run: Any,
+    best_key: str,
+    best_default: float,
+) -> None:
+    """Load a checkpoint's model, masks, optimiser and schedule, then the run's counters.
+
+    The RNG state is restored last: nothing after this call may draw random numbers
+    before the first step, or a resumed run would differ from an uninterrupted one.
+    """
+    from fullsparse.nn import load_sparse_state_
+
+    try:
+        raw_model.load_state_dict(state["model"])
+        load_sparse_state_(raw_model, state["sparse_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"checkpoint {resume_from} does not fit this run: {type(exc).__name__}: {first}"
+        ) from None
+    run.epoch = int(state["epoch"])
+    run.history = list(state.get("history", []))
+    setattr(run, best_key, float(state.get(best_key, best_default)))
+    run.best_epoch = int(state.get("best_epoch", 0))
+    run.skipped_steps = int(state.get("skipped_steps", 0))
+    ckpt.restore_rng(state["rng"])
+
+
+def _wrap_model(
+    raw_model: nn.Module, world: int, device: torch.device, compile_model: bool
+) -> nn.Module:
+    """DDP over ``world`` > 1 processes, then ``torch.compile`` if asked."""
+    model = raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def _open_run_folder(
+    config: TrainConfig, log: _RunLog, state: dict[str, Any] | None, run: Any, dist_info: DistInfo
+) -> None:
+    """Create (or reopen) the run folder on rank 0 once setup has succeeded; all ranks wait."""
+    run_dir = config.run_dir
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.force:
+            for name in RESULT_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
+        log.open(run_dir / "train.log", append=state is not None)
+        _write_json(run_dir / "config.json", config.to_dict())
+        if state is not None:
+            _write_metrics(run_dir / "metrics.jsonl", run.history)
+    barrier(dist_info)
+
+
+def _log_resume(
+    log: _RunLog,
+    config: TrainConfig,
+    state: dict[str, Any] | None,
+    resume_from: Path | None,
+    epoch: int,
+) -> None:
+    """Say where a resumed run continues from and what changed since its checkpoint."""
+    if state is None:
+        return
+    diffs = _config_differences(state["config"], config.to_dict())
+    log.info(f"resumed from {resume_from} after epoch {epoch}")
+    if diffs:
+        log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
+    threads = state.get("threads")
+    if config.deterministic and threads is not None and threads != torch.get_num_threads():
+        log.info(
+            f"note: the checkpoint was written with {threads} CPU threads, this process "
+            f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
+            "is not bit-identical to an uninterrupted one (set OMP_NUM_THREADS to match)"
+        )
+
+
+def _save_epoch(
+    config: TrainConfig,
+    identity: dict[str, Any],
+    run: Any,
+    metrics: dict[str, Any],
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    best_key: str,
+    is_best: bool,
+    **extra: Any,
+) -> None:
+    """Append the epoch's metrics line, write ``last.pt`` atomically, copy it to ``best.pt``."""
+    from fullsparse.nn import sparse_state_dict
+
+    run_dir = config.run_dir
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+    ckpt.save_checkpoint(
+        run_dir / "last.pt",
+        {
+            "identity": identity,
+            "config": config.to_dict(),
+            "epoch": run.epoch,
+            "loader_epoch": run.epoch,
+            "model": raw_model.state_dict(),
+            "sparse_state": sparse_state_dict(raw_model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": ckpt.capture_rng(),
+            "history": run.history,
+            best_key: getattr(run, best_key),
+            "best_epoch": run.best_epoch,
+            "skipped_steps": run.skipped_steps,
+            **extra,
+            "torch_version": str(torch.__version__),
+            "threads": torch.get_num_threads(),
+        },
+    )
+    if is_best:
+        ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.model`` on ``config.dataset`` with ``config.recipe``; return the summary.
 
@@ -627,7 +769,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog) -> dict:
     from fullsparse.data import make_loader
-    from fullsparse.nn import load_sparse_state_, sparse_state_dict
 
     world = dist_info.world_size
     if config.batch_size % world:
@@ -717,32 +858,11 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
 
     run = _State()
     if state is not None:
-        try:
-            raw_model.load_state_dict(state["model"])
-            load_sparse_state_(raw_model, state["sparse_state"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise CheckpointError(
-                f"checkpoint {resume_from} does not fit this run: {type(exc).__name__}: {first}"
-            ) from None
-        run.epoch = int(state["epoch"])
-        run.history = list(state.get("history", []))
-        run.best_top1 = float(state.get("best_top1", -1.0))
-        run.best_epoch = int(state.get("best_epoch", 0))
-        run.skipped_steps = int(state.get("skipped_steps", 0))
-        ckpt.restore_rng(state["rng"])  # last: nothing below may draw random numbers
-
-    model = raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None
+        _restore_run(
+            state, resume_from, raw_model, optimizer, scheduler, scaler, run, "best_top1", -1.0
         )
-    if config.compile:
-        model = torch.compile(model)
+
+    model = _wrap_model(raw_model, world, device, config.compile)
 
     def amp_ctx() -> contextlib.AbstractContextManager[Any]:
         return autocast(device, config.amp)
@@ -766,17 +886,7 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
             raise error or UserError("another process failed its first training step")
 
     # -- the run folder: written only now that everything is known to work --------------------
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.force:
-            for name in RESULT_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-        ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
-        log.open(run_dir / "train.log", append=state is not None)
-        _write_json(run_dir / "config.json", config.to_dict())
-        if state is not None:
-            _write_metrics(run_dir / "metrics.jsonl", run.history)
-    barrier(dist_info)
+    _open_run_folder(config, log, state, run, dist_info)
 
     n_sparse = len([r for r in report.rows if r.sparse]) if report is not None else 0
     n_layers = len(report.rows) if report is not None else 0
@@ -793,18 +903,7 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
         + (", deterministic" if config.deterministic else "")
     )
     log.info(f"run folder: {run_dir}")
-    if state is not None:
-        diffs = _config_differences(state["config"], config.to_dict())
-        log.info(f"resumed from {resume_from} after epoch {run.epoch}")
-        if diffs:
-            log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
-        threads = state.get("threads")
-        if config.deterministic and threads is not None and threads != torch.get_num_threads():
-            log.info(
-                f"note: the checkpoint was written with {threads} CPU threads, this process "
-                f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
-                "is not bit-identical to an uninterrupted one (set OMP_NUM_THREADS to match)"
-            )
+    _log_resume(log, config, state, resume_from, run.epoch)
 
     # -- epochs -------------------------------------------------------------------------
     last_epoch = config.stop_after if config.stop_after is not None else config.epochs
@@ -852,33 +951,10 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
             f"{metrics['epoch_seconds']:.1f} s ({metrics['images_per_second']:.0f} img/s)"
         )
         if dist_info.is_main:
-            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            ckpt.save_checkpoint(
-                run_dir / "last.pt",
-                {
-                    "identity": identity,
-                    "config": config.to_dict(),
-                    "epoch": run.epoch,
-                    "loader_epoch": run.epoch,
-                    "model": raw_model.state_dict(),
-                    "sparse_state": sparse_state_dict(raw_model),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": ckpt.capture_rng(),
-                    "history": run.history,
-                    "best_top1": run.best_top1,
-                    "best_epoch": run.best_epoch,
-                    "skipped_steps": run.skipped_steps,
-                    "mean": list(bundle.mean),
-                    "std": list(bundle.std),
-                    "torch_version": str(torch.__version__),
-                    "threads": torch.get_num_threads(),
-                },
-            )
-            if is_best:
-                ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+            _save_epoch(
+                config, identity, run, metrics, raw_model, optimizer, scheduler, scaler,
+                "best_top1", is_best, mean=list(bundle.mean), std=list(bundle.std),
+            )  # fmt: skip
         barrier(dist_info)
 
     summary = _summary(config, identity, run, status, device, world, n_sparse)
