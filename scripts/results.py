@@ -171,7 +171,7 @@ def vit_table(runs: list[dict[str, Any]]) -> str:
         "| recipe | final top-1 (%) | best top-1 (%) | Δ final vs dense | train s/epoch |",
         "|---|---:|---:|---:|---:|",
     ]
-    for variant in ("dense", "fst2", "fst"):
+    for variant in ("dense", "fst2", "fst_noir", "fst"):
         rs = _group(runs, "vit", variant)
         final = _final(rs)
         delta = "–"
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             50,
         ),
-        "ViT (4 blocks, ViT-tiny width)": (("vit",), ("dense", "fst2", "fst"), 30),
+        "ViT (4 blocks, ViT-tiny width)": (("vit",), ("dense", "fst2", "fst_noir", "fst"), 30),
     }
     if plot_curves(runs, groups, out / "curves.png"):
         print(f"wrote {out / 'tables.md'} and {out / 'curves.png'}")
