@@ -12,25 +12,12 @@ import torch
 from fullsparse.errors import CheckpointError, UserError
 from fullsparse.train import TrainConfig, load_checkpoint, train
 from fullsparse.train import checkpoint as ckpt
+from tinyruns import tiny_classify
 
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
-    fields = dict(
-        model="resnet20",
-        dataset="synthetic",
-        synthetic_train=96,
-        synthetic_test=32,
-        image_size=8,
-        batch_size=16,
-        epochs=2,
-        deterministic=True,
-        out=str(tmp_path / name),
-        progress=False,
-        quiet=True,
-        plot=False,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    fields = dict(synthetic_train=96, epochs=2, deterministic=True)
+    return tiny_classify(tmp_path, name, **{**fields, **kw})
 
 
 def _metrics(path):

@@ -29,6 +29,7 @@ from fullsparse.models.detection import (
 )
 from fullsparse.nn import SparseConv2d, SparseLinear, sparsify_
 from fullsparse.train import TrainConfig, evaluate_checkpoint, train
+from tinyruns import quiet_config
 
 # Capability marker, no skip: deselected by default; `pytest -m vision` runs (and, without
 # torchvision, torchmetrics or pycocotools, fails on) every test here. Importing this file
@@ -107,13 +108,8 @@ def _tiny(tmp_path: Path, name: str = "run", **kw) -> TrainConfig:
         synthetic_test=8,
         batch_size=4,
         epochs=2,
-        out=str(tmp_path / name),
-        progress=False,
-        quiet=True,
-        plot=False,
     )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    return quiet_config(tmp_path / name, **{**fields, **kw})
 
 
 def test_detection_run_folder_resume_eval_and_export(tmp_path, capsys):
@@ -182,7 +178,7 @@ def test_nan_in_a_detector_stops_or_is_skipped_and_restores_batchnorm(tmp_path, 
     with pytest.raises(NonFiniteLossError) as info:
         train(_tiny(tmp_path, epochs=1))
     msg = str(info.value)
-    assert "non-finite loss at epoch 1 step 2/4" in msg and "classification" in msg
+    assert "non-finite loss (nan) at epoch 1 step 2/4" in msg and "losses: classification" in msg
     assert not (tmp_path / "run" / "last.pt").exists()
 
     calls["n"] = 0
@@ -219,7 +215,8 @@ LEARN_LOSS_RATIO = 0.85
 @pytest.mark.parametrize("recipe", ["dense", "fst"])
 def test_dense_and_fst_both_learn_fcos_tiny_on_synthetic_shapes(tmp_path, recipe):
     summary = train(
-        TrainConfig(
+        quiet_config(
+            tmp_path / recipe,
             task="detection",
             recipe=recipe,
             image_size=96,
@@ -227,9 +224,6 @@ def test_dense_and_fst_both_learn_fcos_tiny_on_synthetic_shapes(tmp_path, recipe
             synthetic_test=64,
             batch_size=8,
             epochs=LEARN_EPOCHS,
-            out=str(tmp_path / recipe),
-            progress=False,
-            quiet=True,
         )
     )
     losses = summary["train_loss_per_epoch"]

@@ -89,6 +89,32 @@ def test_modules_equal_the_functional_form(name):
     assert f"recipe={name}" in repr(sconv)
 
 
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.Conv2d(8, 16, 3, padding="same", dilation=2, bias=False),
+        nn.Conv2d(8, 16, (3, 1), stride=(2, 1), padding=(1, 0), groups=2),
+        nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular"),
+    ],
+    ids=["strided", "same-dilated-nobias", "rect-grouped", "circular"],
+)
+def test_from_dense_and_to_dense_keep_geometry_parameters_and_mode(conv):
+    conv.eval()
+    sconv = SparseConv2d.from_dense(conv, "dense")
+    back = sconv.to_dense()
+    for m in (sconv, back):
+        assert m.weight is conv.weight and m.bias is conv.bias and not m.training
+        assert m.extra_repr().startswith(conv.extra_repr())
+    x = torch.randn(2, conv.in_channels, 9, 9)
+    torch.testing.assert_close(sconv(x), conv(x))
+    torch.testing.assert_close(back(x), conv(x))
+    lin = nn.Linear(6, 4, bias=False)
+    slin = SparseLinear.from_dense(lin, "fst")
+    assert slin.weight is lin.weight and slin.bias is None and slin.training
+    assert slin.to_dense().weight is lin.weight and repr(slin.to_dense()) == repr(lin)
+
+
 def test_reflect_padding_mode_matches_torch_with_dense_recipe():
     torch.manual_seed(2)
     conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")

@@ -9,26 +9,14 @@ import pytest
 import torch
 
 from fullsparse.train import TrainConfig, load_checkpoint, train
+from tinyruns import tiny_classify
 
 TIMINGS = {"epoch_seconds", "images_per_second", "eval_seconds"}
 
 
 def tiny(tmp_path, name, **kw) -> TrainConfig:
-    fields = dict(
-        model="resnet20",
-        dataset="synthetic",
-        synthetic_train=32,  # 2 steps per epoch
-        synthetic_test=32,
-        image_size=8,
-        batch_size=16,
-        epochs=2,
-        out=str(tmp_path / name),
-        progress=False,
-        quiet=True,
-        plot=False,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    # 2 steps per epoch
+    return tiny_classify(tmp_path, name, **{"synthetic_train": 32, "epochs": 2, **kw})
 
 
 def _outcome(run):

@@ -9,7 +9,9 @@ test_skip_nonfinite_skips_the_bad_steps_and_counts_them).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -17,26 +19,13 @@ import torch
 from fullsparse.cli import main
 from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, train
 from fullsparse.train import loop as train_loop
+from tinyruns import tiny_classify
 
 LAYER = "layer2.0.conv1"
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
-    fields = dict(
-        model="resnet20",
-        dataset="synthetic",
-        synthetic_train=64,
-        synthetic_test=32,
-        image_size=8,
-        batch_size=16,  # 4 steps per epoch
-        epochs=2,
-        out=str(tmp_path / "run"),
-        progress=False,
-        quiet=True,
-        plot=False,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    return tiny_classify(tmp_path, **{"epochs": 2, **kw})
 
 
 def _poison_gradient(monkeypatch, bad_calls: set[int], value: float = float("nan")) -> None:
@@ -150,3 +139,25 @@ def test_finite_gradients_cost_one_check_and_pass():
     big(torch.ones(1, 2)).sum().backward()
     big.weight.grad.fill_(3e38)  # finite, but its norm overflows: not an error
     assert train_loop._first_nonfinite_gradient(big) == ""
+
+
+def _lrs(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["lr"] for line in lines if line]
+
+
+def test_a_skipped_first_step_keeps_the_schedule_and_does_not_warn(tmp_path, monkeypatch):
+    # The skipped step uses up its place in the lr schedule, so every later step gets the
+    # lr it would have had; PyTorch's "lr_scheduler.step() before optimizer.step()" warning
+    # (about a mistake that is not being made) does not reach the user.
+    config = tiny(tmp_path, epochs=3, skip_nonfinite=True, warmup_epochs=0)
+    _poison_gradient(monkeypatch, {1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        summary = train(config)
+    assert summary["skipped_steps"] == 1
+    monkeypatch.undo()
+    train(config.replace(out=str(tmp_path / "clean")))
+    skip_lr, clean_lr = _lrs(tmp_path / "run"), _lrs(tmp_path / "clean")
+    assert len(skip_lr) == 3 and skip_lr == clean_lr
+    assert skip_lr[0] > skip_lr[1] > skip_lr[2]  # the cosine really moved

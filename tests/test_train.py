@@ -16,27 +16,14 @@ from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, t
 from fullsparse.train import loop as train_loop
 from fullsparse.train.loop import lr_factor
 from fullsparse.train.progress import ProgressBar
+from tinyruns import tiny_classify
 
 VIT_SMALL = {"depth": 1, "embed_dim": 32, "num_heads": 2}
 
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
     """A run that takes about a second: 8x8 synthetic images, a few steps per epoch."""
-    fields = dict(
-        model="resnet20",
-        dataset="synthetic",
-        synthetic_train=64,
-        synthetic_test=32,
-        image_size=8,
-        batch_size=16,
-        epochs=1,
-        out=str(tmp_path / name),
-        progress=False,
-        quiet=True,
-        plot=False,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    return tiny_classify(tmp_path, name, **kw)
 
 
 SUMMARY_KEYS = {

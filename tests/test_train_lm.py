@@ -19,6 +19,7 @@ from fullsparse.models import build_lm_model
 from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, train
 from fullsparse.train import loop as train_loop
 from fullsparse.train.lm import loss_metrics, validation_windows
+from tinyruns import quiet_config, tiny_classify
 
 GPT_SMALL = {"context": 16, "depth": 1, "embed_dim": 32, "num_heads": 2}
 CLI_GPT = json.dumps(GPT_SMALL)
@@ -47,13 +48,8 @@ def tiny_lm(tmp_path, corpus, name="run", **kw) -> TrainConfig:
         steps_per_epoch=6,
         epochs=1,
         test_subset=32,
-        out=str(tmp_path / name),
-        progress=False,
-        quiet=True,
-        plot=False,
     )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    return quiet_config(tmp_path / name, **{**fields, **kw})
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -143,7 +139,8 @@ def test_lm_run_writes_a_complete_run_folder_with_lm_metrics(tmp_path, corpus):
 
 
 def test_lm_on_the_standard_library_with_tiny_caps(tmp_path):
-    config = TrainConfig(
+    config = quiet_config(
+        tmp_path / "run",
         task="lm",
         model_kwargs=GPT_SMALL,
         text_train_bytes=20_000,
@@ -151,10 +148,6 @@ def test_lm_on_the_standard_library_with_tiny_caps(tmp_path):
         batch_size=8,
         steps_per_epoch=4,
         epochs=1,
-        out=str(tmp_path / "run"),
-        progress=False,
-        quiet=True,
-        plot=False,
     )
     summary = train(config)
     assert summary["dataset"] == "pystdlib" and summary["corpus"]["name"] == "pystdlib"
@@ -241,21 +234,7 @@ def test_nan_gradient_with_a_finite_lm_loss_is_caught_before_the_step(
 
 
 def test_adamw_and_grad_clip_also_work_for_classification(tmp_path):
-    config = TrainConfig(
-        model="resnet20",
-        dataset="synthetic",
-        synthetic_train=64,
-        synthetic_test=32,
-        image_size=8,
-        batch_size=16,
-        epochs=1,
-        optimizer="adamw",
-        grad_clip=0.5,
-        out=str(tmp_path / "run"),
-        progress=False,
-        quiet=True,
-        plot=False,
-    )
+    config = tiny_classify(tmp_path, optimizer="adamw", grad_clip=0.5)
     model = torch.nn.Linear(4, 4)
     assert isinstance(train_loop.build_optimizer(model, config), torch.optim.AdamW)
     model(torch.ones(2, 4)).sum().mul(100).backward()

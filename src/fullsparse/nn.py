@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,35 @@ class _SparseMixin:
         return f"recipe={self.config.name}, backend={self.backend}"
 
 
+def _conv2d_shape(m: nn.Conv2d) -> tuple[Any, ...]:
+    """``nn.Conv2d``'s positional arguments that rebuild ``m``'s geometry."""
+    return (
+        m.in_channels,
+        m.out_channels,
+        m.kernel_size,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.bias is not None,
+        m.padding_mode,
+    )
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _share_parameters(new: _M, old: nn.Module) -> _M:
+    """Give ``new`` (built on the meta device) ``old``'s weight and bias Parameters, its
+    mode, and, for a sparse module, its TSM clock on the weight's device."""
+    new.weight = old.weight
+    new.bias = old.bias
+    if isinstance(new, _SparseMixin):
+        new.tsm_step = new.tsm_step.to(old.weight.device)
+    new.train(old.training)
+    return new
+
+
 class SparseConv2d(_SparseMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
 
@@ -140,44 +169,12 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
         if not isinstance(module, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module)}")
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,  # type: ignore[arg-type]
-            stride=module.stride,  # type: ignore[arg-type]
-            padding=module.padding,  # type: ignore[arg-type]
-            dilation=module.dilation,  # type: ignore[arg-type]
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            config=config,
-            backend=backend,
-        )
-        new.weight = module.weight
-        new.bias = module.bias
-        new.tsm_step = new.tsm_step.to(module.weight.device)
-        new.train(module.training)
-        return new
+        new = cls(*_conv2d_shape(module), device="meta", config=config, backend=backend)
+        return _share_parameters(new, module)
 
     def to_dense(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` with the same (latent, unpruned) Parameters."""
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,  # type: ignore[arg-type]
-            stride=self.stride,  # type: ignore[arg-type]
-            padding=self.padding,  # type: ignore[arg-type]
-            dilation=self.dilation,  # type: ignore[arg-type]
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-        )
-        dense.weight = self.weight
-        dense.bias = self.bias
-        dense.train(self.training)
-        return dense
+        return _share_parameters(nn.Conv2d(*_conv2d_shape(self), device="meta"), self)
 
     def forward(self, input: Tensor) -> Tensor:
         mask = self._forward_mask()
@@ -230,21 +227,14 @@ class SparseLinear(_SparseMixin, nn.Linear):
             config=config,
             backend=backend,
         )
-        new.weight = module.weight
-        new.bias = module.bias
-        new.tsm_step = new.tsm_step.to(module.weight.device)
-        new.train(module.training)
-        return new
+        return _share_parameters(new, module)
 
     def to_dense(self) -> nn.Linear:
         """The plain ``nn.Linear`` with the same (latent, unpruned) Parameters."""
         dense = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device="meta"
         )
-        dense.weight = self.weight
-        dense.bias = self.bias
-        dense.train(self.training)
-        return dense
+        return _share_parameters(dense, self)
 
     def forward(self, input: Tensor) -> Tensor:
         return sparse_linear(

@@ -23,8 +23,8 @@ One process only (no DDP) and fp32 only; ``TrainConfig`` refuses the other flags
 
 from __future__ import annotations
 
+import functools
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,6 @@ from fullsparse.train import loop as train_loop
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.distributed import DistInfo
 from fullsparse.train.loop import (
-    NonFiniteLossError,
     _check_run_dir,
     _log_resume,
     _open_run_folder,
@@ -50,7 +49,6 @@ from fullsparse.train.loop import (
     _subset,
     _write_json,
     build_optimizer,
-    clip_gradients,
     lr_factor,
 )
 from fullsparse.train.progress import ProgressBar
@@ -350,55 +348,29 @@ def _train_epoch(
         enabled=config.progress and not config.quiet,
         accuracy=False,
     )
+    guard = train_loop._StepGuard(
+        model, optimizer, scheduler, None, config, DistInfo(), device, run, log, epoch, steps
+    )
     loss_sum = norm_sum = 0.0
     parts: dict[str, float] = {}
-    images_done = norms = skipped = done = 0
+    images_done = norms = done = 0
     start = time.perf_counter()
     with bar:
         for step, (images, targets) in enumerate(loader):
             images = [im.to(device) for im in images]  # each [3, H, W]
             targets = _to_device(targets, device)
-            if config.skip_nonfinite:  # undo BatchNorm statistics of a skipped step
-                buffers = list(model.buffers())
-                saved = [b.detach().clone() for b in buffers]
+            guard.snapshot()
             losses = model(images, targets)  # {name: scalar}
             loss = sum(losses.values())
             values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
             values = values.tolist()
-            problem = "" if math.isfinite(values[0]) else "loss"
-            bad_grad = ""
-            if not problem:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                bad_grad = train_loop._first_nonfinite_gradient(model)
-                problem = "gradient" if bad_grad else ""
+            problem = guard.backward(loss, values[0])
             if problem:
-                where = f"epoch {epoch + 1} step {step + 1}/{steps}"
-                if config.skip_nonfinite:
-                    with torch.no_grad():
-                        for b, v in zip(buffers, saved, strict=True):
-                            b.copy_(v)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    skipped += 1
-                    run.skipped_steps += 1
-                    log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
+                if guard.skip(problem, step):
                     continue
                 named = ", ".join(f"{k} {v:.4g}" for k, v in zip(losses, values[1:], strict=True))
-                head = (
-                    f"non-finite loss at {where} ({named})"
-                    if problem == "loss"
-                    else f"non-finite gradient at {where} (loss {values[0]:.4g}); {bad_grad}"
-                )
-                kept = (
-                    f"the last good checkpoint (epoch {run.epoch}) is untouched"
-                    if run.epoch > 0
-                    else "no checkpoint was written"
-                )
-                raise NonFiniteLossError(f"{head}; {kept}; lower --lr, or pass --skip-nonfinite")
-            norm = clip_gradients(model, config)
-            optimizer.step()
-            scheduler.step()
+                guard.fail(problem, step, values[0], functools.partial(str, f"losses: {named}"))
+            norm = guard.step()
             if norm is not None and math.isfinite(norm):
                 norm_sum += norm
                 norms += 1
@@ -422,7 +394,7 @@ def _train_epoch(
         images_per_second=images_done / seconds if seconds > 0 else 0.0,
         train_images=images_done,
         steps=done,
-        skipped_steps=skipped,
+        skipped_steps=guard.skipped,
     )
     return metrics
 
@@ -436,7 +408,6 @@ def _summary(
     report: Any,
 ) -> dict[str, Any]:
     history = run.history
-    seconds = [h["epoch_seconds"] for h in history]
     nan = float("nan")
     best = max(history, key=lambda h: h["map"]) if history else None
     final = history[-1] if history else None
@@ -446,15 +417,7 @@ def _summary(
         tv_version = str(torchvision.__version__)
     except ImportError:  # pragma: no cover - a detector was built, so it is there
         tv_version = None
-    return {
-        "status": status,
-        "task": "detection",
-        "recipe": config.recipe,
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "epochs_done": run.epoch,
+    scores = {
         "best_map": best["map"] if best else nan,
         "best_map_50": best["map_50"] if best else nan,
         "best_epoch": run.best_epoch,
@@ -465,23 +428,16 @@ def _summary(
         "final_train_loss": final["train_loss"] if final else nan,
         "train_loss_per_epoch": [h["train_loss"] for h in history],
         "map_50_per_epoch": [h["map_50"] for h in history],
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else nan,
-        "epoch_seconds": seconds,
-        "images_per_second": (
-            sum(h["train_images"] for h in history) / sum(seconds) if seconds else nan
-        ),
-        "skipped_steps": run.skipped_steps,
+    }
+    extra = {
         "sparse_layers": len(report.sparse_names),
         "layers": len(report.rows),
         "dense_layers": {r.name: r.reason for r in report.rows if not r.sparse},
-        "sparsity": identity["sparsity"],
         "num_classes": identity["num_classes"],
         "image_size": identity["image_size"],
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
         "torchvision": tv_version,
-        "python": platform.python_version(),
-        "run_dir": str(config.run_dir),
-        "config": config.to_dict(),
     }
+    return train_loop._summary_fields(
+        config, identity, run, status, device, scores,
+        rate=("images_per_second", "train_images"), extra=extra,
+    )  # fmt: skip

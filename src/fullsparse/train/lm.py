@@ -21,8 +21,8 @@ resume with ``deterministic``); what differs is the data and what is measured:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,6 @@ from fullsparse.train.distributed import (
     barrier,
 )
 from fullsparse.train.loop import (
-    NonFiniteLossError,
     _check_run_dir,
     _diagnose_nonfinite,
     _log_resume,
@@ -57,7 +56,6 @@ from fullsparse.train.loop import (
     _write_json,
     autocast,
     build_optimizer,
-    clip_gradients,
     lr_factor,
 )
 from fullsparse.train.plot import MATPLOTLIB_HINT, plot_lm_curves
@@ -411,79 +409,40 @@ def _train_epoch(
         enabled=config.progress and dist_info.is_main,
         unit="tok",
     )
+    guard = train_loop._StepGuard(
+        raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
+    )
     loss_sum = correct = tokens = norm_sum = 0.0
-    norms = skipped = 0
+    norms = 0
     start = time.perf_counter()
     with bar:
         for step, (xb, yb) in enumerate(batches):
             x, y = xb.to(device), yb.to(device)  # (b, T) each
-            if config.skip_nonfinite:
-                # a bad forward may have moved a TSM step counter: skipping must undo it
-                buffers = list(raw_model.buffers())
-                saved = [b.detach().clone() for b in buffers]
+            guard.snapshot()  # a bad forward may have moved a TSM step counter
             with amp_ctx():
                 logits = model(x)
                 loss = loss_fn(logits, y)
             stats = torch.stack([loss.detach().float(), (logits.argmax(-1) == y).sum().float()])
             stats = stats.tolist()
-            # As in the classification loop: the loss is checked before backward (all ranks
-            # agree, so none waits in DDP's all-reduce for one that skipped), the gradients
-            # after it.
-            problem = "" if math.isfinite(stats[0]) else "loss"
-            bad_grad = ""
-            if any_rank(bool(problem), dist_info, device):
-                problem = "loss"
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:  # fp16: the GradScaler skips inf/NaN gradients itself
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                    bad_grad = train_loop._first_nonfinite_gradient(raw_model)
-                    if any_rank(bool(bad_grad), dist_info, device):
-                        problem = "gradient"
+            problem = guard.backward(loss, stats[0])
             if problem:
-                global_step = epoch * steps + step + 1
-                where = f"epoch {epoch + 1} step {step + 1}/{steps} (global step {global_step})"
-                if config.skip_nonfinite:
-                    with torch.no_grad():
-                        for b, v in zip(buffers, saved, strict=True):
-                            b.copy_(v)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    skipped += 1
-                    run.skipped_steps += 1
-                    log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
+                if guard.skip(problem, step):
                     continue
-                if problem == "loss":
-                    head = f"non-finite loss ({stats[0]}) at {where}"
-                    detail = _diagnose_nonfinite(
-                        raw_model, x, y, loss_fn, amp_ctx(), distributed=dist_info.enabled
-                    )
-                else:
-                    head = f"non-finite gradient at {where} (the loss, {stats[0]:.4g}, is finite)"
-                    detail = bad_grad or "in another process"
-                last = config.run_dir / "last.pt"
-                kept = (
-                    f"the last good checkpoint {last} (epoch {run.epoch}) is untouched"
-                    if run.epoch > 0
-                    else "no checkpoint was written"
+                guard.fail(
+                    problem,
+                    step,
+                    stats[0],
+                    functools.partial(
+                        _diagnose_nonfinite,
+                        raw_model,
+                        x,
+                        y,
+                        loss_fn,
+                        amp_ctx(),
+                        distributed=dist_info.enabled,
+                    ),
                 )
-                raise NonFiniteLossError(
-                    head
-                    + (f"; {detail}" if detail else "")
-                    + f"; {kept}; lower --lr, try without --amp, or pass --skip-nonfinite"
-                )
-            if scaler is not None:
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
-                norm = clip_gradients(raw_model, config)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                norm = clip_gradients(raw_model, config)
-                optimizer.step()
-            scheduler.step()
+            norm = guard.step()
             if norm is not None and math.isfinite(norm):
                 norm_sum += norm
                 norms += 1
@@ -504,7 +463,7 @@ def _train_epoch(
         "epoch_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "train_tokens": int(tokens),
-        "skipped_steps": skipped,
+        "skipped_steps": guard.skipped,
     }
 
 
@@ -518,19 +477,10 @@ def _summary(
     n_sparse: int,
 ) -> dict[str, Any]:
     history = run.history
-    seconds = [h["epoch_seconds"] for h in history]
     nan = float("nan")
     best = min(history, key=lambda h: h["val_loss"]) if history else None
     final = history[-1] if history else None
-    return {
-        "status": status,
-        "task": "lm",
-        "recipe": config.recipe,
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "epochs_done": run.epoch,
+    scores = {
         "best_val_loss": best["val_loss"] if best else nan,
         "best_perplexity": best["val_perplexity"] if best else nan,
         "best_bits_per_byte": best["val_bits_per_byte"] if best else nan,
@@ -540,19 +490,9 @@ def _summary(
         "final_bits_per_byte": final["val_bits_per_byte"] if final else nan,
         "final_val_accuracy": final["val_accuracy"] if final else nan,
         "final_train_loss": final["train_loss"] if final else nan,
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else nan,
-        "epoch_seconds": seconds,
-        "tokens_per_second": (
-            sum(h["train_tokens"] for h in history) / sum(seconds) if seconds else nan
-        ),
-        "skipped_steps": run.skipped_steps,
-        "sparse_layers": n_sparse,
-        "sparsity": identity["sparsity"],
-        "device": str(device),
-        "world_size": world,
-        "threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-        "run_dir": str(config.run_dir),
-        "config": config.to_dict(),
     }
+    return train_loop._summary_fields(
+        config, identity, run, status, device, scores,
+        rate=("tokens_per_second", "train_tokens"),
+        extra={"sparse_layers": n_sparse, "world_size": world},
+    )  # fmt: skip

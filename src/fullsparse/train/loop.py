@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -30,10 +31,11 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -458,6 +460,125 @@ class _State:
     best_top1: float = -1.0
     best_epoch: int = 0
     skipped_steps: int = 0
+
+
+class _StepGuard:
+    """The non-finite handling every training loop shares (classification, LM, detection).
+
+    One instance per epoch. Each step calls :meth:`snapshot` before its forward, then
+    :meth:`backward`, which returns ``""``, ``"loss"`` or ``"gradient"``. On a problem the
+    step either :meth:`skip` s (``--skip-nonfinite``: buffers restored, schedule advanced)
+    or :meth:`fail` s with one line naming the step, the cause and the checkpoint kept;
+    otherwise :meth:`step` clips, applies the optimizer and advances the schedule.
+
+    Every rank agrees on a problem before acting (``any_rank``), so none waits in DDP's
+    gradient all-reduce for a rank that skipped.
+    """
+
+    def __init__(
+        self,
+        raw_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        scaler: Any,
+        config: TrainConfig,
+        dist_info: DistInfo,
+        device: torch.device,
+        run: _State,
+        log: _RunLog,
+        epoch: int,
+        steps: int,
+    ) -> None:
+        self.raw_model, self.optimizer, self.scheduler = raw_model, optimizer, scheduler
+        self.scaler, self.config, self.dist_info, self.device = scaler, config, dist_info, device
+        self.run, self.log, self.epoch, self.steps = run, log, epoch, steps
+        self.skipped = 0
+        self.bad_grad = ""
+        self._buffers: list[Tensor] = []
+        self._saved: list[Tensor] = []
+
+    def snapshot(self) -> None:
+        """Keep the buffers (BatchNorm statistics, the TSM clock): a bad forward has
+        already moved them, and skipping the step must undo that too."""
+        if self.config.skip_nonfinite:
+            self._buffers = list(self.raw_model.buffers())
+            self._saved = [b.detach().clone() for b in self._buffers]
+
+    def backward(self, loss: Tensor, value: float) -> str:
+        """Check the loss (``value``, already on the host), run backward, check the
+        gradients. fp16's GradScaler skips inf/NaN gradients itself, so with a scaler only
+        the loss is checked."""
+        self.bad_grad = ""
+        if any_rank(not math.isfinite(value), self.dist_info, self.device):
+            return "loss"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            return ""
+        loss.backward()
+        self.bad_grad = _first_nonfinite_gradient(self.raw_model)
+        return "gradient" if any_rank(bool(self.bad_grad), self.dist_info, self.device) else ""
+
+    def where(self, step: int) -> str:
+        global_step = self.epoch * self.steps + step + 1
+        return f"epoch {self.epoch + 1} step {step + 1}/{self.steps} (global step {global_step})"
+
+    def skip(self, problem: str, step: int) -> bool:
+        """Skip the step when ``--skip-nonfinite`` is on (and say so); False otherwise."""
+        if not self.config.skip_nonfinite:
+            return False
+        with torch.no_grad():
+            for b, v in zip(self._buffers, self._saved, strict=True):
+                b.copy_(v)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # A skipped step still uses up its place in the schedule, on purpose; when it
+            # is the run's first step PyTorch warns that the optimizer has not stepped yet.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step")
+            self.scheduler.step()
+        self.skipped += 1
+        self.run.skipped_steps += 1
+        where = self.where(step)
+        self.log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
+        return True
+
+    def fail(
+        self, problem: str, step: int, value: float, loss_detail: Callable[[], str]
+    ) -> NoReturn:
+        """Raise :class:`NonFiniteLossError`. ``loss_detail`` says where a non-finite loss
+        came from (called only for one: it may run the model again)."""
+        where = self.where(step)
+        if problem == "loss":
+            head, detail = f"non-finite loss ({value}) at {where}", loss_detail()
+        else:
+            head = f"non-finite gradient at {where} (the loss, {value:.4g}, is finite)"
+            detail = self.bad_grad or "in another process"
+        kept = (
+            f"the last good checkpoint {self.config.run_dir / 'last.pt'} (epoch "
+            f"{self.run.epoch}) is untouched"
+            if self.run.epoch > 0
+            else "no checkpoint was written"
+        )
+        amp = ", try without --amp," if self.config.amp != "none" else ""
+        raise NonFiniteLossError(
+            head
+            + (f"; {detail}" if detail else "")
+            + f"; {kept}; lower --lr{amp} or pass --skip-nonfinite"
+        )
+
+    def step(self) -> float | None:
+        """Clip, step the optimizer and the schedule; the pre-clip norm (None: no clip)."""
+        if self.scaler is not None:
+            if self.config.grad_clip:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            norm = clip_gradients(self.raw_model, self.config)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            norm = clip_gradients(self.raw_model, self.config)
+            self.optimizer.step()
+        self.scheduler.step()
+        return norm
 
 
 def _seed_everything(seed: int) -> None:
@@ -1004,80 +1125,44 @@ def _train_epoch(
         f"epoch {epoch + 1}/{config.epochs}",
         enabled=config.progress and not config.quiet and dist_info.is_main,
     )
-    loss_sum = correct = images = 0.0
-    skipped = 0
+    guard = _StepGuard(
+        raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
+    )
+    loss_sum = correct = images = norm_sum = 0.0
+    norms = 0
     start = time.perf_counter()
     with bar:
         for step, (xb, yb) in enumerate(loader):
             x, y = _to_device(xb, yb, device, config.channels_last)
-            if config.skip_nonfinite:
-                # A bad forward has already updated BatchNorm statistics (and the TSM
-                # clock); skipping the step must undo that too.
-                buffers = list(raw_model.buffers())
-                saved = [b.detach().clone() for b in buffers]
+            guard.snapshot()
             with amp_ctx():
                 logits = model(x)
                 loss = loss_fn(logits, y)
             stats = torch.stack(
                 [loss.detach().float(), (logits.argmax(1) == y).sum().float()]
             ).tolist()
-            # The loss is checked before backward (all ranks agree, so none waits in DDP's
-            # gradient all-reduce for a rank that skipped); the gradients after it.
-            problem = "" if math.isfinite(stats[0]) else "loss"
-            bad_grad = ""
-            if any_rank(bool(problem), dist_info, device):
-                problem = "loss"
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:  # fp16: the GradScaler skips inf/NaN gradients itself
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                    bad_grad = _first_nonfinite_gradient(raw_model)
-                    if any_rank(bool(bad_grad), dist_info, device):
-                        problem = "gradient"
+            problem = guard.backward(loss, stats[0])
             if problem:
-                global_step = epoch * steps + step + 1
-                where = f"epoch {epoch + 1} step {step + 1}/{steps} (global step {global_step})"
-                if config.skip_nonfinite:
-                    with torch.no_grad():
-                        for b, v in zip(buffers, saved, strict=True):
-                            b.copy_(v)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    skipped += 1
-                    run.skipped_steps += 1
-                    log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
+                if guard.skip(problem, step):
                     continue
-                if problem == "loss":
-                    head = f"non-finite loss ({stats[0]}) at {where}"
-                    detail = _diagnose_nonfinite(
-                        raw_model, x, y, loss_fn, amp_ctx(), distributed=dist_info.enabled
-                    )
-                else:
-                    head = f"non-finite gradient at {where} (the loss, {stats[0]:.4g}, is finite)"
-                    detail = bad_grad or "in another process"
-                last = config.run_dir / "last.pt"
-                kept = (
-                    f"the last good checkpoint {last} (epoch {run.epoch}) is untouched"
-                    if run.epoch > 0
-                    else "no checkpoint was written"
+                guard.fail(
+                    problem,
+                    step,
+                    stats[0],
+                    functools.partial(
+                        _diagnose_nonfinite,
+                        raw_model,
+                        x,
+                        y,
+                        loss_fn,
+                        amp_ctx(),
+                        distributed=dist_info.enabled,
+                    ),
                 )
-                raise NonFiniteLossError(
-                    head
-                    + (f"; {detail}" if detail else "")
-                    + f"; {kept}; lower --lr, try without --amp, or pass --skip-nonfinite"
-                )
-            if scaler is not None:
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not scaled ones
-                    clip_gradients(raw_model, config)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                clip_gradients(raw_model, config)
-                optimizer.step()
-            scheduler.step()
+            norm = guard.step()
+            if norm is not None and math.isfinite(norm):
+                norm_sum += norm
+                norms += 1
             n = y.numel()
             loss_sum += stats[0] * n
             correct += stats[1]
@@ -1090,11 +1175,56 @@ def _train_epoch(
         "train_loss": loss_sum / images if images else float("nan"),
         "train_acc": 100.0 * correct / images if images else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
+        # mean global gradient norm before clipping (None without --grad-clip)
+        "grad_norm": norm_sum / norms if norms else None,
         "epoch_seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
         "train_images": int(images),
-        "skipped_steps": skipped,
+        "skipped_steps": guard.skipped,
         "_eval_start": time.perf_counter(),
+    }
+
+
+def _summary_fields(
+    config: TrainConfig,
+    identity: dict[str, Any],
+    run: _State,
+    status: str,
+    device: torch.device,
+    scores: dict[str, Any],
+    *,
+    rate: tuple[str, str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``summary.json`` of any task: what ran and how it ended, then ``scores`` (the
+    task's own), timing (``rate`` = (summary key, per-epoch count key), e.g. images per
+    second from ``train_images``), then ``extra`` and the environment."""
+    history = run.history
+    seconds = [h["epoch_seconds"] for h in history]
+    nan = float("nan")
+    rate_key, count_key = rate
+    return {
+        "status": status,
+        "task": config.task,
+        "recipe": config.recipe,
+        "model": config.model,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "epochs_done": run.epoch,
+        **scores,
+        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else nan,
+        "epoch_seconds": seconds,
+        rate_key: sum(h[count_key] for h in history) / sum(seconds) if seconds else nan,
+        "skipped_steps": run.skipped_steps,
+        **extra,
+        "sparsity": identity["sparsity"],
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "run_dir": str(config.run_dir),
+        "config": config.to_dict(),
     }
 
 
@@ -1108,33 +1238,21 @@ def _summary(
     n_sparse: int,
 ) -> dict[str, Any]:
     history = run.history
-    seconds = [h["epoch_seconds"] for h in history]
-    return {
-        "status": status,
-        "recipe": config.recipe,
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "epochs": config.epochs,
-        "epochs_done": run.epoch,
-        "best_top1": max((h["test_top1"] for h in history), default=float("nan")),
+    nan = float("nan")
+    final = history[-1] if history else None
+    scores = {
+        "best_top1": max((h["test_top1"] for h in history), default=nan),
         "best_epoch": run.best_epoch,
-        "final_top1": history[-1]["test_top1"] if history else float("nan"),
-        "final_top5": history[-1]["test_top5"] if history else float("nan"),
-        "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else float("nan"),
-        "epoch_seconds": seconds,
-        "images_per_second": (
-            sum(h["train_images"] for h in history) / sum(seconds) if seconds else float("nan")
-        ),
-        "skipped_steps": run.skipped_steps,
-        "sparse_layers": n_sparse,
-        "sparsity": identity["sparsity"],
-        "num_classes": identity["num_classes"],
-        "device": str(device),
-        "world_size": world,
-        "torch": str(torch.__version__),
-        "python": platform.python_version(),
-        "run_dir": str(config.run_dir),
-        "config": config.to_dict(),
+        "final_top1": final["test_top1"] if final else nan,
+        "final_top5": final["test_top5"] if final else nan,
+        "final_train_loss": final["train_loss"] if final else nan,
     }
+    extra = {
+        "sparse_layers": n_sparse,
+        "num_classes": identity["num_classes"],
+        "world_size": world,
+    }
+    return _summary_fields(
+        config, identity, run, status, device, scores,
+        rate=("images_per_second", "train_images"), extra=extra,
+    )  # fmt: skip
