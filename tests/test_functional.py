@@ -314,6 +314,41 @@ def test_bfloat16_autocast_on_cpu(name):
     assert _rel(wr.grad, want[2]) < 3e-2
 
 
+# PyTorch's CPU oneDNN convolution in bfloat16 is wrong (or crashes) on some shapes with an
+# output height or width of 1; conv_output routes those around it (docs/reliability.md).
+# (n, ci, co, h, w, kernel, stride, padding, dilation)
+ONE_WIDE = {
+    "hypothesis-found": (1, 2, 1, 6, 4, (3, 3), (1, 2), (1, 0), (1, 1)),
+    "off-by-1e15": (1, 4, 1, 6, 4, (3, 3), (1, 2), (1, 0), (1, 1)),
+    "1x3-kernel": (2, 4, 3, 6, 3, (1, 3), (1, 2), (0, 0), (1, 1)),
+    "one-high": (1, 4, 2, 4, 6, (3, 3), (2, 1), (0, 1), (1, 1)),
+    "crashed-the-process": (1, 8, 1, 1, 8, (2, 1), (1, 2), (1, 1), (2, 2)),
+    "grad-input-crashed": (2, 3, 8, 1, 5, (2, 4), (1, 1), (1, 1), (2, 2)),
+    # output 3x2, but fst's weight gradient convolves a 3x1 dY_ir at stride (1, 2)
+    "ir-weight-grad": (1, 2, 1, 3, 1, (1, 4), (1, 1), (0, 2), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_WIDE))
+@pytest.mark.parametrize("name", ["dense", "fst", "wx"])
+def test_bfloat16_conv_with_an_output_side_of_one_matches_reference(name, case):
+    n, ci, co, h, w, k, stride, padding, dilation = ONE_WIDE[case]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, ci, h, w, generator=gen).bfloat16()
+    weight = torch.randn(co, ci, *k, generator=gen).bfloat16()
+    geo = Geo(stride, padding, dilation, 1)
+    ho, wo = out_size(h, w, *k, geo)
+    gy = torch.randn(n, co, ho, wo, generator=gen).bfloat16()
+    xr, wr = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    y = sparse_conv2d(xr, wr, None, stride, padding, dilation, config=recipe(name))
+    y.backward(gy)
+    want = ref_conv(x, weight, None, gy, geo, name)
+    scale = max(want[0].norm().item(), 1.0)  # the crash case's output is all padding: 0
+    assert (y.double() - want[0]).norm().item() / scale < 2e-2
+    assert _rel(xr.grad, want[1]) < 2e-2 and _rel(wr.grad, want[2]) < 2e-2
+    assert torch.backends.mkldnn.enabled  # the detour is put back
+
+
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "call,needle",

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from fullsparse import RECIPES, recipe
@@ -77,6 +77,21 @@ def conv_cases(draw):
 
 @pytest.mark.parametrize("recipe_name", RECIPES)
 @given(case=conv_cases())
+# Found on 2026-12-01: PyTorch's CPU bfloat16 oneDNN convolution gave NaN on an output of
+# width 1: the forward here, fst's half-width weight gradient in the second
+# (docs/reliability.md, "What the fuzzing found in PyTorch").
+@example(
+    case=dict(
+        n=1, ci=2, co=1, h=6, w=4, k=(3, 3), stride=(1, 2), padding=(1, 0), dilation=(1, 1),
+        groups=1, bias=False, dtype="bfloat16", layout="contiguous", seed=0,
+    )
+)  # fmt: skip
+@example(
+    case=dict(
+        n=1, ci=2, co=1, h=3, w=1, k=(1, 4), stride=(1, 1), padding=(0, 2), dilation=(1, 1),
+        groups=1, bias=False, dtype="bfloat16", layout="contiguous", seed=0,
+    )
+)  # fmt: skip
 def test_conv_matches_reference_or_names_the_rule(recipe_name, case):
     case["recipe"] = recipe_name
     dtype = DTYPES[case["dtype"]]
