@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
-from fullsparse.errors import CheckpointError, UserError
+from fullsparse.errors import CheckpointError, ConfigError, UserError
 from fullsparse.train import TrainConfig, load_checkpoint, train
 from fullsparse.train import checkpoint as ckpt
+from fullsparse.train import loop as train_loop
 from tinyruns import tiny_classify
 
 
@@ -58,6 +59,68 @@ def test_two_epochs_straight_equal_one_epoch_resume_one_epoch_bit_for_bit(tmp_pa
     assert resumed["best_top1"] == straight["best_top1"]
     assert resumed["final_train_loss"] == straight["final_train_loss"]
     assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at_step(monkeypatch, n: int) -> None:
+    """Make the n-th optimizer step of this process (1-based) raise, as a kill would."""
+    real = train_loop._StepGuard.step
+    calls = {"n": 0}
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Killed(f"killed at step {n}")
+        return real(self)
+
+    monkeypatch.setattr(train_loop._StepGuard, "step", step)
+
+
+@pytest.mark.parametrize(
+    "recipe, extra, kill, saved",
+    [
+        ("fst", {}, 9, (1, 2)),  # epoch 2, step 3: last.pt from epoch 2 step 2
+        ("tsm", {"tsm_interval": 4}, 5, (0, 4)),  # epoch 1: before, no checkpoint at all
+    ],
+)
+def test_a_run_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(
+    tmp_path, monkeypatch, recipe, extra, kill, saved
+):
+    # 6 steps per epoch, a step checkpoint every 2 steps (after steps 2 and 4; step 6 is the
+    # epoch end's own checkpoint). The resumed run must end exactly where an uninterrupted
+    # run ends: weights, TSM state, optimizer, RNG and every metrics line.
+    base = tiny(tmp_path, recipe=recipe, **extra)
+    straight = train(base.replace(out=str(tmp_path / "a")))
+    cut = base.replace(out=str(tmp_path / "b"), checkpoint_every=2)
+    _kill_at_step(monkeypatch, kill)
+    with pytest.raises(_Killed):
+        train(cut)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (state["epoch"], state["step"]) == saved
+    assert state["partial"]["images"] == 16 * saved[1]
+    resumed = train(cut.replace(resume=True))
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+    assert resumed["epochs_done"] == 2 and load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 0
+    metrics = _metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [m["train_images"] for m in metrics] == [96, 96]
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert (
+        f"resumed from {tmp_path / 'b' / 'last.pt'} at epoch {saved[0] + 1} step {saved[1] + 1}"
+        in log
+    )
+    assert "checkpoint: epoch" in log
+
+
+def test_checkpoint_every_is_refused_where_it_does_not_apply():
+    with pytest.raises(ConfigError, match="checkpoint_every=5 is for task='classify'"):
+        TrainConfig(task="lm", checkpoint_every=5)
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        TrainConfig(checkpoint_every=-1)
 
 
 def test_resume_without_the_sparse_state_would_differ(tmp_path, monkeypatch):

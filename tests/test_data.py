@@ -670,6 +670,24 @@ def test_loader_is_deterministic_in_seed_and_epoch() -> None:
     assert sorted(order(one, 2).tolist()) == list(range(40))  # a permutation
 
 
+def test_a_loader_started_mid_epoch_yields_the_rest_of_that_epoch(tmp_path: Path) -> None:
+    # A mid-epoch resume (--checkpoint-every) skips the done steps: the batches after them
+    # must be those of an uninterrupted epoch, augmentation included, and the epoch after
+    # must start from step 0 again.
+    ds = tiny_dataset(40, Augmentation(crop_padding=1, horizontal_flip=True))
+    write_png_folder(tmp_path)
+    folder = build_datasets("imagefolder", tmp_path, image_size=8).train
+    for dataset, batch in ((ds, 8), (folder, 2)):
+        loader = make_loader(dataset, batch, train=True, seed=3)
+        full = epoch_batches(loader, 2)
+        loader.set_epoch(2, first_step=2)
+        rest = list(loader)
+        assert len(rest) == len(full) - 2 >= 1
+        for (x0, y0), (x1, y1) in zip(full[2:], rest, strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        assert len(epoch_batches(loader, 3)) == len(full)
+
+
 def test_loader_leaves_global_rng_alone() -> None:
     ds = tiny_dataset(16, Augmentation(crop_padding=2, horizontal_flip=True))
     torch.manual_seed(0)

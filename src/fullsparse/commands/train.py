@@ -105,6 +105,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--out", "str", "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"),
     ("--force", "bool", "replace the results in an existing run folder"),
     ("--stop-after", "int", "end this invocation after epoch N (resume later)"),
+    ("--checkpoint-every", "int", "also write last.pt every N steps within an epoch (classify)"),
     ("--progress", "bool", "progress bar on stderr (default on)"),
     ("--quiet", "bool", "print nothing but errors (train.log still gets everything)"),
     ("--plot", "bool", "draw curves.png when matplotlib is installed (default on)"),

@@ -55,7 +55,9 @@ class Loader(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        """Iterate epoch ``epoch``'s batches from step ``first_step`` on (a mid-epoch
+        resume): the same batches, with the same augmentation, as an uninterrupted epoch."""
 
 
 def shard_batches(
@@ -105,16 +107,18 @@ class _EpochPlan:
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self.first_step = 0
         self._batches = shard_batches(n, batch_size, rank, world_size, drop_last)
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def start(self) -> tuple[torch.Generator, Tensor, list[Tensor]]:
-        """Generator (already advanced past the permutation), permutation, batches."""
+        """Generator (already advanced past the permutation), permutation, the batches from
+        ``first_step`` on."""
         g = generator(self.seed, self.epoch)
         perm = torch.randperm(self.n, generator=g) if self.train else torch.arange(self.n)
-        return g, perm, self._batches
+        return g, perm, self._batches[self.first_step :]
 
 
 class InMemoryLoader:
@@ -147,8 +151,8 @@ class InMemoryLoader:
             drop_last=train if drop_last is None else drop_last,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self._plan.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self._plan.epoch, self._plan.first_step = epoch, first_step
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -196,8 +200,8 @@ class ShardedBatchSampler(Sampler[list]):
         )
         self.with_seeds = with_seeds
 
-    def set_epoch(self, epoch: int) -> None:
-        self._plan.epoch = epoch
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self._plan.epoch, self._plan.first_step = epoch, first_step
 
     def __len__(self) -> int:
         return len(self._plan)
@@ -249,8 +253,8 @@ class WorkerLoader:
             persistent_workers=workers > 0,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.sampler.set_epoch(epoch, first_step)
 
     def __len__(self) -> int:
         return len(self.sampler)

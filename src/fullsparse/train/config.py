@@ -178,6 +178,10 @@ class TrainConfig:
     #: End this invocation after this epoch (the schedule still spans ``epochs``); resume
     #: later with ``resume=True`` — for time-limited jobs.
     stop_after: int | None = None
+    #: Also write ``last.pt`` every this many steps inside an epoch (0: at epoch ends
+    #: only), so a run killed mid-epoch loses at most that many steps; resuming from such a
+    #: checkpoint continues at the next step, bit-exactly with ``deterministic``. classify.
+    checkpoint_every: int = 0
     #: Show a progress bar on stderr.
     progress: bool = True
     #: Print nothing on stdout (the run folder's ``train.log`` still gets everything).
@@ -310,6 +314,7 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
     "resume": ("bool_or_str", False, None),
     "force": (_BOOL, False, None),
     "stop_after": (_INT, True, 1),
+    "checkpoint_every": (_INT, False, 0),
     "progress": (_BOOL, False, None),
     "quiet": (_BOOL, False, None),
     "plot": (_BOOL, False, None),
@@ -365,6 +370,12 @@ def _check_task_fields(config: TrainConfig) -> None:
     from fullsparse.models import LM_MODELS, MODELS
 
     model, dataset = config.model, config.dataset
+    if config.checkpoint_every and config.task != "classify":
+        raise ConfigError(
+            f"checkpoint_every={config.checkpoint_every} is for task='classify'; task="
+            f"{config.task!r} checkpoints at epoch ends (choose shorter epochs with "
+            "steps_per_epoch)"
+        )
     if config.task == "detection":
         _check_detection_fields(config)
         return

@@ -79,7 +79,10 @@ RESULT_FILES = (
     "curves.png",
 )
 #: Config fields that may change between a run and its resume without changing the maths.
-_RUN_CONTROL = ("resume", "force", "out", "stop_after", "progress", "quiet", "plot", "workers")
+_RUN_CONTROL = (
+    "resume", "force", "out", "stop_after", "checkpoint_every", "progress", "quiet", "plot",
+    "workers",
+)  # fmt: skip
 
 
 class NonFiniteLossError(UserError):
@@ -460,6 +463,10 @@ class _State:
     best_top1: float = -1.0
     best_epoch: int = 0
     skipped_steps: int = 0
+    #: Steps done in epoch ``epoch`` (a mid-epoch checkpoint, --checkpoint-every) and the
+    #: epoch's running sums up to there (summed over ranks).
+    step: int = 0
+    partial: dict[str, float] = field(default_factory=dict)
 
 
 class _StepGuard:
@@ -748,6 +755,9 @@ def _restore_run(
     setattr(run, best_key, float(state.get(best_key, best_default)))
     run.best_epoch = int(state.get("best_epoch", 0))
     run.skipped_steps = int(state.get("skipped_steps", 0))
+    if state.get("step"):  # a mid-epoch checkpoint (classify's --checkpoint-every)
+        run.step = int(state["step"])
+        run.partial = {k: float(v) for k, v in state.get("partial", {}).items()}
     ckpt.restore_rng(state["rng"])
 
 
@@ -794,7 +804,9 @@ def _log_resume(
     if state is None:
         return
     diffs = _config_differences(state["config"], config.to_dict())
-    log.info(f"resumed from {resume_from} after epoch {epoch}")
+    step = int(state.get("step", 0))
+    where = f"at epoch {epoch + 1} step {step + 1}" if step else f"after epoch {epoch}"
+    log.info(f"resumed from {resume_from} {where}")
     if diffs:
         log.info(f"config changed since the checkpoint: {'; '.join(diffs)}")
     threads = state.get("threads")
@@ -820,18 +832,38 @@ def _save_epoch(
     **extra: Any,
 ) -> None:
     """Append the epoch's metrics line, write ``last.pt`` atomically, copy it to ``best.pt``."""
-    from fullsparse.nn import sparse_state_dict
-
     run_dir = config.run_dir
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(metrics) + "\n")
+    _save_last(config, identity, run, raw_model, optimizer, scheduler, scaler, best_key, **extra)
+    if is_best:
+        ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+
+
+def _save_last(
+    config: TrainConfig,
+    identity: dict[str, Any],
+    run: Any,
+    raw_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    best_key: str,
+    **extra: Any,
+) -> None:
+    """Write ``last.pt`` atomically: everything a resume needs, at an epoch end or (with
+    ``run.step`` > 0) inside epoch ``run.epoch``."""
+    from fullsparse.nn import sparse_state_dict
+
     ckpt.save_checkpoint(
-        run_dir / "last.pt",
+        config.run_dir / "last.pt",
         {
             "identity": identity,
             "config": config.to_dict(),
             "epoch": run.epoch,
             "loader_epoch": run.epoch,
+            "step": getattr(run, "step", 0),
+            "partial": dict(getattr(run, "partial", {})),
             "model": raw_model.state_dict(),
             "sparse_state": sparse_state_dict(raw_model),
             "optimizer": optimizer.state_dict(),
@@ -847,8 +879,6 @@ def _save_epoch(
             "threads": torch.get_num_threads(),
         },
     )
-    if is_best:
-        ckpt.copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -1027,6 +1057,12 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
     _log_resume(log, config, state, resume_from, run.epoch)
 
     # -- epochs -------------------------------------------------------------------------
+    def save_step() -> None:  # --checkpoint-every: last.pt inside an epoch
+        _save_last(
+            config, identity, run, raw_model, optimizer, scheduler, scaler, "best_top1",
+            mean=list(bundle.mean), std=list(bundle.std),
+        )  # fmt: skip
+
     last_epoch = config.stop_after if config.stop_after is not None else config.epochs
     status = "completed"
     for epoch in range(run.epoch, config.epochs):
@@ -1048,7 +1084,9 @@ def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: 
             epoch,
             run,
             log,
+            save_step,
         )
+        run.step, run.partial = 0, {}
         broadcast_buffers(raw_model, dist_info)
         test = evaluate(
             eval_model,
@@ -1116,23 +1154,31 @@ def _train_epoch(
     epoch: int,
     run: _State,
     log: _RunLog,
+    save_step: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    loader.set_epoch(epoch)
+    # A resumed mid-epoch checkpoint continues at step run.step with the epoch's sums so far
+    # (summed over ranks: rank 0 carries them, so the final all-reduce counts them once).
+    first = run.step
+    prior = run.partial if first else {}
+    loader.set_epoch(epoch, first)
     model.train()
     steps = len(loader)
     bar = ProgressBar(
-        steps,
+        steps - first,
         f"epoch {epoch + 1}/{config.epochs}",
         enabled=config.progress and not config.quiet and dist_info.is_main,
     )
     guard = _StepGuard(
         raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
     )
-    loss_sum = correct = images = norm_sum = 0.0
-    norms = 0
+    guard.skipped = int(prior.get("skipped", 0))
+    summed = prior if dist_info.is_main else {}
+    loss_sum, correct, images = (summed.get(k, 0.0) for k in ("loss_sum", "correct", "images"))
+    norm_sum, norms = prior.get("norm_sum", 0.0), int(prior.get("norms", 0))
+    before = prior.get("seconds", 0.0)
     start = time.perf_counter()
     with bar:
-        for step, (xb, yb) in enumerate(loader):
+        for step, (xb, yb) in enumerate(loader, start=first):
             x, y = _to_device(xb, yb, device, config.channels_last)
             guard.snapshot()
             with amp_ctx():
@@ -1168,7 +1214,23 @@ def _train_epoch(
             correct += stats[1]
             images += n
             bar.update(n, stats[0], int(stats[1]))
-    seconds = time.perf_counter() - start
+            due = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
+            if save_step is not None and due and step + 1 < steps:
+                total = all_reduce_sum([loss_sum, correct, images], dist_info, device)
+                run.step = step + 1
+                run.partial = {
+                    "loss_sum": total[0],
+                    "correct": total[1],
+                    "images": total[2],
+                    "norm_sum": norm_sum,
+                    "norms": norms,
+                    "skipped": guard.skipped,
+                    "seconds": before + time.perf_counter() - start,
+                }
+                if dist_info.is_main:
+                    save_step()
+                    log.info(f"checkpoint: {guard.where(step)}", console=False)
+    seconds = before + time.perf_counter() - start
     loss_sum, correct, images = all_reduce_sum([loss_sum, correct, images], dist_info, device)
     return {
         "epoch": epoch + 1,
