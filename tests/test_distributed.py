@@ -87,6 +87,58 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
 
 
+def test_a_mid_epoch_checkpoint_resumes_under_two_processes(tmp_path, monkeypatch):
+    # One process trains 64 images (4 steps of 16 per epoch) with a step checkpoint every
+    # 2 steps and is killed at step 3; two gloo processes resume it. They must carry the
+    # epoch's running sums once (rank 0 holds them), take the remaining steps in lockstep
+    # (the step-2 checkpoint of epoch 2 all-reduces on every rank), and end where one
+    # uninterrupted process ends.
+    args = dict(
+        model="vit_tiny", model_kwargs=VIT, dataset="synthetic", synthetic_train=64,
+        synthetic_test=32, image_size=8, batch_size=16, epochs=2, lr=0.5, recipe="fst",
+        deterministic=True, progress=False, quiet=True, plot=False,
+    )  # fmt: skip
+    train(TrainConfig(out=str(tmp_path / "one"), **args))
+    real = train_loop._StepGuard.step
+    calls = {"n": 0}
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # a kill between the step checkpoint and the epoch end
+        return real(self)
+
+    monkeypatch.setattr(train_loop._StepGuard, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "two"), checkpoint_every=2, **args))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "two" / "last.pt")["step"] == 2
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "fullsparse", "train", "--resume",
+        "--model", "vit_tiny", "--model-kwargs", json.dumps(VIT), "--dataset", "synthetic",
+        "--synthetic-train", "64", "--synthetic-test", "32", "--image-size", "8",
+        "--batch-size", "16", "--epochs", "2", "--lr", "0.5", "--recipe", "fst",
+        "--deterministic", "--checkpoint-every", "2", "--no-progress", "--no-plot", "--quiet",
+        "--out", str(tmp_path / "two"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_images"] for m in m2] == [64, 64]
+    for a, b in zip(m1, m2, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+        assert b["train_acc"] == a["train_acc"]
+    w1 = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "at epoch 1 step 3" in log and "checkpoint: epoch 2 step 2/4" in log
+
+
 def _fake_world(monkeypatch, world_size: int) -> None:
     monkeypatch.setattr(
         train_loop, "init_distributed", lambda device_type: DistInfo(0, world_size, 0)

@@ -90,8 +90,14 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, owns_group=True)
 
 
-def shutdown_distributed(info: DistInfo) -> None:
+def shutdown_distributed(info: DistInfo, synchronize: bool = False) -> None:
+    """Destroy the process group this process started. ``synchronize``: all ranks got
+    here normally, so meet at a barrier first; gloo can abort a process ("terminate called
+    without an active exception") when one rank tears down while another still has work in
+    flight. After an error there is no barrier: the other ranks may never arrive."""
     if info.owns_group and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

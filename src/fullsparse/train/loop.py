@@ -902,20 +902,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist_info = init_distributed(device.type)
     log = _RunLog(enabled=dist_info.is_main, quiet=config.quiet)
+    finished = False
     try:
         if config.task == "lm":
             from fullsparse.train.lm import train_lm
 
-            return train_lm(config, device, dist_info, log)
-        if config.task == "detection":
+            summary = train_lm(config, device, dist_info, log)
+        elif config.task == "detection":
             from fullsparse.train.detection import train_detection
 
-            return train_detection(config, device, dist_info, log)
-        return _train(config, device, dist_info, log)
+            summary = train_detection(config, device, dist_info, log)
+        else:
+            summary = _train(config, device, dist_info, log)
+        finished = True
+        return summary
     finally:
         log.close()
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
-        shutdown_distributed(dist_info)
+        shutdown_distributed(dist_info, synchronize=finished)
 
 
 def _train(config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog) -> dict:
