@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("fst's open choices", choices_table(runs)),
         ("ViT (Fashion-MNIST)", vit_table(runs)),
-        ("Time per epoch", time_table(runs)),
+        ("Time per epoch in the study runs (mixed load: see docs/results.md)", time_table(runs)),
     ]
     text = "\n\n".join(f"### {title}\n\n{table}" for title, table in sections) + "\n"
     (out / "tables.md").write_text(text)
