@@ -37,7 +37,7 @@ from fullsparse.kernels import (
     select_conv_kernel,
     select_linear_kernel,
 )
-from fullsparse.kernels.reference import conv_grad_input, conv_output, onednn_guard
+from fullsparse.kernels.reference import conv_backward, conv_grad_input, conv_output
 from fullsparse.masks import mask_2to4, transposable_mask_2to4
 
 __all__ = [
@@ -210,20 +210,7 @@ class ConvGeometry:
 def _conv_weight_grad(
     grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
 ) -> Tensor:
-    with onednn_guard(grad_output, grad_output.shape[-2:]):
-        return torch.ops.aten.convolution_backward(
-            grad_output,
-            input,
-            weight,
-            None,
-            list(geo.stride),
-            list(geo.padding),
-            list(geo.dilation),
-            False,
-            [0, 0],
-            geo.groups,
-            [False, True, False],
-        )[1]
+    return conv_backward(grad_output, input, weight, geo, "weight")
 
 
 def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:

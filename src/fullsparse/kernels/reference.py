@@ -27,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "conv_output",
     "conv_grad_input",
+    "conv_backward",
     "onednn_guard",
     "ReferenceLinearKernel",
     "ReferenceConvKernel",
@@ -48,8 +49,17 @@ def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: Any) ->
 
 def conv_grad_input(grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any) -> Tensor:
     """``grad_input`` (Eq. 2): ``dX = W_giᵀ · dY`` (col2im of it) — ``input`` gives the shape."""
+    return conv_backward(grad_output, input, weight, geo, "input")
+
+
+def conv_backward(
+    grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any, which: str
+) -> Tensor:
+    """One gradient of a convolution from ``dY``: ``which`` = "input" (shaped like
+    ``input``) or "weight" (shaped like ``weight``)."""
+    mask = [which == "input", which == "weight", False]
     with onednn_guard(grad_output, grad_output.shape[-2:]):
-        return torch.ops.aten.convolution_backward(
+        grads = torch.ops.aten.convolution_backward(
             grad_output,
             input,
             weight,
@@ -60,8 +70,9 @@ def conv_grad_input(grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any
             False,
             [0, 0],
             geo.groups,
-            [True, False, False],
-        )[0]
+            mask,
+        )
+    return grads[0] if which == "input" else grads[1]
 
 
 def onednn_guard(t: Tensor, output_hw: Sequence[int]) -> contextlib.AbstractContextManager[Any]:

@@ -24,7 +24,6 @@ One process only (no DDP) and fp32 only; ``TrainConfig`` refuses the other flags
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,9 +350,9 @@ def _train_epoch(
     guard = train_loop._StepGuard(
         model, optimizer, scheduler, None, config, DistInfo(), device, run, log, epoch, steps
     )
-    loss_sum = norm_sum = 0.0
+    loss_sum = 0.0
     parts: dict[str, float] = {}
-    images_done = norms = done = 0
+    images_done = done = 0
     start = time.perf_counter()
     with bar:
         for step, (images, targets) in enumerate(loader):
@@ -366,14 +365,10 @@ def _train_epoch(
             values = values.tolist()
             problem = guard.backward(loss, values[0])
             if problem:
-                if guard.skip(problem, step):
-                    continue
                 named = ", ".join(f"{k} {v:.4g}" for k, v in zip(losses, values[1:], strict=True))
-                guard.fail(problem, step, values[0], functools.partial(str, f"losses: {named}"))
-            norm = guard.step()
-            if norm is not None and math.isfinite(norm):
-                norm_sum += norm
-                norms += 1
+                guard.resolve(problem, step, values[0], functools.partial(str, f"losses: {named}"))
+                continue
+            guard.step()
             n = len(images)
             loss_sum += values[0] * n
             for k, v in zip(losses, values[1:], strict=True):
@@ -389,7 +384,7 @@ def _train_epoch(
     metrics.update({f"train_{k}": v / images_done for k, v in parts.items()})
     metrics.update(
         lr=optimizer.param_groups[0]["lr"],
-        grad_norm=norm_sum / norms if norms else None,
+        grad_norm=guard.mean_norm,
         epoch_seconds=seconds,
         images_per_second=images_done / seconds if seconds > 0 else 0.0,
         train_images=images_done,

@@ -21,7 +21,6 @@ resume with ``deterministic``); what differs is the data and what is measured:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from fullsparse.train.distributed import (
 )
 from fullsparse.train.loop import (
     _check_run_dir,
-    _diagnose_nonfinite,
     _log_resume,
     _open_run_folder,
     _probe_step,
@@ -412,8 +410,7 @@ def _train_epoch(
     guard = train_loop._StepGuard(
         raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
     )
-    loss_sum = correct = tokens = norm_sum = 0.0
-    norms = 0
+    loss_sum = correct = tokens = 0.0
     start = time.perf_counter()
     with bar:
         for step, (xb, yb) in enumerate(batches):
@@ -426,26 +423,10 @@ def _train_epoch(
             stats = stats.tolist()
             problem = guard.backward(loss, stats[0])
             if problem:
-                if guard.skip(problem, step):
-                    continue
-                guard.fail(
-                    problem,
-                    step,
-                    stats[0],
-                    functools.partial(
-                        _diagnose_nonfinite,
-                        raw_model,
-                        x,
-                        y,
-                        loss_fn,
-                        amp_ctx(),
-                        distributed=dist_info.enabled,
-                    ),
-                )
-            norm = guard.step()
-            if norm is not None and math.isfinite(norm):
-                norm_sum += norm
-                norms += 1
+                diagnosis = train_loop._diagnosis(raw_model, x, y, loss_fn, amp_ctx, dist_info)
+                guard.resolve(problem, step, stats[0], diagnosis)
+                continue
+            guard.step()
             n = y.numel()
             loss_sum += stats[0] * n
             correct += stats[1]
@@ -459,7 +440,7 @@ def _train_epoch(
         "train_accuracy": 100.0 * correct / tokens if tokens else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
         # mean global gradient norm before clipping (this rank's; DDP grads are all-reduced)
-        "grad_norm": norm_sum / norms if norms else None,
+        "grad_norm": guard.mean_norm,
         "epoch_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "train_tokens": int(tokens),

@@ -501,6 +501,7 @@ class _StepGuard:
         self.run, self.log, self.epoch, self.steps = run, log, epoch, steps
         self.skipped = 0
         self.bad_grad = ""
+        self.norm_sum, self.norms = 0.0, 0  # pre-clip gradient norms of the steps taken
         self._buffers: list[Tensor] = []
         self._saved: list[Tensor] = []
 
@@ -549,6 +550,13 @@ class _StepGuard:
         self.log.info(f"non-finite {problem} at {where}: step skipped (--skip-nonfinite)")
         return True
 
+    def resolve(
+        self, problem: str, step: int, value: float, loss_detail: Callable[[], str]
+    ) -> None:
+        """Skip the bad step (``--skip-nonfinite``) or raise (see :meth:`fail`)."""
+        if not self.skip(problem, step):
+            self.fail(problem, step, value, loss_detail)
+
     def fail(
         self, problem: str, step: int, value: float, loss_detail: Callable[[], str]
     ) -> NoReturn:
@@ -585,7 +593,24 @@ class _StepGuard:
             norm = clip_gradients(self.raw_model, self.config)
             self.optimizer.step()
         self.scheduler.step()
+        if norm is not None and math.isfinite(norm):
+            self.norm_sum += norm
+            self.norms += 1
         return norm
+
+    @property
+    def mean_norm(self) -> float | None:
+        """Mean pre-clip gradient norm of the steps taken (None without --grad-clip)."""
+        return self.norm_sum / self.norms if self.norms else None
+
+
+def _diagnosis(
+    raw_model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, amp_ctx: Callable, dist: Any
+) -> Callable[[], str]:
+    """Where a non-finite loss came from, worked out only when called (it reruns the model)."""
+    return functools.partial(
+        _diagnose_nonfinite, raw_model, x, y, loss_fn, amp_ctx(), distributed=dist.enabled
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -1176,9 +1201,9 @@ def _train_epoch(
         raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
     )
     guard.skipped = int(prior.get("skipped", 0))
+    guard.norm_sum, guard.norms = prior.get("norm_sum", 0.0), int(prior.get("norms", 0))
     summed = prior if dist_info.is_main else {}
     loss_sum, correct, images = (summed.get(k, 0.0) for k in ("loss_sum", "correct", "images"))
-    norm_sum, norms = prior.get("norm_sum", 0.0), int(prior.get("norms", 0))
     before = prior.get("seconds", 0.0)
     start = time.perf_counter()
     with bar:
@@ -1193,26 +1218,10 @@ def _train_epoch(
             ).tolist()
             problem = guard.backward(loss, stats[0])
             if problem:
-                if guard.skip(problem, step):
-                    continue
-                guard.fail(
-                    problem,
-                    step,
-                    stats[0],
-                    functools.partial(
-                        _diagnose_nonfinite,
-                        raw_model,
-                        x,
-                        y,
-                        loss_fn,
-                        amp_ctx(),
-                        distributed=dist_info.enabled,
-                    ),
-                )
-            norm = guard.step()
-            if norm is not None and math.isfinite(norm):
-                norm_sum += norm
-                norms += 1
+                diagnosis = _diagnosis(raw_model, x, y, loss_fn, amp_ctx, dist_info)
+                guard.resolve(problem, step, stats[0], diagnosis)
+                continue
+            guard.step()
             n = y.numel()
             loss_sum += stats[0] * n
             correct += stats[1]
@@ -1226,8 +1235,8 @@ def _train_epoch(
                     "loss_sum": total[0],
                     "correct": total[1],
                     "images": total[2],
-                    "norm_sum": norm_sum,
-                    "norms": norms,
+                    "norm_sum": guard.norm_sum,
+                    "norms": guard.norms,
                     "skipped": guard.skipped,
                     "seconds": before + time.perf_counter() - start,
                 }
@@ -1242,7 +1251,7 @@ def _train_epoch(
         "train_acc": 100.0 * correct / images if images else 0.0,
         "lr": optimizer.param_groups[0]["lr"],
         # mean global gradient norm before clipping (None without --grad-clip)
-        "grad_norm": norm_sum / norms if norms else None,
+        "grad_norm": guard.mean_norm,
         "epoch_seconds": seconds,
         "images_per_second": images / seconds if seconds > 0 else 0.0,
         "train_images": int(images),
