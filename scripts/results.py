@@ -36,6 +36,8 @@ PAPER = {
 }
 TABLE5 = ("dense", "srste", "fst2", "fst_noir", "fst")
 TABLE1 = ("dense", "wx", "wg", "gg", "gx")
+#: Studies of ResNet-20 on the 5,000-image subset (``full`` is all 60,000; ``vit`` is ViT).
+SMALL_RESNET = ("table5", "table1", "fst-choices")
 KEPT = ("summary.json", "metrics.jsonl", "config.json")
 RUN_NAME = re.compile(r"^(?P<variant>.+)-seed(?P<seed>\d+)$")
 
@@ -184,9 +186,35 @@ def vit_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def full_table(runs: list[dict[str, Any]]) -> str:
+    """The ``full`` study: ResNet-20 on all of Fashion-MNIST, next to the 5,000-image runs."""
+    dense = _final(_group(runs, "full", "dense"))
+    small_dense = _final(_group(runs, "table5", "dense"))
+    lines = [
+        "| recipe | seeds | final top-1 (%) | best top-1 (%) | Δ final vs dense | "
+        "5,000-image Δ (Table 5) | train s/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for variant in sorted({r["variant"] for r in runs if r["study"] == "full"}, key=TABLE5.index):
+        rs = _group(runs, "full", variant)
+        final, small = _final(rs), _final(_group(runs, "table5", variant))
+        delta = f"{statistics.fmean(final) - statistics.fmean(dense):+.2f}" if dense else "–"
+        small_delta = (
+            f"{statistics.fmean(small) - statistics.fmean(small_dense):+.2f}"
+            if small and small_dense
+            else "–"
+        )
+        lines.append(
+            f"| `{variant}` | {len(rs)} | {_cell(final)} | {_cell(_best(rs))} | {delta} | "
+            f"{small_delta} | {_cell(_train_s(rs), 1)} |"
+        )
+    return "\n".join(lines)
+
+
 def time_table(runs: list[dict[str, Any]]) -> str:
-    """Seconds per epoch (training only, and evaluation) per recipe, ratio to dense."""
-    resnet = [r for r in runs if r["study"] != "vit"]
+    """Seconds per epoch (training only, and evaluation) per recipe, ratio to dense, over
+    the ResNet-20 runs on the 5,000-image subset."""
+    resnet = [r for r in runs if r["study"] in SMALL_RESNET]
     variants = sorted({r["variant"] for r in resnet}, key=lambda v: (v != "dense", v))
     dense = _train_s([r for r in resnet if r["variant"] == "dense"])
     lines = [
@@ -266,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         ("ViT (Fashion-MNIST)", vit_table(runs)),
         ("Time per epoch in the study runs (mixed load: see docs/results.md)", time_table(runs)),
     ]
+    if any(r["study"] == "full" for r in runs):
+        sections.insert(4, ("Full data (ResNet-20, all 60,000 images)", full_table(runs)))
     text = "\n\n".join(f"### {title}\n\n{table}" for title, table in sections) + "\n"
     (out / "tables.md").write_text(text)
     print(text)

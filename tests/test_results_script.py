@@ -49,6 +49,8 @@ def test_tables_are_mean_std_over_seeds_with_deltas_and_paper_rows(tmp_path, res
     _run(src, "table5", "srste-seed0", [70.0, 75.0], 11.0, status="running")  # not counted
     _run(src, "table1", "gg-seed0", [10.0, 10.0], 11.0)
     _run(src, "fst-choices", "fst-ir_alpha0.03-seed0", [50.0, 88.0], 11.0)
+    _run(src, "full", "dense-seed0", [90.0, 93.0], 120.0)  # not in the 5,000-image times
+    _run(src, "full", "fst-seed0", [90.0, 92.5], 118.0)
     dst = tmp_path / "docs"
     assert results.main(["--runs", str(dst), "--collect", str(src)]) == 0
     assert (dst / "table5" / "fst-seed1" / "summary.json").is_file()
@@ -70,6 +72,7 @@ def test_tables_are_mean_std_over_seeds_with_deltas_and_paper_rows(tmp_path, res
     assert gg[3] == "10.00" and gg[5] == "-81.00" and gg[7] == "-71.1"
     assert "| ir_alpha = 0.03 | 88.00 | 88.00 | 1 |" in text
     assert "| `fst` | 2 | 11.0 ± 0.0 | 1.00× |" in text  # 11 s vs dense's mean 11 s
+    assert "| `fst` | 1 | 92.50 | 92.50 | -0.50 | -1.50 | 118.0 |" in text  # full data
 
 
 def test_no_runs_is_an_error_not_an_empty_table(tmp_path, results, capsys):
