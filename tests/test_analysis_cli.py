@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fullsparse.cli import main
+from tinyruns import tiny_classify
 
 DATA = ["--dataset", "synthetic", "--image-size", "8", "--quiet"]
 
@@ -105,26 +106,10 @@ def test_analyze_overhead(tmp_path, capsys):
 
 
 def test_analyze_from_a_checkpoint(tmp_path, capsys):
-    from fullsparse.train import TrainConfig, train
+    from fullsparse.train import train
 
     run = tmp_path / "run"
-    train(
-        TrainConfig(
-            model="resnet20",
-            dataset="synthetic",
-            image_size=8,
-            synthetic_train=16,
-            synthetic_test=8,
-            batch_size=8,
-            epochs=1,
-            train_subset=None,
-            recipe="fst",
-            out=str(run),
-            plot=False,
-            quiet=True,
-            progress=False,
-        )
-    )
+    train(tiny_classify(tmp_path, synthetic_train=16, synthetic_test=8, batch_size=8))
     out = tmp_path / "a"
     code = main(
         [
