@@ -161,3 +161,25 @@ def test_a_skipped_first_step_keeps_the_schedule_and_does_not_warn(tmp_path, mon
     skip_lr, clean_lr = _lrs(tmp_path / "run"), _lrs(tmp_path / "clean")
     assert len(skip_lr) == 3 and skip_lr == clean_lr
     assert skip_lr[0] > skip_lr[1] > skip_lr[2]  # the cosine really moved
+
+
+def test_a_nonfinite_stop_after_a_step_checkpoint_names_that_checkpoint(tmp_path, monkeypatch):
+    # 4 steps per epoch, a step checkpoint after step 2; the 3rd backward is poisoned. last.pt
+    # is the step-2 checkpoint and stays byte-for-byte as it was.
+    config = tiny(tmp_path, epochs=1, checkpoint_every=2)
+    last = tmp_path / "run" / "last.pt"
+    seen = {}
+    real = train_loop._save_last
+
+    def save_last(*args, **kwargs):
+        real(*args, **kwargs)
+        seen["sha"] = _sha256(last)
+
+    monkeypatch.setattr(train_loop, "_save_last", save_last)
+    _poison_gradient(monkeypatch, {3})
+    with pytest.raises(NonFiniteLossError) as info:
+        train(config)
+    msg = str(info.value)
+    assert msg.startswith("non-finite gradient at epoch 1 step 3/4")
+    assert f"the last good checkpoint {last} (after epoch 1 step 2) is untouched" in msg
+    assert _sha256(last) == seen["sha"] and load_checkpoint(last)["step"] == 2

@@ -502,14 +502,14 @@ class _StepGuard:
         self.skipped = 0
         self.bad_grad = ""
         self.norm_sum, self.norms = 0.0, 0  # pre-clip gradient norms of the steps taken
-        self._buffers: list[Tensor] = []
+        # Only --skip-nonfinite needs the buffers; the list is the same for every step.
+        self._buffers = list(raw_model.buffers()) if config.skip_nonfinite else []
         self._saved: list[Tensor] = []
 
     def snapshot(self) -> None:
         """Keep the buffers (BatchNorm statistics, the TSM clock): a bad forward has
         already moved them, and skipping the step must undo that too."""
-        if self.config.skip_nonfinite:
-            self._buffers = list(self.raw_model.buffers())
+        if self._buffers:
             self._saved = [b.detach().clone() for b in self._buffers]
 
     def backward(self, loss: Tensor, value: float) -> str:
@@ -568,10 +568,13 @@ class _StepGuard:
         else:
             head = f"non-finite gradient at {where} (the loss, {value:.4g}, is finite)"
             detail = self.bad_grad or "in another process"
+        # last.pt holds (run.epoch, run.step): an epoch end, or a --checkpoint-every step
+        step = getattr(self.run, "step", 0)
+        epoch = self.run.epoch
+        at = f"after epoch {epoch + 1} step {step}" if step else f"epoch {epoch}"
         kept = (
-            f"the last good checkpoint {self.config.run_dir / 'last.pt'} (epoch "
-            f"{self.run.epoch}) is untouched"
-            if self.run.epoch > 0
+            f"the last good checkpoint {self.config.run_dir / 'last.pt'} ({at}) is untouched"
+            if self.run.epoch > 0 or step
             else "no checkpoint was written"
         )
         amp = ", try without --amp," if self.config.amp != "none" else ""
