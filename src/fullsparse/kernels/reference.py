@@ -38,11 +38,7 @@ __all__ = [
 
 def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
     """``output`` (Eq. 1): ``y = W_out · X`` as a convolution."""
-    sizes = [
-        (input.shape[-2 + i] + 2 * geo.padding[i] - geo.dilation[i] * (weight.shape[-2 + i] - 1)
-         - 1) // geo.stride[i] + 1
-        for i in range(2)
-    ]  # fmt: skip
+    sizes = geo.output_size(tuple(input.shape[-2:]), tuple(weight.shape[-2:]))
     with onednn_guard(input, sizes):
         return F.conv2d(input, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
@@ -82,9 +78,10 @@ def onednn_guard(t: Tensor, output_hw: Sequence[int]) -> contextlib.AbstractCont
 
     Unsafe: ``t`` is bfloat16/float16 on the CPU and an output side is 1. There, torch 2.13's
     oneDNN convolution gave NaN or values off by up to 1e15 on some shapes and crashed the
-    process on one, while PyTorch's own kernel was right on every shape tried. Found by
-    tests/test_properties.py; the scan, and the upstream reports pytorch/pytorch#163347 and
-    #169688, are in docs/reliability.md. Such outputs are tiny, so the detour costs nothing.
+    process on two (a forward and a grad_input), while PyTorch's own kernel was right on
+    every shape tried. Found by tests/test_properties.py; the scan, and the upstream reports
+    pytorch/pytorch#163347 and #169688, are in docs/reliability.md. Such outputs are tiny,
+    so the detour costs nothing.
     """
     low = t.dtype in (torch.bfloat16, torch.float16)
     if t.device.type == "cpu" and low and min(output_hw) == 1:
