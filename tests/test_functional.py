@@ -315,7 +315,8 @@ def test_bfloat16_autocast_on_cpu(name):
 
 
 # PyTorch's CPU oneDNN convolution in bfloat16 is wrong (or crashes) on some shapes with an
-# output height or width of 1; conv_output routes those around it (docs/reliability.md).
+# output height or width of 1 or a kernel tap that meets only padding; onednn_guard routes
+# those around it (docs/reliability.md).
 # (n, ci, co, h, w, kernel, stride, padding, dilation)
 ONE_WIDE = {
     "hypothesis-found": (1, 2, 1, 6, 4, (3, 3), (1, 2), (1, 0), (1, 1)),
@@ -326,12 +327,15 @@ ONE_WIDE = {
     "grad-input-crashed": (2, 3, 8, 1, 5, (2, 4), (1, 1), (1, 1), (2, 2)),
     # output 3x2, but fst's weight gradient convolves a 3x1 dY_ir at stride (1, 2)
     "ir-weight-grad": (1, 2, 1, 3, 1, (1, 4), (1, 1), (0, 2), (1, 1)),
+    # output 6x2, no side of 1: the middle kernel column only ever meets padding, and
+    # oneDNN's weight gradient left garbage (1e31) there instead of 0
+    "dead-tap-weight-grad": (1, 1, 1, 6, 2, (1, 3), (1, 3), (0, 2), (1, 1)),
 }
 
 
 @pytest.mark.parametrize("case", list(ONE_WIDE))
 @pytest.mark.parametrize("name", ["dense", "fst", "wx"])
-def test_bfloat16_conv_with_an_output_side_of_one_matches_reference(name, case):
+def test_bfloat16_conv_on_onednn_unsafe_shapes_matches_reference(name, case):
     n, ci, co, h, w, k, stride, padding, dilation = ONE_WIDE[case]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, ci, h, w, generator=gen).bfloat16()
@@ -339,14 +343,53 @@ def test_bfloat16_conv_with_an_output_side_of_one_matches_reference(name, case):
     geo = Geo(stride, padding, dilation, 1)
     ho, wo = out_size(h, w, *k, geo)
     gy = torch.randn(n, co, ho, wo, generator=gen).bfloat16()
-    xr, wr = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    y = sparse_conv2d(xr, wr, None, stride, padding, dilation, config=recipe(name))
-    y.backward(gy)
     want = ref_conv(x, weight, None, gy, geo, name)
     scale = max(want[0].norm().item(), 1.0)  # the crash case's output is all padding: 0
-    assert (y.double() - want[0]).norm().item() / scale < 2e-2
-    assert _rel(xr.grad, want[1]) < 2e-2 and _rel(wr.grad, want[2]) < 2e-2
+    # The dead-tap bug leaves uninitialised memory in the result: free NaN-filled blocks
+    # first so the allocator is likely to hand one back, and try a few times.
+    for _ in range(16):
+        dirty = torch.full((1 << 14,), float("nan"), dtype=torch.bfloat16)
+        del dirty
+        xr, wr = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        y = sparse_conv2d(xr, wr, None, stride, padding, dilation, config=recipe(name))
+        y.backward(gy)
+        assert (y.double() - want[0]).norm().item() / scale < 2e-2
+        assert _rel(xr.grad, want[1]) < 2e-2 and _rel(wr.grad, want[2]) < 2e-2
     assert torch.backends.mkldnn.enabled  # the detour is put back
+
+
+def test_dead_tap_rule_matches_brute_force_and_the_guard_uses_it():
+    # The dead-tap garbage above is uninitialised memory, so the end-to-end test catches a
+    # missing guard only some of the time; these checks are deterministic.
+    from fullsparse.functional import ConvGeometry
+    from fullsparse.kernels.reference import _has_dead_tap, onednn_guard
+
+    checked = 0
+    for size in range(1, 9):
+        for k in range(1, 6):
+            for s in range(1, 4):
+                for p in range(4):
+                    for d in (1, 2):
+                        if size + 2 * p < d * (k - 1) + 1:
+                            continue
+                        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+                        dead = any(
+                            all(not 0 <= o * s + t * d - p < size for o in range(out))
+                            for t in range(k)
+                        )
+                        geo = ConvGeometry.make((1, s), (0, p), (1, d))
+                        assert _has_dead_tap((1, size), (1, k), geo, (1, out)) == dead
+                        checked += dead
+    assert checked > 100  # the rule was exercised, not only its negative
+    x = torch.zeros(1, 1, 6, 2, dtype=torch.bfloat16)
+    weight = torch.zeros(1, 1, 1, 3, dtype=torch.bfloat16)
+    geo = ConvGeometry.make((1, 3), (0, 2))
+    for dtype, on_cpu_onednn in ((torch.bfloat16, False), (torch.float32, True)):
+        with onednn_guard(x.to(dtype), x, weight, geo, (6, 2)):
+            assert torch.backends.mkldnn.enabled is on_cpu_onednn
+    with onednn_guard(x, x, weight, ConvGeometry.make(1, 1), (8, 2)):  # 3 taps, all live
+        assert torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
 
 
 # --------------------------------------------------------------------------- errors

@@ -92,6 +92,13 @@ def conv_cases(draw):
         groups=1, bias=False, dtype="bfloat16", layout="contiguous", seed=0,
     )
 )  # fmt: skip
+# ... and garbage in a weight-gradient entry whose kernel tap only meets padding (fst2).
+@example(
+    case=dict(
+        n=1, ci=1, co=1, h=6, w=2, k=(1, 3), stride=(1, 3), padding=(0, 2), dilation=(1, 1),
+        groups=1, bias=False, dtype="bfloat16", layout="contiguous", seed=0,
+    )
+)  # fmt: skip
 def test_conv_matches_reference_or_names_the_rule(recipe_name, case):
     case["recipe"] = recipe_name
     dtype = DTYPES[case["dtype"]]

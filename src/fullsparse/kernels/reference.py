@@ -39,7 +39,7 @@ __all__ = [
 def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
     """``output`` (Eq. 1): ``y = W_out · X`` as a convolution."""
     sizes = geo.output_size(tuple(input.shape[-2:]), tuple(weight.shape[-2:]))
-    with onednn_guard(input, sizes):
+    with onednn_guard(input, input, weight, geo, sizes):
         return F.conv2d(input, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 
@@ -54,7 +54,7 @@ def conv_backward(
     """One gradient of a convolution from ``dY``: ``which`` = "input" (shaped like
     ``input``) or "weight" (shaped like ``weight``)."""
     mask = [which == "input", which == "weight", False]
-    with onednn_guard(grad_output, grad_output.shape[-2:]):
+    with onednn_guard(grad_output, input, weight, geo, grad_output.shape[-2:]):
         grads = torch.ops.aten.convolution_backward(
             grad_output,
             input,
@@ -71,22 +71,41 @@ def conv_backward(
     return grads[0] if which == "input" else grads[1]
 
 
-def onednn_guard(t: Tensor, output_hw: Sequence[int]) -> contextlib.AbstractContextManager[Any]:
-    """A context for one convolution (or its backward) on ``t`` with an output of height and
-    width ``output_hw``: PyTorch's own kernel where its CPU oneDNN kernel is unsafe, else
-    nothing.
+def onednn_guard(
+    t: Tensor, input: Tensor, weight: Tensor, geo: Any, output_hw: Sequence[int]
+) -> contextlib.AbstractContextManager[Any]:
+    """A context for one convolution of ``input`` by ``weight`` (or one of its gradients)
+    computed in ``t``'s dtype, with an output of ``output_hw``: PyTorch's own kernel where
+    its CPU oneDNN kernel is unsafe, else nothing.
 
-    Unsafe: ``t`` is bfloat16/float16 on the CPU and an output side is 1. There, torch 2.13's
-    oneDNN convolution gave NaN or values off by up to 1e15 on some shapes and crashed the
-    process on two (a forward and a grad_input), while PyTorch's own kernel was right on
-    every shape tried. Found by tests/test_properties.py; the scan, and the upstream reports
-    pytorch/pytorch#163347 and #169688, are in docs/reliability.md. Such outputs are tiny,
-    so the detour costs nothing.
+    Unsafe: ``t`` is bfloat16/float16 on the CPU, and an output side is 1 or a kernel tap
+    only ever meets padding. There, torch 2.13's oneDNN convolution gave NaN or values off
+    by up to 1e31 on some shapes (the forward when an output side is 1; the weight gradient
+    in both cases, the dead tap's entry being garbage instead of 0) and crashed the process
+    on two, while PyTorch's own kernel was right on every shape tried. Found by
+    tests/test_properties.py; the scans, and the upstream reports pytorch/pytorch#163347 and
+    #169688, are in docs/reliability.md. Such shapes are tiny, so the detour costs nothing.
     """
     low = t.dtype in (torch.bfloat16, torch.float16)
-    if t.device.type == "cpu" and low and min(output_hw) == 1:
+    if t.device.type != "cpu" or not low:
+        return contextlib.nullcontext()
+    if min(output_hw) == 1 or _has_dead_tap(input.shape[-2:], weight.shape[-2:], geo, output_hw):
         return _without_onednn()
     return contextlib.nullcontext()
+
+
+def _has_dead_tap(
+    input_hw: Sequence[int], kernel_hw: Sequence[int], geo: Any, output_hw: Sequence[int]
+) -> bool:
+    """True when some kernel position reads only padding at every output position."""
+    for d in range(2):
+        size, stride, out = input_hw[d], geo.stride[d], output_hw[d]
+        for tap in range(kernel_hw[d]):
+            offset = tap * geo.dilation[d] - geo.padding[d]  # input index at output 0
+            first = max(0, -(offset // stride)) if offset < 0 else 0  # first o with index >= 0
+            if first > out - 1 or first * stride + offset >= size:
+                return True
+    return False
 
 
 @contextlib.contextmanager
