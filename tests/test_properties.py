@@ -99,6 +99,13 @@ def conv_cases(draw):
         groups=1, bias=False, dtype="bfloat16", layout="contiguous", seed=0,
     )
 )  # fmt: skip
+# Thorough run, seed 9: a segmentation fault in float32 with a channels-last input (a dead tap).
+@example(
+    case=dict(
+        n=2, ci=8, co=2, h=5, w=1, k=(2, 1), stride=(3, 2), padding=(2, 1), dilation=(1, 2),
+        groups=2, bias=True, dtype="float32", layout="channels_last", seed=318,
+    )
+)  # fmt: skip
 def test_conv_matches_reference_or_names_the_rule(recipe_name, case):
     case["recipe"] = recipe_name
     dtype = DTYPES[case["dtype"]]

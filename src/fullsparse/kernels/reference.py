@@ -78,16 +78,17 @@ def onednn_guard(
     computed in ``t``'s dtype, with an output of ``output_hw``: PyTorch's own kernel where
     its CPU oneDNN kernel is unsafe, else nothing.
 
-    Unsafe: ``t`` is bfloat16/float16 on the CPU, and an output side is 1 or a kernel tap
-    only ever meets padding. There, torch 2.13's oneDNN convolution gave NaN or values off
+    Unsafe: ``t`` is on the CPU, and an output side is 1 or a kernel tap only ever meets
+    padding. Found first in bfloat16; the thorough property run then hit the same shapes in
+    float32 with a channels-last input (a wrong output, and a segmentation fault), so the
+    rule covers every dtype. There, torch 2.13's oneDNN convolution gave NaN or values off
     by up to 1e31 on some shapes (the forward when an output side is 1; the weight gradient
     in both cases, the dead tap's entry being garbage instead of 0) and crashed the process
     on two, while PyTorch's own kernel was right on every shape tried. Found by
     tests/test_properties.py; the scans, and the upstream reports pytorch/pytorch#163347 and
     #169688, are in docs/reliability.md. Such shapes are tiny, so the detour costs nothing.
     """
-    low = t.dtype in (torch.bfloat16, torch.float16)
-    if t.device.type != "cpu" or not low:
+    if t.device.type != "cpu":
         return contextlib.nullcontext()
     if min(output_hw) == 1 or _has_dead_tap(input.shape[-2:], weight.shape[-2:], geo, output_hw):
         return _without_onednn()
