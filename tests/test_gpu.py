@@ -230,7 +230,8 @@ def test_sparsify_report_and_a_training_step_on_the_gpu():
 
 
 def test_bench_gpu_quick_suite_runs_within_its_budget():
-    from fullsparse.bench_gpu import format_gpu, run_gpu_suite
+    from fullsparse.bench.gpu import run_gpu_suite
+    from fullsparse.bench.report import format_gpu
 
     result = run_gpu_suite(quick=True, budget_s=90)
     assert result["correctness"] and all(c["passed"] for c in result["correctness"])

@@ -1,5 +1,6 @@
-"""``fullsparse bench layers`` (CPU, per-role timings of every recipe against dense) and
-``fullsparse bench gpu`` (the one-call GPU suite, :mod:`fullsparse.bench_gpu`)."""
+"""``fullsparse bench layers`` (CPU, per-role timings of every recipe against dense),
+``fullsparse bench steps`` (whole training steps per recipe) and ``fullsparse bench gpu``
+(the one-call GPU suite). The suites live in :mod:`fullsparse.bench`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 from fullsparse.errors import UserError
+
+_FORCE_HELP = "overwrite existing output files"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +36,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     layers.add_argument("--cifar-batch", type=int, default=128, help="batch at 32x32 (128)")
     layers.add_argument("--imagenet-batch", type=int, default=16, help="batch at 224x224 (16)")
-    layers.add_argument("--warmup", type=int, default=1, help="untimed runs per role (1)")
+    layers.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds per role before timing (1; at least 1 always runs)",
+    )
     layers.add_argument("--repeats", type=int, default=5, help="timed runs, median (5)")
     layers.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     layers.add_argument(
@@ -46,7 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--markdown", type=Path, default=None, help="also write the markdown table here"
     )
     layers.add_argument("--quiet", action="store_true", help="no progress lines")
+    layers.add_argument("--force", action="store_true", help=_FORCE_HELP)
     layers.set_defaults(func=run_layers)
+
+    _add_steps_parser(sub)
 
     gpu = sub.add_parser(
         "gpu",
@@ -84,12 +95,76 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     gpu.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     gpu.add_argument("--quiet", action="store_true", help="no progress lines")
+    gpu.add_argument("--force", action="store_true", help=_FORCE_HELP)
     gpu.set_defaults(func=run_gpu)
+
+
+def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
+    from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES
+
+    steps = sub.add_parser(
+        "steps",
+        help="time whole training steps (forward, backward, optimizer) per recipe vs dense",
+        description="Time one whole training step (forward, loss, backward, optimizer step) "
+        "of dense and each recipe, interleaved in one process, median over --repeats rounds; "
+        "also each step's peak memory, the weight-side mask work of the sparse layers as a "
+        "share of the dense step, and the fst weight gradient alone at a 56x56 conv shape. "
+        f"Cases: {', '.join(STEP_CASES)}.",
+    )
+    steps.add_argument(
+        "--cases",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated case names (default: {','.join(DEFAULT_CASES)}); 'tiny' "
+        "means the three tiny-* cases",
+    )
+    steps.add_argument(
+        "--recipes",
+        default=",".join(DEFAULT_RECIPES),
+        help=f"comma-separated recipes (default: {','.join(DEFAULT_RECIPES)}; dense always runs)",
+    )
+    steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (2; at least 1)")
+    steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median (10)")
+    steps.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    steps.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to run (cpu)"
+    )
+    steps.add_argument(
+        "--grad-weight-batch",
+        type=int,
+        default=32,
+        help="batch of the fst-vs-dense grad_weight comparison at 64x56x56 3x3 (32; 0: skip)",
+    )
+    steps.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-steps.json"),
+        help="where to save the JSON (default: bench-steps.json)",
+    )
+    steps.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    steps.add_argument("--quiet", action="store_true", help="no progress lines")
+    steps.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    steps.set_defaults(func=run_steps)
+
+
+def _refuse_overwrite(args: argparse.Namespace, *paths: Path | None) -> None:
+    """One line, exit 2, before any timing: an existing output file is kept unless --force."""
+    for path in paths:
+        if path is not None and path.exists() and not args.force:
+            raise UserError(f"{path} already exists; pass --force to overwrite it")
+
+
+def _save(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"saved {path}")
 
 
 def run_layers(args: argparse.Namespace) -> int:
     from fullsparse.bench import bench_layers, format_layers, resnet18_shapes
-    from fullsparse.config import RECIPES
+    from fullsparse.bench.ops import RECIPES
+    from fullsparse.bench.report import machine_line
+
+    _refuse_overwrite(args, args.json, args.markdown)
 
     recipes = (
         RECIPES
@@ -105,7 +180,7 @@ def run_layers(args: argparse.Namespace) -> int:
     shapes = resnet18_shapes(args.cifar_batch, args.imagenet_batch)
     if args.inputs != "all":
         shapes = [s for s in shapes if s.name.startswith(args.inputs)]
-    total = len(shapes) * len({"dense", *recipes})
+    total = len(shapes) * 4  # one progress line per shape and role
     done = [0]
 
     def progress(msg: str) -> None:
@@ -122,27 +197,79 @@ def run_layers(args: argparse.Namespace) -> int:
         progress=progress,
     )
     table = format_layers(result)
-    m = result["machine"]
-    header = (
-        f"CPU: {m['cpu']} ({m['torch_threads']} torch threads), torch {m['torch']}, "
-        f"{m['date']}, commit {m['commit']}"
-    )
+    header = machine_line(result["machine"])
     print(header)
     print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    print(f"saved {args.json}")
+    _save(args.json, json.dumps(result, indent=2))
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(header + "\n\n" + table + "\n")
-        print(f"saved {args.markdown}")
+        _save(args.markdown, header + "\n\n" + table + "\n")
+    return 0
+
+
+def run_steps(args: argparse.Namespace) -> int:
+    from fullsparse.bench.cases import ConvShape
+    from fullsparse.bench.ops import RECIPES
+    from fullsparse.bench.report import format_steps
+    from fullsparse.bench.steps import GRAD_WEIGHT_SHAPE, STEP_CASES, bench_steps
+
+    cases: list[str] = []
+    for c in (c.strip() for c in args.cases.split(",")):
+        if c == "tiny":
+            cases += [n for n in STEP_CASES if n.startswith("tiny-")]
+        elif c:
+            cases.append(c)
+    unknown = [c for c in cases if c not in STEP_CASES]
+    if unknown or not cases:
+        raise UserError(
+            f"unknown case(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(STEP_CASES)} or 'tiny'"
+        )
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad:
+        raise UserError(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(RECIPES)}")
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    if args.grad_weight_batch < 0:
+        raise UserError("--grad-weight-batch must be >= 0")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+    _refuse_overwrite(args, args.out, args.markdown)
+    shape = None
+    if args.grad_weight_batch:
+        g = GRAD_WEIGHT_SHAPE
+        shape = ConvShape(g.name, g.cin, g.cout, g.kernel, g.stride, g.size, args.grad_weight_batch)
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    result = bench_steps(
+        dict.fromkeys(cases),
+        recipes,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        device=args.device,
+        grad_weight_shape=shape,
+        progress=progress,
+    )
+    table = format_steps(result)
+    print(table)
+    _save(args.out, json.dumps(result, indent=2))
+    if args.markdown:
+        _save(args.markdown, table + "\n")
     return 0
 
 
 def run_gpu(args: argparse.Namespace) -> int:
     import torch
 
-    from fullsparse.bench_gpu import format_gpu, run_gpu_suite
+    from fullsparse.bench.gpu import run_gpu_suite
+    from fullsparse.bench.report import format_gpu
 
     for flag in ("vit_batch", "conv_batch", "step_batch"):
         value = getattr(args, flag)
@@ -150,6 +277,7 @@ def run_gpu(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.budget_s <= 0:
         raise UserError("--budget-s must be > 0")
+    _refuse_overwrite(args, args.json, args.markdown)
 
     def progress(msg: str) -> None:
         if not args.quiet:
@@ -167,13 +295,9 @@ def run_gpu(args: argparse.Namespace) -> int:
     )
     table = format_gpu(result)
     print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2, default=str))
-    print(f"saved {args.json}")
+    _save(args.json, json.dumps(result, indent=2, default=str))
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-        print(f"saved {args.markdown}")
+        _save(args.markdown, table + "\n")
     failed = [c for c in result["correctness"] if not c["passed"]]
     if failed:
         print(

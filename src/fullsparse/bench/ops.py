@@ -1,0 +1,67 @@
+"""Everything the suites need from the layers below (config, functional), in one place.
+
+The suites import these names from here only, so a change of the layers below touches this
+file and nothing else in :mod:`fullsparse.bench`. :func:`weight_side_work` is the one
+definition of "the weight-side work of a step" that ``bench steps`` reports.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fullsparse.config import RECIPES, SparsityConfig, recipe
+from fullsparse.functional import (
+    ConvGeometry,
+    conv_grad_input,
+    conv_grad_input_for,
+    conv_grad_weight,
+    conv_grad_weight_for,
+    decay_term,
+    grad_input_weight,
+    ir_grad_output,
+    linear_grad_input_for,
+    linear_grad_weight_for,
+    mask_co,
+    mask_k,
+    output_weight_mask,
+    sparse_conv2d,
+    sparse_linear,
+)
+
+__all__ = [
+    "RECIPES",
+    "SparsityConfig",
+    "recipe",
+    "ConvGeometry",
+    "conv_grad_input",
+    "conv_grad_input_for",
+    "conv_grad_weight",
+    "conv_grad_weight_for",
+    "ir_grad_output",
+    "linear_grad_input_for",
+    "linear_grad_weight_for",
+    "mask_co",
+    "mask_k",
+    "output_weight_mask",
+    "sparse_conv2d",
+    "sparse_linear",
+    "weight_side_work",
+]
+
+
+def weight_side_work(
+    weight: Tensor, config: SparsityConfig, groups: int = 1, forward_mask: Tensor | None = None
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """The per-step operands a sparse layer derives from its weight alone, computed as one
+    training step computes them: the ``output`` mask (S_K(W), or the TSM mask, which a
+    module passes in as ``forward_mask`` between its recomputations), the ``grad_input``
+    weight operand (S_Co(W_src)·W_src, the forward operand, or W) and the SR-STE decay
+    term λ·(W − S(W)).
+
+    Returns ``(output mask or None, grad_input weight, decay or None)``. What is timed is
+    exactly this function over every sparse layer of a model, so it must stay the same work
+    the autograd functions do per step.
+    """
+    out_mask = output_weight_mask(weight, config, groups, forward_mask)
+    w_gi = grad_input_weight(weight, out_mask, config, groups)
+    return out_mask, w_gi, decay_term(weight, out_mask, config)

@@ -1,0 +1,311 @@
+"""``bench steps``: whole training steps (forward, loss, backward, optimizer step) of dense
+and each recipe, in one process.
+
+Per case (:data:`STEP_CASES`) every recipe's model is built from the same seed, sparsified
+(``sparsify_``'s default selection and backend), and one step of each is timed in turn,
+the order rotated every round (:func:`~fullsparse.bench.harness.interleaved_ms`); the
+result is the median over ``repeats`` rounds after ``max(1, warmup)`` warm-up rounds.
+Reported per case and recipe:
+
+- ``step_ms`` and ``speedup_vs_dense`` = dense step time / recipe step time (above 1 =
+  faster than dense);
+- ``peak_memory_mb``: one more, untimed step's peak memory above what was live before it
+  (:func:`~fullsparse.bench.harness.peak_memory_bytes` says what that counts);
+- ``weight_side``: the per-step work sparse layers do on their weights alone (the 2:4
+  masks S_K(W) and S_Co(W) or the TSM mask, the ``grad_input`` weight operand, the SR-STE
+  decay term; :func:`~fullsparse.bench.ops.weight_side_work`), summed over every sparse
+  layer, timed alone, as a percentage of the dense step.
+
+Plus ``grad_weight``: the ``fst`` weight gradient alone against the dense one at a 56×56
+conv shape (batch 32, 64→64 channels, 3×3 by default), the half-FLOP product on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fullsparse.bench.cases import ConvShape
+from fullsparse.bench.harness import interleaved_ms, machine_info, peak_memory_bytes, ratio
+from fullsparse.bench.layers import _role_fns
+from fullsparse.bench.ops import recipe, weight_side_work
+
+__all__ = [
+    "StepCase",
+    "STEP_CASES",
+    "DEFAULT_CASES",
+    "DEFAULT_RECIPES",
+    "GRAD_WEIGHT_SHAPE",
+    "STEP_TARGETS",
+    "bench_steps",
+]
+
+
+@dataclass(frozen=True)
+class StepCase:
+    """One model, batch and optimizer as a training run would use them."""
+
+    name: str
+    model: str  # a fullsparse.models name (build_model, or build_lm_model for "lm")
+    batch: int
+    task: str = "classify"  # "classify": images -> classes; "lm": bytes -> next byte
+    image_size: int = 0
+    channels: int = 3
+    classes: int = 10
+    context: int = 0  # lm: sequence length
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"  # "sgd": momentum 0.9, wd 7e-5; "adamw"
+    lr: float = 0.05
+    clip: float | None = None  # gradient-norm clipping, as the lm runs do
+    note: str = ""
+
+
+def _cases() -> dict[str, StepCase]:
+    vit_kw = {"depth": 4, "patch_size": 7}
+    cases = [
+        StepCase("resnet20", "resnet20", 128, image_size=28, channels=1,
+                 note="Fashion-MNIST shape, the results' ResNet-20 (docs/results.md)"),
+        StepCase("resnet18-b8", "resnet18", 8, image_size=160, classes=1000,
+                 note="ImageNet ResNet-18 at 160x160"),
+        StepCase("resnet18-b32", "resnet18", 32, image_size=160, classes=1000,
+                 note="ImageNet ResNet-18 at 160x160"),
+        StepCase("vit", "vit_tiny", 128, image_size=28, channels=1, model_kwargs=vit_kw,
+                 optimizer="adamw", lr=1e-3,
+                 note="ViT-tiny width, 4 blocks, 7x7 patches (docs/results.md)"),
+        StepCase("gpt", "gpt_tiny", 32, task="lm", context=128, optimizer="adamw", lr=3e-3,
+                 clip=1.0, note="gpt_tiny, 32 x 128 bytes (docs/language-model.md)"),
+        # small stand-ins: the whole command in seconds, for tests and a first try
+        StepCase("tiny-resnet20", "resnet20", 4, image_size=8, channels=1, note="test size"),
+        StepCase("tiny-vit", "vit_tiny", 4, image_size=8, channels=1, optimizer="adamw",
+                 lr=1e-3, model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2,
+                                        "patch_size": 4}, note="test size"),
+        StepCase("tiny-gpt", "gpt_tiny", 2, task="lm", context=8, optimizer="adamw", lr=3e-3,
+                 clip=1.0, model_kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2},
+                 note="test size"),
+    ]  # fmt: skip
+    return {c.name: c for c in cases}
+
+
+STEP_CASES: dict[str, StepCase] = _cases()
+DEFAULT_CASES = ("resnet20", "resnet18-b8", "resnet18-b32", "vit", "gpt")
+DEFAULT_RECIPES = ("dense", "fst", "fst2", "srste")
+GRAD_WEIGHT_SHAPE = ConvShape("layer1 3x3 64-64 @56", 64, 64, 3, 1, 56, 32)
+#: What the step benchmark is meant to show; reported with each result, never asserted.
+STEP_TARGETS = {
+    "fst_step_speedup_min": 1.0,  # fst step >= 1.0x dense in every case (aim: 1.1x)
+    "weight_side_percent_max": 5.0,  # weight-side work < 5 % of a dense step
+    "fst_grad_weight_speedup": 1.8,  # fst grad_weight alone >= 1.8x dense at 56x56
+}
+
+
+# --------------------------------------------------------------------------- one case
+def _build(case: StepCase, name: str, device: torch.device) -> nn.Module:
+    from fullsparse.models import build_lm_model, build_model
+    from fullsparse.nn import sparsify_
+
+    torch.manual_seed(0)
+    if case.task == "lm":
+        model = build_lm_model(case.model, context=case.context, **case.model_kwargs)
+    else:
+        model = build_model(
+            case.model, case.classes, case.channels, case.image_size, **case.model_kwargs
+        )
+    model = model.to(device)
+    if name != "dense":
+        sparsify_(model, name)
+    return model
+
+
+def _batch(case: StepCase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    if case.task == "lm":
+        tokens = torch.randint(0, 256, (case.batch, case.context + 1), generator=gen)
+        return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    shape = (case.batch, case.channels, case.image_size, case.image_size)
+    x = torch.randn(shape, generator=gen)
+    return x.to(device), torch.randint(0, case.classes, (case.batch,), generator=gen).to(device)
+
+
+def _step_fn(case: StepCase, model: nn.Module, device: torch.device) -> Callable[[int], None]:
+    """One training step of ``model`` on a fixed batch."""
+    x, y = _batch(case, device)
+    if case.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=case.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=case.lr, momentum=0.9, weight_decay=7e-5)
+    model.train()
+
+    def step(_: int) -> None:
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if case.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip)
+        opt.step()
+
+    return step
+
+
+def _weight_side_fn(model: nn.Module) -> tuple[int, Callable[[int], None]]:
+    """(sparse layers, a callable doing every sparse layer's weight-side work once)."""
+    from fullsparse.nn import sparse_modules
+
+    layers = []
+    for _, m in sparse_modules(model):
+        cfg = m.config  # type: ignore[attr-defined]
+        cached = m.tsm_mask if cfg.uses_transposable_mask else None  # type: ignore[attr-defined]
+        layers.append((m.weight.detach(), cfg, int(getattr(m, "groups", 1)), cached))
+
+    def work(_: int) -> None:
+        with torch.no_grad():
+            for w, cfg, groups, cached in layers:
+                weight_side_work(w, cfg, groups, cached)
+
+    return len(layers), work
+
+
+def _bench_case(
+    case: StepCase, names: Sequence[str], warmup: int, repeats: int, device: torch.device
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    models = {name: _build(case, name, device) for name in names}
+    steps = {name: _step_fn(case, models[name], device) for name in names}
+    ms = interleaved_ms(steps, warmup, repeats, device)
+    work = {name: _weight_side_fn(models[name]) for name in names}
+    rows = [
+        {
+            "case": case.name,
+            "recipe": name,
+            "batch": case.batch,
+            "step_ms": ms[name],
+            "speedup_vs_dense": ratio(ms["dense"], ms[name]),
+            "peak_memory_mb": peak_memory_bytes(lambda s=steps[name]: s(0), device) / 2**20,
+            "sparse_layers": work[name][0],
+        }
+        for name in names
+    ]
+    side = []
+    for name in names:
+        layers, fn = work[name]
+        if not layers:
+            continue
+        work_ms = interleaved_ms({"work": fn}, warmup, repeats, device)["work"]
+        side.append(
+            {
+                "case": case.name,
+                "recipe": name,
+                "layers": layers,
+                "ms": work_ms,
+                "dense_step_ms": ms["dense"],
+                "percent_of_dense_step": 100.0 * work_ms / ms["dense"],
+            }
+        )
+    return rows, side
+
+
+def _grad_weight(shape: ConvShape, warmup: int, repeats: int) -> dict[str, Any]:
+    """The fst weight gradient alone vs the dense one (as ``bench layers`` times it)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.batch, shape.cin, shape.size, shape.size, generator=gen)
+    w = torch.randn(shape.cout, shape.cin, shape.kernel, shape.kernel, generator=gen)
+    dy = torch.randn(shape.batch, shape.cout, shape.out_size, shape.out_size, generator=gen)
+    fns = {n: _role_fns(shape, n, x, w, dy)["grad_weight"] for n in ("dense", "fst")}
+    ms = interleaved_ms(fns, warmup, repeats)
+    return {
+        "shape": asdict(shape),
+        "dense_ms": ms["dense"],
+        "fst_ms": ms["fst"],
+        "speedup": ratio(ms["dense"], ms["fst"]),
+    }
+
+
+# --------------------------------------------------------------------------- the suite
+def bench_steps(
+    cases: Sequence[str] = DEFAULT_CASES,
+    recipes: Sequence[str] = DEFAULT_RECIPES,
+    *,
+    warmup: int = 2,
+    repeats: int = 10,
+    threads: int | None = None,
+    device: str | torch.device = "cpu",
+    grad_weight_shape: ConvShape | None = GRAD_WEIGHT_SHAPE,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time whole training steps of every recipe (``dense`` always included, first) for
+    every case of :data:`STEP_CASES` named in ``cases``.
+
+    Returns a JSON-ready dict: ``machine``, ``settings``, ``steps`` (one row per case ×
+    recipe), ``weight_side`` (one row per case × sparse recipe), ``grad_weight`` (None
+    when ``grad_weight_shape`` is None) and ``targets`` (:data:`STEP_TARGETS`, judged).
+
+    Raises:
+        ValueError: an unknown case or recipe name.
+    """
+    unknown = [c for c in cases if c not in STEP_CASES]
+    if unknown:
+        raise ValueError(
+            f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(STEP_CASES)}"
+        )
+    for name in recipes:
+        recipe(name)  # unknown names fail before any timing
+    names = ["dense", *dict.fromkeys(r for r in recipes if r != "dense")]
+    warmup = max(1, warmup)
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    report = progress or (lambda msg: None)
+    steps: list[dict[str, Any]] = []
+    side: list[dict[str, Any]] = []
+    for case_name in cases:
+        report(f"steps {case_name}: {', '.join(names)}")
+        rows, work = _bench_case(STEP_CASES[case_name], names, warmup, repeats, device)
+        steps += rows
+        side += work
+    grad_weight = None
+    if grad_weight_shape is not None:
+        report(f"grad_weight {grad_weight_shape.name}: dense, fst")
+        grad_weight = _grad_weight(grad_weight_shape, warmup, repeats)
+    result = {
+        "machine": machine_info(),
+        "settings": {
+            "cases": [asdict(STEP_CASES[c]) for c in cases],
+            "recipes": names,
+            "warmup": warmup,
+            "repeats": repeats,
+            "device": str(device),
+            "peak_memory": "bytes held at once above what was live before the step "
+            + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else
+               "(CPU allocator events recorded by torch.profiler)"),
+        },
+        "steps": steps,
+        "weight_side": side,
+        "grad_weight": grad_weight,
+    }  # fmt: skip
+    result["targets"] = _targets(result)
+    return result
+
+
+def _targets(result: dict[str, Any]) -> dict[str, Any]:
+    fst = [r["speedup_vs_dense"] for r in result["steps"] if r["recipe"] == "fst"]
+    side = [r["percent_of_dense_step"] for r in result["weight_side"]]
+    gw = result["grad_weight"]
+
+    def judge(value: float | None, target: float, higher: bool) -> dict[str, Any]:
+        met = None if value is None else (value >= target if higher else value < target)
+        return {"value": value, "target": target, "met": met}
+
+    t = STEP_TARGETS
+    return {
+        "fst_step_speedup_min": judge(min(fst) if fst else None, t["fst_step_speedup_min"], True),
+        "weight_side_percent_max": judge(
+            max(side) if side else None, t["weight_side_percent_max"], False
+        ),
+        "fst_grad_weight_speedup": judge(
+            gw["speedup"] if gw else None, t["fst_grad_weight_speedup"], True
+        ),
+    }
