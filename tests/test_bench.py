@@ -1,17 +1,72 @@
-"""The layer benchmark runs end to end on tiny shapes and reports what it timed."""
+"""The benchmarks run end to end on tiny shapes and report what they timed; the harness
+warms up, interleaves and measures memory as documented. No timing is asserted."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from reference import ref_weight_operands
+
 from fullsparse.bench import ConvShape, bench_layers, format_layers
+from fullsparse.bench.harness import interleaved_ms, median_ms, peak_memory_bytes
+from fullsparse.bench.ops import recipe, weight_side_work
+from fullsparse.bench.steps import STEP_CASES
 from fullsparse.cli import main
 
 TINY = [ConvShape("tiny 3x3 8-8 @8", 8, 8, 3, 1, 8, 2), ConvShape("tiny 3x3/2", 4, 8, 3, 2, 9, 2)]
 
 
+# --------------------------------------------------------------------------- the harness
+def test_harness_always_warms_up_once_even_with_warmup_zero():
+    calls: list[int] = []
+    median_ms(calls.append, warmup=0, repeats=3)
+    assert calls == [0, 1, 2, 3]  # one untimed warm-up call, then the three timed ones
+
+
+def test_harness_rotates_the_order_of_interleaved_callables():
+    order: list[str] = []
+    fns = {name: (lambda i, name=name: order.append(name)) for name in "abc"}
+    ms = interleaved_ms(fns, warmup=1, repeats=3)
+    assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
+    assert order == list("abc" + "abc" + "bca" + "cab")  # warm-up, then rotated rounds
+
+
+def test_peak_memory_counts_the_most_bytes_live_at_once_on_cpu():
+    mib = 1 << 20
+
+    def fn() -> None:
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a
+        c = torch.empty(mib, dtype=torch.uint8)
+        del b, c
+
+    peak = peak_memory_bytes(fn, torch.device("cpu"))
+    assert 3 * mib <= peak < 3 * mib + 64 * 1024  # a and b together; c comes after a is freed
+
+
+@pytest.mark.parametrize("name", ["fst", "srste", "tsm", "dense"])
+def test_weight_side_work_is_the_steps_weight_operands(name):
+    torch.manual_seed(3)
+    w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+    cfg = recipe(name)
+    out_mask, w_gi, decay = weight_side_work(w, cfg)
+    w_out, ref_gi, row = ref_weight_operands(w.reshape(8, -1), name)
+    got_out = w if out_mask is None else w * out_mask
+    torch.testing.assert_close(got_out.reshape(8, -1), w_out, rtol=0, atol=0)
+    torch.testing.assert_close(w_gi.reshape(8, -1), ref_gi, rtol=0, atol=0)
+    if row[5]:
+        torch.testing.assert_close(decay, row[5] * (w - got_out), rtol=0, atol=0)
+    else:
+        assert decay is None
+
+
+# --------------------------------------------------------------------------- bench layers
 def test_bench_layers_reports_every_role_with_dense_first():
     result = bench_layers(TINY, ["fst", "tsm"], warmup=0, repeats=1)
+    assert result["settings"]["warmup"] == 1  # at least one warm-up round, always
     rows = result["layers"]
     assert [(r["shape"], r["recipe"]) for r in rows] == [
         (s.name, name) for s in TINY for name in ("dense", "fst", "tsm")
@@ -28,37 +83,88 @@ def test_bench_layers_reports_every_role_with_dense_first():
     assert table.count("\n| tiny 3x3 8-8 @8 |") == 3 + 1 and "overhead %" in table
 
 
+def _layers_args(out, md=None):
+    args = ["bench", "layers", "--inputs", "cifar", "--recipes", "fst", "--cifar-batch", "1"]
+    args += ["--repeats", "1", "--warmup", "0", "--json", str(out), "--quiet"]
+    return args + (["--markdown", str(md)] if md else [])
+
+
 def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
     out, md = tmp_path / "b.json", tmp_path / "b.md"
-    code = main(
-        [
-            "bench",
-            "layers",
-            "--inputs",
-            "cifar",
-            "--recipes",
-            "fst",
-            "--cifar-batch",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-            str(out),
-            "--markdown",
-            str(md),
-            "--quiet",
-        ]
-    )
-    assert code == 0
+    assert main(_layers_args(out, md)) == 0
     data = json.loads(out.read_text())
     assert {r["recipe"] for r in data["layers"]} == {"dense", "fst"}
+    assert data["settings"]["warmup"] == 1
     assert "| layer | recipe |" in md.read_text()
     assert "saved" in capsys.readouterr().out
+
+
+def test_bench_layers_refuses_to_overwrite_without_force(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    out.write_text("earlier results")
+    assert main(_layers_args(out)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out} already exists; pass --force to overwrite it\n"
+    assert out.read_text() == "earlier results"  # nothing lost
+    assert main([*_layers_args(out), "--force"]) == 0
+    assert json.loads(out.read_text())["layers"]
 
 
 def test_bench_cli_rejects_unknown_recipe(capsys):
     assert main(["bench", "layers", "--recipes", "fast"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown recipe(s) fast") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- bench steps
+def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path, capsys):
+    out, md = tmp_path / "s.json", tmp_path / "s.md"
+    args = ["bench", "steps", "--cases", "tiny", "--recipes", "fst,tsm", "--repeats", "1"]
+    args += ["--warmup", "0", "--grad-weight-batch", "1", "--out", str(out)]
+    assert main([*args, "--markdown", str(md), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "settings", "steps", "weight_side", "grad_weight", "targets"}
+    tiny = [c for c in STEP_CASES if c.startswith("tiny-")]
+    assert [c["name"] for c in data["settings"]["cases"]] == tiny
+    assert data["settings"]["recipes"] == ["dense", "fst", "tsm"]
+    assert data["settings"]["warmup"] == 1
+    assert [(r["case"], r["recipe"]) for r in data["steps"]] == [
+        (c, r) for c in tiny for r in ("dense", "fst", "tsm")
+    ]
+    for r in data["steps"]:
+        assert set(r) == {
+            "case", "recipe", "batch", "step_ms", "speedup_vs_dense", "peak_memory_mb",
+            "sparse_layers",
+        }  # fmt: skip
+        assert r["step_ms"] > 0 and r["peak_memory_mb"] > 0
+        assert (r["sparse_layers"] == 0) == (r["recipe"] == "dense")
+        assert r["recipe"] != "dense" or r["speedup_vs_dense"] == 1.0
+    assert [(w["case"], w["recipe"]) for w in data["weight_side"]] == [
+        (c, r) for c in tiny for r in ("fst", "tsm")
+    ]
+    for w in data["weight_side"]:
+        assert w["ms"] > 0 and w["layers"] > 0
+        assert w["percent_of_dense_step"] == pytest.approx(100 * w["ms"] / w["dense_step_ms"])
+    gw = data["grad_weight"]
+    assert gw["shape"]["batch"] == 1 and gw["shape"]["size"] == 56 and gw["dense_ms"] > 0
+    assert set(data["targets"]) == {
+        "fst_step_speedup_min",
+        "weight_side_percent_max",
+        "fst_grad_weight_speedup",
+    }
+    printed = capsys.readouterr().out
+    assert "| tiny-gpt | tsm | 2 |" in printed and "| weight-side work: case |" in printed
+    assert "grad_weight alone, 1x64x56x56" in printed and f"saved {out}" in printed
+    assert md.read_text().startswith("CPU: ")
+
+
+def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
+    assert main(["bench", "steps", "--cases", "resnet99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown case(s) resnet99; choose from resnet20,")
+    assert err.count("\n") == 1
+    out = tmp_path / "s.json"
+    out.write_text("{}")
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert out.read_text() == "{}"
