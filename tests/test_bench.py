@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from reference import ref_weight_operands
 
 from fullsparse.bench import ConvShape, bench_layers, format_layers
 from fullsparse.bench.harness import interleaved_ms, median_ms, peak_memory_bytes
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.bench.steps import STEP_CASES
 from fullsparse.cli import main
+from reference import ref_weight_operands
 
 TINY = [ConvShape("tiny 3x3 8-8 @8", 8, 8, 3, 1, 8, 2), ConvShape("tiny 3x3/2", 4, 8, 3, 2, 9, 2)]
 
