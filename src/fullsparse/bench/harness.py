@@ -116,9 +116,10 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with _native_stderr_silenced(), profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     records.sort(key=lambda e: e.start_ns())
