@@ -35,7 +35,7 @@ from fullsparse.bench.ops import (
     sparse_conv2d,
 )
 
-__all__ = ["ROLES", "LayerTiming", "MaskOverhead", "bench_layers"]
+__all__ = ["ROLES", "LayerTiming", "MaskOverhead", "bench_layers", "role_fns"]
 
 ROLES = ("forward", "grad_input", "grad_weight", "total")
 
@@ -63,7 +63,7 @@ class MaskOverhead:
         return 100.0 * (self.s_w_ms + self.s_wt_ms) / self.dense_total_ms
 
 
-def _role_fns(
+def role_fns(
     shape: ConvShape, name: str, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor
 ) -> dict[str, Callable[[int], Any]]:
     """The four timed callables of one recipe at one shape."""
@@ -133,7 +133,7 @@ def bench_layers(
         x = torch.randn(shape.batch, shape.cin, shape.size, shape.size, generator=gen)
         w = torch.randn(shape.cout, shape.cin, shape.kernel, shape.kernel, generator=gen)
         dy = torch.randn(shape.batch, shape.cout, shape.out_size, shape.out_size, generator=gen)
-        fns = {name: _role_fns(shape, name, x, w, dy) for name in names}
+        fns = {name: role_fns(shape, name, x, w, dy) for name in names}
         ms: dict[str, dict[str, float]] = {name: {} for name in names}
         for role in ROLES:
             if progress:

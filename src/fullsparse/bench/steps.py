@@ -32,7 +32,7 @@ from torch import nn
 
 from fullsparse.bench.cases import ConvShape
 from fullsparse.bench.harness import interleaved_ms, machine_info, peak_memory_bytes, ratio
-from fullsparse.bench.layers import _role_fns
+from fullsparse.bench.layers import role_fns
 from fullsparse.bench.ops import recipe, weight_side_work
 
 __all__ = [
@@ -208,14 +208,17 @@ def _bench_case(
     return rows, side
 
 
-def _grad_weight(shape: ConvShape, warmup: int, repeats: int) -> dict[str, Any]:
+def _grad_weight(
+    shape: ConvShape, warmup: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
     """The fst weight gradient alone vs the dense one (as ``bench layers`` times it)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape.batch, shape.cin, shape.size, shape.size, generator=gen)
     w = torch.randn(shape.cout, shape.cin, shape.kernel, shape.kernel, generator=gen)
     dy = torch.randn(shape.batch, shape.cout, shape.out_size, shape.out_size, generator=gen)
-    fns = {n: _role_fns(shape, n, x, w, dy)["grad_weight"] for n in ("dense", "fst")}
-    ms = interleaved_ms(fns, warmup, repeats)
+    x, w, dy = x.to(device), w.to(device), dy.to(device)
+    fns = {n: role_fns(shape, n, x, w, dy)["grad_weight"] for n in ("dense", "fst")}
+    ms = interleaved_ms(fns, warmup, repeats, device)
     return {
         "shape": asdict(shape),
         "dense_ms": ms["dense"],
@@ -269,7 +272,7 @@ def bench_steps(
     grad_weight = None
     if grad_weight_shape is not None:
         report(f"grad_weight {grad_weight_shape.name}: dense, fst")
-        grad_weight = _grad_weight(grad_weight_shape, warmup, repeats)
+        grad_weight = _grad_weight(grad_weight_shape, warmup, repeats, device)
     result = {
         "machine": machine_info(),
         "settings": {
