@@ -191,3 +191,30 @@ def _eager_grad(layer, x):
     xe = x.detach().clone().requires_grad_(True)
     layer(xe).sum().backward()
     return xe.grad
+
+
+def test_gpu_suite_correctness_check_fails_a_kernel_the_self_check_replaced(fake_gpu):
+    import time
+
+    from fullsparse.bench.cases import LinearCase
+    from fullsparse.bench.gpu_common import GpuContext
+    from fullsparse.bench.gpu_roles import check_case
+
+    fake_gpu(lambda kind, path, gemm, out, gi: GemmLinearKernel(WrongGemm(), out, gi))
+    ctx = GpuContext(
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        backend="auto",
+        warmup=1,
+        repeats=1,
+        steps=1,
+        deadline=time.monotonic() + 60,
+        dry_run=True,
+        l2_bytes=1 << 20,
+        progress=lambda msg: None,
+        skipped=[],
+    )
+    row = check_case(LinearCase("t 64->32", "t", 64, 32, 2, 8), "fst", "auto", ctx)
+    # the layer's numbers are the reference's (the fallback), but the kernel failed
+    assert max(row["rel_err"].values()) <= row["tolerance"]
+    assert len(row["self_check_failures"]) == 1 and not row["passed"]

@@ -4,6 +4,7 @@ the float32 reference, and the timing of each GEMM role against torch's own laye
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from fullsparse.bench.ops import (
     sparse_linear,
 )
 from fullsparse.kernels import select_conv_kernel, select_linear_kernel
+from fullsparse.kernels.selfcheck import KernelSelfCheckWarning, clear_selfcheck_cache
 
 __all__ = ["check_case", "layer_variants", "time_linear", "time_conv", "exact_float32"]
 
@@ -109,7 +111,13 @@ def check_case(
         dy = dy.contiguous(memory_format=torch.channels_last)
         kernel = select_conv_kernel(backend, cfg, x.to(dt), w, geo, dt)
     want = _run_layer(kind, x, w, b, dy, cfg, "reference", ctx, geo)  # float32, same masks
-    got = _run_layer(kind, x.to(dt), w, b, dy.to(dt), cfg, backend, ctx, geo)
+    with warnings.catch_warnings(record=True) as caught:
+        # auto's first-use self-check would swap a wrong kernel for the reference path;
+        # here the kernel itself is on trial, so its verdict is part of the result
+        warnings.simplefilter("always", KernelSelfCheckWarning)
+        clear_selfcheck_cache()  # a verdict from an earlier case must not stand in for this one
+        got = _run_layer(kind, x.to(dt), w, b, dy.to(dt), cfg, backend, ctx, geo)
+    self_check = [str(c.message) for c in caught if issubclass(c.category, KernelSelfCheckWarning)]
     base = _run_layer(kind, x.to(dt), w, b, dy.to(dt), cfg, "reference", ctx, geo)
     tol = TOLERANCE.get(dt, 2e-2)
     roles = ("output", "grad_input", "grad_weight")
@@ -124,7 +132,8 @@ def check_case(
         "rel_err": errors,
         "reference_same_dtype_rel_err": ref_errors,
         "tolerance": tol,
-        "passed": all(e <= tol for e in errors.values()),
+        "self_check_failures": self_check,
+        "passed": all(e <= tol for e in errors.values()) and not self_check,
     }
 
 
