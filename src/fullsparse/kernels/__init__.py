@@ -8,7 +8,8 @@ gradient is a half-size dense product that needs no sparse kernel.
 
 Backends: ``reference`` (masked dense PyTorch ops), ``semi_structured`` (2:4 sparse tensor
 cores through ``torch.sparse``), ``emulation`` (the semi_structured data path with dense
-products, any device) and ``auto``. The rules are in :mod:`fullsparse.kernels.dispatch`;
+products, any device) and ``auto``, which checks each 2:4 kernel against the reference on
+its first use (:mod:`fullsparse.kernels.selfcheck`). The rules are in :mod:`fullsparse.kernels.dispatch`;
 the design and how to benchmark it in ``docs/gpu.md``.
 """
 
@@ -33,6 +34,7 @@ from fullsparse.kernels.dispatch import (
     sparse_limits,
 )
 from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
+from fullsparse.kernels.selfcheck import KernelSelfCheckWarning, clear_selfcheck_cache
 
 __all__ = [
     "AUTOTUNER",
@@ -57,4 +59,6 @@ __all__ = [
     "sparse_limits",
     "REFERENCE_CONV",
     "REFERENCE_LINEAR",
+    "KernelSelfCheckWarning",
+    "clear_selfcheck_cache",
 ]

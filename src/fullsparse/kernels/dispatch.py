@@ -33,10 +33,9 @@ Rules, checked in this order (the first that fails is the reason in the report):
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +44,7 @@ from fullsparse.config import SparsityConfig
 from fullsparse.errors import UserError
 from fullsparse.kernels.autotune import AUTOTUNER, Autotuner
 from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
-from fullsparse.kernels.selfcheck import checked_kernel
+from fullsparse.kernels.selfcheck import self_checked
 from fullsparse.kernels.semi_structured import (
     EmulatedGemm,
     Gemm1x1ConvKernel,
@@ -53,6 +52,7 @@ from fullsparse.kernels.semi_structured import (
     Im2colConvKernel,
     SemiStructuredGemm,
 )
+from fullsparse.kernels.tracing import cache_outside_compile
 from fullsparse.masks import mask_2to4
 
 __all__ = [
@@ -80,37 +80,6 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: torch.sparse's minimum 2:4 operand tile (rows, cols) for fp16/bf16, used if a torch
 #: version lacks the table this module reads.
 _FALLBACK_LIMITS = {"cusparselt": (16, 16), "cutlass": (32, 64)}
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _cache(maxsize: int) -> Callable[[_F], _F]:
-    """``functools.lru_cache`` outside ``torch.compile``; inside a trace, the function itself.
-
-    Dynamo does not use an lru_cache: it traces the wrapped function and warns, in several
-    lines per call site, that it did so. These functions are pure, so calling them directly
-    while compiling gives the same answer, and no warning.
-    """
-
-    def wrap(fn: _F) -> _F:
-        cached = functools.lru_cache(maxsize=maxsize)(fn)
-
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if _is_compiling():
-                return fn(*args, **kwargs)
-            return cached(*args, **kwargs)
-
-        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
-        return call  # type: ignore[return-value]
-
-    return wrap
-
-
-def _is_compiling() -> bool:
-    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(check())
-
 
 _HOW = (
     "use backend='auto' to fall back to the reference path where the kernel cannot run, or "
@@ -183,7 +152,7 @@ class Platform:
         )
 
 
-@_cache(maxsize=64)
+@cache_outside_compile(maxsize=64)
 def _cuda_platform(index: int) -> Platform:
     if not torch.cuda.is_available():
         return Platform("cuda", "(no CUDA device)")
@@ -336,7 +305,7 @@ def _unavailable(
     )
 
 
-@_cache(maxsize=4096)
+@cache_outside_compile(maxsize=4096)
 def plan_layer(
     layer: LayerShape,
     config: SparsityConfig,
@@ -485,7 +454,7 @@ def predict_plan(
 
 
 # --------------------------------------------------------------------------- the kernels
-@_cache(maxsize=256)
+@cache_outside_compile(maxsize=256)
 def _kernel(kind: str, path: str, gemm: str, output: bool, grad_input: bool) -> Any:
     engine = EmulatedGemm() if gemm == "emulation" else SemiStructuredGemm(gemm)
     if kind == "linear":
@@ -515,35 +484,7 @@ def select_linear_kernel(
         LayerShape("linear", tuple(weight.shape)), config, backend, platform, compute_dtype
     )
     kernel = kernel_for_plan(plan, "linear")
-    return _self_checked(backend, kernel, "linear", config, input, weight, None, compute_dtype)
-
-
-def _self_checked(
-    backend: str,
-    kernel: Any,
-    kind: str,
-    config: SparsityConfig,
-    input: Tensor,
-    weight: Tensor,
-    geo: Any,
-    compute_dtype: torch.dtype,
-) -> Any:
-    """Under ``auto``, a 2:4 kernel is compared with the reference on its first use
-    (:mod:`fullsparse.kernels.selfcheck`); other backends are used as asked."""
-    if backend != "auto" or kernel.name == "reference":
-        return kernel
-    reference = REFERENCE_LINEAR if kind == "linear" else REFERENCE_CONV
-    return checked_kernel(
-        kernel,
-        reference,
-        kind=kind,
-        input=input,
-        weight=weight,
-        geo=geo,
-        compute_dtype=compute_dtype,
-        backend=backend,
-        recipe=config.name,
-    )
+    return self_checked(backend, kernel, "linear", config, input, weight, None, compute_dtype)
 
 
 def conv_autotune_key(
@@ -627,7 +568,7 @@ def select_conv_kernel(
     plan = plan_layer(layer, config, backend, platform, compute_dtype, channels_last)
     if not plan.measure:
         kernel = kernel_for_plan(plan, "conv")
-        return _self_checked(backend, kernel, "conv", config, input, weight, geo, compute_dtype)
+        return self_checked(backend, kernel, "conv", config, input, weight, geo, compute_dtype)
     tuner = autotuner or AUTOTUNER
     key = conv_autotune_key(platform, compute_dtype, tuple(input.shape), layer, plan, channels_last)
     record = tuner.lookup(key)
@@ -639,4 +580,4 @@ def select_conv_kernel(
     if choice == "reference":
         return REFERENCE_CONV
     kernel = kernel_for_plan(replace(plan, backend="semi_structured", measure=False), "conv")
-    return _self_checked(backend, kernel, "conv", config, input, weight, geo, compute_dtype)
+    return self_checked(backend, kernel, "conv", config, input, weight, geo, compute_dtype)

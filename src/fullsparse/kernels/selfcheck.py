@@ -30,10 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
+from fullsparse.kernels.tracing import is_compiling
+
 __all__ = [
     "TOLERANCE",
     "KernelSelfCheckWarning",
     "checked_kernel",
+    "self_checked",
     "selfcheck_verdict",
     "clear_selfcheck_cache",
 ]
@@ -90,9 +94,32 @@ def _sparse_roles_of_key(key: tuple) -> list[str]:
     return list(key[-1])
 
 
-def _is_compiling() -> bool:
-    check = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(check())
+def self_checked(
+    backend: str,
+    kernel: Any,
+    kind: str,
+    config: Any,
+    input: Tensor,
+    weight: Tensor,
+    geo: Any,
+    compute_dtype: torch.dtype,
+) -> Any:
+    """The dispatch hook: under ``auto``, a 2:4 kernel goes through :func:`checked_kernel`;
+    the reference kernel, and every kernel of another backend, is returned as is."""
+    if backend != "auto" or kernel.name == "reference":
+        return kernel
+    reference = REFERENCE_LINEAR if kind == "linear" else REFERENCE_CONV
+    return checked_kernel(
+        kernel,
+        reference,
+        kind=kind,
+        input=input,
+        weight=weight,
+        geo=geo,
+        compute_dtype=compute_dtype,
+        backend=backend,
+        recipe=config.name,
+    )
 
 
 def checked_kernel(
@@ -127,7 +154,7 @@ def checked_kernel(
     verdict = _VERDICTS.get(key)
     if verdict is not None and verdict.failure:
         return reference
-    if (verdict is not None and verdict.passed == set(roles)) or _is_compiling():
+    if (verdict is not None and verdict.passed == set(roles)) or is_compiling():
         return kernel
     dims = "x".join(map(str, weight.shape))
     layer = f"{kind} layer with weight {dims} (recipe {recipe!r}, input {tuple(input.shape)})"
