@@ -9,8 +9,8 @@ gradient is a half-size dense product that needs no sparse kernel.
 Backends: ``reference`` (masked dense PyTorch ops), ``semi_structured`` (2:4 sparse tensor
 cores through ``torch.sparse``), ``emulation`` (the semi_structured data path with dense
 products, any device) and ``auto``, which checks each 2:4 kernel against the reference on
-its first use (:mod:`fullsparse.kernels.selfcheck`). The rules are in :mod:`fullsparse.kernels.dispatch`;
-the design and how to benchmark it in ``docs/gpu.md``.
+its first use (:mod:`fullsparse.kernels.selfcheck`). The rules are in
+:mod:`fullsparse.kernels.dispatch`; the design and how to benchmark it in ``docs/gpu.md``.
 """
 
 from fullsparse.kernels.autotune import AUTOTUNER, Autotuner, cache_dir
