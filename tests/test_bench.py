@@ -168,3 +168,26 @@ def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
     assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert out.read_text() == "{}"
+
+
+# --------------------------------------------------------------------------- bench gpu (CPU parts)
+def test_gpu_suite_cases_fit_the_2to4_tile_rule_and_quick_keeps_the_largest():
+    from fullsparse.bench.cases import suite_cases
+    from fullsparse.kernels import LayerShape, plan_layer
+    from fullsparse.kernels.dispatch import Platform
+
+    h100 = Platform("cuda", "NVIDIA H100", (9, 0), cusparselt=True)
+    linears, convs = suite_cases(vit_batch=4, conv_batch=2)
+    quick_l, quick_c = suite_cases(quick=True, vit_batch=4, conv_batch=2)
+    assert (len(linears), len(convs), len(quick_l), len(quick_c)) == (10, 12, 6, 4)
+    assert {c.name for c in quick_l} <= {c.name for c in linears}
+    for case in linears:  # every timed Linear shape runs both 2:4 roles of fst on a GPU
+        layer = LayerShape("linear", (case.d_out, case.d_in))
+        plan = plan_layer(layer, recipe("fst"), "auto", h100, torch.bfloat16)
+        assert plan.backend == "semi_structured" and plan.output and plan.grad_input
+    for case in convs:
+        assert case.out_size == (case.size + 2 * case.padding - case.kernel) // case.stride + 1
+        assert case.gemm_flops == 2 * case.cout * case.cin * case.kernel**2 * case.batch * (
+            case.out_size**2
+        )
+    assert all(c.batch == 2 for c in convs) and all(c.batch == 4 for c in linears[:8])  # ViT rows
