@@ -1,0 +1,165 @@
+"""The gradient sparsifiers of fullsparse.estimators against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fullsparse.estimators import mvue_2to4, mvue_keep_probabilities, topk_rows
+from fullsparse.masks import is_2to4
+
+
+def _reference_probabilities(group: list[float]) -> list[float]:
+    """Water-filling by bisection: p_i = min(1, c·|a_i|) with Σp = min(2, nonzeros)."""
+    a = [abs(x) for x in group]
+    target = min(2, sum(1 for x in a if x > 0))
+    if target == 0:
+        return [0.0] * 4
+    lo, hi = 0.0, 1e300
+    for _ in range(3000):
+        c = (lo + hi) / 2 if hi < 1e299 else max(lo * 2, 1.0)
+        s = sum(min(1.0, c * x) for x in a)
+        if s < target:
+            lo = c
+        else:
+            hi = c
+        if hi < 1e299 and hi - lo <= 1e-18 * hi:
+            break
+    return [min(1.0, hi * x) for x in a]
+
+
+def _exact_expectation(t: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """E[mvue_2to4(t, 0)] for a 1-D float64 tensor of 4 entries, integrated exactly over u.
+
+    The draw is piecewise constant in u, with breaks where u or u + 1 crosses a cumulative
+    probability; each piece is evaluated at its midpoint (by fixing torch.rand's output) and
+    weighted by its length.
+    """
+    p = _reference_probabilities(t.tolist())
+    cum, acc = [], 0.0
+    for x in p:
+        acc += x
+        cum.append(acc)
+    breaks = sorted({0.0, 1.0, *(c for c in cum if 0 < c < 1), *(c - 1 for c in cum if 1 < c < 2)})
+    total = torch.zeros_like(t)
+    real_rand = torch.rand
+    for lo, hi in zip(breaks, breaks[1:], strict=False):
+        mid = (lo + hi) / 2
+        monkeypatch.setattr(
+            torch, "rand", lambda *s, mid=mid, **k: torch.full(s[0], mid, dtype=k["dtype"])
+        )
+        total += (hi - lo) * mvue_2to4(t, 0)
+        monkeypatch.setattr(torch, "rand", real_rand)
+    return total
+
+
+CASES = [
+    [1.0, 2.0, 3.0, 4.0],
+    [10.0, 0.1, 0.2, 0.3],  # the largest is capped at p = 1
+    [5.0, -5.0, 0.0, 0.0],  # exactly two nonzeros: both kept, unscaled
+    [0.0, 0.0, -3.0, 0.0],  # one nonzero: kept with p = 1
+    [0.0, 0.0, 0.0, 0.0],
+    [1.0, 1.0, 1.0, 1.0],
+    [-7.5, 1e-3, 2.0, -0.25],
+]
+
+
+@pytest.mark.parametrize("group", CASES)
+def test_mvue_keep_probabilities_match_water_filling_reference(group: list[float]) -> None:
+    t = torch.tensor(group, dtype=torch.float64)
+    got = mvue_keep_probabilities(t, 0).tolist()
+    want = _reference_probabilities(group)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert sum(got) == pytest.approx(min(2, sum(1 for x in group if x != 0)), abs=1e-12)
+
+
+@pytest.mark.parametrize("group", CASES)
+def test_mvue_is_exactly_unbiased(group: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    t = torch.tensor(group, dtype=torch.float64)
+    expectation = _exact_expectation(t, monkeypatch)
+    torch.testing.assert_close(expectation, t, rtol=1e-12, atol=1e-14)
+
+
+def test_mvue_draws_are_2to4_and_rescaled_survivors() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 37, dtype=torch.float64, generator=g)  # 37: a partial last group
+    out = mvue_2to4(t, 1, generator=g)
+    assert out.shape == t.shape and out.dtype == t.dtype
+    assert is_2to4(out, 1)
+    p = mvue_keep_probabilities(t, 1)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (t / p)[kept], rtol=1e-12, atol=0)
+    # every full group with at least two nonzeros keeps exactly two
+    full = kept[:, :36].reshape(6, 9, 4).sum(-1)
+    assert bool((full == 2).all())
+
+
+def test_mvue_monte_carlo_mean_and_variance_match_theory() -> None:
+    g = torch.Generator().manual_seed(1)
+    t = torch.tensor([[3.0, -1.0, 0.5, 2.0, 9.0, 0.1, 0.2, -0.3]], dtype=torch.float64)
+    draws = torch.stack([mvue_2to4(t, 1, generator=g) for _ in range(20000)])
+    p = mvue_keep_probabilities(t, 1)
+    var_theory = t**2 / p - t**2
+    torch.testing.assert_close(draws.mean(0), t, rtol=0, atol=0.06)
+    torch.testing.assert_close(draws.var(0), var_theory, rtol=0.08, atol=0.02)
+    freq = (draws != 0).double().mean(0)
+    torch.testing.assert_close(freq, p, rtol=0, atol=0.015)
+
+
+def test_mvue_variance_is_below_uniform_unbiased_sampling() -> None:
+    t = torch.tensor([4.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    p = mvue_keep_probabilities(t, 0)
+    mvue_var = (t**2 / p - t**2).sum()
+    uniform_var = (t**2 / 0.5 - t**2).sum()
+    assert mvue_var < uniform_var
+
+
+def test_mvue_along_an_inner_axis_and_low_precision() -> None:
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(3, 8, 5, generator=g).to(torch.bfloat16)
+    out = mvue_2to4(t, 1, generator=g)
+    assert out.dtype == torch.bfloat16
+    assert is_2to4(out, 1)
+
+
+def test_mvue_is_reproducible_from_the_generator_state() -> None:
+    t = torch.randn(4, 16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    a = mvue_2to4(t, 1, generator=g)
+    g.set_state(state)
+    b = mvue_2to4(t, 1, generator=g)
+    assert torch.equal(a, b)
+
+
+def test_mvue_rejects_bad_input() -> None:
+    with pytest.raises(TypeError):
+        mvue_2to4(torch.ones(4, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        mvue_2to4(torch.ones(4), 1)
+    with pytest.raises(ValueError, match="scalar"):
+        mvue_2to4(torch.tensor(1.0), 0)
+
+
+def test_topk_rows_keeps_the_largest_magnitudes_per_row() -> None:
+    t = torch.tensor([[1.0, -5.0, 3.0, 0.5], [2.0, 2.0, -2.0, 1.0]], dtype=torch.float64)
+    out = topk_rows(t, 0.5)
+    want = torch.tensor([[0.0, -5.0, 3.0, 0.0], [2.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(out, want)  # the tie in row 2 goes to the lower indices
+
+
+def test_topk_rows_against_a_sorting_reference() -> None:
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(5, 3, 11, dtype=torch.float64, generator=g)
+    out = topk_rows(t, 0.3)
+    k = round(0.3 * 11)
+    for row_in, row_out in zip(t.reshape(-1, 11), out.reshape(-1, 11), strict=True):
+        keep = sorted(range(11), key=lambda i: -abs(float(row_in[i])))[:k]
+        want = torch.zeros(11, dtype=torch.float64)
+        want[keep] = row_in[keep]
+        assert torch.equal(row_out, want)
+
+
+def test_topk_rows_rejects_bad_fraction() -> None:
+    with pytest.raises(ValueError, match="keep_fraction"):
+        topk_rows(torch.ones(2, 4), 0.0)
