@@ -32,6 +32,7 @@ __all__ = [
     "gunzip_capped",
     "read_capped",
     "check_structure",
+    "check_config_file",
     "check_config_ranges",
     "load_json_text",
     "load_yaml_text",
@@ -318,6 +319,33 @@ def load_yaml_text(text: str, where: str, error: type[UserError] = UserError) ->
         raise error(f"{where} is not valid YAML{at}: {problem}") from None
     check_structure(data, where)
     return data
+
+
+def check_config_file(path: Any) -> None:
+    """Refuse a ``.json``/``.yaml`` config file over the ``config_bytes`` limit, nested past
+    ``depth``, with more than ``yaml_aliases`` aliases, or expanding past ``objects``
+    (ConfigError naming the file and the rule); other problems are left to the reader."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    raw = read_capped(path, limit("config_bytes"), "config file", "config_bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        load_json_text(text, f"config file {path}", ConfigError)
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # noqa: F401
+        except ImportError:
+            return  # the reader says how to install it
+        load_yaml_text(text, f"config file {path}", ConfigError)
 
 
 # ---------------------------------------------------------------------------------------
