@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import py2_cifar_pickle, write_fake_fmnist
 
 from fullsparse import limits
 from fullsparse.cli import main
@@ -26,6 +25,7 @@ from fullsparse.data import safe_pickle
 from fullsparse.data.idx import read_idx
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.limits import check_structure, escape, load_yaml_text, one_line
+from test_data import py2_cifar_pickle, write_fake_fmnist
 
 
 def one_line_error(capsys, argv, needle) -> str:
