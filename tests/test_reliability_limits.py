@@ -315,3 +315,36 @@ def test_a_worker_error_is_shown_as_its_own_message():
     got = limits.worker_message(wrapped, "UserError")
     assert got == "imagefolder: cannot decode /d/a.jpg: image file is truncated"
     assert limits.worker_message("plain", "UserError") == "plain"
+
+
+# ------------------------------------------------------------------ text corpus
+
+
+def test_the_text_corpus_reads_no_more_than_its_caps(tmp_path, monkeypatch):
+    from fullsparse.data import text as text_module
+
+    for i in range(30):
+        (tmp_path / f"f{i:02d}.txt").write_bytes(b"abc\n" * 250_000)  # 1 MB each
+    read = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(text_module, "open", lambda *a, **k: Counting(real_open(*a, **k)),
+                        raising=False)  # fmt: skip
+    corpus = text_module.build_text_corpus(tmp_path, max_train_bytes=5000, max_val_bytes=500)
+    assert corpus.train.numel() == 5000 and corpus.val.numel() == 500
+    assert sum(read) == 5500

@@ -104,7 +104,7 @@ def _int_field(state: dict[str, Any], key: str, low: int, high: int, limit_name:
 def check_contents(path: Path, state: dict[str, Any]) -> None:
     """Refuse (CheckpointError, one line) a loaded checkpoint whose structure or fields
     break a rule, before anything is built from it."""
-    check_structure(state, f"checkpoint {path}")
+    check_structure(state, f"checkpoint {path}", CheckpointError)
     epoch = state.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise CheckpointError(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,6 @@ __all__ = [
     "limit",
     "escape",
     "one_line",
-    "gunzip_capped",
     "read_capped",
     "check_structure",
     "check_config_file",
@@ -185,27 +183,6 @@ def read_capped(path: Any, cap: int, what: str, name: str) -> bytes:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def gunzip_capped(raw: bytes, cap: int) -> bytes:
-    """Decompress gzip ``raw``, stopping once more than ``cap`` bytes came out: returns at
-    most ``cap + 1`` bytes (so the caller sees "too long" without inflating the rest).
-
-    Raises ``zlib.error``/``EOFError`` for a corrupt or truncated stream.
-    """
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = bytearray()
-    view = memoryview(raw)
-    step = 1 << 16
-    for start in range(0, len(raw), step):
-        out += d.decompress(view[start : start + step], cap + 1 - len(out))
-        while d.unconsumed_tail and len(out) <= cap:
-            out += d.decompress(d.unconsumed_tail, cap + 1 - len(out))
-        if len(out) > cap or d.eof:
-            break
-    if len(out) <= cap and not d.eof:
-        raise EOFError("compressed stream ended before the end-of-stream marker")
-    return bytes(out[: cap + 1])
-
-
 # ---------------------------------------------------------------------------------------
 # Loaded structures: nesting depth and expansion of shared references
 
@@ -217,7 +194,7 @@ class _Budget:
         self.seen = 0
 
 
-def check_structure(obj: Any, where: str) -> None:
+def check_structure(obj: Any, where: str, error: type[UserError] = UserError) -> None:
     """Walk ``obj`` (dict/list/tuple/set; tensors are leaves) and refuse it if it is nested
     deeper than the ``depth`` limit or reaches more than ``objects`` objects, counting a
     shared object once per reference — what a later walk (``json.dumps``, a copy) would
@@ -228,12 +205,11 @@ def check_structure(obj: Any, where: str) -> None:
         item, depth = stack.pop()
         budget.seen += 1
         if budget.seen > budget.objects:
-            raise UserError(
-                f"{where}: {exceeded('the number of objects (shared ones counted once per use)', budget.seen, 'objects')}"  # noqa: E501
-            )
+            what = "the number of objects (shared ones counted once per use)"
+            raise error(f"{where}: {exceeded(what, budget.seen, 'objects')}")
         if isinstance(item, (dict, list, tuple, set, frozenset)):
             if depth > budget.depth:
-                raise UserError(f"{where}: {exceeded('the nesting depth', depth, 'depth')}")
+                raise error(f"{where}: {exceeded('the nesting depth', depth, 'depth')}")
             children = item.items() if isinstance(item, dict) else item
             for child in children:
                 stack.append((child, depth + 1))
@@ -278,7 +254,7 @@ def load_json_text(text: str, where: str, error: type[UserError] = UserError) ->
         data = json.loads(text)
     except ValueError as exc:
         raise error(f"{where} is not valid JSON: {exc}") from None
-    check_structure(data, where)
+    check_structure(data, where, error)
     return data
 
 
@@ -317,7 +293,7 @@ def load_yaml_text(text: str, where: str, error: type[UserError] = UserError) ->
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise error(f"{where} is not valid YAML{at}: {problem}") from None
-    check_structure(data, where)
+    check_structure(data, where, error)
     return data
 
 
