@@ -26,7 +26,9 @@ __all__ = [
     "MESSAGE_CHARS",
     "Limit",
     "limit",
+    "exceeded",
     "escape",
+    "worker_message",
     "one_line",
     "read_capped",
     "check_structure",
@@ -187,32 +189,25 @@ def read_capped(path: Any, cap: int, what: str, name: str) -> bytes:
 # Loaded structures: nesting depth and expansion of shared references
 
 
-class _Budget:
-    def __init__(self) -> None:
-        self.objects = limit("objects")
-        self.depth = limit("depth")
-        self.seen = 0
-
-
 def check_structure(obj: Any, where: str, error: type[UserError] = UserError) -> None:
-    """Walk ``obj`` (dict/list/tuple/set; tensors are leaves) and refuse it if it is nested
-    deeper than the ``depth`` limit or reaches more than ``objects`` objects, counting a
-    shared object once per reference — what a later walk (``json.dumps``, a copy) would
-    expand it to. Stops as soon as a limit is passed."""
-    budget = _Budget()
+    """Walk ``obj`` (dict/list/tuple/set; tensors and scalars are leaves) and refuse it
+    (``error``) if it is nested deeper than the ``depth`` limit or reaches more than
+    ``objects`` objects, counting a shared object once per reference — what a later walk
+    (``json.dumps``, a copy) would expand it to. Stops as soon as a limit is passed."""
+    max_objects, max_depth = limit("objects"), limit("depth")
+    seen = 0
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
-        budget.seen += 1
-        if budget.seen > budget.objects:
+        seen += 1
+        if seen > max_objects:
             what = "the number of objects (shared ones counted once per use)"
-            raise error(f"{where}: {exceeded(what, budget.seen, 'objects')}")
+            raise error(f"{where}: {exceeded(what, seen, 'objects')}")
         if isinstance(item, (dict, list, tuple, set, frozenset)):
-            if depth > budget.depth:
+            if depth > max_depth:
                 raise error(f"{where}: {exceeded('the nesting depth', depth, 'depth')}")
-            children = item.items() if isinstance(item, dict) else item
-            for child in children:
-                stack.append((child, depth + 1))
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,7 +306,7 @@ def check_config_file(path: Any) -> None:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+            f"cannot read config file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
     suffix = path.suffix.lower()
     if suffix == ".json":

@@ -216,7 +216,7 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
     if bad is not None:
         raise CheckpointError(
             f"checkpoint {path}: weight {bad[0]} holds {bad[1]:,} NaN/Inf values; its results "
-            "would be meaningless (evaluate it anyway with --allow-nonfinite)"
+            "would be meaningless (`fullsparse eval --allow-nonfinite` evaluates it anyway)"
         )
     return state
 
