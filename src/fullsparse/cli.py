@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from fullsparse.errors import UserError
+from fullsparse.limits import one_line, worker_message
 
 #: Subcommand modules, in the order ``fullsparse --help`` lists them.
 COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
@@ -60,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Escaped, one line, at most ~300 characters; a DataLoader worker's error is shown
+        # as its original message, not the traceback text the loader wraps it in.
+        message = worker_message(str(exc), type(exc).__name__)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=batch_size,
         device=args.device,
         amp=args.amp,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -69,4 +70,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
     parser.add_argument("--amp", default="none", help="none|bf16|fp16 autocast")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="evaluate even if the checkpoint's weights hold NaN/Inf (refused by default)",
+    )
     parser.set_defaults(func=run)

@@ -130,6 +130,13 @@ def _load_batch(path: Path, spec: CifarSpec) -> tuple[Tensor, Tensor]:
         raise UserError(f"{path}: 'data' has shape {tuple(data.shape)}, expected [N, 3072]")
     if not isinstance(labels, (list, tuple)) or not all(isinstance(v, int) for v in labels):
         raise UserError(f"{path}: '{spec.label_key}' must be a list of ints")
+    bad = next((v for v in labels if not 0 <= v < spec.num_classes), None)
+    if bad is not None:  # before torch.tensor: 10**20 does not fit an int64
+        shown = bad if abs(bad) < 10**12 else f"a number of {len(str(bad))} digits"
+        raise UserError(
+            f"{path}: '{spec.label_key}' holds the label {shown}, expected "
+            f"0..{spec.num_classes - 1}"
+        )
     if len(labels) != data.shape[0]:
         raise UserError(
             f"{path}: {data.shape[0]} images but {len(labels)} '{spec.label_key}' entries"

@@ -27,7 +27,6 @@ Datasets:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -41,8 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fullsparse.data.annotations import inside, read_coco, voc_flag, voc_id
+from fullsparse.data.imagefolder import open_rgb
 from fullsparse.data.seeding import derive_seed, generator
 from fullsparse.errors import DataNotFoundError, UserError
+from fullsparse.limits import limit, read_capped
 
 __all__ = [
     "DETECTION_DATASETS",
@@ -282,21 +284,11 @@ class SyntheticDetection(Dataset):
 
 
 def _load_rgb(path: Path) -> Tensor:
-    """float32 ``[3, H, W]`` in [0, 1], decoded by Pillow (no torchvision)."""
-    try:
-        from PIL import Image
-    except ImportError as exc:
-        raise UserError(
-            "COCO/VOC folders decode images with Pillow: pip install pillow "
-            "(or pip install 'fullsparse[vision]')"
-        ) from exc
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-            width, height = rgb.size
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    """float32 ``[3, H, W]`` in [0, 1], decoded by Pillow (no torchvision), within the
+    ``image_pixels`` limit."""
+    rgb = open_rgb(path, "detection image")
+    width, height = rgb.size
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return data.view(height, width, 3).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -323,25 +315,13 @@ class CocoDetectionFolder(Dataset):
         categories: Sequence[tuple[int, str]] | None = None,
     ) -> None:
         self.image_dir = Path(image_dir)
-        path = Path(annotation_file)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            images = data["images"]
-            annotations = data.get("annotations", [])
-            found = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{path} is not a COCO instances file: {exc!r}") from None
+        found, self.images, annotations = read_coco(Path(annotation_file), self.image_dir)
         self.categories = list(categories) if categories is not None else found
         self.label_of = {cid: i + 1 for i, (cid, _) in enumerate(self.categories)}
-        self.images = sorted(
-            ({"id": int(im["id"]), "file_name": str(im["file_name"])} for im in images),
-            key=lambda im: im["id"],
-        )
         per_image: dict[int, list[dict[str, Any]]] = {im["id"]: [] for im in self.images}
         for ann in annotations:
-            image_id = int(ann["image_id"])
-            if image_id in per_image and int(ann["category_id"]) in self.label_of:
-                per_image[image_id].append(ann)
+            if ann["image_id"] in per_image and ann["category_id"] in self.label_of:
+                per_image[ann["image_id"]].append(ann)
         self.annotations = per_image
 
     @property
@@ -353,12 +333,12 @@ class CocoDetectionFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         info = self.images[index]
-        image = _load_rgb(self.image_dir / info["file_name"])
+        image = _load_rgb(info["path"])  # checked by read_coco: inside image_dir
         anns = self.annotations[info["id"]]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # [x, y, w, h] -> [x0, y0, x1, y1]
-        labels = torch.tensor([self.label_of[int(a["category_id"])] for a in anns])
-        crowd = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns])
+        crowd = torch.tensor([a["iscrowd"] for a in anns], dtype=torch.int64)
         keep = _clean_boxes(boxes, image.shape[-1], image.shape[-2])
         return image, _target(boxes[keep], labels[keep], info["id"], crowd[keep])
 
@@ -381,7 +361,7 @@ class VocDetectionFolder(Dataset):
             ids = listing.read_text(encoding="utf-8").split()
         except OSError as exc:
             raise DataNotFoundError(f"VOC split file {listing} is missing: {exc}") from None
-        self.ids = ids
+        self.ids = [voc_id(i, str(listing)) for i in ids]
         self.classes = tuple(classes)
         self.label_of = {name: i + 1 for i, name in enumerate(self.classes)}
 
@@ -396,10 +376,10 @@ class VocDetectionFolder(Dataset):
         """``(image path, boxes [N, 4], labels [N], difficult [N])`` of image ``index``."""
         xml_path = self.root / "Annotations" / f"{self.ids[index]}.xml"
         try:
-            tree = ET.parse(xml_path).getroot()
+            tree = ET.fromstring(_read_xml(xml_path))
         except (OSError, ET.ParseError) as exc:
             raise UserError(f"cannot read VOC annotation {xml_path}: {exc}") from None
-        filename = tree.findtext("filename") or f"{self.ids[index]}.jpg"
+        filename = (tree.findtext("filename") or "").strip() or f"{self.ids[index]}.jpg"
         boxes, labels, difficult = [], [], []
         for obj in tree.iter("object"):
             name = (obj.findtext("name") or "").strip()
@@ -411,13 +391,15 @@ class VocDetectionFolder(Dataset):
             bb = obj.find("bndbox")
             try:
                 corners = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if not all(math.isfinite(c) for c in corners):
+                    raise ValueError("non-finite corner")
             except (AttributeError, TypeError, ValueError):
                 raise UserError(f"{xml_path}: an object of class {name!r} has no bndbox") from None
             boxes.append([corners[0] - 1, corners[1] - 1, corners[2], corners[3]])
             labels.append(self.label_of[name])
-            difficult.append(int((obj.findtext("difficult") or "0").strip() or 0))
+            difficult.append(voc_flag(obj.findtext("difficult"), "difficult", str(xml_path)))
         return (
-            self.root / "JPEGImages" / filename,
+            inside(self.root / "JPEGImages", filename, f"{xml_path}: <filename>"),
             torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             torch.tensor(labels, dtype=torch.int64),
             torch.tensor(difficult, dtype=torch.int64),
@@ -430,14 +412,19 @@ class VocDetectionFolder(Dataset):
         return image, _target(boxes[keep], labels[keep], index, difficult[keep])
 
 
+def _read_xml(path: Path) -> bytes:
+    return read_capped(path, limit("annotation_bytes"), "VOC annotation", "annotation_bytes")
+
+
 def _voc_names(root: Path, splits: Sequence[str]) -> set[str]:
     names: set[str] = set()
     for split in splits:
         listing = root / "ImageSets" / "Main" / f"{split}.txt"
         for image_id in listing.read_text(encoding="utf-8").split():
+            voc_id(image_id, str(listing))
             try:
-                tree = ET.parse(root / "Annotations" / f"{image_id}.xml").getroot()
-            except (OSError, ET.ParseError):
+                tree = ET.fromstring(_read_xml(root / "Annotations" / f"{image_id}.xml"))
+            except (UserError, ET.ParseError):
                 continue  # reported with its path when the image is read
             names.update((o.findtext("name") or "").strip() for o in tree.iter("object"))
     return names

@@ -103,8 +103,8 @@ def find_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> dict[s
 
 
 def _load_split(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:
-    images = read_idx(images_path, expect_ndim=3, expect_dtype=torch.uint8)
-    labels = read_idx(labels_path, expect_ndim=1, expect_dtype=torch.uint8)
+    images = read_idx(images_path, expect_dtype=torch.uint8, expect_shape=(None, 28, 28))
+    labels = read_idx(labels_path, expect_dtype=torch.uint8, expect_shape=(None,))
     if images.shape[0] != labels.shape[0]:
         raise UserError(
             f"Fashion-MNIST files disagree: {images_path} has {images.shape[0]} images, "

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fullsparse.errors import UserError
+from fullsparse.limits import exceeded, limit
 
 __all__ = ["IDX_TYPES", "read_idx", "write_idx"]
 
@@ -34,19 +35,48 @@ IDX_TYPES: dict[int, tuple[torch.dtype, int]] = {
 }
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 16
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read IDX file {path}: {exc}") from exc
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise UserError(f"IDX file {path} is a corrupt or truncated gzip file: {exc}") from exc
+class _Stream:
+    """Reads an IDX file plain or through gunzip, ``n`` bytes at a time, so that no more
+    is ever decompressed than the header has promised (and the header is checked first)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file = open(path, "rb")  # noqa: SIM115 - closed by read_idx
+            self.size = os.fstat(self.file.fileno()).st_size
+            self.gzip = self.file.read(2) == _GZIP_MAGIC
+            self.file.seek(0)
+        except OSError as exc:
+            raise UserError(f"cannot read IDX file {path}: {exc.strerror or exc}") from None
+        self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzip else None
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end of the data)."""
+        if self.inflate is None:
+            return self.file.read(n)
+        out = bytearray()
+        try:
+            while len(out) < n:
+                if self.inflate.unconsumed_tail:
+                    src = self.inflate.unconsumed_tail
+                elif self.inflate.eof:
+                    break
+                else:
+                    src = self.file.read(_CHUNK)
+                    if not src:
+                        raise EOFError("compressed stream ended before its end marker")
+                out += self.inflate.decompress(src, n - len(out))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(
+                f"IDX file {self.path} is a corrupt or truncated gzip file: {exc}"
+            ) from None
+        return bytes(out)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def read_idx(
@@ -54,49 +84,73 @@ def read_idx(
     *,
     expect_ndim: int | None = None,
     expect_dtype: torch.dtype | None = None,
+    expect_shape: tuple[int | None, ...] | None = None,
 ) -> Tensor:
     """Read an IDX file (plain or gzipped) into a tensor of its stored shape and type.
+
+    The header is checked before the payload is read: against the file size (plain
+    files), the ``idx_bytes`` limit, the expected rank/type/shape and, for image files,
+    the ``image_side`` limit (:mod:`fullsparse.limits`). A gzipped file is inflated as a
+    stream, never past what the header promised plus one byte.
 
     Args:
         path: the file.
         expect_ndim: if given, the number of dimensions the file must have (3 for images
             ``[N, rows, cols]``, 1 for labels ``[N]``).
         expect_dtype: if given, the element type the file must have (uint8 for MNIST).
+        expect_shape: if given, the dims the file must have (None: any size).
 
     Returns:
         Tensor of shape ``dims`` in native byte order.
 
     Raises:
         UserError: unreadable file, bad gzip, bad magic number, unknown type code, a size
-            that does not match the header (truncated or trailing bytes), or an unexpected
-            ndim/dtype. The message names the file.
+            that does not match the header (truncated or trailing bytes), a zero or
+            over-limit dimension, or an unexpected ndim/dtype/shape. The message names the
+            file.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise UserError(f"IDX file {path} is too short ({len(data)} bytes) to hold a header")
-    zero, code, ndim = data[0:2], data[2], data[3]
+    stream = _Stream(path)
+    try:
+        return _read(stream, path, expect_ndim, expect_dtype, expect_shape)
+    finally:
+        stream.close()
+
+
+def _read(
+    stream: _Stream,
+    path: Path,
+    expect_ndim: int | None,
+    expect_dtype: torch.dtype | None,
+    expect_shape: tuple[int | None, ...] | None,
+) -> Tensor:
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise UserError(f"IDX file {path} is too short ({len(magic)} bytes) to hold a header")
+    zero, code, ndim = magic[0:2], magic[2], magic[3]
     if zero != b"\x00\x00" or code not in IDX_TYPES:
         raise UserError(
-            f"IDX file {path} has a bad magic number 0x{data[:4].hex()}: expected 0x0000 then a "
+            f"IDX file {path} has a bad magic number 0x{magic.hex()}: expected 0x0000 then a "
             f"type code in {{{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}}} and the ndim byte"
         )
     if ndim == 0:
         raise UserError(f"IDX file {path} declares 0 dimensions")
     header = 4 + 4 * ndim
-    if len(data) < header:
+    raw_dims = stream.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
         raise UserError(
             f"IDX file {path} is truncated inside its header: {ndim} dims need {header} bytes, "
-            f"file has {len(data)}"
+            f"file has {4 + len(raw_dims)}"
         )
-    dims = struct.unpack(f">{ndim}I", data[4:header])
+    dims = struct.unpack(f">{ndim}I", raw_dims)
     dtype, itemsize = IDX_TYPES[code]
-    expected = header + math.prod(dims) * itemsize
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "longer than its header says"
+    payload = math.prod(dims) * itemsize
+    expected = header + payload
+    if not stream.gzip and stream.size != expected:
+        what = "truncated" if stream.size < expected else "longer than its header says"
         raise UserError(
             f"IDX file {path} is {what}: header says dims {list(dims)} of {dtype} "
-            f"({expected} bytes with header), file has {len(data)} bytes"
+            f"({expected} bytes with header), file has {stream.size} bytes"
         )
     if expect_ndim is not None and ndim != expect_ndim:
         raise UserError(
@@ -104,9 +158,33 @@ def read_idx(
         )
     if expect_dtype is not None and dtype != expect_dtype:
         raise UserError(f"IDX file {path} holds {dtype}, expected {expect_dtype}")
-    body = bytearray(data[header:])  # writable copy: torch.frombuffer warns on read-only bytes
-    if not body:
-        return torch.empty(dims, dtype=dtype)
+    if 0 in dims:
+        raise UserError(f"IDX file {path}: dims {list(dims)} hold a 0 (an empty file)")
+    if expect_shape is not None and (
+        len(expect_shape) != ndim
+        or any(e is not None and e != d for e, d in zip(expect_shape, dims, strict=False))
+    ):
+        want = "x".join("N" if e is None else str(e) for e in expect_shape)
+        raise UserError(f"IDX file {path}: dims {list(dims)} must be {want}")
+    if ndim >= 3 and max(dims[1:]) > limit("image_side"):
+        raise UserError(
+            f"IDX file {path}: dims {list(dims)}: "
+            f"{exceeded('an image side', max(dims[1:]), 'image_side')}"
+        )
+    if payload > limit("idx_bytes"):
+        raise UserError(
+            f"IDX file {path}: header dims {list(dims)}: "
+            f"{exceeded('the payload in bytes', payload, 'idx_bytes')}"
+        )
+    body = bytearray(stream.read(payload))  # writable: torch.frombuffer warns on bytes
+    if len(body) != payload or stream.read(1):
+        got = header + len(body) + (len(body) == payload)
+        what = "truncated" if len(body) < payload else "longer than its header says"
+        raise UserError(
+            f"IDX file {path} is {what}: header says dims {list(dims)} of {dtype} "
+            f"({expected} bytes with header), {'data' if stream.gzip else 'file'} has "
+            f"{'more than ' if got > expected else ''}{got} bytes"
+        )
     if itemsize > 1 and sys.byteorder == "little":
         # IDX is big-endian: reverse the bytes of each element before reinterpreting.
         swapped = torch.frombuffer(body, dtype=torch.uint8).view(-1, itemsize).flip(1)

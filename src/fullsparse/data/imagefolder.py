@@ -1,7 +1,9 @@
 """ImageNet-layout folders of image files, decoded with PIL, augmented without torchvision.
 
 Layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``; classes are the
-sorted sub-folder names of ``train`` (``val`` may hold a subset of them). Files with the
+sorted sub-folder names of ``train`` (``val`` may hold a subset of them). A ``train`` class
+folder without images is an error (it would become a class that no example teaches);
+an empty ``val`` class folder is fine. Files with the
 extensions in :data:`IMAGE_EXTENSIONS` (any case) are used, searched recursively inside
 each class folder; images are converted to RGB.
 
@@ -29,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fullsparse.errors import DataNotFoundError, UserError
+from fullsparse.limits import LIMITS, exceeded, limit
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -38,6 +41,7 @@ __all__ = [
     "random_resized_crop_box",
     "center_crop_box",
     "find_imagefolder",
+    "open_rgb",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,6 +59,32 @@ def _import_pil() -> Any:
             "(or pip install 'fullsparse[vision]')"
         ) from exc
     return Image
+
+
+def open_rgb(path: Path, what: str) -> Any:
+    """Decode ``path`` to a PIL RGB image, refusing (UserError naming ``what`` and the file)
+    one whose header promises more pixels than the ``image_pixels`` limit — checked before
+    the pixels are decoded — and any file Pillow cannot decode (truncated, corrupt)."""
+    Image = _import_pil()
+    cap = limit("image_pixels")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > cap:
+                raise UserError(
+                    f"{what}: {path}: {width}x{height} "
+                    f"{exceeded('pixels', width * height, 'image_pixels')}"
+                )
+            return img.convert("RGB")
+    except UserError:
+        raise
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{what}: {path}: Pillow refuses it as a decompression bomb; if the image is "
+            f"real, raise {LIMITS['image_pixels'].env('image_pixels')}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
+        raise UserError(f"{what}: cannot decode {path}: {exc}") from None
 
 
 def random_resized_crop_box(
@@ -146,6 +176,7 @@ class ImageFolderDataset(Dataset):
         if image_size < 1:
             raise UserError(f"imagefolder image_size must be >= 1, got {image_size}")
         found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        defines_classes = classes is None
         if classes is None:
             classes = found
         missing = sorted(set(found) - set(classes))
@@ -165,6 +196,12 @@ class ImageFolderDataset(Dataset):
             files = sorted(
                 p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
             )
+            if not files and defines_classes:
+                # A class no example teaches would still get an output and a label.
+                raise UserError(
+                    f"imagefolder: class folder {folder} holds no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+                )
             self.samples += [(p, label) for p in files]
         if not self.samples:
             raise UserError(
@@ -181,12 +218,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _load(self, path: Path) -> Any:
-        Image = _import_pil()
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as exc:  # PIL raises many types for a bad file
-            raise UserError(f"imagefolder: cannot decode {path}: {exc}") from exc
+        return open_rgb(path, "imagefolder")
 
     def transform(self, img: Any, generator: torch.Generator | None) -> Tensor:
         """PIL image -> normalised float32 ``[3, size, size]`` (train or eval recipe)."""

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fullsparse.errors import UserError
+from fullsparse.limits import check_structure, limit, read_capped
 
 __all__ = ["safe_load", "ALLOWED_GLOBALS"]
 
@@ -205,16 +206,25 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
 
     Raises:
         UserError: the file asks for any other global (e.g. ``os.system``: a malicious or
-            foreign pickle) or is not a readable pickle; the message names the file.
+            foreign pickle), is not a readable pickle, is larger than the ``pickle_bytes``
+            limit, or nests or shares objects past the ``depth``/``objects`` limits
+            (:mod:`fullsparse.limits`); the message names the file.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
+    raw = read_capped(path, limit("pickle_bytes"), "pickle", "pickle_bytes")
     try:
         # encoding="bytes": Python 2 str (array data, dict keys) must stay raw bytes.
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as exc:
+        raise UserError(f"refusing to load {path}: {exc}") from None
+    except Exception as exc:  # truncated/garbled pickles raise many types; none run code
+        raise UserError(
+            f"{path} is not a valid pickle ({type(exc).__name__}: {exc}); the file may be "
+            f"truncated or corrupt"
+        ) from None
+    # Shared references (the pickle memo) would be copied once per use by _convert.
+    check_structure(obj, f"pickle {path}")
+    try:
         return _convert(obj)
     except _Refused as exc:
         raise UserError(f"refusing to load {path}: {exc}") from None

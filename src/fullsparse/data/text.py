@@ -68,7 +68,7 @@ def build_text_corpus(
     """Read the corpus (``data_dir`` or the standard library) into byte tensors.
 
     Train and validation are each capped (``max_*_bytes``) by taking whole files in order
-    until the cap, then cutting the last one.
+    until the cap, then cutting the last one; no more than the cap is ever read.
     """
     if max_train_bytes < 2 or max_val_bytes < 2:
         raise UserError("text corpus caps must be at least 2 bytes")
@@ -95,7 +95,11 @@ def build_text_corpus(
             if all(sizes[s] >= caps[s] for s in sizes):
                 break
             continue
-        data = path.read_bytes()[: caps[split] - sizes[split]]
+        try:  # only the bytes still needed: a huge file costs no more than the cap
+            with open(path, "rb") as f:
+                data = f.read(caps[split] - sizes[split])
+        except OSError as exc:
+            raise UserError(f"cannot read text file {path}: {exc.strerror or exc}") from None
         parts[split].append(data)
         sizes[split] += len(data)
         counts[split] += 1

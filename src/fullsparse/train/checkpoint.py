@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -34,6 +36,12 @@ from typing import Any
 
 import torch
 
+from fullsparse.checkpoint_guard import (
+    check_contents,
+    check_zip_entries,
+    nonfinite_weights,
+    refused_globals,
+)
 from fullsparse.errors import CheckpointError
 
 __all__ = [
@@ -151,47 +159,65 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     _atomic_write(Path(dst), write)
 
 
-def _reason(exc: BaseException) -> str:
-    """The informative part of a (often multi-paragraph) load error, on one line."""
+def _reason(exc: BaseException, path: Path) -> str:
+    """The informative part of a (often multi-paragraph) load error, on one line; for a
+    refused pickle, the globals it asked for (read from the file, whatever torch says)."""
     text = " ".join(str(exc).split())
-    marker = "WeightsUnpickler error:"
-    if marker in text:  # weights_only refusals bury the reason after boilerplate
-        text = text.split(marker, 1)[1]
-        for tail in (" Check the documentation", ". Please use", " Please use"):
-            text = text.split(tail, 1)[0]
-        return f"weights-only unpickler: {text.strip()}"
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        names = refused_globals(path, text)
+        if names:
+            return (
+                f"the weights-only unpickler refused it: it asks for the Python global(s) "
+                f"{', '.join(names[:3])} (a checkpoint holds only tensors and plain values)"
+            )
+        detail = re.search(r"Unsupported [\w ]*?(?= Check the|\.|$)", text)
+        return f"weights-only unpickler: {detail[0] if detail else text[:120]}"
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Read a fullsparse checkpoint on CPU with ``weights_only=True``.
 
     A missing, truncated, corrupt, foreign or newer-format file raises CheckpointError with
-    one line saying which and where.
+    one line saying which and where; so does one that breaks a limit of
+    :mod:`fullsparse.limits` (a compressed entry, nesting, shared references, identity
+    sizes), has a field of the wrong type, or holds NaN/Inf weights (unless
+    ``allow_nonfinite``). Nothing is built from the file before these checks pass.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    check_zip_entries(path)
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error says enough
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, ...
+        reason = _reason(exc, path)
+        if reason.startswith("the weights-only"):
+            raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only "
-            f"fullsparse checkpoint): {_reason(exc)}"
+            f"fullsparse checkpoint): {reason}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fullsparse checkpoint (no '{FORMAT}' stamp)")
     version = state.get("version")
     if not isinstance(version, int) or version > VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format version {version!r}; this fullsparse reads "
+            f"{path} has checkpoint format version {version!r:.40}; this fullsparse reads "
             f"versions up to {VERSION} (upgrade fullsparse)"
         )
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    check_contents(path, state)
+    bad = None if allow_nonfinite else nonfinite_weights(state)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path}: weight {bad[0]} holds {bad[1]:,} NaN/Inf values; its results "
+            "would be meaningless (`fullsparse eval --allow-nonfinite` evaluates it anyway)"
+        )
     return state
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from fullsparse.config import SparsityConfig, recipe
 from fullsparse.errors import ConfigError
+from fullsparse.limits import check_config_file, check_config_ranges
 
 __all__ = [
     "TrainConfig",
@@ -193,6 +194,7 @@ class TrainConfig:
         problems = [p for p in (_check(name, getattr(self, name)) for name in _SPEC) if p]
         if problems:
             raise ConfigError("; ".join(problems))
+        check_config_ranges(self)  # fullsparse.limits: seed, sizes, counts, string lengths
         if self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
         for name, value in _task_defaults(self).items():
@@ -542,6 +544,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    check_config_file(path)  # fullsparse.limits: size, nesting depth, YAML aliases
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

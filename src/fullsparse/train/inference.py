@@ -28,13 +28,20 @@ __all__ = [
 
 
 def load_trained_model(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    state: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The sparse model of checkpoint ``path`` (eval mode, on ``device``) and the checkpoint."""
+    """The sparse model of checkpoint ``path`` (eval mode, on ``device``) and the checkpoint.
+
+    ``state``: the checkpoint already loaded from ``path`` (it is then not read again).
+    """
     from fullsparse.nn import load_sparse_state_
     from fullsparse.train.loop import build_sparse_model
 
-    state = ckpt.load_checkpoint(path)
+    if state is None:
+        state = ckpt.load_checkpoint(path)
     identity = state["identity"]
     try:
         model, _ = build_sparse_model(identity)
@@ -58,6 +65,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "auto",
     amp: str = "none",
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5 of checkpoint ``path`` on its dataset's test split — or, for a language
     model, validation loss, perplexity and bits per byte on the run's fixed validation
@@ -65,11 +73,13 @@ def evaluate_checkpoint(
     (``"task": "detection"``).
 
     ``data_dir`` overrides the folder stored in the checkpoint's config (data moved).
+    The checkpoint is read once; one with NaN/Inf weights is refused unless
+    ``allow_nonfinite`` (its numbers would be meaningless).
     """
     from fullsparse.data import make_loader
     from fullsparse.train.loop import _subset, build_data, evaluate, resolve_device
 
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path, allow_nonfinite=allow_nonfinite)
     saved = dict(state["config"])
     for key in ("resume", "force"):
         saved[key] = False
@@ -92,7 +102,8 @@ def evaluate_checkpoint(
     if config.task == "detection":
         return _evaluate_detection_checkpoint(path, state, config, dev)
     bundle = build_data(config)
-    model, _ = load_trained_model(path, dev)
+    _check_matches_data(path, state["identity"], bundle)
+    model, _ = load_trained_model(path, dev, state=state)
     test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     loader = make_loader(test_set, config.batch_size, train=False, seed=config.seed)
     result = evaluate(model, loader, dev, amp=config.amp)
@@ -110,13 +121,28 @@ def evaluate_checkpoint(
     }
 
 
+def _check_matches_data(path: str | Path, identity: dict[str, Any], bundle: Any) -> None:
+    """A checkpoint whose identity disagrees with the data its own config names (a forged
+    or hand-edited file) is refused before a batch reaches the model."""
+    diffs = [
+        f"{key} {identity.get(key)!r} != {getattr(bundle, key)!r}"
+        for key in ("in_channels", "num_classes")
+        if identity.get(key) != getattr(bundle, key)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path}: its identity does not match the data of its config "
+            f"({bundle.name}): {'; '.join(diffs)}"
+        )
+
+
 def _evaluate_lm_checkpoint(
     path: str | Path, state: dict[str, Any], config: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
     from fullsparse.train.lm import build_corpus, evaluate_lm, validation_windows
 
     corpus = build_corpus(config)
-    model, _ = load_trained_model(path, device)
+    model, _ = load_trained_model(path, device, state=state)
     windows = validation_windows(corpus.val, int(model.context), config.test_subset)
     result = evaluate_lm(model, windows, config.batch_size, device, amp=config.amp)
     identity = state["identity"]
@@ -142,7 +168,7 @@ def _evaluate_detection_checkpoint(
     from fullsparse.train.loop import _subset
 
     bundle = build_detection_data(config)
-    model, _ = load_trained_model(path, device)
+    model, _ = load_trained_model(path, device, state=state)
     test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     result = evaluate_detection(model, test_set, config.batch_size, device)
     identity = state["identity"]
