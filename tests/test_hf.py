@@ -8,6 +8,8 @@ imported inside the tests, so that the default run collects this file without it
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,3 +318,15 @@ def test_transformers_trainer_trains_a_sparsified_model(tmp_path) -> None:
     layer = trainer.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, SparseConv1D)  # Trainer kept the sparse modules
     assert not torch.equal(before, layer.weight)
+
+
+def test_docs_huggingface_md_runs(tmp_path, monkeypatch) -> None:
+    """Every python block of docs/huggingface.md, in order, in one namespace."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "huggingface.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)
+    assert (tmp_path / "gpt2-fst-2to4" / "model.safetensors").is_file()

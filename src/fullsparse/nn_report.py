@@ -133,12 +133,12 @@ class SparsifyReport:
         return (r.name or "<model>", r.kind, shape, self.recipe if r.sparse else "dense")
 
     def format(self, width: int = REPORT_WIDTH) -> str:
-        """The table in at most ``width`` columns (at least 60).
+        """The table in at most ``width`` columns (at least 80).
 
         A backend's reason is always a footnote; a "why" that does not fit its column
         becomes one. Layer names too long for their column continue on the next line.
         """
-        width = max(width, 60)
+        width = max(width, 80)
         notes = _Footnotes()
         head = ("layer", "type", "weight shape", "gets", "backend", "why")
         body = []
