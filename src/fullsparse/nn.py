@@ -128,8 +128,8 @@ class _SparseMixin:
 
     def pruned_weight(self) -> Tensor:
         """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
-        in the GEMM layout (:meth:`_gemm_weight`; a module that stores its Parameter in
-        another layout returns it in that one)."""
+        shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
+        Parameter is not in the GEMM layout (:meth:`_gemm_weight`) transposes it back."""
         mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
         weight = self._gemm_weight().detach()
         out = output_weight_mask(weight, self.config, self._groups(), mask)
