@@ -14,6 +14,12 @@ Outside a forward the parameters are sharded ``DTensor``s. Checkpoints therefore
 which gather plain CPU tensors under the usual keys (the file a single process writes, and
 loads) and scatter them back.
 
+One caveat comes with a unit per layer: a sparse Linear given ``[..., T, d_in]`` returns a
+view, and an in-place op on a unit's output (``y = layer(x); y += r``) drops FSDP's
+pre-backward all-gather, for which torch prints a warning ("returned a view tensor"). The
+models of :mod:`fullsparse.models` add residuals out of place; a model that does not must
+clone that output or add out of place.
+
 Works with the process group that :func:`fullsparse.train.distributed.init_distributed`
 starts: gloo on CPU, nccl on CUDA.
 """
