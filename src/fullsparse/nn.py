@@ -9,8 +9,8 @@ same parameters (the very same ``Parameter`` objects after :meth:`from_dense`), 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +25,7 @@ from fullsparse.functional import (
     transposable_mask,
 )
 from fullsparse.kernels import BackendUnavailableError, LayerShape, check_backend, predict_plan
+from fullsparse.nn_report import LayerReport, SparsifyReport
 
 __all__ = [
     "SparseConv2d",
@@ -68,6 +69,19 @@ class _SparseMixin:
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
 
+    def _gemm_weight(self) -> Tensor:
+        """The weight as the GEMMs read it: ``[Co, Ci/g, kh, kw]`` or ``[d_out, d_in]``.
+
+        The TSM mask has this shape. A module whose Parameter is stored in another layout
+        (Hugging Face ``Conv1D``: ``[d_in, d_out]``) returns a view.
+        """
+        return self.weight
+
+    @classmethod
+    def _gemm_weight_of(cls, dense: nn.Module) -> Tensor:
+        """:meth:`_gemm_weight` of the dense module this class replaces."""
+        return dense.weight  # type: ignore[return-value]
+
     def _forward_mask(self) -> Tensor | None:
         """The cached transposable mask, recomputed every ``tsm_interval`` training steps.
 
@@ -81,8 +95,9 @@ class _SparseMixin:
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         due = stepping and int(self.tsm_step) % self.config.tsm_interval == 0
-        if mask is None or due or mask.shape != self.weight.shape:
-            mask = transposable_mask(self.weight.detach(), self._groups())
+        weight = self._gemm_weight().detach()
+        if mask is None or due or mask.shape != weight.shape:
+            mask = transposable_mask(weight, self._groups())
             self.tsm_mask = mask
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
@@ -100,21 +115,25 @@ class _SparseMixin:
         """
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
-        if mask is None or mask.shape != self.weight.shape:
-            mask = transposable_mask(self.weight.detach(), self._groups())
+        weight = self._gemm_weight().detach()
+        if mask is None or mask.shape != weight.shape:
+            mask = transposable_mask(weight, self._groups())
         elif stepping:
             due = self.tsm_step % self.config.tsm_interval == 0  # type: ignore[has-type]
-            mask = torch.where(due, transposable_mask(self.weight.detach(), self._groups()), mask)
+            mask = torch.where(due, transposable_mask(weight, self._groups()), mask)
         self.tsm_mask = mask
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
 
     def pruned_weight(self) -> Tensor:
-        """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached."""
+        """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
+        shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
+        Parameter is not in the GEMM layout (:meth:`_gemm_weight`) transposes it back."""
         mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
-        out = output_weight_mask(self.weight.detach(), self.config, self._groups(), mask)
-        return self.weight.detach() if out is None else self.weight.detach() * out
+        weight = self._gemm_weight().detach()
+        out = output_weight_mask(weight, self.config, self._groups(), mask)
+        return weight if out is None else weight * out
 
     def _sparse_repr(self) -> str:
         return f"recipe={self.config.name}, backend={self.backend}"
@@ -250,94 +269,21 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._sparse_repr()}"
 
 
-# --------------------------------------------------------------------------- reports
-@dataclass
-class LayerReport:
-    """One row of a :class:`SparsifyReport`."""
+def _sparse_twin(module: nn.Module) -> type[_SparseMixin] | None:
+    """The sparse class that replaces ``module``, or None if fullsparse replaces no such
+    layer."""
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d
+    if isinstance(module, nn.Linear):
+        return SparseLinear
+    # Hugging Face Conv1D (GPT-2 family). Only a model built by transformers holds one, and
+    # building it imported this module: a model without one never imports transformers.
+    if "transformers.pytorch_utils" in sys.modules:
+        from fullsparse.hf import Conv1D, SparseConv1D
 
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    sparse: bool
-    reason: str
-    #: For sparse layers: the backend its GEMMs will use ("reference", "semi_structured",
-    #: "emulation", or "auto" for a k×k conv decided by one measurement) and why.
-    backend: str = ""
-    backend_reason: str = ""
-
-    @property
-    def action(self) -> str:
-        return "sparse" if self.sparse else "dense"
-
-
-@dataclass
-class SparsifyReport:
-    """What :func:`sparsify_` / :func:`densify_` did to every Conv/Linear-like layer."""
-
-    recipe: str
-    rows: list[LayerReport] = field(default_factory=list)
-    backend: str = "auto"
-
-    @property
-    def sparse_names(self) -> list[str]:
-        return [r.name for r in self.rows if r.sparse]
-
-    @property
-    def dense_names(self) -> list[str]:
-        return [r.name for r in self.rows if not r.sparse]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[LayerReport]:
-        return iter(self.rows)
-
-    def __getitem__(self, name: str) -> LayerReport:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe,
-            "backend": self.backend,
-            "layers": [
-                {
-                    "name": r.name,
-                    "kind": r.kind,
-                    "shape": list(r.shape),
-                    "action": r.action,
-                    "reason": r.reason,
-                    "backend": r.backend,
-                    "backend_reason": r.backend_reason,
-                }
-                for r in self.rows
-            ],
-        }
-
-    def __str__(self) -> str:
-        head = ("layer", "type", "weight shape", "gets", "why", "backend")
-        body = [
-            (
-                r.name or "<model>",
-                r.kind,
-                "x".join(map(str, r.shape)) or "-",
-                self.recipe if r.sparse else "dense",
-                r.reason,
-                (f"{r.backend}: {r.backend_reason}" if r.backend_reason else r.backend) or "-",
-            )
-            for r in self.rows
-        ]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
-        lines = [
-            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-            for row in (head, *body)
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        n_sparse = len(self.sparse_names)
-        lines.append(f"{n_sparse} of {len(self.rows)} layers use {self.recipe!r}")
-        return "\n".join(lines)
+        if isinstance(module, Conv1D):
+            return SparseConv1D
+    return None
 
 
 # Layer types that hold GEMM weights but that fullsparse does not replace; listed in the
@@ -397,10 +343,12 @@ def sparsify_(
 ) -> SparsifyReport:
     """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
 
-    Default selection: every ``nn.Conv2d`` and ``nn.Linear`` except the last ``nn.Linear``
-    in ``named_modules()`` order (the classifier head). ``filter_fn(name, module)`` replaces
-    that selection: True makes the layer sparse, False keeps it dense ("excluded by
-    filter_fn"), and a string keeps it dense with that string as the report's reason.
+    Default selection: every ``nn.Conv2d``, ``nn.Linear`` and Hugging Face ``Conv1D`` (a
+    Linear whose weight is stored ``[d_in, d_out]``; :mod:`fullsparse.hf`) except the last
+    ``nn.Linear`` in ``named_modules()`` order (the classifier head). ``filter_fn(name,
+    module)`` replaces that selection: True makes the layer sparse, False keeps it dense
+    ("excluded by filter_fn"), and a string keeps it dense with that string as the report's
+    reason.
     Layers that cannot carry 2:4 meaningfully stay dense whatever the filter says. Layers
     already sparse get the new config. Parameters are shared, not copied: an optimizer
     built before the call keeps working.
@@ -439,7 +387,7 @@ def sparsify_(
             why = "layer type not supported (fullsparse replaces Conv2d and Linear)"
             decisions.append((name, module, False, why))
             continue
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        if _sparse_twin(module) is None:
             continue
         if filter_fn is not None:
             verdict = filter_fn(name, module)
@@ -487,8 +435,8 @@ def sparsify_(
                 module.tsm_mask = None
                 replaced[id(module)] = module
             else:
-                cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
-                replaced[id(module)] = cls.from_dense(  # type: ignore[attr-defined]
+                cls = _sparse_twin(module)
+                replaced[id(module)] = cls.from_dense(  # type: ignore[union-attr]
                     module, config, backend=backend
                 )
         _set_module(model, name, replaced[id(module)])
@@ -501,8 +449,8 @@ def sparsify_(
 
 
 def _layer_shape(module: nn.Module) -> LayerShape:
-    """The static GEMM facts of a Conv2d / Linear for the backend rules."""
-    weight = module.weight  # type: ignore[union-attr]
+    """The static GEMM facts of a Conv2d / Linear-like layer for the backend rules."""
+    weight = _sparse_twin(module)._gemm_weight_of(module)  # type: ignore[union-attr]
     if isinstance(module, nn.Conv2d):
         padding: Any = module.padding
         if isinstance(padding, str):  # 'valid' is 0; 'same' pads unless the kernel is 1x1
@@ -539,13 +487,14 @@ def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
     if config.is_dense:
         return "dense recipe (same math as torch)"
     notes = []
-    k = module.weight[0].numel()  # type: ignore[index]
+    weight = _sparse_twin(module)._gemm_weight_of(module)  # type: ignore[union-attr]
+    k = weight[0].numel()
     if k % 4:
         notes.append(f"K={k} zero-padded to {k + (-k) % 4}")
-    co = module.weight.shape[0]  # type: ignore[index]
+    co = weight.shape[0]
     if co % 4 and config.grad_input == "2:4_co":
         notes.append(f"Co={co} zero-padded to {co + (-co) % 4} for the grad_input mask")
-    if isinstance(module, nn.Linear) and config.grad_weight == "ir":
+    if not isinstance(module, nn.Conv2d) and config.grad_weight == "ir":
         notes.append("IR pairs tokens (dim -2); dense grad_weight for 2-D inputs")
     return "; ".join(notes) or "2:4"
 
@@ -606,10 +555,11 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
-        if attr == "tsm_mask" and tuple(value.shape) != tuple(module.weight.shape):
+        gemm_shape = tuple(module._gemm_weight().shape)  # type: ignore[operator]
+        if attr == "tsm_mask" and tuple(value.shape) != gemm_shape:
             raise ValueError(
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
-                f"is {tuple(module.weight.shape)}"
+                f"is {gemm_shape}"
             )
         setattr(module, attr, value.to(device=device))
         seen.add(name)

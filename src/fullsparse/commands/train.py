@@ -26,7 +26,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "--model",
         "str",
         "classify: resnet20 (default)|resnet32|resnet56|resnet18|resnet50|vit_tiny|"
-        "tv:<name>; lm: gpt_tiny (default); detection: fcos_tiny (default)|"
+        "tv:<name>|timm:<name>; lm: gpt_tiny (default); detection: fcos_tiny (default)|"
         "fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
     ),
     (

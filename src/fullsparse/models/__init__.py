@@ -2,7 +2,8 @@
 byte-level GPT for language modelling.
 
 ``build_model(name, num_classes, in_channels, image_size)`` builds the classifiers; names
-are in :data:`MODELS`, plus ``tv:<name>`` for any torchvision classifier (optional extra).
+are in :data:`MODELS`, plus ``tv:<name>`` for any torchvision classifier and ``timm:<name>``
+for any timm classifier (optional extras).
 ``build_lm_model(name, vocab_size, **kwargs)`` builds the language models of
 :data:`LM_MODELS` (``tokens [B, T]`` -> ``logits [B, T, vocab]``).
 
@@ -53,6 +54,8 @@ __all__ = [
 
 #: Prefix that routes a name to torchvision (``tv:resnet34``, ``tv:mobilenet_v3_small``).
 TORCHVISION_PREFIX = "tv:"
+#: Prefix that routes a name to timm (``timm:resnet50``, ``timm:vit_small_patch16_224``).
+TIMM_PREFIX = "timm:"
 
 
 def _resnet(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -76,7 +79,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": _vit_tiny,
 }
 
-#: Names :func:`build_model` accepts (besides ``tv:<torchvision name>``).
+#: Names :func:`build_model` accepts (besides ``tv:<torchvision name>``, ``timm:<timm name>``).
 MODELS: tuple[str, ...] = ("resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "vit_tiny")
 assert set(MODELS) == set(_BUILDERS)
 
@@ -94,7 +97,9 @@ def build_model(
     Args:
         name: one of :data:`MODELS`, or ``tv:<name>`` for a torchvision classification model
             (needs ``pip install 'fullsparse[vision]'``; first Conv2d replaced when
-            ``in_channels != 3``, see :func:`fullsparse.models.tv.build_torchvision_model`).
+            ``in_channels != 3``, see :func:`fullsparse.models.tv.build_torchvision_model`),
+            or ``timm:<name>`` for a timm model (needs ``pip install 'fullsparse[timm]'``; see
+            :func:`fullsparse.models.timm_models.build_timm_model`).
         num_classes: width of the classifier head.
         in_channels: image channels (1 for Fashion-MNIST); adapts the stem conv.
         image_size: input side; shapes ViTs (patch size, position embedding), ignored by
@@ -121,13 +126,19 @@ def build_model(
         return build_torchvision_model(
             name[len(TORCHVISION_PREFIX) :], num_classes, in_channels, image_size, **kwargs
         )
+    if name.startswith(TIMM_PREFIX):
+        from fullsparse.models.timm_models import build_timm_model
+
+        return build_timm_model(
+            name[len(TIMM_PREFIX) :], num_classes, in_channels, image_size, **kwargs
+        )
     builder = _BUILDERS.get(name)
     if name in _LM_BUILDERS:
         raise UserError(f"{name!r} is a language model: build it with build_lm_model")
     if builder is None:
         raise UserError(
             f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
-            f"or tv:<torchvision model name>"
+            f"tv:<torchvision model name> or timm:<timm model name>"
         )
     try:
         return builder(num_classes, in_channels, image_size, **kwargs)

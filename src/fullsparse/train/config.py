@@ -76,7 +76,8 @@ class TrainConfig:
     #: ``classify`` (images -> class), ``lm`` (bytes -> next byte) or ``detection``
     #: (images -> boxes). The None-defaults below are filled from this (``_task_defaults``).
     task: str = "classify"
-    #: classify: a name from ``fullsparse.models.MODELS`` or ``tv:<torchvision name>``;
+    #: classify: a name from ``fullsparse.models.MODELS``, ``tv:<torchvision name>`` or
+    #: ``timm:<timm name>``;
     #: lm: one of ``fullsparse.models.LM_MODELS``; detection: one of
     #: ``fullsparse.models.detection.DETECTION_MODELS``. None: ``resnet20`` / ``gpt_tiny`` /
     #: ``fcos_tiny``.
@@ -385,7 +386,7 @@ def _check_task_fields(config: TrainConfig) -> None:
         if model not in LM_MODELS:
             kind = (
                 "an image classifier"
-                if model in MODELS or str(model).startswith("tv:")
+                if model in MODELS or str(model).startswith(("tv:", "timm:"))
                 else "not a known model"
             )
             raise ConfigError(

@@ -128,9 +128,10 @@ def build_data(config: TrainConfig) -> Any:
 def _check_model_name(name: str) -> None:
     from fullsparse.models import MODELS
 
-    if name not in MODELS and not name.startswith("tv:"):
+    if name not in MODELS and not name.startswith(("tv:", "timm:")):
         raise ConfigError(
-            f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or tv:<torchvision name>"
+            f"unknown model {name!r}; choose one of {', '.join(MODELS)}, tv:<torchvision name> "
+            "or timm:<timm name>"
         )
 
 
