@@ -45,7 +45,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     from fullsparse.train.config import load_config_file
 
     spec = load_study_spec(args.spec) if args.spec else StudySpec()
-    overrides = overrides_from_args(args)
+    overrides = overrides_from_args(args, skip=("threads",))
     out = overrides.pop("out", None)
     instead = {
         "recipe": "use --recipes",
@@ -164,5 +164,5 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--quiet-study", action="store_true", help="no study progress lines (runs still log)"
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, skip=("threads",))
     parser.set_defaults(func=run)

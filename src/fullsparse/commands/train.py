@@ -101,6 +101,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--compile", "bool", "torch.compile the model (refused clearly if it cannot work)"),
     ("--sync-bn", "bool", "SyncBatchNorm under torchrun (global batch statistics)"),
     ("--deterministic", "bool", "deterministic algorithms: bit-identical reruns and resumes"),
+    ("--threads", "int", "CPU threads (default: torch's, i.e. OMP_NUM_THREADS)"),
     ("--skip-nonfinite", "bool", "skip steps with a NaN/Inf loss or gradient instead of stopping"),
     ("--out", "str", "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"),
     ("--force", "bool", "replace the results in an existing run folder"),
@@ -116,8 +117,9 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The TrainConfig flags (shared by ``train`` and ``compare``)."""
+def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The TrainConfig flags (shared by ``train``, ``compare`` and ``study``); ``skip``
+    names fields the command sets its own way."""
     parser.add_argument(
         "--config",
         dest="config_file",
@@ -127,6 +129,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for flag, kind, help_text in _TRAIN_FLAGS:
         dest = _dest(flag)
+        if dest in skip:
+            continue
         if kind == "flag":
             parser.add_argument(
                 flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text
@@ -184,13 +188,13 @@ def _convert(dest: str, kind: str, text: str) -> Any:
     return text
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields given explicitly on the command line."""
+def overrides_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TrainConfig fields given explicitly on the command line (but ``skip``)."""
     given = vars(args)
     out: dict[str, Any] = {}
     for flag, kind, _ in _TRAIN_FLAGS:
         dest = _dest(flag)
-        if dest in given:
+        if dest in given and dest not in skip:
             value = given[dest]
             out[dest] = _convert(dest, kind, value) if isinstance(value, str) else value
     for dest in ("amp", "resume"):

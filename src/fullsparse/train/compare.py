@@ -151,13 +151,15 @@ def compare(
 ) -> CompareResult:
     """Train ``config`` once per recipe; returns the rows (also in ``compare.md/.json``)."""
     from fullsparse.train.checkpoint import atomic_write_bytes
+    from fullsparse.train.common import resolve_device
     from fullsparse.train.distributed import init_distributed, shutdown_distributed
-    from fullsparse.train.loop import _check_run_dir, resolve_device, train
+    from fullsparse.train.run_folder import check_run_dir
+    from fullsparse.train.trainer import train
 
     out = Path(out) if out is not None else default_compare_dir(config)
     configs, notes = recipe_configs(config, recipes, out)
     for cfg in configs:  # refuse before the first run starts, not after it
-        _check_run_dir(cfg)
+        check_run_dir(cfg)
     tables = [name for name in ("compare.json", "compare.md") if (out / name).exists()]
     if tables and not (config.resume or config.force):
         raise UserError(

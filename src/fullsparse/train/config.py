@@ -165,6 +165,9 @@ class TrainConfig:
     #: bit-identical on CPU with the same thread count (float sums depend on it), and on
     #: CUDA where every op has a deterministic kernel.
     deterministic: bool = False
+    #: CPU threads of this process (None: torch's default, ``OMP_NUM_THREADS``). Float sums
+    #: depend on it: a deterministic resume is bit-identical only with the same count.
+    threads: int | None = None
     #: On a NaN/Inf loss or gradient skip the step (and count it) instead of stopping.
     skip_nonfinite: bool = False
 
@@ -309,6 +312,7 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
     "compile": (_BOOL, False, None),
     "sync_bn": (_BOOL, False, None),
     "deterministic": (_BOOL, False, None),
+    "threads": (_INT, True, 1),
     "skip_nonfinite": (_BOOL, False, None),
     "out": (_STR, True, None),
     "resume": ("bool_or_str", False, None),

@@ -32,7 +32,7 @@ def load_trained_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The sparse model of checkpoint ``path`` (eval mode, on ``device``) and the checkpoint."""
     from fullsparse.nn import load_sparse_state_
-    from fullsparse.train.loop import build_sparse_model
+    from fullsparse.train.tasks import build_sparse_model
 
     state = ckpt.load_checkpoint(path)
     identity = state["identity"]
@@ -67,7 +67,8 @@ def evaluate_checkpoint(
     ``data_dir`` overrides the folder stored in the checkpoint's config (data moved).
     """
     from fullsparse.data import make_loader
-    from fullsparse.train.loop import _subset, build_data, evaluate, resolve_device
+    from fullsparse.train.classify import build_data, evaluate
+    from fullsparse.train.common import resolve_device, subset
 
     state = ckpt.load_checkpoint(path)
     saved = dict(state["config"])
@@ -93,7 +94,7 @@ def evaluate_checkpoint(
         return _evaluate_detection_checkpoint(path, state, config, dev)
     bundle = build_data(config)
     model, _ = load_trained_model(path, dev)
-    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     loader = make_loader(test_set, config.batch_size, train=False, seed=config.seed)
     result = evaluate(model, loader, dev, amp=config.amp)
     identity = state["identity"]
@@ -138,12 +139,12 @@ def _evaluate_lm_checkpoint(
 def _evaluate_detection_checkpoint(
     path: str | Path, state: dict[str, Any], config: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
+    from fullsparse.train.common import subset
     from fullsparse.train.detection import build_detection_data, evaluate_detection
-    from fullsparse.train.loop import _subset
 
     bundle = build_detection_data(config)
     model, _ = load_trained_model(path, device)
-    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     result = evaluate_detection(model, test_set, config.batch_size, device)
     identity = state["identity"]
     return {
