@@ -128,8 +128,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import train
+    from fullsparse.train.run_folder import resume_config
 
-    config = config_from_args(args)
+    # --resume continues the saved run: its config.json, with only the flags that may change
+    config = resume_config(args.config_file, overrides_from_args(args))
     train(config)
     return 0
 

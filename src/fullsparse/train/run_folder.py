@@ -170,11 +170,13 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
     """
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_log = replace and not config.force  # an unfinished start's log tells its story
     if replace:
         for name in RESULT_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+            if not (keep_log and name == "train.log"):
+                (run_dir / name).unlink(missing_ok=True)
     ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
-    log.open(run_dir / "train.log", append=history is not None)
+    log.open(run_dir / "train.log", append=history is not None or keep_log)
     write_json(run_dir / "config.json", config.to_dict())
     if history is not None:
         _write_metrics(run_dir / "metrics.jsonl", history)
@@ -312,3 +314,56 @@ def log_resume(log: RunLog, config: TrainConfig, state: dict[str, Any], path: Pa
             f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
             "is not bit-identical to an uninterrupted one (pass --threads to match)"
         )
+
+
+#: Fields a resume may change besides RUN_CONTROL: more epochs (the schedule is stretched
+#: from the checkpoint on) and where it runs.
+_RESUME_MAY_CHANGE = (*RUN_CONTROL, "epochs", "device")
+
+
+def resume_config(config_file: str | Path | None, given: dict[str, Any]) -> TrainConfig:
+    """The config of ``fullsparse train --resume``: the run folder's saved ``config.json``,
+    with the flags given now applied where they may change (more epochs, threads, output).
+
+    A flag that would change what the run is (model, data, recipe, optimiser, ...) is
+    refused in one line. Without ``--resume`` (or with a checkpoint path, or with no saved
+    config yet) this is :func:`config_from_sources`.
+    """
+    from fullsparse.train.config import config_from_sources, load_config_file
+
+    asked = dict(given)
+    if config_file is not None:
+        asked = {str(k).replace("-", "_"): v for k, v in load_config_file(config_file).items()}
+        asked.update(given)
+    if asked.get("resume") is True and isinstance(asked.get("out"), str):
+        run_dir = Path(asked["out"])  # the saved config, not these flags, must be valid
+    else:
+        config = config_from_sources(config_file, given)
+        if config.resume is not True:
+            return config
+        run_dir = config.run_dir
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return config_from_sources(config_file, given)
+    try:
+        saved = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError too
+        raise UserError(f"cannot resume from {saved_path}: {exc}") from None
+    # stop_after ended an earlier invocation; it does not carry over to this one
+    merged = saved.to_dict() | {"stop_after": None} | asked | {"resume": True, "force": False}
+    candidate = TrainConfig.from_dict(merged, source=f"resume of {run_dir}")
+    old, new = saved.to_dict(), candidate.to_dict()
+    clashes = [
+        f"--{k.replace('_', '-')} ({old[k]!r} in the saved run, {new[k]!r} now)"
+        for k in new
+        if k not in _RESUME_MAY_CHANGE and old.get(k) != new[k]
+    ]
+    if candidate.epochs < saved.epochs:
+        clashes.append(f"--epochs ({saved.epochs} in the saved run, {candidate.epochs} now)")
+    if clashes:
+        raise UserError(
+            f"{', '.join(clashes)} would change the run saved in {run_dir}; resume "
+            "with only --epochs (more), --threads, --stop-after or output flags, or start a "
+            "new run with another --out"
+        )
+    return candidate

@@ -210,6 +210,8 @@ class Trainer:
                 f"{config.run_dir} holds no checkpoint (the run stopped before its first "
                 "one): starting the saved run from the beginning"
             )
+        elif self.replace_folder and not config.force:
+            self.log.info(f"{config.run_dir} held a start that wrote no checkpoint: starting over")
         for line in self.task.describe(self):
             self.log.info(line)
         self.log.info(str(self.report), console=False)
@@ -411,11 +413,11 @@ class Trainer:
         else:
             state = self.state
             at = (
-                f"epoch {state.epoch + 1} step {state.step}"
+                f"at epoch {state.epoch + 1} step {state.step}"
                 if state.step
-                else f"epoch {state.epoch}"
+                else f"after epoch {state.epoch}"
             )
-            saved = f"{last} holds the run after {at}"
+            saved = f"{last} holds the run {at}"
         return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
 
 
