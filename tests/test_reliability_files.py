@@ -236,7 +236,7 @@ def test_compare_into_a_folder_holding_a_comparison_needs_resume_or_force(tmp_pa
     (out / "compare.json").write_text('{"rows": []}\n')
     before = _snapshot(out)
     argv = ["compare", *TINY, "--recipes", "srste", "--out", str(out)]
-    _one_line_error(capsys, argv, "already holds compare.json; pass --resume")
+    _one_line_error(capsys, argv, "already holds compare.json; its table is")
     assert _snapshot(out) == before and not (out / "srste").exists()
 
 

@@ -6,6 +6,7 @@ checkpoint restarts from the beginning, and Ctrl-C says what was saved and how t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,45 @@ def _config_of(args: list[str], out: Path) -> dict:
     return config_from_args(build_parser().parse_args(["train", *args])).to_dict() | {
         "out": str(out)
     }
+
+
+def test_compare_warns_of_a_busy_machine_and_says_how_to_reprint(tmp_path, capsys, monkeypatch):
+    compare_mod = sys.modules["fullsparse.train.compare"]  # the package exports compare()
+    monkeypatch.setattr(compare_mod, "_load_average", lambda: 99.0)
+    out = tmp_path / "cmp"
+    loud = [a for a in CLASSIFY if a != "--quiet"]
+    argv = ["compare", *loud, "--epochs", "1", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "note: the machine was busy: load average 99.0 above the 1 threads" in printed
+    assert "the machine was busy" in json.loads((out / "compare.json").read_text())["notes"][-1]
+    assert json.loads((out / "fst" / "summary.json").read_text())["threads"] == 1
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"its table is {out / 'compare.md'} (cat it to reprint)" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"hello world\n", "the file is not a torch checkpoint"),
+        (b"\x80\x04\x95" + bytes(range(256)) * 4, "the weights-only unpickler finds no torch checkpoint in it"),
+        ("truncated", "the file ends early or its zip archive is damaged"),
+    ],
+    ids=["text", "garbage-pickle", "truncated"],
+)
+def test_a_corrupt_or_foreign_checkpoint_is_one_whole_readable_sentence(tmp_path, content, reason):
+    from fullsparse.errors import CheckpointError
+
+    path = tmp_path / "bad.pt"
+    if content == "truncated":
+        torch.save({"weights": torch.zeros(1000)}, path)
+        content = path.read_bytes()[:1500]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path}") and message.endswith(reason)
+    for internal in ("KeyError", "miniz", "PytorchStreamReader", "operand", "Traceback"):
+        assert internal not in message
+    assert "\n" not in message

@@ -26,6 +26,7 @@ import contextlib
 import glob
 import os
 import random
+import re
 import sys
 import tempfile
 import warnings
@@ -152,15 +153,18 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The informative part of a (often multi-paragraph) load error, on one line."""
+    """Why a load failed, as a whole sentence without torch's internal wording (a zip
+    reader's advice, a bare ``KeyError: 101`` from unpickling a text file)."""
     text = " ".join(str(exc).split())
     marker = "WeightsUnpickler error:"
     if marker in text:  # weights_only refusals bury the reason after boilerplate
-        text = text.split(marker, 1)[1]
-        for tail in (" Check the documentation", ". Please use", " Please use"):
-            text = text.split(tail, 1)[0]
-        return f"weights-only unpickler: {text.strip()}"
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if refused:
+            return f"the weights-only unpickler refuses the Python object {refused.group(1)}"
+        return "the weights-only unpickler finds no torch checkpoint in it"
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "the file ends early or its zip archive is damaged"
+    return "the file is not a torch checkpoint"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
