@@ -495,14 +495,9 @@ def run_study(
 
 
 def _run_dict(run: StudyRun) -> dict[str, Any]:
-    return {
-        "name": run.name,
-        "variant": run.variant,
-        "recipe": run.recipe,
-        "seed": run.seed,
-        "overrides": dict(run.overrides),
-        "run_dir": str(run.run_dir),
-    }
+    names = ("name", "variant", "recipe", "seed")
+    return {**{k: getattr(run, k) for k in names}, "overrides": dict(run.overrides),
+            "run_dir": str(run.run_dir)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,13 +522,12 @@ def collect_results(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     """Per run: its plan entry, status, summary (if complete) and per-epoch metrics."""
     results = []
     for run in runs:
-        entry = _run_dict(run)
-        entry["status"] = run_status(run)
-        entry["summary"] = None
-        if entry["status"] == "complete":
-            entry["summary"] = json.loads((run.run_dir / "summary.json").read_text("utf-8"))
-        entry["history"] = _read_metrics(run.run_dir)
-        results.append(entry)
+        status = run_status(run)
+        summary = run.run_dir / "summary.json"
+        entry = {**_run_dict(run), "status": status, "summary": None}
+        if status == "complete":
+            entry["summary"] = json.loads(summary.read_text("utf-8"))
+        results.append({**entry, "history": _read_metrics(run.run_dir)})
     return results
 
 

@@ -20,7 +20,13 @@ from fullsparse.train.common import autocast, subset
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_curves
-from fullsparse.train.task import StepOutput, Task, settings_line, sparse_layer_counts
+from fullsparse.train.task import (
+    StepOutput,
+    Task,
+    best_and_final,
+    settings_line,
+    sparse_layer_counts,
+)
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -250,15 +256,10 @@ class ClassifyTask(Task):
         )
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
-        nan = float("nan")
-        final = history[-1] if history else None
-        return {
-            "best_top1": max((h["test_top1"] for h in history), default=nan),
-            "best_epoch": best_epoch,
-            "final_top1": final["test_top1"] if final else nan,
-            "final_top5": final["test_top5"] if final else nan,
-            "final_train_loss": final["train_loss"] if final else nan,
-        }
+        final = {"final_top1": "test_top1", "final_top5": "test_top5",
+                 "final_train_loss": "train_loss"}  # fmt: skip
+        scores = best_and_final(self, history, {"best_top1": "test_top1"}, final)
+        return {"best_top1": scores.pop("best_top1"), "best_epoch": best_epoch, **scores}
 
     def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
         return {

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from fullsparse.errors import UserError
 from fullsparse.train.common import subset
 from fullsparse.train.config import TrainConfig
-from fullsparse.train.task import StepOutput, Task, settings_line
+from fullsparse.train.task import StepOutput, Task, best_and_final, settings_line
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -269,18 +269,15 @@ class DetectionTask(Task):
         )
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
-        nan = float("nan")
-        best = max(history, key=lambda h: h["map"]) if history else None
-        final = history[-1] if history else None
+        best = {"best_map": "map", "best_map_50": "map_50"}
+        final = {"final_map": "map", "final_map_50": "map_50", "final_map_75": "map_75"}
+        scores = best_and_final(self, history, best, final)
         return {
-            "best_map": best["map"] if best else nan,
-            "best_map_50": best["map_50"] if best else nan,
+            **{k: scores.pop(k) for k in best},
             "best_epoch": best_epoch,
-            "final_map": final["map"] if final else nan,
-            "final_map_50": final["map_50"] if final else nan,
-            "final_map_75": final["map_75"] if final else nan,
-            "first_train_loss": history[0]["train_loss"] if history else nan,
-            "final_train_loss": final["train_loss"] if final else nan,
+            **scores,
+            "first_train_loss": history[0]["train_loss"] if history else float("nan"),
+            "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
             "train_loss_per_epoch": [h["train_loss"] for h in history],
             "map_50_per_epoch": [h["map_50"] for h in history],
         }

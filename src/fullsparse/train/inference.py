@@ -97,13 +97,8 @@ def evaluate_checkpoint(
     test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     loader = make_loader(test_set, config.batch_size, train=False, seed=config.seed)
     result = evaluate(model, loader, dev, amp=config.amp)
-    identity = state["identity"]
     return {
-        "checkpoint": str(path),
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
+        **_what_was_evaluated(path, state, None),
         "top1": result["top1"],
         "top5": result["top5"],
         "loss": result["loss"],
@@ -120,14 +115,8 @@ def _evaluate_lm_checkpoint(
     model, _ = load_trained_model(path, device)
     windows = validation_windows(corpus.val, int(model.context), config.test_subset)
     result = evaluate_lm(model, windows, config.batch_size, device, amp=config.amp)
-    identity = state["identity"]
     return {
-        "checkpoint": str(path),
-        "task": "lm",
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
+        **_what_was_evaluated(path, state, "lm"),
         "loss": result["loss"],
         "perplexity": result["perplexity"],
         "bits_per_byte": result["bits_per_byte"],
@@ -146,16 +135,19 @@ def _evaluate_detection_checkpoint(
     model, _ = load_trained_model(path, device)
     test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     result = evaluate_detection(model, test_set, config.batch_size, device)
+    return {**_what_was_evaluated(path, state, "detection"), **result}
+
+
+def _what_was_evaluated(
+    path: str | Path, state: dict[str, Any], task: str | None
+) -> dict[str, Any]:
+    """The head of an ``eval`` result: the checkpoint, its task, model, data and epoch."""
     identity = state["identity"]
-    return {
-        "checkpoint": str(path),
-        "task": "detection",
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
-        **result,
-    }
+    head = {"checkpoint": str(path), "task": task}
+    if task is None:  # classify results have always been written without a task key
+        del head["task"]
+    names = ("model", "dataset", "recipe")
+    return {**head, **{k: identity[k] for k in names}, "epoch": int(state["epoch"])}
 
 
 @dataclass

@@ -33,7 +33,13 @@ from fullsparse.train.common import autocast
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_lm_curves
-from fullsparse.train.task import StepOutput, Task, settings_line, sparse_layer_counts
+from fullsparse.train.task import (
+    StepOutput,
+    Task,
+    best_and_final,
+    settings_line,
+    sparse_layer_counts,
+)
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -255,20 +261,13 @@ class LMTask(Task):
         )
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
-        nan = float("nan")
-        best = min(history, key=lambda h: h["val_loss"]) if history else None
-        final = history[-1] if history else None
-        return {
-            "best_val_loss": best["val_loss"] if best else nan,
-            "best_perplexity": best["val_perplexity"] if best else nan,
-            "best_bits_per_byte": best["val_bits_per_byte"] if best else nan,
-            "best_epoch": best_epoch,
-            "final_val_loss": final["val_loss"] if final else nan,
-            "final_perplexity": final["val_perplexity"] if final else nan,
-            "final_bits_per_byte": final["val_bits_per_byte"] if final else nan,
-            "final_val_accuracy": final["val_accuracy"] if final else nan,
-            "final_train_loss": final["train_loss"] if final else nan,
-        }
+        metrics = {"val_loss": "val_loss", "perplexity": "val_perplexity",
+                   "bits_per_byte": "val_bits_per_byte"}  # fmt: skip
+        best = {f"best_{k}": v for k, v in metrics.items()}
+        final = {f"final_{k}": v for k, v in metrics.items()}
+        final |= {"final_val_accuracy": "val_accuracy", "final_train_loss": "train_loss"}
+        scores = best_and_final(self, history, best, final)
+        return {**{k: scores.pop(k) for k in best}, "best_epoch": best_epoch, **scores}
 
     def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
         return {

@@ -142,6 +142,21 @@ class Task:
         raise NotImplementedError
 
 
+def best_and_final(
+    task: Task, history: list[dict[str, Any]], best: dict[str, str], final: dict[str, str]
+) -> dict[str, Any]:
+    """Summary scores: ``{summary key: metric}`` of the best epoch (by the task's score) and
+    of the final one; NaN when no epoch ran."""
+    nan = float("nan")
+    pick = max if task.higher_is_better else min
+    top = pick(history, key=lambda h: h[task.score_metric]) if history else {}
+    last = history[-1] if history else {}
+    return {
+        **{name: top.get(metric, nan) for name, metric in best.items()},
+        **{name: last.get(metric, nan) for name, metric in final.items()},
+    }
+
+
 def sparse_layer_counts(report: Any) -> tuple[int, int]:
     """(sparse layers, layers) of a sparsify report."""
     if report is None:
