@@ -27,7 +27,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,8 @@ class Trainer:
         error: BaseException | None = None
         model = None
         try:
-            if self.dist.is_main:
-                self.resume_from, self.replace_folder = check_run_dir(config)
+            # every rank reads the folder (read-only): all of them load the checkpoint
+            self.resume_from, self.replace_folder = check_run_dir(config)
             seed_everything(config.seed)
             if config.deterministic:
                 torch.use_deterministic_algorithms(True)
@@ -421,8 +421,11 @@ class Trainer:
         return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
     """Train ``config.model`` on ``config.dataset`` with ``config.recipe``; return the summary.
+
+    ``step_callbacks`` are called as ``callback(step, total_steps, trainer)`` before each
+    optimizer step (see :class:`Trainer`).
 
     Writes the run folder (see :mod:`fullsparse.train.run_folder`) on rank 0. Under
     ``torchrun`` every rank calls this; each gets the same summary.
@@ -447,6 +450,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     dist = init_distributed(device.type)
     log = RunLog(enabled=dist.is_main, quiet=config.quiet)
     trainer = Trainer(config, device, dist, log)
+    trainer.step_callbacks.extend(step_callbacks)
     finished = False
     try:
         summary = trainer.fit()
