@@ -362,7 +362,7 @@ def test_resuming_an_lm_run_as_another_recipe_is_refused(tmp_path, capsys, lm_ru
     _one_line_error(
         capsys,
         ["train", *_lm_argv(corpus), "--out", str(lm_run), "--resume", "--recipe", "dense"],
-        "belongs to another run",
+        "--recipe ('fst' in the saved run, 'dense' now) would change the run saved in",
     )
 
 
