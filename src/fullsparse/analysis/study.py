@@ -53,6 +53,7 @@ from typing import Any
 from fullsparse.config import recipe as make_recipe
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
+from fullsparse.train.run_folder import RUN_CONTROL
 
 __all__ = [
     "StudySpec",
@@ -72,8 +73,6 @@ __all__ = [
 
 #: Fields a study sets per run; a base config or grid may not set them.
 _PER_RUN = ("recipe", "seed", "out", "resume", "force")
-#: Config fields that may differ between a stored run and the plan (how it is run, not what).
-_RUN_CONTROL = ("resume", "force", "out", "stop_after", "progress", "quiet", "plot", "workers")
 _SPEC_KEYS = ("out", "recipes", "seeds", "grid", "base")
 
 
@@ -269,7 +268,7 @@ def _check_same_config(run: StudyRun) -> None:
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in _RUN_CONTROL and old.get(k) != new.get(k)
+        if k not in RUN_CONTROL and old.get(k) != new.get(k)  # how it runs may differ
     ]
     if diffs:
         raise UserError(

@@ -15,6 +15,16 @@ from typing import Any
 from fullsparse.commands.train import add_train_arguments, overrides_from_args
 from fullsparse.errors import ConfigError
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse study --help``.
+HELP = "run a grid of trainings (recipes × seeds × overrides), resumable; one table"
+DESCRIPTION = (
+    "Train every combination of --recipes, --seeds and --grid values into "
+    "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming interrupted"
+    " ones, then write OUT/study.md (mean ± std over seeds of best and final top-1, s/epoch),"
+    " study.json and curves.png. Takes every train flag for the shared settings; --out is the"
+    " study folder (default runs/study-<dataset>-<model>)."
+)
+
 
 def _parse_value(text: str) -> Any:
     """A grid value from the command line: JSON (numbers, true/false, null) or a string."""
@@ -123,15 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "study",
-        help="run a grid of trainings (recipes × seeds × overrides), resumable; one table",
-        description="Train every combination of --recipes, --seeds and --grid values into "
-        "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming "
-        "interrupted ones, then write OUT/study.md (mean ± std over seeds of best and final "
-        "top-1, s/epoch), study.json and curves.png. Takes every train flag for the shared "
-        "settings; --out is the study folder (default runs/study-<dataset>-<model>).",
-    )
+    parser = subparsers.add_parser("study", help=HELP, description=DESCRIPTION)
     g = parser.add_argument_group("the grid")
     g.add_argument(
         "--spec",

@@ -19,6 +19,18 @@ from fullsparse.errors import ConfigError
 _BOOL = "bool"
 
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse train --help``.
+HELP = "train a model with a sparsity recipe (default: ResNet-20, Fashion-MNIST, fst)"
+DESCRIPTION = (
+    "Train a model from scratch with a 2:4 recipe. With no arguments: ResNet-20 on "
+    "Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a byte-level GPT "
+    "(gpt_tiny) on the Python standard library's sources, AdamW, epochs of --steps-per-epoch "
+    "steps, validation loss/perplexity/bits per byte. With --task detection: a torchvision "
+    "detector (fcos_tiny by default) on generated shapes or COCO/VOC folders, AdamW, COCO "
+    "mAP. Under torchrun, trains data-parallel (DDP; not for detection)."
+)
+
+
 def _shown(value: Any) -> str:
     """A default as the help shows it (booleans as on/off)."""
     if isinstance(value, bool):
@@ -137,16 +149,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model with a sparsity recipe (default: ResNet-20, Fashion-MNIST, fst)",
-        description="Train a model from scratch with a 2:4 recipe. With no arguments: "
-        "ResNet-20 on Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a "
-        "byte-level GPT (gpt_tiny) on the Python standard library's sources, AdamW, "
-        "epochs of --steps-per-epoch steps, validation loss/perplexity/bits per byte. With "
-        "--task detection: a torchvision detector (fcos_tiny by default) on generated "
-        "shapes or COCO/VOC folders, AdamW, COCO mAP. Under torchrun, trains data-parallel "
-        "(DDP; not for detection).",
-    )
+    parser = subparsers.add_parser("train", help=HELP, description=DESCRIPTION)
     add_train_arguments(parser)
     parser.set_defaults(func=run)

@@ -165,6 +165,16 @@ class ClassifyTask(Task):
     sum_keys = ("correct",)
     plot = staticmethod(plot_curves)
 
+    epoch_format = (
+        "train loss {train_loss:.4f} acc {train_acc:.2f}% | test top-1 "
+        "{test_top1:.2f}% top-5 {test_top5:.2f}% | lr {lr:.4g} | "
+        "{epoch_seconds:.1f} s ({images_per_second:.0f} img/s)"
+    )
+    result_format = (
+        "best test top-1 {best_top1:.2f}% (epoch {best_epoch}), final "
+        "{final_top1:.2f}%, {seconds_per_epoch:.1f} s/epoch"
+    )
+
     def check(self, world: int, device: torch.device) -> None:
         if self.config.sync_bn and world > 1 and device.type != "cuda":
             raise ConfigError(
@@ -248,13 +258,6 @@ class ClassifyTask(Task):
             settings_line(trainer, f"global batch {c.batch_size}"),
         ]
 
-    def epoch_line(self, m: dict[str, Any]) -> str:
-        return (
-            f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.2f}% | test top-1 "
-            f"{m['test_top1']:.2f}% top-5 {m['test_top5']:.2f}% | lr {m['lr']:.4g} | "
-            f"{m['epoch_seconds']:.1f} s ({m['images_per_second']:.0f} img/s)"
-        )
-
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         final = {"final_top1": "test_top1", "final_top5": "test_top5",
                  "final_train_loss": "train_loss"}  # fmt: skip
@@ -267,9 +270,3 @@ class ClassifyTask(Task):
             "num_classes": trainer.identity["num_classes"],
             "world_size": trainer.world,
         }
-
-    def result_line(self, s: dict[str, Any]) -> str:
-        return (
-            f"best test top-1 {s['best_top1']:.2f}% (epoch {s['best_epoch']}), final "
-            f"{s['final_top1']:.2f}%, {s['seconds_per_epoch']:.1f} s/epoch"
-        )

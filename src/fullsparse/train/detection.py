@@ -186,6 +186,17 @@ class DetectionTask(Task):
     count_key = "images"
     bar_accuracy = False
 
+    epoch_format = (
+        "train loss {train_loss:.4f} | mAP {map:.2f} mAP@0.5 {map_50:.2f} "
+        "mAP@0.75 {map_75:.2f} | lr {lr:.4g} | {epoch_seconds:.1f} s "
+        "({images_per_second:.1f} img/s) + eval {eval_seconds:.1f} s"
+    )
+    result_format = (
+        "best mAP {best_map:.2f} (epoch {best_epoch}), final mAP "
+        "{final_map:.2f} mAP@0.5 {final_map_50:.2f}, "
+        "{seconds_per_epoch:.1f} s/epoch"
+    )
+
     def check(self, world: int, device: torch.device) -> None:
         if world > 1:
             raise UserError("--task detection runs in one process; start it without torchrun")
@@ -261,13 +272,6 @@ class DetectionTask(Task):
             settings_line(trainer, f"batch {c.batch_size}"),
         ]
 
-    def epoch_line(self, m: dict[str, Any]) -> str:
-        return (
-            f"train loss {m['train_loss']:.4f} | mAP {m['map']:.2f} mAP@0.5 {m['map_50']:.2f} "
-            f"mAP@0.75 {m['map_75']:.2f} | lr {m['lr']:.4g} | {m['epoch_seconds']:.1f} s "
-            f"({m['images_per_second']:.1f} img/s) + eval {m['eval_seconds']:.1f} s"
-        )
-
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         best = {"best_map": "map", "best_map_50": "map_50"}
         final = {"final_map": "map", "final_map_50": "map_50", "final_map_75": "map_75"}
@@ -306,10 +310,3 @@ class DetectionTask(Task):
             "train_images": len(self.train_set),
             "test_images": len(self.test_set),
         }
-
-    def result_line(self, s: dict[str, Any]) -> str:
-        return (
-            f"best mAP {s['best_map']:.2f} (epoch {s['best_epoch']}), final mAP "
-            f"{s['final_map']:.2f} mAP@0.5 {s['final_map_50']:.2f}, "
-            f"{s['seconds_per_epoch']:.1f} s/epoch"
-        )

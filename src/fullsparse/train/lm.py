@@ -180,6 +180,18 @@ class LMTask(Task):
     bar_unit = "tok"
     plot = staticmethod(plot_lm_curves)
 
+    epoch_format = (
+        "train loss {train_loss:.4f} | val loss {val_loss:.4f} perplexity "
+        "{val_perplexity:.3f} {val_bits_per_byte:.3f} bits/byte acc "
+        "{val_accuracy:.2f}% | lr {lr:.4g} | {epoch_seconds:.1f} s "
+        "({tokens_per_second:.0f} tok/s)"
+    )
+    result_format = (
+        "best val loss {best_val_loss:.4f} (perplexity {best_perplexity:.3f}, "
+        "epoch {best_epoch}), final {final_val_loss:.4f} "
+        "({final_bits_per_byte:.3f} bits/byte), {seconds_per_epoch:.1f} s/epoch"
+    )
+
     def check(self, world: int, device: torch.device) -> None:
         if self.config.sync_bn or self.config.channels_last:
             flag = "--sync-bn" if self.config.sync_bn else "--channels-last"
@@ -252,14 +264,6 @@ class LMTask(Task):
             settings_line(trainer, f"global batch {c.batch_size} x {self.context} bytes"),
         ]
 
-    def epoch_line(self, m: dict[str, Any]) -> str:
-        return (
-            f"train loss {m['train_loss']:.4f} | val loss {m['val_loss']:.4f} perplexity "
-            f"{m['val_perplexity']:.3f} {m['val_bits_per_byte']:.3f} bits/byte acc "
-            f"{m['val_accuracy']:.2f}% | lr {m['lr']:.4g} | {m['epoch_seconds']:.1f} s "
-            f"({m['tokens_per_second']:.0f} tok/s)"
-        )
-
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         metrics = {"val_loss": "val_loss", "perplexity": "val_perplexity",
                    "bits_per_byte": "val_bits_per_byte"}  # fmt: skip
@@ -283,10 +287,3 @@ class LMTask(Task):
             "validation_tokens": self.val.shape[0] * self.context,
             "corpus": self.corpus.summary(),
         }
-
-    def result_line(self, s: dict[str, Any]) -> str:
-        return (
-            f"best val loss {s['best_val_loss']:.4f} (perplexity {s['best_perplexity']:.3f}, "
-            f"epoch {s['best_epoch']}), final {s['final_val_loss']:.4f} "
-            f"({s['final_bits_per_byte']:.3f} bits/byte), {s['seconds_per_epoch']:.1f} s/epoch"
-        )

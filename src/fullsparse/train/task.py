@@ -55,6 +55,10 @@ class Task:
     #: Progress bar: the unit shown, and whether a ``correct`` sum gives an accuracy.
     bar_unit: str = "img"
     bar_accuracy: bool = True
+    #: The log line of an epoch (``str.format`` over its metrics) and of the run's end
+    #: (over ``summary.json``).
+    epoch_format: str = ""
+    result_format: str = ""
     #: ``plot(history, path, title=...)`` drawing ``curves.png`` (None: no curves).
     plot: Callable[..., bool] | None = None
 
@@ -123,9 +127,6 @@ class Task:
         """The lines that open ``train.log``: what is trained on what, and how."""
         raise NotImplementedError
 
-    def epoch_line(self, metrics: dict[str, Any]) -> str:
-        raise NotImplementedError
-
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         """The task's part of ``summary.json``: best and final scores."""
         raise NotImplementedError
@@ -137,9 +138,6 @@ class Task:
     def summary_details(self, trainer: Trainer) -> dict[str, Any]:
         """Summary fields written last (model size, data description)."""
         return {}
-
-    def result_line(self, summary: dict[str, Any]) -> str:
-        raise NotImplementedError
 
 
 def best_and_final(

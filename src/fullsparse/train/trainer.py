@@ -336,7 +336,8 @@ class Trainer:
         is_best = run.improves(score)
         if is_best:
             run.best, run.best_epoch = score, epoch + 1
-        self.log.info(f"epoch {epoch + 1}/{self.config.epochs}: {self.task.epoch_line(metrics)}")
+        line = self.task.epoch_format.format(**metrics)
+        self.log.info(f"epoch {epoch + 1}/{self.config.epochs}: {line}")
         if self.dist.is_main:
             self.checkpoints.save_epoch(metrics, is_best)
         barrier(self.dist)
@@ -350,7 +351,7 @@ class Trainer:
             return summary
         write_json(run_dir / "summary.json", summary)
         self.plot()
-        self.log.info(f"{self.status}: {self.task.result_line(summary)}")
+        self.log.info(f"{self.status}: {self.task.result_format.format(**summary)}")
         self.log.info(f"results in {run_dir}/: {', '.join(written_files(run_dir))}")
         return summary
 
