@@ -12,7 +12,7 @@ import torch
 from fullsparse.errors import CheckpointError, ConfigError, UserError
 from fullsparse.train import TrainConfig, load_checkpoint, train
 from fullsparse.train import checkpoint as ckpt
-from fullsparse.train import loop as train_loop
+from fullsparse.train.guard import StepGuard
 from tinyruns import tiny_classify
 
 
@@ -67,7 +67,7 @@ class _Killed(Exception):
 
 def _kill_at_step(monkeypatch, n: int) -> None:
     """Make the n-th optimizer step of this process (1-based) raise, as a kill would."""
-    real = train_loop._StepGuard.step
+    real = StepGuard.step
     calls = {"n": 0}
 
     def step(self):
@@ -76,7 +76,7 @@ def _kill_at_step(monkeypatch, n: int) -> None:
             raise _Killed(f"killed at step {n}")
         return real(self)
 
-    monkeypatch.setattr(train_loop._StepGuard, "step", step)
+    monkeypatch.setattr(StepGuard, "step", step)
 
 
 @pytest.mark.parametrize(

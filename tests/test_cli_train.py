@@ -238,7 +238,7 @@ def test_existing_run_folder_is_one_line_and_untouched(capsys, finished_run):
     _one_line_error(
         capsys,
         ["train", *TINY, "--out", str(finished_run), "--resume", "--recipe", "srste"],
-        "belongs to another run",
+        "--recipe ('fst' in the saved run, 'srste' now) would change the run saved in",
     )
     # compare refuses before its first recipe trains, when a later recipe's folder exists
     cmp = finished_run.parent / "cmp"

@@ -157,9 +157,9 @@ def test_detection_run_folder_resume_eval_and_export(tmp_path, capsys):
 
 def test_nan_in_a_detector_stops_or_is_skipped_and_restores_batchnorm(tmp_path, monkeypatch):
     from fullsparse.train import NonFiniteLossError
-    from fullsparse.train import loop as train_loop
+    from fullsparse.train import trainer as trainer_mod
 
-    real = train_loop._build_model
+    real = trainer_mod.build_model
     calls = {"n": 0}
 
     def build(identity):
@@ -174,7 +174,7 @@ def test_nan_in_a_detector_stops_or_is_skipped_and_restores_batchnorm(tmp_path, 
         model.get_submodule("backbone.blocks.0.conv1").register_forward_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
     with pytest.raises(NonFiniteLossError) as info:
         train(_tiny(tmp_path, epochs=1))
     msg = str(info.value)

@@ -20,8 +20,9 @@ import torch
 import fullsparse
 from fullsparse.errors import ConfigError
 from fullsparse.train import TrainConfig, load_checkpoint, train
-from fullsparse.train import loop as train_loop
+from fullsparse.train import trainer as trainer_mod
 from fullsparse.train.distributed import DistInfo, all_reduce_sum, any_rank, init_distributed
+from fullsparse.train.guard import StepGuard
 
 SRC = str(Path(fullsparse.__file__).resolve().parents[1])
 VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -99,7 +100,7 @@ def test_a_mid_epoch_checkpoint_resumes_under_two_processes(tmp_path, monkeypatc
         deterministic=True, progress=False, quiet=True, plot=False,
     )  # fmt: skip
     train(TrainConfig(out=str(tmp_path / "one"), **args))
-    real = train_loop._StepGuard.step
+    real = StepGuard.step
     calls = {"n": 0}
 
     def step(self):
@@ -108,7 +109,7 @@ def test_a_mid_epoch_checkpoint_resumes_under_two_processes(tmp_path, monkeypatc
             raise KeyboardInterrupt  # a kill between the step checkpoint and the epoch end
         return real(self)
 
-    monkeypatch.setattr(train_loop._StepGuard, "step", step)
+    monkeypatch.setattr(StepGuard, "step", step)
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(out=str(tmp_path / "two"), checkpoint_every=2, **args))
     monkeypatch.undo()
@@ -141,7 +142,7 @@ def test_a_mid_epoch_checkpoint_resumes_under_two_processes(tmp_path, monkeypatc
 
 def _fake_world(monkeypatch, world_size: int) -> None:
     monkeypatch.setattr(
-        train_loop, "init_distributed", lambda device_type: DistInfo(0, world_size, 0)
+        trainer_mod, "init_distributed", lambda device_type: DistInfo(0, world_size, 0)
     )
 
 

@@ -112,10 +112,10 @@ def test_a_pickle_payload_is_refused_without_running_it(tmp_path, capsys, finish
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--model", "resnet32"], "model 'resnet20' != 'resnet32'"),
-        (["--recipe", "srste"], "recipe 'fst' != 'srste'"),
-        (["--recipe", "fst", "--ir-alpha", "0.5"], "sparsity"),
-        (["--synthetic-classes", "5"], "num_classes 10 != 5"),
+        (["--model", "resnet32"], "--model ('resnet20' in the saved run, 'resnet32' now)"),
+        (["--recipe", "srste"], "--recipe ('fst' in the saved run, 'srste' now)"),
+        (["--recipe", "fst", "--ir-alpha", "0.5"], "--ir-alpha (None in the saved run, 0.5"),
+        (["--synthetic-classes", "5"], "--synthetic-classes (10 in the saved run, 5 now)"),
     ],
 )
 def test_resume_from_another_models_or_recipes_checkpoint_is_one_line(
@@ -125,7 +125,7 @@ def test_resume_from_another_models_or_recipes_checkpoint_is_one_line(
     line = _one_line_error(
         capsys, ["train", *TINY, "--out", str(finished_run), "--resume", *flags], needle
     )
-    assert "belongs to another run" in line
+    assert "would change the run saved in" in line  # checked before the checkpoint is read
     assert _snapshot(finished_run) == before
 
 
@@ -236,7 +236,7 @@ def test_compare_into_a_folder_holding_a_comparison_needs_resume_or_force(tmp_pa
     (out / "compare.json").write_text('{"rows": []}\n')
     before = _snapshot(out)
     argv = ["compare", *TINY, "--recipes", "srste", "--out", str(out)]
-    _one_line_error(capsys, argv, "already holds compare.json; pass --resume")
+    _one_line_error(capsys, argv, "already holds a comparison (compare.json; cat compare.md")
     assert _snapshot(out) == before and not (out / "srste").exists()
 
 

@@ -87,9 +87,9 @@ if mode == "write":
 
     torch.save = save
 elif mode == "step":
-    from fullsparse.train import loop
+    from fullsparse.train import trainer
 
-    real_build = loop._build_model
+    real_build = trainer.build_model
 
     def build(identity):
         model, report = real_build(identity)
@@ -103,7 +103,7 @@ elif mode == "step":
         model.register_forward_pre_hook(hook)
         return model, report
 
-    loop._build_model = build
+    trainer.build_model = build
 sys.argv = ["fullsparse", *sys.argv[1:]]
 runpy.run_module("fullsparse", run_name="__main__", alter_sys=True)
 """

@@ -18,7 +18,9 @@ import torch
 
 from fullsparse.cli import main
 from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, train
-from fullsparse.train import loop as train_loop
+from fullsparse.train import trainer as trainer_mod
+from fullsparse.train.guard import first_nonfinite_gradient
+from fullsparse.train.run_folder import Checkpointer
 from tinyruns import tiny_classify
 
 LAYER = "layer2.0.conv1"
@@ -31,7 +33,7 @@ def tiny(tmp_path, **kw) -> TrainConfig:
 def _poison_gradient(monkeypatch, bad_calls: set[int], value: float = float("nan")) -> None:
     """Make ``LAYER``'s weight gradient non-finite on the given backward calls (1-based,
     counted from the model's construction); the loss stays finite."""
-    real = train_loop._build_model
+    real = trainer_mod.build_model
 
     def build(identity):
         model, report = real(identity)
@@ -44,7 +46,7 @@ def _poison_gradient(monkeypatch, bad_calls: set[int], value: float = float("nan
         model.get_submodule(LAYER).weight.register_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
 
 
 def _sha256(path) -> str:
@@ -126,19 +128,19 @@ def test_a_skipped_step_changes_nothing_but_the_schedule(tmp_path, monkeypatch):
 
 def test_finite_gradients_cost_one_check_and_pass():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    assert train_loop._first_nonfinite_gradient(model) == ""  # no gradients yet
+    assert first_nonfinite_gradient(model) == ""  # no gradients yet
     model(torch.randn(3, 4)).sum().backward()
-    assert train_loop._first_nonfinite_gradient(model) == ""
+    assert first_nonfinite_gradient(model) == ""
     model[0].bias.grad[1] = float("inf")
     model[1].weight.grad[0, 0] = float("nan")
     # backward order: the layer nearest the loss first
-    assert train_loop._first_nonfinite_gradient(model) == (
+    assert first_nonfinite_gradient(model) == (
         "first non-finite gradient (backward order): 1 (Linear) weight; 2 of 4 gradients non-finite"
     )
     big = torch.nn.Linear(2, 1)
     big(torch.ones(1, 2)).sum().backward()
     big.weight.grad.fill_(3e38)  # finite, but its norm overflows: not an error
-    assert train_loop._first_nonfinite_gradient(big) == ""
+    assert first_nonfinite_gradient(big) == ""
 
 
 def _lrs(run_dir) -> list[float]:
@@ -169,13 +171,13 @@ def test_a_nonfinite_stop_after_a_step_checkpoint_names_that_checkpoint(tmp_path
     config = tiny(tmp_path, epochs=1, checkpoint_every=2)
     last = tmp_path / "run" / "last.pt"
     seen = {}
-    real = train_loop._save_last
+    real = Checkpointer.save_last
 
     def save_last(*args, **kwargs):
         real(*args, **kwargs)
         seen["sha"] = _sha256(last)
 
-    monkeypatch.setattr(train_loop, "_save_last", save_last)
+    monkeypatch.setattr(Checkpointer, "save_last", save_last)
     _poison_gradient(monkeypatch, {3})
     with pytest.raises(NonFiniteLossError) as info:
         train(config)

@@ -13,8 +13,8 @@ import torch
 from fullsparse import RECIPES
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, train
-from fullsparse.train import loop as train_loop
-from fullsparse.train.loop import lr_factor
+from fullsparse.train import trainer as trainer_mod
+from fullsparse.train.common import lr_factor, param_groups
 from fullsparse.train.progress import ProgressBar
 from tinyruns import tiny_classify
 
@@ -102,11 +102,11 @@ def test_no_wd_bn_bias_puts_one_dimensional_parameters_in_a_group_without_decay(
     from fullsparse.models import build_model
 
     model = build_model("resnet20", 10, in_channels=3, image_size=8)
-    groups = train_loop._param_groups(model, TrainConfig(no_wd_bn_bias=True))
+    groups = param_groups(model, TrainConfig(no_wd_bn_bias=True))
     assert [g["weight_decay"] for g in groups] == [7e-5, 0.0]
     assert all(p.ndim > 1 for p in groups[0]["params"])
     assert all(p.ndim == 1 for p in groups[1]["params"]) and groups[1]["params"]
-    assert len(train_loop._param_groups(model, TrainConfig())) == 1
+    assert len(param_groups(model, TrainConfig())) == 1
 
 
 def test_existing_run_folder_is_refused_without_resume_or_force(tmp_path):
@@ -130,7 +130,7 @@ def test_batch_larger_than_the_dataset_is_a_one_line_error(tmp_path):
 
 def _poison(monkeypatch, layer: str, at_call: int):
     """Make ``layer`` output NaN from its ``at_call``-th training forward on."""
-    real = train_loop._build_model
+    real = trainer_mod.build_model
 
     def build(identity):
         model, report = real(identity)
@@ -146,7 +146,7 @@ def _poison(monkeypatch, layer: str, at_call: int):
         model.get_submodule(layer).register_forward_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
 
 
 def test_nan_loss_stops_naming_step_and_layer_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -168,7 +168,7 @@ def test_nan_loss_stops_naming_step_and_layer_and_keeps_the_last_checkpoint(tmp_
 
 
 def test_skip_nonfinite_skips_the_bad_steps_and_counts_them(tmp_path, monkeypatch):
-    real = train_loop._build_model
+    real = trainer_mod.build_model
     bad_steps = {2, 3}
 
     def build(identity):
@@ -185,7 +185,7 @@ def test_skip_nonfinite_skips_the_bad_steps_and_counts_them(tmp_path, monkeypatc
         model.get_submodule("layer1.0.conv1").register_forward_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
     summary = train(tiny(tmp_path, skip_nonfinite=True))
     assert summary["skipped_steps"] == 2
     weights = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
@@ -220,7 +220,7 @@ def test_fp16_and_cuda_are_refused_clearly_on_a_cpu_machine(tmp_path):
 
 
 def test_a_flag_that_breaks_the_first_step_is_refused_before_the_run_starts(tmp_path, monkeypatch):
-    real = train_loop._build_model
+    real = trainer_mod.build_model
 
     def build(identity):
         model, report = real(identity)
@@ -233,7 +233,7 @@ def test_a_flag_that_breaks_the_first_step_is_refused_before_the_run_starts(tmp_
         model.get_submodule("layer1.0.conv1").register_forward_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
     with pytest.raises(UserError) as info:
         train(tiny(tmp_path, amp="bf16"))
     msg = str(info.value)

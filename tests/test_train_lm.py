@@ -17,7 +17,9 @@ from fullsparse.cli import main
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.models import build_lm_model
 from fullsparse.train import NonFiniteLossError, TrainConfig, load_checkpoint, train
-from fullsparse.train import loop as train_loop
+from fullsparse.train import trainer as trainer_mod
+from fullsparse.train.common import build_optimizer
+from fullsparse.train.guard import clip_gradients
 from fullsparse.train.lm import loss_metrics, validation_windows
 from tinyruns import quiet_config, tiny_classify
 
@@ -195,7 +197,7 @@ def test_lm_trains_under_bf16_autocast(tmp_path, corpus):
 
 
 def test_nan_in_an_lm_layer_stops_naming_the_step_and_the_layer(tmp_path, corpus, monkeypatch):
-    real = train_loop._build_model
+    real = trainer_mod.build_model
 
     def build(identity):
         model, report = real(identity)
@@ -206,7 +208,7 @@ def test_nan_in_an_lm_layer_stops_naming_the_step_and_the_layer(tmp_path, corpus
         model.get_submodule("blocks.0.fc1").register_forward_hook(hook)
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
     with pytest.raises(NonFiniteLossError) as info:
         train(tiny_lm(tmp_path, corpus))
     msg = str(info.value)
@@ -218,14 +220,14 @@ def test_nan_in_an_lm_layer_stops_naming_the_step_and_the_layer(tmp_path, corpus
 def test_nan_gradient_with_a_finite_lm_loss_is_caught_before_the_step(
     tmp_path, corpus, monkeypatch
 ):
-    real = train_loop._build_model
+    real = trainer_mod.build_model
 
     def build(identity):
         model, report = real(identity)
         model.get_submodule("blocks.0.fc1").weight.register_hook(lambda g: g * float("nan"))
         return model, report
 
-    monkeypatch.setattr(train_loop, "_build_model", build)
+    monkeypatch.setattr(trainer_mod, "build_model", build)
     with pytest.raises(NonFiniteLossError) as info:
         train(tiny_lm(tmp_path, corpus))
     msg = str(info.value)
@@ -236,12 +238,12 @@ def test_nan_gradient_with_a_finite_lm_loss_is_caught_before_the_step(
 def test_adamw_and_grad_clip_also_work_for_classification(tmp_path):
     config = tiny_classify(tmp_path, optimizer="adamw", grad_clip=0.5)
     model = torch.nn.Linear(4, 4)
-    assert isinstance(train_loop.build_optimizer(model, config), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, config), torch.optim.AdamW)
     model(torch.ones(2, 4)).sum().mul(100).backward()
-    before = train_loop.clip_gradients(model, config)
+    before = clip_gradients(model, config.grad_clip)
     after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
     assert before > 0.5 and after == pytest.approx(0.5, rel=1e-5)
-    assert train_loop.clip_gradients(model, config.replace(grad_clip=0.0)) is None
+    assert clip_gradients(model, 0.0) is None
     summary = train(config)
     assert summary["config"]["optimizer"] == "adamw" and math.isfinite(summary["final_train_loss"])
 
@@ -360,7 +362,7 @@ def test_resuming_an_lm_run_as_another_recipe_is_refused(tmp_path, capsys, lm_ru
     _one_line_error(
         capsys,
         ["train", *_lm_argv(corpus), "--out", str(lm_run), "--resume", "--recipe", "dense"],
-        "belongs to another run",
+        "--recipe ('fst' in the saved run, 'dense' now) would change the run saved in",
     )
 
 

@@ -34,7 +34,7 @@ class AnalysisInputs:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present), ``cpu`` or ``cuda`` — the same rule as training."""
-    from fullsparse.train.loop import resolve_device as train_device
+    from fullsparse.train.common import resolve_device as train_device
 
     return train_device(name)
 

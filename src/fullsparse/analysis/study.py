@@ -53,6 +53,7 @@ from typing import Any
 from fullsparse.config import recipe as make_recipe
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
+from fullsparse.train.run_folder import RUN_CONTROL
 
 __all__ = [
     "StudySpec",
@@ -72,8 +73,6 @@ __all__ = [
 
 #: Fields a study sets per run; a base config or grid may not set them.
 _PER_RUN = ("recipe", "seed", "out", "resume", "force")
-#: Config fields that may differ between a stored run and the plan (how it is run, not what).
-_RUN_CONTROL = ("resume", "force", "out", "stop_after", "progress", "quiet", "plot", "workers")
 _SPEC_KEYS = ("out", "recipes", "seeds", "grid", "base")
 
 
@@ -269,7 +268,7 @@ def _check_same_config(run: StudyRun) -> None:
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
-        if k not in _RUN_CONTROL and old.get(k) != new.get(k)
+        if k not in RUN_CONTROL and old.get(k) != new.get(k)  # how it runs may differ
     ]
     if diffs:
         raise UserError(
@@ -495,14 +494,9 @@ def run_study(
 
 
 def _run_dict(run: StudyRun) -> dict[str, Any]:
-    return {
-        "name": run.name,
-        "variant": run.variant,
-        "recipe": run.recipe,
-        "seed": run.seed,
-        "overrides": dict(run.overrides),
-        "run_dir": str(run.run_dir),
-    }
+    names = ("name", "variant", "recipe", "seed")
+    return {**{k: getattr(run, k) for k in names}, "overrides": dict(run.overrides),
+            "run_dir": str(run.run_dir)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -527,13 +521,12 @@ def collect_results(runs: Sequence[StudyRun]) -> list[dict[str, Any]]:
     """Per run: its plan entry, status, summary (if complete) and per-epoch metrics."""
     results = []
     for run in runs:
-        entry = _run_dict(run)
-        entry["status"] = run_status(run)
-        entry["summary"] = None
-        if entry["status"] == "complete":
-            entry["summary"] = json.loads((run.run_dir / "summary.json").read_text("utf-8"))
-        entry["history"] = _read_metrics(run.run_dir)
-        results.append(entry)
+        status = run_status(run)
+        summary = run.run_dir / "summary.json"
+        entry = {**_run_dict(run), "status": status, "summary": None}
+        if status == "complete":
+            entry["summary"] = json.loads(summary.read_text("utf-8"))
+        results.append({**entry, "history": _read_metrics(run.run_dir)})
     return results
 
 

@@ -21,6 +21,14 @@ _DEFAULT_OUT = "runs/analysis"
 
 
 # --------------------------------------------------------------------------- shared flags
+#: The line of ``fullsparse --help`` and the text of ``fullsparse analyze --help``.
+HELP = "the paper's measurements: similarity, neighbors, fidelity, overhead"
+DESCRIPTION = (
+    "Measure what the FST paper argues from, on your model and data. Each writes <name>.json,"
+    " <name>.md and <name>.png (plot extra) into --out."
+)
+
+
 def _add_model_args(p: argparse.ArgumentParser, images: int | None, split: str = "test") -> None:
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -450,12 +458,7 @@ def run_overhead(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "analyze",
-        help="the paper's measurements: similarity, neighbors, fidelity, overhead",
-        description="Measure what the FST paper argues from, on your model and data. Each "
-        "writes <name>.json, <name>.md and <name>.png (plot extra) into --out.",
-    )
+    parser = subparsers.add_parser("analyze", help=HELP, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
 
     p = sub.add_parser(

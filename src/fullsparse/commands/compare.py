@@ -8,6 +8,16 @@ from typing import Any
 from fullsparse.commands.train import add_train_arguments, overrides_from_args
 from fullsparse.errors import ConfigError
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse compare --help``.
+HELP = "train several recipes with identical settings and print one table"
+DESCRIPTION = (
+    "Train the same model/data/schedule once per recipe (default dense and fst) into "
+    "OUT/<recipe>/ and print best/final top-1 (with --task lm: validation loss, perplexity, "
+    "bits per byte) and time per epoch side by side; the table is also written to "
+    "OUT/compare.md and OUT/compare.json. Takes every train flag; --out is the comparison "
+    "folder (default runs/compare-<dataset>-<model>-seed<seed>)."
+)
+
 
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import compare
@@ -32,16 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "compare",
-        help="train several recipes with identical settings and print one table",
-        description="Train the same model/data/schedule once per recipe (default dense and "
-        "fst) into OUT/<recipe>/ and print best/final top-1 (with --task lm: validation loss, "
-        "perplexity, bits per byte) and time per epoch side by side; "
-        "the table is also written to OUT/compare.md and OUT/compare.json. Takes every "
-        "train flag; --out is the comparison folder (default runs/compare-<dataset>-<model>-"
-        "seed<seed>).",
-    )
+    parser = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION)
     parser.add_argument(
         "--recipes", default="dense,fst", help="comma-separated recipes (default dense,fst)"
     )

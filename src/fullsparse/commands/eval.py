@@ -9,6 +9,15 @@ from typing import Any
 
 from fullsparse.errors import ConfigError, UserError
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse eval --help``.
+HELP = "evaluate a checkpoint on its dataset's test split"
+DESCRIPTION = (
+    "Rebuild the sparse model of a checkpoint and report top-1/top-5 accuracy on the test "
+    "split of the dataset it was trained on — or, for a language model (--task lm), "
+    "validation loss, perplexity and bits per byte on the run's fixed validation windows; for"
+    " a detector (--task detection), COCO mAP, mAP@0.5 and mAP@0.75."
+)
+
 
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import evaluate_checkpoint
@@ -55,15 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate a checkpoint on its dataset's test split",
-        description="Rebuild the sparse model of a checkpoint and report top-1/top-5 accuracy "
-        "on the test split of the dataset it was trained on — or, for a language model "
-        "(--task lm), validation loss, perplexity and bits per byte on the run's fixed "
-        "validation windows; for a detector (--task detection), COCO mAP, mAP@0.5 and "
-        "mAP@0.75.",
-    )
+    parser = subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)
     parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
     parser.add_argument("--data-dir", default=None, help="dataset folder, if it moved")
     parser.add_argument("--batch-size", default=None, help="evaluation batch size")

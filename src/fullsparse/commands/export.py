@@ -7,6 +7,15 @@ from typing import Any
 
 from fullsparse.errors import UserError
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse export --help``.
+HELP = "write a checkpoint's 2:4-pruned weights as a plain state_dict"
+DESCRIPTION = (
+    "Export the inference weights of a checkpoint: every sparse layer's weight is its pruned "
+    "forward weight, verified 2:4 along K. The file loads into the dense model "
+    "(fullsparse.models.build_model) with load_state_dict; FILE.json holds the build "
+    "arguments."
+)
+
 
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import export_checkpoint
@@ -20,14 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="write a checkpoint's 2:4-pruned weights as a plain state_dict",
-        description="Export the inference weights of a checkpoint: every sparse layer's "
-        "weight is its pruned forward weight, verified 2:4 along K. The file loads into the "
-        "dense model (fullsparse.models.build_model) with load_state_dict; FILE.json holds "
-        "the build arguments.",
-    )
+    parser = subparsers.add_parser("export", help=HELP, description=DESCRIPTION)
     parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
     parser.add_argument("--out", metavar="FILE", default=None, help="output .pt file")
     parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")

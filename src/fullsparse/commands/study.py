@@ -15,6 +15,16 @@ from typing import Any
 from fullsparse.commands.train import add_train_arguments, overrides_from_args
 from fullsparse.errors import ConfigError
 
+#: The line of ``fullsparse --help`` and the text of ``fullsparse study --help``.
+HELP = "run a grid of trainings (recipes × seeds × overrides), resumable; one table"
+DESCRIPTION = (
+    "Train every combination of --recipes, --seeds and --grid values into "
+    "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming interrupted"
+    " ones, then write OUT/study.md (mean ± std over seeds of best and final top-1, s/epoch),"
+    " study.json and curves.png. Takes every train flag for the shared settings; --out is the"
+    " study folder (default runs/study-<dataset>-<model>)."
+)
+
 
 def _parse_value(text: str) -> Any:
     """A grid value from the command line: JSON (numbers, true/false, null) or a string."""
@@ -45,7 +55,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     from fullsparse.train.config import load_config_file
 
     spec = load_study_spec(args.spec) if args.spec else StudySpec()
-    overrides = overrides_from_args(args)
+    overrides = overrides_from_args(args, skip=("threads",))
     out = overrides.pop("out", None)
     instead = {
         "recipe": "use --recipes",
@@ -123,15 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "study",
-        help="run a grid of trainings (recipes × seeds × overrides), resumable; one table",
-        description="Train every combination of --recipes, --seeds and --grid values into "
-        "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming "
-        "interrupted ones, then write OUT/study.md (mean ± std over seeds of best and final "
-        "top-1, s/epoch), study.json and curves.png. Takes every train flag for the shared "
-        "settings; --out is the study folder (default runs/study-<dataset>-<model>).",
-    )
+    parser = subparsers.add_parser("study", help=HELP, description=DESCRIPTION)
     g = parser.add_argument_group("the grid")
     g.add_argument(
         "--spec",
@@ -164,5 +166,5 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--quiet-study", action="store_true", help="no study progress lines (runs still log)"
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, skip=("threads",))
     parser.set_defaults(func=run)

@@ -8,116 +8,74 @@ the field, like a bad config-file value — not an argparse usage dump.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from fullsparse.errors import ConfigError
 
-# (flag, kind, help). kind: int | float | str | json | bool (--x / --no-x, so a flag can
-# turn off what a config file turned on) | flag (store_true). Defaults live in TrainConfig.
-_TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
-    (
-        "--task",
-        "str",
-        "classify (images, default) | lm (byte-level language model) | detection "
-        "(torchvision detectors; the vision extra)",
-    ),
-    (
-        "--model",
-        "str",
-        "classify: resnet20 (default)|resnet32|resnet56|resnet18|resnet50|vit_tiny|"
-        "tv:<name>|timm:<name>; lm: gpt_tiny (default); detection: fcos_tiny (default)|"
-        "fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
-    ),
-    (
-        "--model-kwargs",
-        "json",
-        "extra model options as JSON, e.g. '{\"depth\": 2}' or, for gpt_tiny, "
-        '\'{"context": 128, "depth": 4, "embed_dim": 128, "num_heads": 4}\'',
-    ),
-    (
-        "--dataset",
-        "str",
-        "classify: fashion-mnist (default)|cifar10|cifar100|imagefolder|synthetic; "
-        "lm: pystdlib (default: Python's standard library) | text (--data-dir folder); "
-        "detection: synthetic-det (default, generated shapes) | coco | voc (--data-dir)",
-    ),
-    (
-        "--data-dir",
-        "str",
-        "dataset folder (default: $FULLSPARSE_DATA, system locations); lm: a folder of "
-        ".py/.txt/.md/.rst files",
-    ),
-    (
-        "--image-size",
-        "int",
-        "input resolution (default: the dataset's; detection: the detector's resize side, "
-        "128 for synthetic-det)",
-    ),
-    (
-        "--train-subset",
-        "int",
-        "train on a fixed random subset of N images (default 10000 "
-        "for a short main job; 'all' for full epochs)",
-    ),
-    ("--test-subset", "int", "evaluate on the first N test images (lm: validation windows)"),
-    ("--synthetic-train", "int", "synthetic dataset: train images"),
-    ("--synthetic-test", "int", "synthetic dataset: test images"),
-    ("--synthetic-classes", "int", "synthetic dataset: classes (synthetic-det: 1-5 shapes)"),
-    ("--text-train-bytes", "int", "lm: bytes of training text read (default 4000000)"),
-    ("--text-val-bytes", "int", "lm: bytes of validation text read (default 400000)"),
-    ("--recipe", "str", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx (default fst)"),
-    ("--ir-alpha", "float", "override: information-restoration strength α"),
-    ("--decay", "float", "override: SR-STE decay λ"),
-    ("--grad-input-source", "str", "override: dense|pruned source of the backward mask"),
-    ("--tsm-interval", "int", "override: steps between TSM mask recomputations"),
-    ("--optimizer", "str", "sgd|adamw (default: sgd for classify, adamw for lm and detection)"),
-    ("--epochs", "int", "epochs (default 2)"),
-    ("--steps-per-epoch", "int", "lm: optimizer steps per epoch (default 200)"),
-    (
-        "--batch-size",
-        "int",
-        "global batch size over all processes (default 128; lm: sequences of context bytes)",
-    ),
-    ("--lr", "float", "peak lr (default: sgd 0.1 x batch/256, adamw 3e-3)"),
-    ("--momentum", "float", "SGD momentum, or AdamW beta1 (default 0.9)"),
-    ("--weight-decay", "float", "weight decay (default: classify 7e-5, lm 0.1, detection 0.05)"),
-    ("--no-wd-bn-bias", "flag", "no weight decay on norm layers and biases (lm: default)"),
-    ("--label-smoothing", "float", "label smoothing (default: classify 0.1, lm 0)"),
-    (
-        "--warmup-epochs",
-        "float",
-        "linear warm-up epochs before the cosine decay (default: classify 0, lm 10%% of the run)",
-    ),
-    (
-        "--grad-clip",
-        "float",
-        "clip the gradient norm, 0 = off (default: lm 1.0, detection 10, else 0)",
-    ),
-    ("--seed", "int", "random seed (default 0)"),
-    ("--workers", "int", "data loader worker processes (image folders)"),
-    ("--device", "str", "auto|cpu|cuda (default auto)"),
-    ("--channels-last", "bool", "channels-last memory format"),
-    ("--compile", "bool", "torch.compile the model (refused clearly if it cannot work)"),
-    ("--sync-bn", "bool", "SyncBatchNorm under torchrun (global batch statistics)"),
-    ("--deterministic", "bool", "deterministic algorithms: bit-identical reruns and resumes"),
-    ("--skip-nonfinite", "bool", "skip steps with a NaN/Inf loss or gradient instead of stopping"),
-    ("--out", "str", "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"),
-    ("--force", "bool", "replace the results in an existing run folder"),
-    ("--stop-after", "int", "end this invocation after epoch N (resume later)"),
-    ("--checkpoint-every", "int", "also write last.pt every N steps within an epoch (classify)"),
-    ("--progress", "bool", "progress bar on stderr (default on)"),
-    ("--quiet", "bool", "print nothing but errors (train.log still gets everything)"),
-    ("--plot", "bool", "draw curves.png when matplotlib is installed (default on)"),
+_BOOL = "bool"
+
+
+#: The line of ``fullsparse --help`` and the text of ``fullsparse train --help``.
+HELP = "train a model with a sparsity recipe (default: ResNet-20, Fashion-MNIST, fst)"
+DESCRIPTION = (
+    "Train a model from scratch with a 2:4 recipe. With no arguments: ResNet-20 on "
+    "Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a byte-level GPT "
+    "(gpt_tiny) on the Python standard library's sources, AdamW, epochs of --steps-per-epoch "
+    "steps, validation loss/perplexity/bits per byte. With --task detection: a torchvision "
+    "detector (fcos_tiny by default) on generated shapes or COCO/VOC folders, AdamW, COCO "
+    "mAP. Under torchrun, trains data-parallel (DDP; not for detection)."
 )
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def _shown(value: Any) -> str:
+    """A default as the help shows it (booleans as on/off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:,}".replace(",", "") if isinstance(value, int) else f"{value}"
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The TrainConfig flags (shared by ``train`` and ``compare``)."""
+def _help(f: dataclasses.Field) -> str:
+    """The field's help with its default: the field's own, or each task's."""
+    text = f.metadata["help"]
+    if "default" in text:
+        return text
+    if f.default is None:
+        from fullsparse.train.config import TASKS, task_defaults
+
+        by_task = {
+            task: task_defaults(
+                SimpleNamespace(task=task, dataset=None, data_dir=None, epochs=2)
+            ).get(f.name)
+            for task in TASKS
+        }
+        shown = [f"{task} {_shown(v)}" for task, v in by_task.items() if v is not None]
+        return f"{text} (default: {', '.join(shown)})" if shown else text
+    if f.default is dataclasses.MISSING or f.metadata["cli"] == "flag":
+        return text
+    return f"{text} (default {_shown(f.default)})"
+
+
+def cli_options() -> Iterator[tuple[str, str, str, str | None]]:
+    """(field name, kind, help, cli) of every TrainConfig field, in declaration order: what
+    the ``train``/``compare``/``study`` flags are built from."""
+    from fullsparse.train.config import TrainConfig, field_spec
+
+    for f in dataclasses.fields(TrainConfig):
+        yield f.name, field_spec(f)[0], _help(f), f.metadata["cli"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (``--name-with-dashes``), built from the field's
+    declaration (:func:`fullsparse.train.config.cli_options`); ``skip`` names fields the
+    command sets its own way. Shared by ``train``, ``compare`` and ``study``."""
     parser.add_argument(
         "--config",
         dest="config_file",
@@ -125,49 +83,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run config (.yaml needs PyYAML, or .json); flags override it",
     )
-    for flag, kind, help_text in _TRAIN_FLAGS:
-        dest = _dest(flag)
-        if kind == "flag":
-            parser.add_argument(
-                flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=help_text
-            )
-        elif kind == "bool":
-            parser.add_argument(
-                flag,
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
+    for name, kind, help_text, cli in cli_options():
+        if name in skip:
+            continue
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if cli == "flag":
+            parser.add_argument(_flag(name), action="store_true", **common)
+        elif cli is not None and cli.startswith("optional:"):
+            const: Any = cli.removeprefix("optional:")
+            const = True if const == "True" else const
+            metavar = "CHECKPOINT" if name == "resume" else "MODE"
+            parser.add_argument(_flag(name), nargs="?", const=const, metavar=metavar, **common)
+        elif kind == _BOOL:
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **common)
         else:
-            parser.add_argument(
-                flag,
-                dest=dest,
-                metavar=kind.upper() if kind != "str" else None,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-    parser.add_argument(
-        "--amp",
-        nargs="?",
-        const="bf16",
-        default=argparse.SUPPRESS,
-        metavar="MODE",
-        help="autocast: bf16 (the default when given alone; CPU and CUDA) or fp16 (CUDA, "
-        "with a GradScaler); none to turn off a config file's setting",
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=argparse.SUPPRESS,
-        metavar="CHECKPOINT",
-        help="continue the run in --out from its last.pt (or from CHECKPOINT)",
-    )
+            metavar = {"dict": "JSON", "str": None}.get(kind, kind.upper())
+            parser.add_argument(_flag(name), metavar=metavar, **common)
 
 
-def _convert(dest: str, kind: str, text: str) -> Any:
-    if dest in ("train_subset", "test_subset") and text.lower() in ("all", "none"):
+def _convert(name: str, kind: str, text: str) -> Any:
+    """A flag's text as the field's value; a bad one is a one-line ConfigError."""
+    if name in ("train_subset", "test_subset") and text.lower() in ("all", "none"):
         return None
     try:
         if kind == "int":
@@ -175,27 +111,24 @@ def _convert(dest: str, kind: str, text: str) -> Any:
         if kind == "float":
             return float(text)
     except ValueError:
-        raise ConfigError(f"--{dest.replace('_', '-')} expects {kind}, got {text!r}") from None
-    if kind == "json":
+        raise ConfigError(f"{_flag(name)} expects {kind}, got {text!r}") from None
+    if kind == "dict":
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--{dest.replace('_', '-')} expects JSON: {exc}") from None
+            raise ConfigError(f"{_flag(name)} expects JSON: {exc}") from None
     return text
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields given explicitly on the command line."""
+def overrides_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TrainConfig fields given explicitly on the command line (but ``skip``)."""
     given = vars(args)
     out: dict[str, Any] = {}
-    for flag, kind, _ in _TRAIN_FLAGS:
-        dest = _dest(flag)
-        if dest in given:
-            value = given[dest]
-            out[dest] = _convert(dest, kind, value) if isinstance(value, str) else value
-    for dest in ("amp", "resume"):
-        if dest in given:
-            out[dest] = given[dest]
+    for name, kind, _, _ in cli_options():
+        if name in given and name not in skip:
+            value = given[name]
+            textual = isinstance(value, str) and kind != "bool_or_str"
+            out[name] = _convert(name, kind, value) if textual else value
     return out
 
 
@@ -207,23 +140,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import train
+    from fullsparse.train.run_folder import resume_config
 
-    config = config_from_args(args)
+    # --resume continues the saved run: its config.json, with only the flags that may change
+    config = resume_config(args.config_file, overrides_from_args(args))
     train(config)
     return 0
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model with a sparsity recipe (default: ResNet-20, Fashion-MNIST, fst)",
-        description="Train a model from scratch with a 2:4 recipe. With no arguments: "
-        "ResNet-20 on Fashion-MNIST with the fst recipe for 2 epochs. With --task lm: a "
-        "byte-level GPT (gpt_tiny) on the Python standard library's sources, AdamW, "
-        "epochs of --steps-per-epoch steps, validation loss/perplexity/bits per byte. With "
-        "--task detection: a torchvision detector (fcos_tiny by default) on generated "
-        "shapes or COCO/VOC folders, AdamW, COCO mAP. Under torchrun, trains data-parallel "
-        "(DDP; not for detection).",
-    )
+    parser = subparsers.add_parser("train", help=HELP, description=DESCRIPTION)
     add_train_arguments(parser)
     parser.set_defaults(func=run)

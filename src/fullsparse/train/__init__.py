@@ -8,19 +8,22 @@ functions exported here.
 """
 
 from fullsparse.train.checkpoint import load_checkpoint
+from fullsparse.train.classify import evaluate
 from fullsparse.train.compare import CompareResult, compare
 from fullsparse.train.config import TrainConfig, config_from_sources, load_config_file
+from fullsparse.train.guard import NonFiniteLossError
 from fullsparse.train.inference import (
     ExportReport,
     evaluate_checkpoint,
     export_checkpoint,
     load_trained_model,
 )
-from fullsparse.train.loop import NonFiniteLossError, evaluate, train
+from fullsparse.train.trainer import Trainer, train
 
 __all__ = [
     "TrainConfig",
     "train",
+    "Trainer",
     "evaluate",
     "compare",
     "CompareResult",

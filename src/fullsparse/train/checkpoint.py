@@ -27,7 +27,6 @@ import glob
 import os
 import pickle
 import random
-import re
 import sys
 import tempfile
 import warnings
@@ -160,8 +159,9 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 
 def _reason(exc: BaseException, path: Path) -> str:
-    """The informative part of a (often multi-paragraph) load error, on one line; for a
-    refused pickle, the globals it asked for (read from the file, whatever torch says)."""
+    """Why a load failed, as a whole sentence without torch's internal wording (a zip
+    reader's advice, a bare ``KeyError: 101`` from unpickling a text file); for a refused
+    pickle, the globals it asked for (read from the file, whatever torch says)."""
     text = " ".join(str(exc).split())
     if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
         names = refused_globals(path, text)
@@ -170,9 +170,11 @@ def _reason(exc: BaseException, path: Path) -> str:
                 f"the weights-only unpickler refused it: it asks for the Python global(s) "
                 f"{', '.join(names[:3])} (a checkpoint holds only tensors and plain values)"
             )
-        detail = re.search(r"Unsupported [\w ]*?(?= Check the|\.|$)", text)
-        return f"weights-only unpickler: {detail[0] if detail else text[:120]}"
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+        if "WeightsUnpickler error:" in text:
+            return "the weights-only unpickler finds no torch checkpoint in it"
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "the file ends early or its zip archive is damaged"
+    return "the file is not a torch checkpoint"
 
 
 def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip reader), EOFError, ...
         reason = _reason(exc, path)
-        if reason.startswith("the weights-only"):
+        if reason.startswith("the weights-only unpickler refused"):
             raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
         raise CheckpointError(
             f"cannot read checkpoint {path} (truncated, corrupt, or not a weights-only "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fullsparse.config import RECIPES, recipe
 from fullsparse.errors import ConfigError, UserError
@@ -26,6 +29,37 @@ DETECTION_COLUMNS = (
     "recipe", "final mAP", "final mAP@0.5", "best mAP", "final train loss", "s/epoch",
     "time vs dense",
 )  # fmt: skip
+
+
+#: The summary.json key behind each column of a task's rows.
+_SCORES: dict[str, dict[str, str]] = {
+    "classify": {"best_top1": "best_top1", "final_top1": "final_top1"},
+    "lm": {
+        "val_loss": "final_val_loss",
+        "perplexity": "final_perplexity",
+        "bits_per_byte": "final_bits_per_byte",
+        "best_val_loss": "best_val_loss",
+        "best_epoch": "best_epoch",
+        "tokens_per_second": "tokens_per_second",
+    },
+    "detection": {
+        "map": "final_map",
+        "map_50": "final_map_50",
+        "map_75": "final_map_75",
+        "best_map": "best_map",
+        "best_epoch": "best_epoch",
+        "train_loss": "final_train_loss",
+        "first_train_loss": "first_train_loss",
+    },
+}
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def default_compare_dir(config: TrainConfig) -> Path:
@@ -151,46 +185,31 @@ def compare(
 ) -> CompareResult:
     """Train ``config`` once per recipe; returns the rows (also in ``compare.md/.json``)."""
     from fullsparse.train.checkpoint import atomic_write_bytes
+    from fullsparse.train.common import resolve_device
     from fullsparse.train.distributed import init_distributed, shutdown_distributed
-    from fullsparse.train.loop import _check_run_dir, resolve_device, train
+    from fullsparse.train.run_folder import check_run_dir
+    from fullsparse.train.trainer import train
 
     out = Path(out) if out is not None else default_compare_dir(config)
     configs, notes = recipe_configs(config, recipes, out)
-    for cfg in configs:  # refuse before the first run starts, not after it
-        _check_run_dir(cfg)
     tables = [name for name in ("compare.json", "compare.md") if (out / name).exists()]
     if tables and not (config.resume or config.force):
         raise UserError(
-            f"comparison folder {out} already holds {', '.join(tables)}; pass --resume to "
-            "continue it, --force to replace it, or --out for a new folder"
+            f"{out} already holds a comparison ({', '.join(tables)}; cat compare.md to reprint "
+            "its table); pass --resume to continue it, --force to replace it, or --out for a "
+            "new folder"
         )
+    for cfg in configs:  # refuse before the first run starts, not after it
+        check_run_dir(cfg)
     device = resolve_device(config.device)
     info = init_distributed(device.type)
     result = CompareResult(out=out, notes=notes, task=config.task)
+    load = 0.0
     try:
         for cfg in configs:
             summary = train(cfg)
-            if config.task == "detection":
-                scores = {
-                    "map": summary["final_map"],
-                    "map_50": summary["final_map_50"],
-                    "map_75": summary["final_map_75"],
-                    "best_map": summary["best_map"],
-                    "best_epoch": summary["best_epoch"],
-                    "train_loss": summary["final_train_loss"],
-                    "first_train_loss": summary["first_train_loss"],
-                }
-            elif config.task == "lm":
-                scores = {
-                    "val_loss": summary["final_val_loss"],
-                    "perplexity": summary["final_perplexity"],
-                    "bits_per_byte": summary["final_bits_per_byte"],
-                    "best_val_loss": summary["best_val_loss"],
-                    "best_epoch": summary["best_epoch"],
-                    "tokens_per_second": summary["tokens_per_second"],
-                }
-            else:
-                scores = {"best_top1": summary["best_top1"], "final_top1": summary["final_top1"]}
+            scores = {column: summary[key] for column, key in _SCORES[config.task].items()}
+            load = max(load, _load_average())
             result.rows.append(
                 {
                     "recipe": cfg.recipe,
@@ -202,6 +221,13 @@ def compare(
             )
     finally:
         shutdown_distributed(info)
+    threads = config.threads or torch.get_num_threads()
+    if device.type == "cpu" and load > threads:
+        notes.append(
+            f"the machine was busy: load average {load:.1f} above the {threads} threads these "
+            "runs used, so the time columns include waiting for other work; rerun on an idle "
+            "machine or with --threads at most the free cores"
+        )
     if info.is_main:
         dense = next((r for r in result.rows if r["recipe"] == "dense"), None)
         for r in result.rows:

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,12 @@ from typing import Any
 from fullsparse.config import SparsityConfig, recipe
 from fullsparse.errors import ConfigError
 from fullsparse.limits import check_config_file, check_config_ranges
+from fullsparse.train.config_checks import (
+    DETECTION_DATASETS,
+    LM_DATASETS,
+    check_task_fields,
+    task_defaults,
+)
 
 __all__ = [
     "TrainConfig",
@@ -37,6 +44,7 @@ __all__ = [
     "SPARSITY_OVERRIDES",
     "load_config_file",
     "config_from_sources",
+    "option",
 ]
 
 #: ``none``: fp32; ``bf16``: bfloat16 autocast (CPU and CUDA, no scaler needed);
@@ -47,20 +55,32 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
-#: Text corpora of the ``lm`` task: ``pystdlib`` is the running Python's standard library
-#: (present on every machine), ``text`` a folder of .py/.txt/.md/.rst files (``data_dir``).
-LM_DATASETS = ("pystdlib", "text")
-#: Datasets of the ``detection`` task: generated shapes, or COCO / VOC folders (``data_dir``).
-#: The same names as :data:`fullsparse.data.detection.DETECTION_DATASETS` (checked there).
-DETECTION_DATASETS = ("synthetic-det", "coco", "voc")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
 #: 1e-3 at 10M parameters; smaller models take a larger one). Detection uses it too: on
 #: fcos_tiny from scratch 1e-3 learned several times slower (docs/detection.md).
 ADAMW_LR = 3e-3
-#: Detection defaults (AdamW): decoupled weight decay and a clip that only catches the
-#: rare early spike of a from-scratch detector's box loss.
-DETECTION_WEIGHT_DECAY = 0.05
-DETECTION_GRAD_CLIP = 10.0
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    minimum: float | None = None,
+    cli: str | None = None,
+) -> Any:
+    """A TrainConfig field with what the command line and the validation need to know.
+
+    ``help``: the flag's help (the default is appended from the field, or for fields the
+    task fills, from the task defaults, unless the text already says it); ``minimum``: the
+    smallest valid value; ``cli``: ``"flag"`` (store-true only) or ``"optional:<const>"``
+    (the flag's value may be left out: ``--amp`` means ``--amp bf16``). The value's kind
+    (int, float, ...) and whether it may be None come from the field's type.
+    """
+    metadata = {"help": help, "minimum": minimum, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -74,122 +94,196 @@ class TrainConfig:
 
     # -- what is trained ------------------------------------------------------------------
     #: ``classify`` (images -> class), ``lm`` (bytes -> next byte) or ``detection``
-    #: (images -> boxes). The None-defaults below are filled from this (``_task_defaults``).
-    task: str = "classify"
+    #: (images -> boxes). The None-defaults below are filled from this (``task_defaults``).
+    task: str = option(
+        "classify",
+        "classify (images) | lm (byte-level language model) | detection (torchvision "
+        "detectors; the vision extra)",
+    )
     #: classify: a name from ``fullsparse.models.MODELS``, ``tv:<torchvision name>`` or
     #: ``timm:<timm name>``;
     #: lm: one of ``fullsparse.models.LM_MODELS``; detection: one of
     #: ``fullsparse.models.detection.DETECTION_MODELS``. None: ``resnet20`` / ``gpt_tiny`` /
     #: ``fcos_tiny``.
-    model: str | None = None
+    model: str | None = option(
+        None,
+        "classify: resnet20|resnet32|resnet56|resnet18|resnet50|vit_tiny|tv:<name>|"
+        "timm:<name>; lm: gpt_tiny; detection: "
+        "fcos_tiny|fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
+    )
     #: Extra keyword arguments for the model builder (e.g. a shrunk ViT: ``{"depth": 2}``;
     #: a GPT's ``context``, ``depth``, ``embed_dim``, ``num_heads``).
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = option(
+        help='extra model options as JSON, e.g. \'{"depth": 2}\' or, for gpt_tiny, \'{"context": '
+        '128, "depth": 4, "embed_dim": 128, "num_heads": 4}\'',
+        factory=dict,
+    )
     #: classify: a name from ``fullsparse.data.DATASETS``; lm: one of ``LM_DATASETS``;
     #: detection: one of ``DETECTION_DATASETS``. None: ``fashion-mnist`` / ``pystdlib``
     #: (``text`` when ``data_dir`` is given) / ``synthetic-det``.
-    dataset: str | None = None
+    dataset: str | None = option(
+        None,
+        "classify: fashion-mnist|cifar10|cifar100|imagefolder|synthetic; lm: pystdlib "
+        "(Python's standard library) | text (--data-dir folder); detection: synthetic-det "
+        "(generated shapes) | coco | voc (--data-dir)",
+    )
     #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations); for
     #: the lm ``text`` dataset, the folder of text files.
-    data_dir: str | None = None
+    data_dir: str | None = option(
+        None,
+        "dataset folder (default: $FULLSPARSE_DATA, system locations); lm: a folder of "
+        ".py/.txt/.md/.rst files",
+    )
     #: Input resolution (None: the dataset's own). Detection: the detector's resize side
     #: (min = max size; SSD: a fixed square) and the synthetic-det image side (None: 128
     #: for synthetic-det, the detector's default for coco/voc).
-    image_size: int | None = None
+    image_size: int | None = option(
+        None,
+        "input resolution (default: the dataset's; detection: the detector's resize side, "
+        "128 for synthetic-det)",
+        minimum=1,
+    )
     #: Train on a fixed random subset of this many images (None: all). The default keeps
     #: the no-argument main job to a few minutes on a 2-core CPU; set None for full epochs.
-    train_subset: int | None = 10000
+    train_subset: int | None = option(
+        10000, "train on a fixed random subset of N images ('all' for full epochs)", minimum=1
+    )
     #: Evaluate on the first this-many test images — for lm, the first this-many
     #: non-overlapping validation windows of ``context`` bytes (None: all).
-    test_subset: int | None = None
+    test_subset: int | None = option(
+        None, "evaluate on the first N test images (lm: validation windows; default all)", minimum=1
+    )
     #: Size of the ``synthetic`` / ``synthetic-det`` datasets (used only by them).
-    synthetic_train: int = 512
-    synthetic_test: int = 256
+    synthetic_train: int = option(512, "synthetic dataset: train images", minimum=1)
+    synthetic_test: int = option(256, "synthetic dataset: test images", minimum=1)
     #: None: 10 for classify, 3 shape classes for detection (at most 5).
-    synthetic_classes: int | None = None
+    synthetic_classes: int | None = option(
+        None, "synthetic dataset: classes (synthetic-det: 1-5 shapes)", minimum=1
+    )
     #: lm: bytes of the corpus read for training / validation (whole files in a fixed order,
     #: the last one cut; see ``fullsparse.data.text``). Caps keep the corpus in memory small.
-    text_train_bytes: int = 4_000_000
-    text_val_bytes: int = 400_000
+    text_train_bytes: int = option(4_000_000, "lm: bytes of training text read", minimum=2)
+    text_val_bytes: int = option(400_000, "lm: bytes of validation text read", minimum=2)
 
     # -- sparsity -------------------------------------------------------------------------
     #: A recipe name from ``fullsparse.RECIPES``.
-    recipe: str = "fst"
+    recipe: str = option("fst", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx")
     #: Overrides of the recipe's fields; None keeps the recipe's value.
-    ir_alpha: float | None = None
-    decay: float | None = None
-    grad_input_source: str | None = None
-    tsm_interval: int | None = None
+    ir_alpha: float | None = option(
+        None, "override: information-restoration strength α (default: the recipe's)", minimum=0
+    )
+    decay: float | None = option(
+        None, "override: SR-STE decay λ (default: the recipe's)", minimum=0
+    )
+    grad_input_source: str | None = option(
+        None, "override: dense|pruned source of the backward mask (default: the recipe's)"
+    )
+    tsm_interval: int | None = option(
+        None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
+    )
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
     #: None: sgd for classify, adamw for lm.
-    optimizer: str | None = None
-    epochs: int = 2
+    optimizer: str | None = option(None, "sgd|adamw")
+    epochs: int = option(2, "epochs", minimum=1)
     #: lm only: optimizer steps per epoch. An lm "epoch" is a fixed number of random
     #: windows, so a run's length does not depend on the corpus size; each epoch ends with a
     #: validation pass and a checkpoint. None: 200 for lm; a classify epoch is one pass over
     #: the training images, so there it must stay None.
-    steps_per_epoch: int | None = None
+    steps_per_epoch: int | None = option(None, "lm: optimizer steps per epoch", minimum=1)
     #: Global batch size (all ranks together); lm: sequences of ``context`` bytes.
-    batch_size: int = 128
+    batch_size: int = option(
+        128, "global batch size over all processes (lm: sequences of context bytes)", minimum=1
+    )
     #: Peak learning rate; None = 0.1 × batch_size / 256 for SGD (the linear scaling the
     #: paper uses), ``ADAMW_LR`` for AdamW.
-    lr: float | None = None
+    lr: float | None = option(None, "peak lr (default: sgd 0.1 x batch/256, adamw 3e-3)", minimum=0)
     #: SGD momentum, or AdamW's β1 (β2 is 0.95, GPT-3's: steadier on short runs than 0.999).
-    momentum: float = 0.9
+    momentum: float = option(0.9, "SGD momentum, or AdamW beta1", minimum=0)
     #: None: 7e-5 for classify (the paper's), 0.1 for lm (decoupled AdamW decay, GPT-2's).
-    weight_decay: float | None = None
+    weight_decay: float | None = option(None, "weight decay", minimum=0)
     #: No weight decay on 1-D parameters (BatchNorm/LayerNorm scales and shifts, biases).
     #: None: off for classify (the paper decays everything), on for lm (GPT practice).
-    no_wd_bn_bias: bool | None = None
+    no_wd_bn_bias: bool | None = option(
+        None, "no weight decay on norm layers and biases", cli="flag"
+    )
     #: None: 0.1 for classify (the paper's); 0 for lm, whose train loss should be the same
     #: cross-entropy as the validation loss that perplexity is computed from.
-    label_smoothing: float | None = None
+    label_smoothing: float | None = option(None, "label smoothing", minimum=0)
     #: Linear warm-up length in epochs (fractions allowed) before the cosine decay to 0.
     #: None: 0 for classify; 10 % of the run for lm (Adam's early steps are noisy).
-    warmup_epochs: float | None = None
+    warmup_epochs: float | None = option(
+        None,
+        "linear warm-up epochs before the cosine decay (default: classify 0, lm and "
+        "detection 10%% of the run, detection at most 1)",
+        minimum=0,
+    )
     #: Clip the global gradient norm to this before each step (0: no clipping). None: 0 for
     #: classify, 1.0 for lm (attention logits can spike early in training).
-    grad_clip: float | None = None
-    seed: int = 0
+    grad_clip: float | None = option(None, "clip the gradient norm, 0 = off", minimum=0)
+    seed: int = option(0, "random seed", minimum=0)
     #: DataLoader worker processes (0: load in the training process).
-    workers: int = 0
+    workers: int = option(0, "data loader worker processes (image folders)", minimum=0)
 
     # -- execution ------------------------------------------------------------------------
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
+    device: str = option("auto", "auto|cpu|cuda")
+    amp: str = option(
+        "none",
+        "autocast: bf16 (the default when given alone; CPU and CUDA) or fp16 (CUDA, with a "
+        "GradScaler); none to turn off a config file's setting",
+        cli="optional:bf16",
+    )
+    channels_last: bool = option(False, "channels-last memory format")
+    compile: bool = option(False, "torch.compile the model (refused clearly if it cannot work)")
     #: Under DDP, replace BatchNorm by SyncBatchNorm (global-batch statistics).
-    sync_bn: bool = False
+    sync_bn: bool = option(False, "SyncBatchNorm under torchrun (global batch statistics)")
     #: ``torch.use_deterministic_algorithms(True)`` + seeding: reruns and resumes are
     #: bit-identical on CPU with the same thread count (float sums depend on it), and on
     #: CUDA where every op has a deterministic kernel.
-    deterministic: bool = False
+    deterministic: bool = option(
+        False, "deterministic algorithms: bit-identical reruns and resumes"
+    )
+    #: CPU threads of this process (None: torch's default, ``OMP_NUM_THREADS``). Float sums
+    #: depend on it: a deterministic resume is bit-identical only with the same count.
+    threads: int | None = option(
+        None, "CPU threads (default: torch's, i.e. OMP_NUM_THREADS)", minimum=1
+    )
     #: On a NaN/Inf loss or gradient skip the step (and count it) instead of stopping.
-    skip_nonfinite: bool = False
+    skip_nonfinite: bool = option(
+        False, "skip steps with a NaN/Inf loss or gradient instead of stopping"
+    )
 
     # -- run folder -----------------------------------------------------------------------
     #: Run folder (None: ``runs/<dataset>-<model>-<recipe>-seed<seed>``).
-    out: str | None = None
+    out: str | None = option(
+        None, "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"
+    )
     #: Continue from ``<out>/last.pt`` (True) or from the checkpoint at this path.
-    resume: bool | str = False
+    resume: bool | str = option(
+        False,
+        "continue the run in --out with its saved config (or from CHECKPOINT)",
+        cli="optional:True",
+    )
     #: Replace the results of an existing run folder.
-    force: bool = False
+    force: bool = option(False, "replace the results in an existing run folder")
     #: End this invocation after this epoch (the schedule still spans ``epochs``); resume
     #: later with ``resume=True`` — for time-limited jobs.
-    stop_after: int | None = None
+    stop_after: int | None = option(
+        None, "end this invocation after epoch N (resume later)", minimum=1
+    )
     #: Also write ``last.pt`` every this many steps inside an epoch (0: at epoch ends
     #: only), so a run killed mid-epoch loses at most that many steps; resuming from such a
     #: checkpoint continues at the next step, bit-exactly with ``deterministic``. classify.
-    checkpoint_every: int = 0
+    checkpoint_every: int = option(
+        0, "also write last.pt every N steps within an epoch (classify; 0 = off)", minimum=0
+    )
     #: Show a progress bar on stderr.
-    progress: bool = True
+    progress: bool = option(True, "progress bar on stderr")
     #: Print nothing on stdout (the run folder's ``train.log`` still gets everything).
-    quiet: bool = False
+    quiet: bool = option(False, "print nothing but errors (train.log still gets everything)")
     #: Write ``curves.png`` when matplotlib is installed.
-    plot: bool = True
+    plot: bool = option(True, "draw curves.png when matplotlib is installed")
 
     def __post_init__(self) -> None:
         problems = [p for p in (_check(name, getattr(self, name)) for name in _SPEC) if p]
@@ -198,12 +292,12 @@ class TrainConfig:
         check_config_ranges(self)  # fullsparse.limits: seed, sizes, counts, string lengths
         if self.task not in TASKS:
             raise ConfigError(f"task={self.task!r} is not one of {', '.join(TASKS)}")
-        for name, value in _task_defaults(self).items():
+        for name, value in task_defaults(self).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: filled once, at build
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        _check_task_fields(self)
+        check_task_fields(self)
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.amp not in AMP_MODES:
@@ -273,224 +367,29 @@ class TrainConfig:
 # uniform ("epochs must be an integer >= 1, got 'two'").
 
 _INT, _FLOAT, _BOOL, _STR = "int", "float", "bool", "str"
+#: A field's type (as written in the class) -> the kind of value it takes.
+_KINDS = {
+    "str": _STR, "int": _INT, "float": _FLOAT, "bool": _BOOL, "dict[str, Any]": "dict",
+    "bool | str": "bool_or_str",
+}  # fmt: skip
+
+
+def field_spec(f: dataclasses.Field) -> tuple[str, bool, float | None]:
+    """(kind, may be None, minimum) of a TrainConfig field, read from its declaration."""
+    return _spec(f)
+
+
+def _spec(f: dataclasses.Field) -> tuple[str, bool, float | None]:
+    """(kind, may be None, minimum) of a TrainConfig field, read from its declaration."""
+    declared = str(f.type)
+    optional = declared.endswith(" | None")
+    return _KINDS[declared.removesuffix(" | None")], optional, f.metadata["minimum"]
+
+
 _SPEC: dict[str, tuple[str, bool, float | None]] = {
-    # name: (kind, optional, minimum)
-    "task": (_STR, False, None),
-    "model": (_STR, True, None),
-    "model_kwargs": ("dict", False, None),
-    "dataset": (_STR, True, None),
-    "data_dir": (_STR, True, None),
-    "image_size": (_INT, True, 1),
-    "train_subset": (_INT, True, 1),
-    "test_subset": (_INT, True, 1),
-    "synthetic_train": (_INT, False, 1),
-    "synthetic_test": (_INT, False, 1),
-    "synthetic_classes": (_INT, True, 1),
-    "text_train_bytes": (_INT, False, 2),
-    "text_val_bytes": (_INT, False, 2),
-    "recipe": (_STR, False, None),
-    "ir_alpha": (_FLOAT, True, 0),
-    "decay": (_FLOAT, True, 0),
-    "grad_input_source": (_STR, True, None),
-    "tsm_interval": (_INT, True, 1),
-    "optimizer": (_STR, True, None),
-    "epochs": (_INT, False, 1),
-    "steps_per_epoch": (_INT, True, 1),
-    "batch_size": (_INT, False, 1),
-    "lr": (_FLOAT, True, 0),
-    "momentum": (_FLOAT, False, 0),
-    "weight_decay": (_FLOAT, True, 0),
-    "no_wd_bn_bias": (_BOOL, True, None),
-    "label_smoothing": (_FLOAT, True, 0),
-    "warmup_epochs": (_FLOAT, True, 0),
-    "grad_clip": (_FLOAT, True, 0),
-    "seed": (_INT, False, 0),
-    "workers": (_INT, False, 0),
-    "device": (_STR, False, None),
-    "amp": (_STR, False, None),
-    "channels_last": (_BOOL, False, None),
-    "compile": (_BOOL, False, None),
-    "sync_bn": (_BOOL, False, None),
-    "deterministic": (_BOOL, False, None),
-    "skip_nonfinite": (_BOOL, False, None),
-    "out": (_STR, True, None),
-    "resume": ("bool_or_str", False, None),
-    "force": (_BOOL, False, None),
-    "stop_after": (_INT, True, 1),
-    "checkpoint_every": (_INT, False, 0),
-    "progress": (_BOOL, False, None),
-    "quiet": (_BOOL, False, None),
-    "plot": (_BOOL, False, None),
+    f.name: _spec(f) for f in dataclasses.fields(TrainConfig)
 }
-_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-assert set(_SPEC) == set(_FIELDS), "every TrainConfig field needs a validation entry"
-
-
-def _task_defaults(config: TrainConfig) -> dict[str, Any]:
-    """The values the None-defaults of ``config`` take for its task."""
-    if config.task == "detection":
-        dataset = config.dataset or "synthetic-det"
-        return {
-            "model": "fcos_tiny",
-            "dataset": dataset,
-            "image_size": 128 if dataset == "synthetic-det" else None,
-            "synthetic_classes": 3,
-            "optimizer": "adamw",
-            "weight_decay": DETECTION_WEIGHT_DECAY,
-            "no_wd_bn_bias": True,
-            "label_smoothing": 0.0,
-            "warmup_epochs": min(1.0, 0.1 * config.epochs),
-            "grad_clip": DETECTION_GRAD_CLIP,
-        }
-    if config.task == "lm":
-        return {
-            "model": "gpt_tiny",
-            "dataset": "text" if config.data_dir is not None else "pystdlib",
-            "synthetic_classes": 10,  # unused by lm; the value classify configs record
-            "optimizer": "adamw",
-            "steps_per_epoch": 200,
-            "weight_decay": 0.1,
-            "no_wd_bn_bias": True,
-            "label_smoothing": 0.0,
-            "warmup_epochs": 0.1 * config.epochs,
-            "grad_clip": 1.0,
-        }
-    return {
-        "model": "resnet20",
-        "dataset": "fashion-mnist",
-        "synthetic_classes": 10,
-        "optimizer": "sgd",
-        "weight_decay": 7e-5,
-        "no_wd_bn_bias": False,
-        "label_smoothing": 0.1,
-        "warmup_epochs": 0.0,
-        "grad_clip": 0.0,
-    }
-
-
-def _check_task_fields(config: TrainConfig) -> None:
-    """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
-    from fullsparse.models import LM_MODELS, MODELS
-
-    model, dataset = config.model, config.dataset
-    if config.checkpoint_every and config.task != "classify":
-        raise ConfigError(
-            f"checkpoint_every={config.checkpoint_every} is for task='classify'; task="
-            f"{config.task!r} checkpoints at epoch ends (choose shorter epochs with "
-            "steps_per_epoch)"
-        )
-    if config.task == "detection":
-        _check_detection_fields(config)
-        return
-    if config.task == "lm":
-        if model not in LM_MODELS:
-            kind = (
-                "an image classifier"
-                if model in MODELS or str(model).startswith(("tv:", "timm:"))
-                else "not a known model"
-            )
-            raise ConfigError(
-                f"task='lm' clashes with model={model!r} ({kind}); language models: "
-                f"{', '.join(LM_MODELS)}"
-            )
-        if dataset not in LM_DATASETS:
-            raise ConfigError(
-                f"task='lm' clashes with dataset={dataset!r}; text corpora: "
-                f"{', '.join(LM_DATASETS)} (text = the folder given as data_dir)"
-            )
-        if dataset == "text" and config.data_dir is None:
-            raise ConfigError("dataset='text' needs data_dir: a folder of .py/.txt/.md/.rst files")
-        if dataset == "pystdlib" and config.data_dir is not None:
-            raise ConfigError(
-                f"dataset='pystdlib' clashes with data_dir={config.data_dir!r}: pystdlib is "
-                "the running Python's standard library; for a folder use dataset='text' "
-                "(the lm default when data_dir is given)"
-            )
-        return
-    from fullsparse.models.detection import DETECTION_MODELS
-
-    if model in DETECTION_MODELS or dataset in DETECTION_DATASETS:
-        what = f"model={model!r}" if model in DETECTION_MODELS else f"dataset={dataset!r}"
-        raise ConfigError(
-            f"{what} is for object detection: it needs task='detection' (--task detection), "
-            f"not task={config.task!r}"
-        )
-    if config.synthetic_classes < 2:
-        raise ConfigError(
-            f"synthetic_classes must be >= 2 for task={config.task!r}, "
-            f"got {config.synthetic_classes}"
-        )
-    if model in LM_MODELS:
-        raise ConfigError(
-            f"model={model!r} is a language model: it needs task='lm' (--task lm), "
-            f"not task={config.task!r}"
-        )
-    if dataset in LM_DATASETS:
-        raise ConfigError(
-            f"dataset={dataset!r} is a text corpus: it needs task='lm' (--task lm), "
-            f"not task={config.task!r}"
-        )
-    if config.steps_per_epoch is not None:
-        raise ConfigError(
-            f"steps_per_epoch={config.steps_per_epoch} clashes with task={config.task!r}: a "
-            "classify epoch is one pass over the training images (use train_subset)"
-        )
-
-
-def _check_detection_fields(config: TrainConfig) -> None:
-    """task='detection': a detector, a detection dataset, and no flag it does not support."""
-    from fullsparse.models.detection import DETECTION_MODELS, SSD_MIN_SIZE
-
-    if config.model not in DETECTION_MODELS:
-        raise ConfigError(
-            f"task='detection' clashes with model={config.model!r}; detectors: "
-            f"{', '.join(DETECTION_MODELS)}"
-        )
-    if config.dataset not in DETECTION_DATASETS:
-        raise ConfigError(
-            f"task='detection' clashes with dataset={config.dataset!r}; detection datasets: "
-            f"{', '.join(DETECTION_DATASETS)} (coco and voc read data_dir)"
-        )
-    if config.dataset == "synthetic-det" and config.data_dir is not None:
-        raise ConfigError(
-            f"dataset='synthetic-det' clashes with data_dir={config.data_dir!r}: it is "
-            "generated; for a folder use dataset='coco' or 'voc'"
-        )
-    if config.synthetic_classes > 5:
-        raise ConfigError(
-            f"synthetic_classes={config.synthetic_classes} clashes with task='detection': "
-            "synthetic-det has 5 shape classes at most"
-        )
-    if config.steps_per_epoch is not None:
-        raise ConfigError(
-            f"steps_per_epoch={config.steps_per_epoch} clashes with task='detection': an "
-            "epoch is one pass over the training images (use train_subset)"
-        )
-    if config.label_smoothing:
-        raise ConfigError(
-            f"label_smoothing={config.label_smoothing} clashes with task='detection': the "
-            "detectors' losses take none"
-        )
-    if config.model == "ssd300_vgg16" and (config.image_size or 300) < SSD_MIN_SIZE:
-        raise ConfigError(
-            f"image_size={config.image_size} clashes with model='ssd300_vgg16': it needs "
-            f">= {SSD_MIN_SIZE} pixels"
-        )
-    unsupported = [
-        flag
-        for flag, on in (
-            ("amp", config.amp != "none"),
-            ("channels_last", config.channels_last),
-            ("compile", config.compile),
-            ("sync_bn", config.sync_bn),
-        )
-        if on
-    ]
-    if unsupported:
-        raise ConfigError(
-            f"{', '.join(unsupported)} clash(es) with task='detection': not supported for "
-            "detectors yet (they run in fp32, eagerly)"
-        )
+_FIELDS = tuple(_SPEC)
 
 
 def _check(name: str, value: Any) -> str | None:

@@ -24,41 +24,27 @@ One process only (no DDP) and fp32 only; ``TrainConfig`` refuses the other flags
 from __future__ import annotations
 
 import functools
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.train import checkpoint as ckpt
-from fullsparse.train import loop as train_loop
+from fullsparse.train.common import subset
 from fullsparse.train.config import TrainConfig
-from fullsparse.train.distributed import DistInfo
-from fullsparse.train.loop import (
-    _check_run_dir,
-    _log_resume,
-    _open_run_folder,
-    _restore_run,
-    _RunLog,
-    _save_epoch,
-    _seed_everything,
-    _subset,
-    _write_json,
-    build_optimizer,
-    lr_factor,
-)
-from fullsparse.train.progress import ProgressBar
+from fullsparse.train.task import StepOutput, Task, best_and_final, settings_line
+
+if TYPE_CHECKING:
+    from fullsparse.train.trainer import Trainer
 
 __all__ = [
     "METRICS_HINT",
+    "DetectionTask",
     "build_detection_data",
     "detection_identity",
     "build_sparse_detector",
     "evaluate_detection",
-    "train_detection",
 ]
 
 METRICS_HINT = (
@@ -169,15 +155,6 @@ def evaluate_detection(
     }
 
 
-@dataclass
-class _State:
-    epoch: int = 0  # completed epochs
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_map: float = -1.0
-    best_epoch: int = 0
-    skipped_steps: int = 0
-
-
 class _Flipped(torch.utils.data.Dataset):
     """``dataset`` with the images that ``flips`` marks mirrored left-right."""
 
@@ -202,237 +179,134 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
-def train_detection(
-    config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog
-) -> dict[str, Any]:
-    """The detection counterpart of the classification ``_train`` (called by ``train``)."""
-    from fullsparse.data.detection import epoch_flips
+class DetectionTask(Task):
+    best_key = "best_map"
+    score_metric = "map"
+    higher_is_better = True
+    count_key = "images"
+    bar_accuracy = False
 
-    if dist_info.world_size > 1:
-        raise UserError("--task detection runs in one process; start it without torchrun")
-    run_dir = config.run_dir
-
-    # -- setup: everything that can fail on bad input happens before a file is written ----
-    resume_from = _check_run_dir(config)
-    _seed_everything(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    _mean_average_precision()  # a missing torchmetrics/pycocotools fails now, not at epoch 1
-    bundle = build_detection_data(config)
-    identity = detection_identity(config, bundle)
-    model, report = train_loop._build_model(identity)
-    state = None
-    if config.resume:
-        path = run_dir / "last.pt" if config.resume is True else Path(config.resume)
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_identity(path, state["identity"], identity)
-        resume_from = path
-    train_set = _subset(bundle.train, config.train_subset, config.seed, random_pick=True)
-    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
-    steps_per_epoch = len(train_set) // config.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"batch_size={config.batch_size} is larger than the {len(train_set)} training "
-            "images: no full batch per epoch"
-        )
-
-    # -- model, optimiser, schedule ---------------------------------------------------------
-    raw_model = model.to(device)
-    optimizer = build_optimizer(raw_model, config)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
+    epoch_format = (
+        "train loss {train_loss:.4f} | mAP {map:.2f} mAP@0.5 {map_50:.2f} "
+        "mAP@0.75 {map_75:.2f} | lr {lr:.4g} | {epoch_seconds:.1f} s "
+        "({images_per_second:.1f} img/s) + eval {eval_seconds:.1f} s"
     )
-    run = _State()
-    if state is not None:
-        _restore_run(
-            state, resume_from, raw_model, optimizer, scheduler, None, run, "best_map", -1.0
-        )
-
-    # -- the run folder: written only now that everything is known to work --------------------
-    _open_run_folder(config, log, state, run, dist_info)
-
-    n_sparse = len(report.sparse_names)
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    size = config.image_size if config.image_size is not None else "the model's default"
-    log.info(
-        f"fullsparse train --task detection: {config.model} ({n_params / 1e6:.2f}M "
-        f"parameters, input {size}) on {config.dataset} ({len(train_set)} train / "
-        f"{len(test_set)} test images, {bundle.num_classes - 1} classes), recipe "
-        f"{config.recipe!r} on {n_sparse} of {len(report.rows)} layers"
+    result_format = (
+        "best mAP {best_map:.2f} (epoch {best_epoch}), final mAP "
+        "{final_map:.2f} mAP@0.5 {final_map_50:.2f}, "
+        "{seconds_per_epoch:.1f} s/epoch"
     )
-    log.info(str(report), console=False)
-    log.info(
-        f"device {device}, batch {config.batch_size}, {config.optimizer} lr "
-        f"{config.peak_lr:g} (warm-up {warmup_steps} steps, cosine), wd "
-        f"{config.weight_decay:g}, grad clip {config.grad_clip:g}, {config.epochs} epochs of "
-        f"{steps_per_epoch} steps" + (", deterministic" if config.deterministic else "")
-    )
-    log.info(f"run folder: {run_dir}")
-    _log_resume(log, config, state, resume_from, run.epoch)
 
-    # -- epochs -------------------------------------------------------------------------
-    last_epoch = config.stop_after if config.stop_after is not None else config.epochs
-    status = "completed"
-    for epoch in range(run.epoch, config.epochs):
-        if epoch >= last_epoch:
-            status = f"stopped after epoch {run.epoch} of {config.epochs} (stop_after)"
-            break
-        flipped = _Flipped(train_set, epoch_flips(config.seed, epoch, len(train_set)))
-        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch)
-        metrics = _train_epoch(
-            raw_model, _loader(flipped, batches, config.workers), steps_per_epoch, optimizer,
-            scheduler, device, config, epoch, run, log,
-        )  # fmt: skip
-        eval_start = time.perf_counter()
+    def check(self, world: int, device: torch.device) -> None:
+        if world > 1:
+            raise UserError("--task detection runs in one process; start it without torchrun")
+
+    def load_data(self) -> dict[str, Any]:
+        _mean_average_precision()  # a missing torchmetrics/pycocotools fails now, not later
+        self.bundle = build_detection_data(self.config)
+        return detection_identity(self.config, self.bundle)
+
+    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+        config, bundle = self.config, self.bundle
+        self.device = trainer.device
+        self.train_set = subset(bundle.train, config.train_subset, config.seed, random_pick=True)
+        self.test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+        if len(self.train_set) < config.batch_size:
+            raise UserError(
+                f"batch_size={config.batch_size} is larger than the {len(self.train_set)} "
+                "training images: no full batch per epoch"
+            )
+        self.parameters = sum(p.numel() for p in model.parameters())
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_set) // self.config.batch_size
+
+    def batches(self, epoch: int, first: int) -> Iterable[Any]:
+        from fullsparse.data.detection import epoch_flips
+
+        c = self.config
+        flipped = _Flipped(self.train_set, epoch_flips(c.seed, epoch, len(self.train_set)))
+        batches = _epoch_batches(len(self.train_set), c.batch_size, c.seed, epoch)
+        return _loader(flipped, batches[first:], c.workers)
+
+    def to_device(self, batch: Any) -> Any:
+        images, targets = batch
+        return [im.to(self.device) for im in images], _to_device(targets, self.device)
+
+    def forward(self, model: nn.Module, batch: Any) -> StepOutput:
+        images, targets = batch  # each image [3, H, W]
+        losses = model(images, targets)  # {name: scalar}
+        n = len(images)
+        sums = {"steps": torch.ones(())} | {k: v.detach() * n for k, v in losses.items()}
+        return StepOutput(sum(losses.values()), n, sums)
+
+    def explain_nonfinite(
+        self, trainer: Trainer, batch: Any, out: StepOutput, values: list[float]
+    ) -> Callable[[], str]:
+        parts = dict(zip(out.sums, values[1:], strict=True))
+        parts.pop("steps")
+        named = ", ".join(f"{k} {v / out.count:.4g}" for k, v in parts.items())
+        return functools.partial(str, f"losses: {named}")
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, Any]:
+        images = sums["images"]
+        parts = {k: v for k, v in sums.items() if k not in ("loss_sum", "images", "steps")}
+        metrics: dict[str, Any] = {f"train_{k}": v / images for k, v in parts.items()}
+        return metrics | {"steps": int(sums.get("steps", 0))}
+
+    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+        c = self.config
         result = evaluate_detection(
-            raw_model, test_set, config.batch_size, device, workers=config.workers
+            model, self.test_set, c.batch_size, self.device, workers=c.workers
         )
-        metrics.update(
-            map=result["map"],
-            map_50=result["map_50"],
-            map_75=result["map_75"],
-            mar_100=result["mar_100"],
-            eval_seconds=time.perf_counter() - eval_start,
-        )
-        run.epoch = epoch + 1
-        run.history.append(metrics)
-        is_best = result["map"] > run.best_map
-        if is_best:
-            run.best_map, run.best_epoch = result["map"], epoch + 1
-        log.info(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} | "
-            f"mAP {result['map']:.2f} mAP@0.5 {result['map_50']:.2f} mAP@0.75 "
-            f"{result['map_75']:.2f} | lr {metrics['lr']:.4g} | "
-            f"{metrics['epoch_seconds']:.1f} s ({metrics['images_per_second']:.1f} img/s) + "
-            f"eval {metrics['eval_seconds']:.1f} s"
-        )
-        _save_epoch(
-            config, identity, run, metrics, raw_model, optimizer, scheduler, None, "best_map",
-            is_best,
-        )  # fmt: skip
+        return {k: result[k] for k in ("map", "map_50", "map_75", "mar_100")}
 
-    summary = _summary(config, identity, run, status, device, report)
-    summary.update(
-        parameters=n_params, data=bundle.summary(), train_images=len(train_set),
-        test_images=len(test_set),
-    )  # fmt: skip
-    _write_json(run_dir / "summary.json", summary)
-    log.info(
-        f"{status}: best mAP {summary['best_map']:.2f} (epoch {summary['best_epoch']}), final "
-        f"mAP {summary['final_map']:.2f} mAP@0.5 {summary['final_map_50']:.2f}, "
-        f"{summary['seconds_per_epoch']:.1f} s/epoch"
-    )
-    log.info(f"results in {run_dir}/: summary.json, metrics.jsonl, last.pt, best.pt, train.log")
-    return summary
+    def describe(self, trainer: Trainer) -> list[str]:
+        c, report = self.config, trainer.report
+        size = c.image_size if c.image_size is not None else "the model's default"
+        return [
+            f"fullsparse train --task detection: {c.model} ({self.parameters / 1e6:.2f}M "
+            f"parameters, input {size}) on {c.dataset} ({len(self.train_set)} train / "
+            f"{len(self.test_set)} test images, {self.bundle.num_classes - 1} classes), recipe "
+            f"{c.recipe!r} on {len(report.sparse_names)} of {len(report.rows)} layers",
+            settings_line(trainer, f"batch {c.batch_size}"),
+        ]
 
+    def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        best = {"best_map": "map", "best_map_50": "map_50"}
+        final = {"final_map": "map", "final_map_50": "map_50", "final_map_75": "map_75"}
+        scores = best_and_final(self, history, best, final)
+        return {
+            **{k: scores.pop(k) for k in best},
+            "best_epoch": best_epoch,
+            **scores,
+            "first_train_loss": history[0]["train_loss"] if history else float("nan"),
+            "final_train_loss": history[-1]["train_loss"] if history else float("nan"),
+            "train_loss_per_epoch": [h["train_loss"] for h in history],
+            "map_50_per_epoch": [h["map_50"] for h in history],
+        }
 
-def _train_epoch(
-    model: nn.Module,
-    loader: Any,
-    steps: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    device: torch.device,
-    config: TrainConfig,
-    epoch: int,
-    run: _State,
-    log: _RunLog,
-) -> dict[str, Any]:
-    model.train()
-    bar = ProgressBar(
-        steps,
-        f"epoch {epoch + 1}/{config.epochs}",
-        enabled=config.progress and not config.quiet,
-        accuracy=False,
-    )
-    guard = train_loop._StepGuard(
-        model, optimizer, scheduler, None, config, DistInfo(), device, run, log, epoch, steps
-    )
-    loss_sum = 0.0
-    parts: dict[str, float] = {}
-    images_done = done = 0
-    start = time.perf_counter()
-    with bar:
-        for step, (images, targets) in enumerate(loader):
-            images = [im.to(device) for im in images]  # each [3, H, W]
-            targets = _to_device(targets, device)
-            guard.snapshot()
-            losses = model(images, targets)  # {name: scalar}
-            loss = sum(losses.values())
-            values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
-            values = values.tolist()
-            problem = guard.backward(loss, values[0])
-            if problem:
-                named = ", ".join(f"{k} {v:.4g}" for k, v in zip(losses, values[1:], strict=True))
-                guard.resolve(problem, step, values[0], functools.partial(str, f"losses: {named}"))
-                continue
-            guard.step()
-            n = len(images)
-            loss_sum += values[0] * n
-            for k, v in zip(losses, values[1:], strict=True):
-                parts[k] = parts.get(k, 0.0) + v * n
-            images_done += n
-            done += 1
-            bar.update(n, values[0], 0)
-    seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / images_done if images_done else float("nan"),
-    }
-    metrics.update({f"train_{k}": v / images_done for k, v in parts.items()})
-    metrics.update(
-        lr=optimizer.param_groups[0]["lr"],
-        grad_norm=guard.mean_norm,
-        epoch_seconds=seconds,
-        images_per_second=images_done / seconds if seconds > 0 else 0.0,
-        train_images=images_done,
-        steps=done,
-        skipped_steps=guard.skipped,
-    )
-    return metrics
+    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+        try:
+            import torchvision
 
+            tv_version = str(torchvision.__version__)
+        except ImportError:  # pragma: no cover - a detector was built, so it is there
+            tv_version = None
+        report = trainer.report
+        return {
+            "sparse_layers": len(report.sparse_names),
+            "layers": len(report.rows),
+            "dense_layers": {r.name: r.reason for r in report.rows if not r.sparse},
+            "num_classes": trainer.identity["num_classes"],
+            "image_size": trainer.identity["image_size"],
+            "torchvision": tv_version,
+        }
 
-def _summary(
-    config: TrainConfig,
-    identity: dict[str, Any],
-    run: _State,
-    status: str,
-    device: torch.device,
-    report: Any,
-) -> dict[str, Any]:
-    history = run.history
-    nan = float("nan")
-    best = max(history, key=lambda h: h["map"]) if history else None
-    final = history[-1] if history else None
-    try:
-        import torchvision
-
-        tv_version = str(torchvision.__version__)
-    except ImportError:  # pragma: no cover - a detector was built, so it is there
-        tv_version = None
-    scores = {
-        "best_map": best["map"] if best else nan,
-        "best_map_50": best["map_50"] if best else nan,
-        "best_epoch": run.best_epoch,
-        "final_map": final["map"] if final else nan,
-        "final_map_50": final["map_50"] if final else nan,
-        "final_map_75": final["map_75"] if final else nan,
-        "first_train_loss": history[0]["train_loss"] if history else nan,
-        "final_train_loss": final["train_loss"] if final else nan,
-        "train_loss_per_epoch": [h["train_loss"] for h in history],
-        "map_50_per_epoch": [h["map_50"] for h in history],
-    }
-    extra = {
-        "sparse_layers": len(report.sparse_names),
-        "layers": len(report.rows),
-        "dense_layers": {r.name: r.reason for r in report.rows if not r.sparse},
-        "num_classes": identity["num_classes"],
-        "image_size": identity["image_size"],
-        "torchvision": tv_version,
-    }
-    return train_loop._summary_fields(
-        config, identity, run, status, device, scores,
-        rate=("images_per_second", "train_images"), extra=extra,
-    )  # fmt: skip
+    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+        return {
+            "parameters": self.parameters,
+            "data": self.bundle.summary(),
+            "train_images": len(self.train_set),
+            "test_images": len(self.test_set),
+        }

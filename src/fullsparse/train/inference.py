@@ -38,7 +38,7 @@ def load_trained_model(
     ``state``: the checkpoint already loaded from ``path`` (it is then not read again).
     """
     from fullsparse.nn import load_sparse_state_
-    from fullsparse.train.loop import build_sparse_model
+    from fullsparse.train.tasks import build_sparse_model
 
     if state is None:
         state = ckpt.load_checkpoint(path)
@@ -77,7 +77,8 @@ def evaluate_checkpoint(
     ``allow_nonfinite`` (its numbers would be meaningless).
     """
     from fullsparse.data import make_loader
-    from fullsparse.train.loop import _subset, build_data, evaluate, resolve_device
+    from fullsparse.train.classify import build_data, evaluate
+    from fullsparse.train.common import resolve_device, subset
 
     state = ckpt.load_checkpoint(path, allow_nonfinite=allow_nonfinite)
     saved = dict(state["config"])
@@ -104,16 +105,11 @@ def evaluate_checkpoint(
     bundle = build_data(config)
     _check_matches_data(path, state["identity"], bundle)
     model, _ = load_trained_model(path, dev, state=state)
-    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     loader = make_loader(test_set, config.batch_size, train=False, seed=config.seed)
     result = evaluate(model, loader, dev, amp=config.amp)
-    identity = state["identity"]
     return {
-        "checkpoint": str(path),
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
+        **_what_was_evaluated(path, state, None),
         "top1": result["top1"],
         "top5": result["top5"],
         "loss": result["loss"],
@@ -145,14 +141,8 @@ def _evaluate_lm_checkpoint(
     model, _ = load_trained_model(path, device, state=state)
     windows = validation_windows(corpus.val, int(model.context), config.test_subset)
     result = evaluate_lm(model, windows, config.batch_size, device, amp=config.amp)
-    identity = state["identity"]
     return {
-        "checkpoint": str(path),
-        "task": "lm",
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
+        **_what_was_evaluated(path, state, "lm"),
         "loss": result["loss"],
         "perplexity": result["perplexity"],
         "bits_per_byte": result["bits_per_byte"],
@@ -164,23 +154,26 @@ def _evaluate_lm_checkpoint(
 def _evaluate_detection_checkpoint(
     path: str | Path, state: dict[str, Any], config: TrainConfig, device: torch.device
 ) -> dict[str, Any]:
+    from fullsparse.train.common import subset
     from fullsparse.train.detection import build_detection_data, evaluate_detection
-    from fullsparse.train.loop import _subset
 
     bundle = build_detection_data(config)
     model, _ = load_trained_model(path, device, state=state)
-    test_set = _subset(bundle.test, config.test_subset, config.seed, random_pick=False)
+    test_set = subset(bundle.test, config.test_subset, config.seed, random_pick=False)
     result = evaluate_detection(model, test_set, config.batch_size, device)
+    return {**_what_was_evaluated(path, state, "detection"), **result}
+
+
+def _what_was_evaluated(
+    path: str | Path, state: dict[str, Any], task: str | None
+) -> dict[str, Any]:
+    """The head of an ``eval`` result: the checkpoint, its task, model, data and epoch."""
     identity = state["identity"]
-    return {
-        "checkpoint": str(path),
-        "task": "detection",
-        "model": identity["model"],
-        "dataset": identity["dataset"],
-        "recipe": identity["recipe"],
-        "epoch": int(state["epoch"]),
-        **result,
-    }
+    head = {"checkpoint": str(path), "task": task}
+    if task is None:  # classify results have always been written without a task key
+        del head["task"]
+    names = ("model", "dataset", "recipe")
+    return {**head, **{k: identity[k] for k in names}, "epoch": int(state["epoch"])}
 
 
 @dataclass

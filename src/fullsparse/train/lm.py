@@ -20,48 +20,33 @@ resume with ``deterministic``); what differs is the data and what is measured:
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.train import checkpoint as ckpt
-from fullsparse.train import loop as train_loop
+from fullsparse.train.common import autocast
 from fullsparse.train.config import TrainConfig
-from fullsparse.train.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    any_rank,
-    barrier,
+from fullsparse.train.distributed import DistInfo, all_reduce_sum
+from fullsparse.train.plot import plot_lm_curves
+from fullsparse.train.task import (
+    StepOutput,
+    Task,
+    best_and_final,
+    settings_line,
+    sparse_layer_counts,
 )
-from fullsparse.train.loop import (
-    _check_run_dir,
-    _log_resume,
-    _open_run_folder,
-    _probe_step,
-    _restore_run,
-    _RunLog,
-    _save_epoch,
-    _seed_everything,
-    _wrap_model,
-    _write_json,
-    autocast,
-    build_optimizer,
-    lr_factor,
-)
-from fullsparse.train.plot import MATPLOTLIB_HINT, plot_lm_curves
-from fullsparse.train.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from fullsparse.train.trainer import Trainer
 
 __all__ = [
     "VOCAB_SIZE",
-    "train_lm",
+    "LMTask",
     "build_corpus",
     "lm_identity",
     "validation_windows",
@@ -168,15 +153,6 @@ def evaluate_lm(
             "tokens": int(tokens)}  # fmt: skip
 
 
-@dataclass
-class _State:
-    epoch: int = 0  # completed epochs
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_val_loss: float = float("inf")
-    best_epoch: int = 0
-    skipped_steps: int = 0
-
-
 def _epoch_batches(
     stream: Tensor, config: TrainConfig, epoch: int, context: int, dist_info: DistInfo
 ) -> list[tuple[Tensor, Tensor]]:
@@ -195,285 +171,119 @@ def _epoch_batches(
     return [(x[r::w], y[r::w]) for x, y in batches]
 
 
-def train_lm(
-    config: TrainConfig, device: torch.device, dist_info: DistInfo, log: _RunLog
-) -> dict[str, Any]:
-    """The lm counterpart of the classification ``_train`` (called by ``train``)."""
+class LMTask(Task):
+    best_key = "best_val_loss"
+    score_metric = "val_loss"
+    higher_is_better = False
+    count_key = "tokens"
+    sum_keys = ("correct",)
+    bar_unit = "tok"
+    plot = staticmethod(plot_lm_curves)
 
-    world = dist_info.world_size
-    if config.batch_size % world:
-        raise UserError(
-            f"batch_size={config.batch_size} is the global batch and must divide evenly over "
-            f"{world} processes"
-        )
-    local_batch = config.batch_size // world
-    if config.sync_bn or config.channels_last:
-        flag = "--sync-bn" if config.sync_bn else "--channels-last"
-        raise UserError(f"{flag} is for convolutional image models; drop it for --task lm")
-    run_dir = config.run_dir
-    assert config.steps_per_epoch is not None  # filled by TrainConfig for lm
+    epoch_format = (
+        "train loss {train_loss:.4f} | val loss {val_loss:.4f} perplexity "
+        "{val_perplexity:.3f} {val_bits_per_byte:.3f} bits/byte acc "
+        "{val_accuracy:.2f}% | lr {lr:.4g} | {epoch_seconds:.1f} s "
+        "({tokens_per_second:.0f} tok/s)"
+    )
+    result_format = (
+        "best val loss {best_val_loss:.4f} (perplexity {best_perplexity:.3f}, "
+        "epoch {best_epoch}), final {final_val_loss:.4f} "
+        "({final_bits_per_byte:.3f} bits/byte), {seconds_per_epoch:.1f} s/epoch"
+    )
 
-    # -- setup: everything that can fail on bad input happens before a file is written ----
-    error: BaseException | None = None
-    resume_from = state = corpus = model = report = val = None
-    identity = lm_identity(config)
-    try:
-        resume_from = _check_run_dir(config) if dist_info.is_main else None
-        _seed_everything(config.seed)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True)
-        model, report = train_loop._build_model(identity)  # the loop's seam, for tests
-        corpus = build_corpus(config)
-        context = int(model.context)
-        if corpus.train.numel() < context + 1:
+    def check(self, world: int, device: torch.device) -> None:
+        if self.config.sync_bn or self.config.channels_last:
+            flag = "--sync-bn" if self.config.sync_bn else "--channels-last"
+            raise UserError(f"{flag} is for convolutional image models; drop it for --task lm")
+
+    def load_data(self) -> dict[str, Any]:
+        self.corpus = build_corpus(self.config)
+        return lm_identity(self.config)
+
+    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+        self.device, self.dist, self.local_batch = trainer.device, trainer.dist, trainer.local_batch
+        self.context = context = int(model.context)
+        train = self.corpus.train
+        if train.numel() < context + 1:
             raise UserError(
-                f"the training text ({corpus.train.numel()} bytes) is shorter than one window "
+                f"the training text ({train.numel()} bytes) is shorter than one window "
                 f"of context+1={context + 1} bytes: lower the model's context or add files"
             )
-        val = validation_windows(corpus.val, context, config.test_subset)
-        if config.resume:
-            path = run_dir / "last.pt" if config.resume is True else Path(config.resume)
-            state = ckpt.load_checkpoint(path)
-            ckpt.check_identity(path, state["identity"], identity)
-            resume_from = path
-    except Exception as exc:  # synchronised below so no rank waits for a failed one
-        error = exc
-    if any_rank(error is not None, dist_info, device):
-        if error is not None:
-            raise error
-        raise UserError("another process of this distributed run failed during setup")
-    assert model is not None and corpus is not None and val is not None
+        self.val = validation_windows(self.corpus.val, context, self.config.test_subset)
+        self.parameters = sum(p.numel() for p in model.parameters())
 
-    # -- model, optimiser, schedule ---------------------------------------------------------
-    raw_model = model.to(device)
-    optimizer = build_optimizer(raw_model, config)
-    steps_per_epoch = config.steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
-    )
-    scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
+    def steps_per_epoch(self) -> int:
+        assert self.config.steps_per_epoch is not None  # filled by TrainConfig for lm
+        return self.config.steps_per_epoch
 
-    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
-        # logits (B, T, vocab), y (B, T): mean next-byte cross-entropy over all B·T tokens
-        return F.cross_entropy(
-            logits.float().flatten(0, 1), y.flatten(), label_smoothing=config.label_smoothing
+    def probe_batch(self, n: int) -> Any:
+        probe = self.val[: max(1, n)]
+        return probe[:, :-1], probe[:, 1:]
+
+    def batches(self, epoch: int, first: int) -> Iterable[Any]:
+        batches = _epoch_batches(self.corpus.train, self.config, epoch, self.context, self.dist)
+        return batches[first:]
+
+    def to_device(self, batch: Any) -> Any:
+        return batch[0].to(self.device), batch[1].to(self.device)  # (b, T) each
+
+    def forward(self, model: nn.Module, batch: Any) -> StepOutput:
+        x, y = batch
+        logits = model(x)  # (b, T, vocab): mean next-byte cross-entropy over all b·T tokens
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), label_smoothing=self.config.label_smoothing
         )
+        return StepOutput(loss, y.numel(), {"correct": (logits.argmax(-1) == y).sum()})
 
-    run = _State()
-    if state is not None:
-        _restore_run(
-            state, resume_from, raw_model, optimizer, scheduler, scaler, run,
-            "best_val_loss", float("inf"),
-        )  # fmt: skip
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, Any]:
+        tokens = sums["tokens"]
+        return {"train_accuracy": 100.0 * sums["correct"] / tokens if tokens else 0.0}
 
-    model = _wrap_model(raw_model, world, device, config.compile)
-
-    def amp_ctx() -> contextlib.AbstractContextManager[Any]:
-        return autocast(device, config.amp)
-
-    eval_model = model if world == 1 else raw_model
-    if config.compile:
-        log.info("torch.compile: the first steps compile the model (minutes on a CPU)")
-    deterministic_cuda = config.deterministic and device.type == "cuda"
-    if config.compile or config.amp != "none" or deterministic_cuda:
-        probe = val[: max(1, local_batch)].to(device)
-        error = None
-        try:
-            _probe_step(model, raw_model, probe[:, :-1], probe[:, 1:], loss_fn, amp_ctx, config)
-        except UserError as exc:
-            error = exc
-        if any_rank(error is not None, dist_info, device):
-            raise error or UserError("another process failed its first training step")
-
-    # -- the run folder: written only now that everything is known to work --------------------
-    _open_run_folder(config, log, state, run, dist_info)
-
-    n_sparse = len([r for r in report.rows if r.sparse]) if report is not None else 0
-    n_layers = len(report.rows) if report is not None else 0
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    val_tokens = val.shape[0] * context
-    log.info(
-        f"fullsparse train --task lm: {config.model} ({n_params / 1e6:.2f}M parameters, "
-        f"context {context}) on {config.dataset} ({corpus.train.numel() / 1e6:.2f} MB train "
-        f"from {corpus.files_train} files, {val_tokens} validation bytes in {val.shape[0]} "
-        f"windows), recipe {config.recipe!r} on {n_sparse} of {n_layers} layers"
-    )
-    log.info(str(report), console=False)
-    log.info(
-        f"device {device} x{world}, global batch {config.batch_size} x {context} bytes, "
-        f"{config.optimizer} lr {config.peak_lr:g} (warm-up {warmup_steps} steps, cosine), "
-        f"wd {config.weight_decay:g}, grad clip {config.grad_clip:g}, {config.epochs} epochs "
-        f"of {steps_per_epoch} steps, amp {config.amp}"
-        + (", compiled" if config.compile else "")
-        + (", deterministic" if config.deterministic else "")
-    )
-    log.info(f"run folder: {run_dir}")
-    _log_resume(log, config, state, resume_from, run.epoch)
-
-    # -- epochs -------------------------------------------------------------------------
-    last_epoch = config.stop_after if config.stop_after is not None else config.epochs
-    status = "completed"
-    for epoch in range(run.epoch, config.epochs):
-        if epoch >= last_epoch:
-            status = f"stopped after epoch {run.epoch} of {config.epochs} (stop_after)"
-            break
-        batches = _epoch_batches(corpus.train, config, epoch, context, dist_info)
-        metrics = _train_epoch(
-            model, raw_model, batches, optimizer, scheduler, scaler, loss_fn, amp_ctx,
-            device, dist_info, config, epoch, run, log,
-        )  # fmt: skip
-        eval_start = time.perf_counter()
+    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
         result = evaluate_lm(
-            eval_model, val, local_batch, device, amp=config.amp, dist_info=dist_info
-        )
-        metrics.update(
-            val_loss=result["loss"],
-            val_perplexity=result["perplexity"],
-            val_bits_per_byte=result["bits_per_byte"],
-            val_accuracy=result["accuracy"],
-            eval_seconds=time.perf_counter() - eval_start,
-        )
-        run.epoch = epoch + 1
-        run.history.append(metrics)
-        is_best = result["loss"] < run.best_val_loss
-        if is_best:
-            run.best_val_loss, run.best_epoch = result["loss"], epoch + 1
-        log.info(
-            f"epoch {epoch + 1}/{config.epochs}: train loss {metrics['train_loss']:.4f} | "
-            f"val loss {result['loss']:.4f} perplexity {result['perplexity']:.3f} "
-            f"{result['bits_per_byte']:.3f} bits/byte acc {result['accuracy']:.2f}% | "
-            f"lr {metrics['lr']:.4g} | {metrics['epoch_seconds']:.1f} s "
-            f"({metrics['tokens_per_second']:.0f} tok/s)"
-        )
-        if dist_info.is_main:
-            _save_epoch(
-                config, identity, run, metrics, raw_model, optimizer, scheduler, scaler,
-                "best_val_loss", is_best,
-            )  # fmt: skip
-        barrier(dist_info)
+            model, self.val, self.local_batch, self.device, amp=self.config.amp,
+            dist_info=self.dist,
+        )  # fmt: skip
+        return {
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_bits_per_byte": result["bits_per_byte"],
+            "val_accuracy": result["accuracy"],
+        }
 
-    summary = _summary(config, identity, run, status, device, world, n_sparse)
-    summary.update(
-        parameters=n_params,
-        context=context,
-        vocab_size=VOCAB_SIZE,
-        validation_tokens=val_tokens,
-        corpus=corpus.summary(),
-    )
-    if dist_info.is_main:
-        _write_json(run_dir / "summary.json", summary)
-        if config.plot and run.history:
-            title = f"{config.model} / {config.dataset} / {config.recipe}"
-            try:
-                drawn = plot_lm_curves(run.history, run_dir / "curves.png", title=title)
-            except Exception as exc:  # a plotting problem must not fail a finished run
-                log.info(f"curves.png failed ({type(exc).__name__}: {exc}); results are intact")
-            else:
-                if not drawn:
-                    log.info(f"curves.png skipped: matplotlib is not installed; {MATPLOTLIB_HINT}")
-        log.info(
-            f"{status}: best val loss {summary['best_val_loss']:.4f} (perplexity "
-            f"{summary['best_perplexity']:.3f}, epoch {summary['best_epoch']}), final "
-            f"{summary['final_val_loss']:.4f} ({summary['final_bits_per_byte']:.3f} bits/byte), "
-            f"{summary['seconds_per_epoch']:.1f} s/epoch"
-        )
-        log.info(f"results in {run_dir}/: summary.json, metrics.jsonl, last.pt, best.pt, train.log")
-    return summary
+    def describe(self, trainer: Trainer) -> list[str]:
+        c, corpus, val = self.config, self.corpus, self.val
+        n_sparse, n_layers = sparse_layer_counts(trainer.report)
+        return [
+            f"fullsparse train --task lm: {c.model} ({self.parameters / 1e6:.2f}M parameters, "
+            f"context {self.context}) on {c.dataset} ({corpus.train.numel() / 1e6:.2f} MB "
+            f"train from {corpus.files_train} files, {val.shape[0] * self.context} validation "
+            f"bytes in {val.shape[0]} windows), recipe {c.recipe!r} on {n_sparse} of "
+            f"{n_layers} layers",
+            settings_line(trainer, f"global batch {c.batch_size} x {self.context} bytes"),
+        ]
 
+    def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        metrics = {"val_loss": "val_loss", "perplexity": "val_perplexity",
+                   "bits_per_byte": "val_bits_per_byte"}  # fmt: skip
+        best = {f"best_{k}": v for k, v in metrics.items()}
+        final = {f"final_{k}": v for k, v in metrics.items()}
+        final |= {"final_val_accuracy": "val_accuracy", "final_train_loss": "train_loss"}
+        scores = best_and_final(self, history, best, final)
+        return {**{k: scores.pop(k) for k in best}, "best_epoch": best_epoch, **scores}
 
-def _train_epoch(
-    model: nn.Module,
-    raw_model: nn.Module,
-    batches: list[tuple[Tensor, Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    loss_fn: Any,
-    amp_ctx: Any,
-    device: torch.device,
-    dist_info: DistInfo,
-    config: TrainConfig,
-    epoch: int,
-    run: _State,
-    log: _RunLog,
-) -> dict[str, Any]:
-    model.train()
-    steps = len(batches)
-    bar = ProgressBar(
-        steps,
-        f"epoch {epoch + 1}/{config.epochs}",
-        enabled=config.progress and dist_info.is_main,
-        unit="tok",
-    )
-    guard = train_loop._StepGuard(
-        raw_model, optimizer, scheduler, scaler, config, dist_info, device, run, log, epoch, steps
-    )
-    loss_sum = correct = tokens = 0.0
-    start = time.perf_counter()
-    with bar:
-        for step, (xb, yb) in enumerate(batches):
-            x, y = xb.to(device), yb.to(device)  # (b, T) each
-            guard.snapshot()  # a bad forward may have moved a TSM step counter
-            with amp_ctx():
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            stats = torch.stack([loss.detach().float(), (logits.argmax(-1) == y).sum().float()])
-            stats = stats.tolist()
-            problem = guard.backward(loss, stats[0])
-            if problem:
-                diagnosis = train_loop._diagnosis(raw_model, x, y, loss_fn, amp_ctx, dist_info)
-                guard.resolve(problem, step, stats[0], diagnosis)
-                continue
-            guard.step()
-            n = y.numel()
-            loss_sum += stats[0] * n
-            correct += stats[1]
-            tokens += n
-            bar.update(n, stats[0], int(stats[1]))
-    seconds = time.perf_counter() - start
-    loss_sum, correct, tokens = all_reduce_sum([loss_sum, correct, tokens], dist_info, device)
-    return {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / tokens if tokens else float("nan"),
-        "train_accuracy": 100.0 * correct / tokens if tokens else 0.0,
-        "lr": optimizer.param_groups[0]["lr"],
-        # mean global gradient norm before clipping (this rank's; DDP grads are all-reduced)
-        "grad_norm": guard.mean_norm,
-        "epoch_seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        "train_tokens": int(tokens),
-        "skipped_steps": guard.skipped,
-    }
+    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+        return {
+            "sparse_layers": sparse_layer_counts(trainer.report)[0],
+            "world_size": trainer.world,
+        }
 
-
-def _summary(
-    config: TrainConfig,
-    identity: dict[str, Any],
-    run: _State,
-    status: str,
-    device: torch.device,
-    world: int,
-    n_sparse: int,
-) -> dict[str, Any]:
-    history = run.history
-    nan = float("nan")
-    best = min(history, key=lambda h: h["val_loss"]) if history else None
-    final = history[-1] if history else None
-    scores = {
-        "best_val_loss": best["val_loss"] if best else nan,
-        "best_perplexity": best["val_perplexity"] if best else nan,
-        "best_bits_per_byte": best["val_bits_per_byte"] if best else nan,
-        "best_epoch": run.best_epoch,
-        "final_val_loss": final["val_loss"] if final else nan,
-        "final_perplexity": final["val_perplexity"] if final else nan,
-        "final_bits_per_byte": final["val_bits_per_byte"] if final else nan,
-        "final_val_accuracy": final["val_accuracy"] if final else nan,
-        "final_train_loss": final["train_loss"] if final else nan,
-    }
-    return train_loop._summary_fields(
-        config, identity, run, status, device, scores,
-        rate=("tokens_per_second", "train_tokens"),
-        extra={"sparse_layers": n_sparse, "world_size": world},
-    )  # fmt: skip
+    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+        return {
+            "parameters": self.parameters,
+            "context": self.context,
+            "vocab_size": VOCAB_SIZE,
+            "validation_tokens": self.val.shape[0] * self.context,
+            "corpus": self.corpus.summary(),
+        }

@@ -1,0 +1,369 @@
+"""The run folder: its log, its files, and the checkpoints a run writes and resumes from.
+
+A run folder holds::
+
+    config.json     the resolved TrainConfig (``--config`` and ``--resume`` read it back)
+    train.log       everything printed, plus the sparsify report
+    metrics.jsonl   one JSON object per epoch
+    last.pt         checkpoint after the latest epoch (atomic), best.pt: the best epoch's
+    summary.json    the run's outcome (also ``train``'s return value)
+    curves.png      loss/accuracy/lr curves (when matplotlib is installed)
+
+Nothing is written before the run's setup has succeeded; a folder that holds no checkpoint
+and no summary (a start that failed or was interrupted before its first checkpoint) holds
+nothing a rerun could lose, so a rerun replaces it without ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+from fullsparse.errors import CheckpointError, UserError
+from fullsparse.train import checkpoint as ckpt
+from fullsparse.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from fullsparse.train.trainer import Trainer
+
+__all__ = [
+    "RESULT_FILES",
+    "RunLog",
+    "RunState",
+    "Checkpointer",
+    "check_run_dir",
+    "write_json",
+]
+
+#: Files a run writes into its folder; ``force`` removes exactly these (never the folder).
+RESULT_FILES = (
+    "config.json",
+    "train.log",
+    "metrics.jsonl",
+    "last.pt",
+    "best.pt",
+    "summary.json",
+    "curves.png",
+)
+#: The files that make a folder a run worth keeping: a checkpoint or a finished summary.
+_KEPT_FILES = ("last.pt", "best.pt", "summary.json")
+
+
+class RunLog:
+    """stdout (rank 0, unless quiet) and the run folder's ``train.log``; lines logged before
+    the folder exists are kept and written when it opens."""
+
+    def __init__(self, enabled: bool, quiet: bool) -> None:
+        self.enabled = enabled
+        self.quiet = quiet
+        self.file: TextIO | None = None
+        self._pending: list[str] = []
+
+    def open(self, path: Path, append: bool) -> None:
+        if not self.enabled:
+            return
+        self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+        for line in self._pending:
+            self.file.write(line + "\n")
+        self._pending.clear()
+        self.file.flush()
+
+    def info(self, message: str, *, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console and not self.quiet:
+            print(message, flush=True)
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        for line in stamped.splitlines() if "\n" in message else [stamped]:
+            if self.file is not None:
+                self.file.write(line + "\n")
+            else:
+                self._pending.append(line)
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+@dataclass
+class RunState:
+    """Where a run stands: completed epochs, their metrics, the best score so far.
+
+    ``best_key`` names the score in checkpoints (``best_top1``, ``best_val_loss``,
+    ``best_map``); ``higher_is_better`` says which way it improves.
+    """
+
+    best_key: str
+    higher_is_better: bool
+    epoch: int = 0  # completed epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float = 0.0
+    best_epoch: int = 0
+    skipped_steps: int = 0
+    #: Steps done in epoch ``epoch`` (a mid-epoch checkpoint, --checkpoint-every) and the
+    #: epoch's running sums up to there (summed over ranks).
+    step: int = 0
+    partial: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.best = -1.0 if self.higher_is_better else float("inf")
+
+    def improves(self, score: float) -> bool:
+        return score > self.best if self.higher_is_better else score < self.best
+
+
+def write_json(path: Path, obj: Any) -> None:
+    ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    ckpt.atomic_write_bytes(path, text.encode())
+
+
+def check_run_dir(config: TrainConfig) -> tuple[Path | None, bool]:
+    """Refuse to touch an existing run's results unless resuming or forced.
+
+    Returns (the checkpoint to resume from or None, whether the folder's files are to be
+    replaced when the run folder opens).
+    """
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} exists and is not a folder")
+    existing = [f for f in RESULT_FILES if (run_dir / f).exists()]
+    unfinished = bool(existing) and not any(f in existing for f in _KEPT_FILES)
+    if config.resume:
+        path = run_dir / "last.pt" if config.resume is True else Path(config.resume)
+        if config.resume is True and unfinished:
+            return None, True  # stopped before its first checkpoint: start it again
+        if not path.is_file():
+            raise CheckpointError(f"nothing to resume: checkpoint {path} does not exist")
+        own = run_dir / "last.pt"
+        if existing and not (own.exists() and own.resolve() == path.resolve()):
+            raise UserError(
+                f"run folder {run_dir} already holds another run ({', '.join(existing)}); "
+                f"resume {path} into a new --out folder"
+            )
+        return path, False
+    if existing and not unfinished and not config.force:
+        raise UserError(
+            f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, --force to replace it, or --out for a new folder"
+        )
+    return None, bool(existing)
+
+
+def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: Any) -> None:
+    """Create (or reopen) the run folder once setup has succeeded (rank 0 only).
+
+    ``replace``: remove the folder's result files first (``--force``, or a start that never
+    reached a checkpoint). ``history``: a resumed run's epochs (metrics.jsonl is rewritten
+    from them, dropping any line written after the checkpoint); None for a new run.
+    """
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_log = replace and not config.force  # an unfinished start's log tells its story
+    if replace:
+        for name in RESULT_FILES:
+            if not (keep_log and name == "train.log"):
+                (run_dir / name).unlink(missing_ok=True)
+    ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
+    log.open(run_dir / "train.log", append=history is not None or keep_log)
+    write_json(run_dir / "config.json", config.to_dict())
+    if history is not None:
+        _write_metrics(run_dir / "metrics.jsonl", history)
+
+
+def written_files(run_dir: Path) -> list[str]:
+    """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`."""
+    return [name for name in RESULT_FILES if (run_dir / name).exists()]
+
+
+class Checkpointer:
+    """Writes ``last.pt`` (every epoch end, and every ``checkpoint_every`` steps) and
+    ``best.pt``, and restores a run from a checkpoint. Rank 0 writes; every rank restores.
+
+    The checkpoint keys are the format's (``fullsparse.train.checkpoint``); the task adds
+    its own extras (a classifier's input normalisation) through ``checkpoint_extra``.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.run_dir = trainer.config.run_dir
+
+    def save_last(self) -> None:
+        """Write ``last.pt`` atomically: everything a resume needs, at an epoch end or (with
+        ``state.step`` > 0) inside epoch ``state.epoch``."""
+        from fullsparse.nn import sparse_state_dict
+
+        t, run = self.trainer, self.trainer.state
+        ckpt.save_checkpoint(
+            self.run_dir / "last.pt",
+            {
+                "identity": t.identity,
+                "config": t.config.to_dict(),
+                "epoch": run.epoch,
+                "loader_epoch": run.epoch,
+                "step": run.step,
+                "partial": dict(run.partial),
+                "model": t.raw_model.state_dict(),
+                "sparse_state": sparse_state_dict(t.raw_model),
+                "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(),
+                "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+                "rng": ckpt.capture_rng(),
+                "history": run.history,
+                run.best_key: run.best,
+                "best_epoch": run.best_epoch,
+                "skipped_steps": run.skipped_steps,
+                **t.task.checkpoint_extra(),
+                "torch_version": str(torch.__version__),
+                "threads": torch.get_num_threads(),
+            },
+        )
+
+    def save_epoch(self, metrics: dict[str, Any], is_best: bool) -> None:
+        """Append the epoch's metrics line, write ``last.pt``, copy it to ``best.pt``."""
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.save_last()
+        if is_best:
+            ckpt.copy_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Load a checkpoint's model, masks, optimiser and schedule, then the run's counters.
+
+        The RNG state is restored last: nothing after this call may draw random numbers
+        before the first step, or a resumed run would differ from an uninterrupted one.
+        """
+        from fullsparse.nn import load_sparse_state_
+
+        t, run = self.trainer, self.trainer.state
+        parts = (
+            ("model weights", lambda: t.raw_model.load_state_dict(state["model"])),
+            ("sparsity state", lambda: load_sparse_state_(t.raw_model, state["sparse_state"])),
+            ("optimizer state", lambda: t.optimizer.load_state_dict(state["optimizer"])),
+            ("learning-rate schedule", lambda: t.scheduler.load_state_dict(state["scheduler"])),
+        )
+        if t.scaler is not None and state.get("scaler"):
+            parts += (("gradient scaler", lambda: t.scaler.load_state_dict(state["scaler"])),)
+        for part, load in parts:
+            try:
+                load()
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this run: its {part} do not match this "
+                    f"model{_first_clash(exc)}"
+                ) from None
+        run.epoch = int(state["epoch"])
+        run.history = list(state.get("history", []))
+        run.best = float(state.get(run.best_key, run.best))
+        run.best_epoch = int(state.get("best_epoch", 0))
+        run.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("step"):  # a mid-epoch checkpoint (--checkpoint-every)
+            run.step = int(state["step"])
+            run.partial = {k: float(v) for k, v in state.get("partial", {}).items()}
+        ckpt.restore_rng(state["rng"])
+
+
+def _first_clash(exc: BaseException) -> str:
+    """`` (first: <what>)`` for a state-dict mismatch, naming the first parameter torch
+    complains about; ``""`` when its message names none (a bare ``KeyError: 101``)."""
+    import re
+
+    found = re.search(
+        r"(size mismatch for [\w.]+|(?:Missing|Unexpected) key\(s\)[^\"]*\"[\w.]+)", str(exc)
+    )
+    if not found:
+        return ""
+    return f" (first: {found.group(1).replace(' in state_dict: ', ' ').replace(chr(34), '')})"
+
+
+#: Config fields that may change between a run and its resume without changing the maths.
+RUN_CONTROL = (
+    "resume", "force", "out", "stop_after", "checkpoint_every", "progress", "quiet", "plot",
+    "workers", "threads",
+)  # fmt: skip
+
+
+def log_resume(log: RunLog, config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    """Say where a resumed run continues from and what changed since its checkpoint."""
+    old, new = state["config"], config.to_dict()
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in ("resume", "force") and old.get(k, new.get(k)) != new.get(k)
+    ]
+    epoch, step = int(state["epoch"]), int(state.get("step", 0))
+    where = f"at epoch {epoch + 1} step {step + 1}" if step else f"after epoch {epoch}"
+    log.info(f"resumed from {path} {where}")
+    if changed:
+        log.info(f"config changed since the checkpoint: {'; '.join(changed)}")
+    threads = state.get("threads")
+    if config.deterministic and threads is not None and threads != torch.get_num_threads():
+        log.info(
+            f"note: the checkpoint was written with {threads} CPU threads, this process "
+            f"uses {torch.get_num_threads()}; float sums depend on it, so the resumed run "
+            "is not bit-identical to an uninterrupted one (pass --threads to match)"
+        )
+
+
+#: Fields a resume may change besides RUN_CONTROL: more epochs (the schedule is stretched
+#: from the checkpoint on) and where it runs.
+_RESUME_MAY_CHANGE = (*RUN_CONTROL, "epochs", "device")
+
+
+def resume_config(config_file: str | Path | None, given: dict[str, Any]) -> TrainConfig:
+    """The config of ``fullsparse train --resume``: the run folder's saved ``config.json``,
+    with the flags given now applied where they may change (more epochs, threads, output).
+
+    A flag that would change what the run is (model, data, recipe, optimiser, ...) is
+    refused in one line. Without ``--resume`` (or with a checkpoint path, or with no saved
+    config yet) this is :func:`config_from_sources`.
+    """
+    from fullsparse.train.config import config_from_sources, load_config_file
+
+    asked = dict(given)
+    if config_file is not None:
+        asked = {str(k).replace("-", "_"): v for k, v in load_config_file(config_file).items()}
+        asked.update(given)
+    if asked.get("resume") is True and isinstance(asked.get("out"), str):
+        run_dir = Path(asked["out"])  # the saved config, not these flags, must be valid
+    else:
+        config = config_from_sources(config_file, given)
+        if config.resume is not True:
+            return config
+        run_dir = config.run_dir
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return config_from_sources(config_file, given)
+    try:
+        saved = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError too
+        raise UserError(f"cannot resume from {saved_path}: {exc}") from None
+    # stop_after ended an earlier invocation; it does not carry over to this one
+    merged = saved.to_dict() | {"stop_after": None} | asked | {"resume": True, "force": False}
+    candidate = TrainConfig.from_dict(merged, source=f"resume of {run_dir}")
+    old, new = saved.to_dict(), candidate.to_dict()
+    clashes = [
+        f"--{k.replace('_', '-')} ({old[k]!r} in the saved run, {new[k]!r} now)"
+        for k in new
+        if k not in _RESUME_MAY_CHANGE and old.get(k) != new[k]
+    ]
+    if candidate.epochs < saved.epochs:
+        clashes.append(f"--epochs ({saved.epochs} in the saved run, {candidate.epochs} now)")
+    if clashes:
+        raise UserError(
+            f"{', '.join(clashes)} would change the run saved in {run_dir}; resume "
+            "with only --epochs (more), --threads, --stop-after or output flags, or start a "
+            "new run with another --out"
+        )
+    return candidate
