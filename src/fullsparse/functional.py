@@ -413,6 +413,18 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _not_a_view(y: Tensor) -> Tensor:
+    """``y`` as a tensor autograd does not track as a view (same storage, same strides).
+
+    An autograd.Function output that is a view cannot be modified in place: autograd refuses,
+    since its view+inplace logic would replace the Function's backward. ``F.linear`` on a
+    ``[..., T, d]`` input returns a view of its 2-D product, and a kernel may return one too;
+    that product is a temporary nothing else holds, so the untracked alias behaves exactly
+    like the output of the torch layer (``y.mul_(2)``, ``relu_``, ``y[i] = v`` all work).
+    """
+    return torch.ops.aten._unsafe_view(y, y.shape)
+
+
 def _check_same_dtype(input: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
     dtypes = {input.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) > 1:
@@ -443,7 +455,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = kernel.output(x, w_out, b, geo)  # output (Eq. 1)
+            y = _not_a_view(kernel.output(x, w_out, b, geo))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
         ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
         ctx.has_bias = bias is not None
@@ -582,7 +594,7 @@ class _SparseLinearFn(torch.autograd.Function):
         w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = kernel.output(x, w_out, b)  # output (Eq. 1)
+            y = _not_a_view(kernel.output(x, w_out, b))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
         ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
         ctx.has_bias = bias is not None
