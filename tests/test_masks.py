@@ -128,7 +128,8 @@ def test_transposable_mask_is_optimal_not_greedy():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_transposable_mask_ranks_a_weight_exactly_in_its_own_precision(dtype):
     w = torch.ones(4, 4, dtype=dtype)
-    # just above 1 (unrepresentable in a float32 sum), at a place the first of the 90 patterns (the all-ties answer) drops
+    # just above 1 (lost in a float32 sum of such values), at a place that the first of the
+    # 90 patterns (the answer when all tie) drops
     w[0, 0] = 1 + 1e-9 if dtype == torch.float64 else 1 + 2**-23
     m = transposable_mask_2to4(w)
     assert bool(m[0, 0]) and torch.equal(m, ref_transposable_mask(w.double()))
