@@ -38,6 +38,7 @@ from fullsparse.functional import (
     output_weight_mask,
     sparse_conv2d,
 )
+from fullsparse.geometry import conv_output_size
 
 __all__ = ["ConvShape", "RESNET18_SHAPES", "bench_layers", "format_layers", "machine_info"]
 
@@ -60,7 +61,7 @@ class ConvShape:
 
     @property
     def out_size(self) -> int:
-        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+        return conv_output_size(self.size, self.kernel, self.stride, self.padding)
 
     def gemm_flops(self) -> int:
         """FLOPs of one dense GEMM role (2·Co·K·N·Ho·Wo)."""

@@ -55,6 +55,7 @@ from fullsparse.functional import (
     sparse_conv2d,
     sparse_linear,
 )
+from fullsparse.geometry import conv_output_size
 from fullsparse.kernels import (
     platform_for,
     select_conv_kernel,
@@ -121,7 +122,7 @@ class ConvCase:
 
     @property
     def out_size(self) -> int:
-        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+        return conv_output_size(self.size, self.kernel, self.stride, self.padding)
 
     @property
     def gemm_flops(self) -> int:

@@ -22,7 +22,6 @@ Shapes: conv ``input [N, Ci, H, W]``, ``weight [Co, Ci/g, kh, kw]``, ``grad_outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.geometry import ConvGeometry, pair
 from fullsparse.kernels import (
     REFERENCE_CONV,
     REFERENCE_LINEAR,
@@ -150,58 +150,6 @@ def _mask_spatial_conv(t: Tensor) -> Tensor:
     return t * mask
 
 
-# --------------------------------------------------------------------------- geometry
-def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if (
-        isinstance(v, (tuple, list))
-        and len(v) == 2
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-    ):
-        return (int(v[0]), int(v[1]))
-    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
-        return (int(v[0]), int(v[0]))
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Stride, padding, dilation and groups of a 2-D convolution, normalised to pairs."""
-
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-
-    @classmethod
-    def make(
-        cls,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-    ) -> ConvGeometry:
-        geo = cls(
-            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups
-        )
-        if min(geo.stride) < 1 or min(geo.dilation) < 1 or min(geo.padding) < 0:
-            raise ValueError(
-                f"conv needs stride >= 1, dilation >= 1 and padding >= 0, got stride="
-                f"{geo.stride}, padding={geo.padding}, dilation={geo.dilation}"
-            )
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
-        return geo
-
-    def output_size(self, hw: tuple[int, int], khw: tuple[int, int]) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (hw[i] + 2 * self.padding[i] - self.dilation[i] * (khw[i] - 1) - 1) // self.stride[i]
-            + 1
-            for i in range(2)
-        )
-
-
 # --------------------------------------------------------------------------- the GEMMs
 # conv_output (Eq. 1) and conv_grad_input (Eq. 2) live in fullsparse.kernels.reference (the
 # reference kernel) and are re-exported above under their old names.
@@ -258,9 +206,7 @@ def conv_grad_weight(
         dy_ir = ir_grad_output(grad_output, alpha, dim=3)
         if input.is_contiguous(memory_format=torch.channels_last):
             dy_ir = dy_ir.contiguous(memory_format=torch.channels_last)
-        half = ConvGeometry(
-            (geo.stride[0], 2 * geo.stride[1]), geo.padding, geo.dilation, geo.groups
-        )
+        half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
         return _conv_weight_grad(dy_ir, input, weight, half)
     if mode == "2:4_grad_output":
         return _conv_weight_grad(_mask_spatial_conv(grad_output), input, weight, geo)
@@ -548,11 +494,11 @@ def sparse_conv2d(
     if _autocast_dtype(input.device.type) is None:
         _check_same_dtype(input, weight, bias, "sparse_conv2d")
     if isinstance(padding, str):
-        dil = _pair(dilation, "dilation")
+        dil = pair(dilation, "dilation")
         if padding == "valid":
             padding = 0
         elif padding == "same":
-            if _pair(stride, "stride") != (1, 1):
+            if pair(stride, "stride") != (1, 1):
                 raise ValueError("padding='same' needs stride 1 (as in torch.nn.functional.conv2d)")
             left, right, top, bottom = _same_padding((kh, kw), dil)
             if (left, top) == (right, bottom):

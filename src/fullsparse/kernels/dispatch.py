@@ -43,6 +43,7 @@ from torch import Tensor
 
 from fullsparse.config import SparsityConfig
 from fullsparse.errors import UserError
+from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.autotune import AUTOTUNER, Autotuner
 from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
 from fullsparse.kernels.semi_structured import (
@@ -210,7 +211,7 @@ class LayerShape:
     groups: int = 1
 
     @classmethod
-    def conv(cls, weight_shape: tuple[int, ...], geo: Any) -> LayerShape:
+    def conv(cls, weight_shape: tuple[int, ...], geo: ConvGeometry) -> LayerShape:
         return cls(
             "conv",
             tuple(weight_shape),
@@ -513,7 +514,7 @@ def conv_autotune_key(
 
 
 def _conv_candidates(
-    plan: KernelPlan, input: Tensor, weight: Tensor, geo: Any, compute_dtype: torch.dtype
+    plan: KernelPlan, input: Tensor, weight: Tensor, geo: ConvGeometry, compute_dtype: torch.dtype
 ) -> dict[str, Callable[[], Any]]:
     """Thunks running output + grad_input of each candidate on stand-in operands."""
     im2col = kernel_for_plan(replace(plan, backend="semi_structured", measure=False), "conv")
@@ -525,12 +526,7 @@ def _conv_candidates(
         w2 = w.reshape(w.shape[0], -1)
         w_out = (w2 * mask_2to4(w2, 1)).reshape(w.shape)
         w_gi = (w2 * mask_2to4(w2, 0)).reshape(w.shape)
-        out_hw = [
-            (input.shape[2 + i] + 2 * geo.padding[i] - geo.dilation[i] * (w.shape[2 + i] - 1) - 1)
-            // geo.stride[i]
-            + 1
-            for i in range(2)
-        ]
+        out_hw = geo.output_size(tuple(input.shape[2:]), tuple(w.shape[2:]))
         dy = torch.randn(input.shape[0], w.shape[0], *out_hw, device=x.device, dtype=compute_dtype)
         if input.is_contiguous(memory_format=torch.channels_last):
             dy = dy.contiguous(memory_format=torch.channels_last)
@@ -551,7 +547,7 @@ def select_conv_kernel(
     config: SparsityConfig,
     input: Tensor,
     weight: Tensor,
-    geo: Any,
+    geo: ConvGeometry,
     compute_dtype: torch.dtype,
     *,
     autotuner: Autotuner | None = None,
