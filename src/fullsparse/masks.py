@@ -18,6 +18,8 @@ from torch import Tensor
 
 __all__ = [
     "mask_2to4",
+    "magnitude_score",
+    "mask_2to4_of_score",
     "transposable_mask_2to4",
     "is_2to4",
     "transposable_patterns",
@@ -84,17 +86,33 @@ def mask_2to4(t: torch.Tensor, dim: int) -> torch.Tensor:
     _check_float(t, "mask_2to4 input")
     if t.ndim == 0:
         raise ValueError("mask_2to4 needs a tensor with at least one dimension, got a scalar")
-    dim = _normalize_dim(dim, t.ndim, "mask_2to4")
-    size = t.shape[dim]
-    moved = t.detach().movedim(dim, -1)
-    score = moved.abs()
+    return mask_2to4_of_score(magnitude_score(t), dim)
+
+
+def magnitude_score(t: Tensor) -> Tensor:
+    """``|t|`` as :func:`mask_2to4` ranks it: NaN and ±inf become ``+inf`` (a fresh tensor).
+
+    Computed once, it serves masks along several axes of the same tensor (S_K and S_Co of
+    one weight) through :func:`mask_2to4_of_score`.
+    """
+    score = t.detach().abs()
     if score.is_floating_point():
         # NaN scores as +inf; +inf stays +inf (nan_to_num's default would turn it into the
         # largest finite value, which then ties with real values and can lose to them).
         score = score.nan_to_num_(nan=float("inf"), posinf=float("inf"))  # abs() is fresh
-    score = _pad_last_to_multiple_of_4(score)
-    groups = score.reshape(*score.shape[:-1], -1, 4)
-    keep = _keep_top2_of_4(groups).reshape(score.shape)[..., :size]
+    return score
+
+
+def mask_2to4_of_score(score: Tensor, dim: int) -> Tensor:
+    """:func:`mask_2to4` from a :func:`magnitude_score`: the 2 largest of every 4 along
+    ``dim`` (ties to the lower index, zero padding at the end)."""
+    if score.ndim == 0:
+        raise ValueError("mask_2to4 needs a tensor with at least one dimension, got a scalar")
+    dim = _normalize_dim(dim, score.ndim, "mask_2to4")
+    size = score.shape[dim]
+    moved = _pad_last_to_multiple_of_4(score.movedim(dim, -1))
+    groups = moved.reshape(*moved.shape[:-1], -1, 4)
+    keep = _keep_top2_of_4(groups).reshape(moved.shape)[..., :size]
     return keep.movedim(-1, dim)
 
 

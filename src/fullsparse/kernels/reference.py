@@ -53,10 +53,13 @@ def conv_grad_input(
 
 def conv_backward(
     grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry, which: str
-) -> Tensor:
-    """One gradient of a convolution from ``dY``: ``which`` = "input" (shaped like
-    ``input``) or "weight" (shaped like ``weight``)."""
-    mask = [which == "input", which == "weight", False]
+) -> Any:
+    """Gradients of a convolution from ``dY``, in one ``convolution_backward`` call:
+    ``which`` = "input" (shaped like ``input``), "weight" (shaped like ``weight``; its values
+    are not read) or "both" (the pair ``(grad_input, grad_weight)``)."""
+    if which not in ("input", "weight", "both"):
+        raise ValueError(f"conv_backward: which must be 'input', 'weight' or 'both', got {which!r}")
+    mask = [which != "weight", which != "input", False]
     with onednn_guard(grad_output, input, weight, geo, grad_output.shape[-2:]):
         grads = torch.ops.aten.convolution_backward(
             grad_output,
@@ -71,6 +74,8 @@ def conv_backward(
             geo.groups,
             mask,
         )
+    if which == "both":
+        return grads[0], grads[1]
     return grads[0] if which == "input" else grads[1]
 
 
