@@ -51,14 +51,13 @@ def _keep_top2_of_4(score: Tensor) -> Tensor:
     # cab: element a (the lower index) beats element b; b beats a exactly when not cab.
     c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3
     c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
-    # An element is kept when it beats at least two of the other three (a majority vote);
-    # bool temporaries only, a quarter of the size of the scores.
-    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
-    keep[..., 0] = _majority(c01, c02, c03)
-    keep[..., 1] = _majority(~c01, c12, c13)
-    keep[..., 2] = _majority(~c02, ~c12, c23)
-    keep[..., 3] = _majority(~c03, ~c13, ~c23)
-    return keep
+    # An element is kept when it beats at least two of the other three (a majority vote),
+    # taken for all four elements at once: element i's three duels are column i of x, y, z.
+    # Bool temporaries only, a quarter of the size of the scores.
+    x = torch.stack([c01, ~c01, ~c02, ~c03], -1)
+    y = torch.stack([c02, c12, ~c12, ~c13], -1)
+    z = torch.stack([c03, c13, c23, ~c23], -1)
+    return _majority(x, y, z)
 
 
 def _majority(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
