@@ -39,24 +39,24 @@ def _pad_last_to_multiple_of_4(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _keep_top2_of_4(score: Tensor) -> Tensor:
-    """Mask of the two largest scores in each group of 4 along the last axis.
+def _keep_top2_of_4(score: Tensor, dim: int = -1) -> Tensor:
+    """Mask of the two largest scores in each group of 4 along ``dim`` (of size 4).
 
-    ``score`` has shape ``[..., 4]`` (NaN already mapped to +inf). An element is kept when
+    ``score`` has NaN already mapped to +inf. An element is kept when
     fewer than two others beat it; j beats i when ``score[j] > score[i]``, or when they are
     equal and ``j < i`` — so ties go to the lower index and exactly two are kept in every
     group, whatever the values. Six pairwise comparisons per group, no sort.
     """
-    s0, s1, s2, s3 = score.unbind(-1)
+    s0, s1, s2, s3 = score.unbind(dim)
     # cab: element a (the lower index) beats element b; b beats a exactly when not cab.
     c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3
     c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
     # An element is kept when it beats at least two of the other three (a majority vote),
     # taken for all four elements at once: element i's three duels are column i of x, y, z.
     # Bool temporaries only, a quarter of the size of the scores.
-    x = torch.stack([c01, ~c01, ~c02, ~c03], -1)
-    y = torch.stack([c02, c12, ~c12, ~c13], -1)
-    z = torch.stack([c03, c13, c23, ~c23], -1)
+    x = torch.stack([c01, ~c01, ~c02, ~c03], dim)
+    y = torch.stack([c02, c12, ~c12, ~c13], dim)
+    z = torch.stack([c03, c13, c23, ~c23], dim)
     return _majority(x, y, z)
 
 
@@ -109,6 +109,10 @@ def mask_2to4_of_score(score: Tensor, dim: int) -> Tensor:
         raise ValueError("mask_2to4 needs a tensor with at least one dimension, got a scalar")
     dim = _normalize_dim(dim, score.ndim, "mask_2to4")
     size = score.shape[dim]
+    if size % 4 == 0:  # groups in place, along any axis: no copy of the scores
+        shape = score.shape
+        groups = score.reshape(*shape[:dim], size // 4, 4, *shape[dim + 1 :])
+        return _keep_top2_of_4(groups, dim + 1).reshape(shape)
     moved = _pad_last_to_multiple_of_4(score.movedim(dim, -1))
     groups = moved.reshape(*moved.shape[:-1], -1, 4)
     keep = _keep_top2_of_4(groups).reshape(moved.shape)[..., :size]
