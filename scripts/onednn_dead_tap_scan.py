@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fullsparse.functional import ConvGeometry
+from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import _has_dead_tap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fullsparse.geometry import conv_output_size
+
 OPS = ("forward", "grad_input", "grad_weight")
 TOLERANCE = 0.03  # relative; bfloat16 accumulation stays near 1e-2
 
@@ -50,7 +52,7 @@ def draw_cases(n: int, seed: int) -> list[tuple[int, ...]]:
 
 def output_size(case: tuple[int, ...]) -> tuple[int, int]:
     _, _, _, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
 
 
 def relative_error(case: tuple[int, ...], op: str) -> float:

@@ -7,7 +7,23 @@ import dataclasses
 import pytest
 
 import fullsparse
-from fullsparse.config import RECIPE_TABLE, SparsityConfig, recipe, resolve_config
+from fullsparse.config import (
+    GRAD_INPUT_DY,
+    GRAD_INPUT_SOURCE,
+    GRAD_INPUT_WEIGHT,
+    GRAD_WEIGHT_MODE,
+    OLD_FIELD_NAMES,
+    OPERAND_TABLE,
+    OUTPUT_WEIGHT,
+    RECIPE_TABLE,
+    SPARSE_ALONG,
+    GemmOperands,
+    SparsityConfig,
+    recipe,
+    resolve_config,
+    upgrade_config_dict,
+)
+from fullsparse.train.checkpoint import check_identity
 
 
 def test_recipes_are_the_spec_table_in_order():
@@ -25,27 +41,22 @@ def test_recipes_are_the_spec_table_in_order():
     )
 
 
+_GI, _GW = "grad_input_weight", "grad_weight_mode"
+
+
 @pytest.mark.parametrize(
     "name,fields",
     [
-        ("dense", dict(output="dense", grad_input="dense", grad_weight="dense", decay=0.0)),
-        ("srste", dict(output="2:4", grad_input="forward", grad_weight="dense", decay=2e-4)),
-        ("tsm", dict(output="transposable", grad_input="forward", decay=0.0, tsm_interval=40)),
-        ("fst2", dict(output="2:4", grad_input="2:4_co", grad_weight="dense", decay=2e-4)),
-        ("fst_noir", dict(grad_input="2:4_co", grad_weight="ir", ir_alpha=0.0)),
-        ("fst", dict(grad_input="2:4_co", grad_weight="ir", ir_alpha=1.0, decay=2e-4)),
-        ("wg", dict(grad_input="2:4_co", grad_weight="2:4_grad_output")),
-        ("wx", dict(grad_input="2:4_co", grad_weight="2:4_input")),
-        (
-            "gg",
-            dict(
-                grad_input="forward", grad_input_grad_output="2:4_co", grad_weight="2:4_grad_output"
-            ),
-        ),
-        (
-            "gx",
-            dict(grad_input="forward", grad_input_grad_output="2:4_co", grad_weight="2:4_input"),
-        ),
+        ("dense", {"output_weight": "dense", _GI: "dense", _GW: "dense", "decay": 0.0}),
+        ("srste", {"output_weight": "2:4", _GI: "forward", _GW: "dense", "decay": 2e-4}),
+        ("tsm", {"output_weight": "transposable", _GI: "forward", "tsm_interval": 40}),
+        ("fst2", {"output_weight": "2:4", _GI: "2:4_co", _GW: "dense", "decay": 2e-4}),
+        ("fst_noir", {_GI: "2:4_co", _GW: "ir", "ir_alpha": 0.0}),
+        ("fst", {_GI: "2:4_co", _GW: "ir", "ir_alpha": 1.0, "decay": 2e-4}),
+        ("wg", {_GI: "2:4_co", _GW: "2:4_grad_output"}),
+        ("wx", {_GI: "2:4_co", _GW: "2:4_input"}),
+        ("gg", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_grad_output"}),
+        ("gx", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_input"}),
     ],
 )
 def test_recipe_fields_follow_the_spec(name, fields):
@@ -68,11 +79,11 @@ def test_config_is_frozen_and_overridable():
 @pytest.mark.parametrize(
     "name,overrides,fields",
     [
-        ("dense", dict(ir_alpha=0.5), ("ir_alpha", "grad_weight")),
-        ("fst2", dict(ir_alpha=1.0), ("ir_alpha", "grad_weight")),
-        ("dense", dict(decay=1e-4), ("decay", "output")),
-        ("srste", dict(grad_input_source="pruned"), ("grad_input_source", "grad_input")),
-        ("tsm", dict(grad_input="2:4_co"), ("output", "grad_input")),
+        ("dense", dict(ir_alpha=0.5), ("ir_alpha", "grad_weight_mode")),
+        ("fst2", dict(ir_alpha=1.0), ("ir_alpha", "grad_weight_mode")),
+        ("dense", dict(decay=1e-4), ("decay", "output_weight")),
+        ("srste", dict(grad_input_source="pruned"), ("grad_input_source", "grad_input_weight")),
+        ("tsm", dict(grad_input_weight="2:4_co"), ("output_weight", "grad_input_weight")),
     ],
 )
 def test_inconsistent_overrides_name_the_clashing_fields(name, overrides, fields):
@@ -89,7 +100,7 @@ def test_inconsistent_overrides_name_the_clashing_fields(name, overrides, fields
         (dict(ir_alpha=float("nan")), "ir_alpha"),
         (dict(decay="big"), "decay"),
         (dict(tsm_interval=0), "tsm_interval"),
-        (dict(grad_weight="fancy"), "grad_weight"),
+        (dict(grad_weight_mode="fancy"), "grad_weight_mode"),
         (dict(grad_input_source="latent"), "grad_input_source"),
         (dict(no_such_field=1), "no_such_field"),
     ],
@@ -117,3 +128,66 @@ def test_fst_noir_refuses_an_ir_alpha_that_would_make_it_another_recipe():
     with pytest.raises(ValueError, match=r"fst_noir is defined by ir_alpha=0.0.*recipe 'fst'"):
         recipe("fst_noir", ir_alpha=0.03)
     assert recipe("fst", ir_alpha=0.0).ir_alpha == 0.0  # fst itself takes any α
+
+
+OLD_NAMES = {
+    "output": ("output_weight", "2:4"),
+    "grad_input": ("grad_input_weight", "forward"),
+    "grad_input_grad_output": ("grad_input_dy", "2:4_co"),
+    "grad_weight": ("grad_weight_mode", "2:4_grad_output"),
+}
+
+
+def test_every_old_field_name_is_listed():
+    assert {old: new for old, (new, _) in OLD_NAMES.items()} == OLD_FIELD_NAMES
+
+
+@pytest.mark.parametrize("old", list(OLD_NAMES))
+def test_old_field_names_still_load_with_a_one_line_deprecation(old):
+    new, value = OLD_NAMES[old]
+    want = recipe("gg").replace(**{new: value})
+    with pytest.warns(DeprecationWarning, match=f"{old} -> {new}") as caught:
+        built = SparsityConfig(**{**recipe("gg").to_dict(), "name": "gg", new: value})
+        assert built == want
+        from_recipe = recipe("gg", **{old: value})
+        replaced = recipe("gg").replace(**{old: value})
+    assert from_recipe == want and replaced == want
+    assert all("\n" not in str(w.message) for w in caught)
+    # a config saved with the old names (YAML, checkpoints) loads to the same config
+    saved = want.to_dict()
+    saved[old] = saved.pop(new)
+    with pytest.warns(DeprecationWarning, match=old):
+        assert SparsityConfig(**saved) == want
+    assert upgrade_config_dict(saved) == want.to_dict()
+    # and a checkpoint saved with them still belongs to the run
+    check_identity("old.pt", {"sparsity": saved}, {"sparsity": want.to_dict()})
+    with pytest.warns(DeprecationWarning, match=f"{old} is renamed {new}"):
+        assert getattr(want, old) == value
+
+
+def test_old_and_new_name_together_is_refused():
+    with pytest.raises(ValueError, match="old name of 'output_weight'"):
+        recipe("fst", output="2:4", output_weight="2:4")
+
+
+def test_operand_table_gives_each_recipe_its_spec_row():
+    rows = {name: recipe(name).operands for name in fullsparse.RECIPES}
+    assert rows["fst"] == GemmOperands("S_K(W)", "S_Co(W)", "dY", "IR(dY)", "F(X)", True)
+    assert rows["srste"] == GemmOperands("S_K(W)", "S_K(W)", "dY", "dY", "X", True)
+    assert rows["tsm"] == GemmOperands("TSM(W)", "TSM(W)", "dY", "dY", "X", False)
+    assert rows["gx"] == GemmOperands("S_K(W)", "S_K(W)", "S_Co(dY)", "dY", "S_T(X)", True)
+    assert rows["dense"] == GemmOperands("W", "W", "dY", "dY", "X", False)
+    pruned_config = recipe("fst2", grad_input_source="pruned")
+    assert pruned_config.operands.grad_input_weight == "S_Co(S_K(W))"
+    # every value of every role field has a row, and every symbol a 2:4 axis
+    choices = {
+        "output_weight": OUTPUT_WEIGHT,
+        "grad_input_weight": GRAD_INPUT_WEIGHT,
+        "grad_input_dy": GRAD_INPUT_DY,
+        "grad_weight_mode": GRAD_WEIGHT_MODE,
+        "grad_input_source": GRAD_INPUT_SOURCE,
+    }
+    assert set(OPERAND_TABLE) == {(f, v) for f, values in choices.items() for v in values}
+    for config in [recipe(n) for n in fullsparse.RECIPES] + [pruned_config]:
+        for symbol in dataclasses.astuple(config.operands)[:5]:
+            assert symbol in SPARSE_ALONG, symbol

@@ -45,6 +45,26 @@ def test_mask_2to4_keeps_nan_visible_and_two_per_group():
     assert m.sum() == 2 and bool(m[0, 0]) and bool(m[0, 3])
 
 
+def test_mask_2to4_keeps_inf_over_the_largest_finite_value():
+    w = torch.tensor([[65504.0, 65504.0, float("inf"), 0.0]], dtype=torch.float16)
+    assert mask_2to4(w, 1).tolist() == [[True, False, True, False]]
+    w = torch.tensor([[3.0, float("-inf"), 1e38, 2.0]], dtype=torch.float32)
+    assert mask_2to4(w, 1).tolist() == [[False, True, True, False]]
+
+
+def test_mask_2to4_nonfinite_entries_rank_first_and_tie_to_the_lower_index():
+    nan, inf = float("nan"), float("inf")
+    w = torch.tensor(
+        [
+            [1.0, nan, 5.0, -inf],  # both non-finite kept
+            [nan, inf, nan, 7.0],  # three non-finite: the two lowest indices
+            [-inf, 2.0, 3.0, 1.0],  # one non-finite, then the largest finite
+        ]
+    )
+    want = [[False, True, False, True], [True, True, False, False], [True, False, True, False]]
+    assert mask_2to4(w, 1).tolist() == want
+
+
 @pytest.mark.parametrize("shape,dim", [((6, 12), 1), ((12, 7), 0), ((3, 5, 9), 2), ((2, 8, 3), 1)])
 def test_mask_2to4_matches_reference_loops(shape, dim):
     torch.manual_seed(0)
@@ -103,6 +123,30 @@ def test_transposable_mask_is_optimal_not_greedy():
         float((w.abs() * torch.tensor(p, dtype=torch.float32)).sum()) for p in valid_4x4_patterns()
     )
     assert kept == best
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_transposable_mask_ranks_a_weight_exactly_in_its_own_precision(dtype):
+    w = torch.ones(4, 4, dtype=dtype)
+    # just above 1 (lost in a float32 sum of such values), at a place that the first of the
+    # 90 patterns (the answer when all tie) drops
+    w[0, 0] = 1 + 1e-9 if dtype == torch.float64 else 1 + 2**-23
+    m = transposable_mask_2to4(w)
+    assert bool(m[0, 0]) and torch.equal(m, ref_transposable_mask(w.double()))
+
+
+def test_transposable_mask_keeps_nonfinite_first_then_maximises_the_finite_sum():
+    torch.manual_seed(5)
+    w = torch.randn(8, 8, dtype=torch.float64)
+    w[0, 1], w[5, 6], w[6, 6] = float("inf"), float("nan"), float("-inf")
+    m = transposable_mask_2to4(w)
+    assert bool(m[0, 1]) and bool(m[5, 6]) and bool(m[6, 6])
+    assert is_2to4(m.double(), 0) and is_2to4(m.double(), 1)
+    # apart from the non-finite entries (each forced in), the finite kept sum is the best:
+    # the brute force with the non-finite entries replaced by one value above all others
+    stand_in = w.abs().nan_to_num(nan=0.0, posinf=0.0).sum() + 1
+    big = w.abs().nan_to_num(nan=stand_in.item(), posinf=stand_in.item())
+    assert torch.equal(m, ref_transposable_mask(big))
 
 
 def test_transposable_mask_batched_equals_per_matrix():

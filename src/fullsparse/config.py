@@ -8,15 +8,22 @@ A :class:`SparsityConfig` is a frozen description; the autograd functions in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "OUTPUT_WEIGHT",
     "GRAD_INPUT_WEIGHT",
-    "GRAD_INPUT_GRAD_OUTPUT",
-    "GRAD_WEIGHT",
+    "GRAD_INPUT_DY",
+    "GRAD_WEIGHT_MODE",
     "GRAD_INPUT_SOURCE",
+    "OPERAND_TABLE",
+    "SPARSE_ALONG",
+    "GemmOperands",
+    "gemm_operands",
+    "OLD_FIELD_NAMES",
+    "upgrade_config_dict",
     "SparsityConfig",
     "RECIPES",
     "RECIPE_PINNED",
@@ -34,11 +41,11 @@ OUTPUT_WEIGHT = ("dense", "2:4", "transposable")
 GRAD_INPUT_WEIGHT = ("dense", "forward", "2:4_co")
 #: grad_output operand of the ``grad_input`` GEMM: ``dense`` = dY, ``2:4_co`` = S_Co(dY)
 #: (the GG/GX saliency rows of Table 1).
-GRAD_INPUT_GRAD_OUTPUT = ("dense", "2:4_co")
+GRAD_INPUT_DY = ("dense", "2:4_co")
 #: The ``grad_weight`` GEMM (Eq. 3): ``dense`` = dY·Xᵀ; ``ir`` = fixed mask F on Xᵀ with
 #: information restoration of strength ``ir_alpha`` (Eq. 7-10, computed as a half-size
 #: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX).
-GRAD_WEIGHT = ("dense", "ir", "2:4_grad_output", "2:4_input")
+GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input")
 #: Which weight the separate backward mask S_Co is taken from.
 GRAD_INPUT_SOURCE = ("dense", "pruned")
 
@@ -59,16 +66,17 @@ class SparsityConfig:
 
     #: Recipe name this config came from (a label; behaviour is fixed by the fields below).
     name: str = "custom"
-    #: Weight operand of Eq. 1, one of :data:`OUTPUT_WEIGHT`.
-    output: str = "dense"
-    #: Weight operand of Eq. 2, one of :data:`GRAD_INPUT_WEIGHT`.
-    grad_input: str = "dense"
-    #: grad_output operand of Eq. 2, one of :data:`GRAD_INPUT_GRAD_OUTPUT`.
-    grad_input_grad_output: str = "dense"
-    #: How Eq. 3 is computed, one of :data:`GRAD_WEIGHT`.
-    grad_weight: str = "dense"
+    #: Weight operand of the ``output`` GEMM (Eq. 1), one of :data:`OUTPUT_WEIGHT`.
+    output_weight: str = "dense"
+    #: Weight operand of the ``grad_input`` GEMM (Eq. 2), one of :data:`GRAD_INPUT_WEIGHT`.
+    grad_input_weight: str = "dense"
+    #: grad_output (dY) operand of the ``grad_input`` GEMM, one of :data:`GRAD_INPUT_DY`.
+    grad_input_dy: str = "dense"
+    #: Operands of the ``grad_weight`` GEMM (Eq. 3), one of :data:`GRAD_WEIGHT_MODE`.
+    grad_weight_mode: str = "dense"
     #: Information-restoration strength α: dY_ir[j] = dY[2j] + α·dY[2j+1]. 1.0 is the
-    #: paper's Eq. 10; 0.0 is the fixed mask alone (Table 5 row 4). Only with grad_weight='ir'.
+    #: paper's Eq. 10; 0.0 is the fixed mask alone (Table 5 row 4). Only with
+    #: grad_weight_mode='ir'.
     ir_alpha: float = 0.0
     #: SR-STE decay λ: the gradient reaching W gets + λ·(W − S(W)) (Eq. 6). Needs a sparse
     #: forward weight (otherwise W − S(W) is 0 and the field would silently do nothing).
@@ -84,10 +92,10 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "output": OUTPUT_WEIGHT,
-            "grad_input": GRAD_INPUT_WEIGHT,
-            "grad_input_grad_output": GRAD_INPUT_GRAD_OUTPUT,
-            "grad_weight": GRAD_WEIGHT,
+            "output_weight": OUTPUT_WEIGHT,
+            "grad_input_weight": GRAD_INPUT_WEIGHT,
+            "grad_input_dy": GRAD_INPUT_DY,
+            "grad_weight_mode": GRAD_WEIGHT_MODE,
             "grad_input_source": GRAD_INPUT_SOURCE,
         }
         for field, allowed in choices.items():
@@ -108,48 +116,59 @@ class SparsityConfig:
             raise ValueError(
                 f"SparsityConfig.tsm_interval must be an integer >= 1, got {self.tsm_interval!r}"
             )
-        if self.ir_alpha != 0.0 and self.grad_weight != "ir":
+        if self.ir_alpha != 0.0 and self.grad_weight_mode != "ir":
             raise ValueError(
-                f"ir_alpha={self.ir_alpha} clashes with grad_weight={self.grad_weight!r}: "
-                "information restoration only exists for grad_weight='ir'"
+                f"ir_alpha={self.ir_alpha} clashes with grad_weight_mode={self.grad_weight_mode!r}"
+                ": information restoration only exists for grad_weight_mode='ir'"
             )
-        if self.decay != 0.0 and self.output == "dense":
+        if self.decay != 0.0 and self.output_weight == "dense":
             raise ValueError(
-                f"decay={self.decay} clashes with output='dense': the SR-STE decay "
+                f"decay={self.decay} clashes with output_weight='dense': the SR-STE decay "
                 "λ·(W − S(W)) is zero without a sparse forward weight"
             )
-        if self.output == "transposable" and self.grad_input != "forward":
+        if self.output_weight == "transposable" and self.grad_input_weight != "forward":
             raise ValueError(
-                f"output='transposable' clashes with grad_input={self.grad_input!r}: a "
-                "transposable mask exists to be reused by grad_input (use grad_input='forward')"
+                f"output_weight='transposable' clashes with grad_input_weight="
+                f"{self.grad_input_weight!r}: a transposable mask exists to be reused by "
+                "grad_input (use grad_input_weight='forward')"
             )
-        if self.grad_input_source == "pruned" and self.grad_input != "2:4_co":
+        if self.grad_input_source == "pruned" and self.grad_input_weight != "2:4_co":
             raise ValueError(
-                f"grad_input_source='pruned' clashes with grad_input={self.grad_input!r}: the "
-                "source only matters for the separate backward mask (grad_input='2:4_co')"
+                f"grad_input_source='pruned' clashes with grad_input_weight="
+                f"{self.grad_input_weight!r}: the source only matters for the separate backward "
+                "mask (grad_input_weight='2:4_co')"
             )
-        if self.grad_input_source == "pruned" and self.output != "2:4":
+        if self.grad_input_source == "pruned" and self.output_weight != "2:4":
             raise ValueError(
-                f"grad_input_source='pruned' clashes with output={self.output!r}: 'pruned' "
-                "means S_Co(S_K(W)) and needs output='2:4'"
+                f"grad_input_source='pruned' clashes with output_weight={self.output_weight!r}: "
+                "'pruned' means S_Co(S_K(W)) and needs output_weight='2:4'"
             )
+        # read once here (not a field: equality, hashing and to_dict are the fields')
+        object.__setattr__(self, "_operands", gemm_operands(self))
 
     @property
     def is_dense(self) -> bool:
         """True when every GEMM is dense (the module behaves exactly like its torch twin)."""
+        ops = self.operands
         return (
-            self.output == "dense"
-            and self.grad_input in ("dense", "forward")
-            and self.grad_input_grad_output == "dense"
-            and self.grad_weight == "dense"
+            ops.output_weight == "W"
+            and ops.grad_input_weight == "W"
+            and ops.grad_input_dy == "dY"
+            and (ops.grad_weight_dy, ops.grad_weight_input) == ("dY", "X")
         )
 
     @property
     def uses_transposable_mask(self) -> bool:
-        return self.output == "transposable"
+        return self.output_weight == "transposable"
+
+    @property
+    def operands(self) -> GemmOperands:
+        """The operand of each of the three GEMMs, read from :data:`OPERAND_TABLE`."""
+        return self._operands  # type: ignore[attr-defined, no-any-return]
 
     def replace(self, **overrides: Any) -> SparsityConfig:
-        """A copy with ``overrides`` applied (validated again)."""
+        """A copy with ``overrides`` applied (validated again; old field names accepted)."""
+        overrides = _new_names(overrides, "SparsityConfig.replace")
         _check_fields(overrides)
         return dataclasses.replace(self, **overrides)
 
@@ -157,34 +176,174 @@ class SparsityConfig:
         return dataclasses.asdict(self)
 
 
-_COMMON_FST = dict(output="2:4", grad_input="2:4_co", decay=DEFAULT_DECAY)
+# --------------------------------------------------------------------------- one table
+#: What each config value means, GEMM by GEMM: the operands it sets. The three GEMMs are
+#:
+#: - ``output``      (Eq. 1) ``y  = W_out · X``
+#: - ``grad_input``  (Eq. 2) ``dX = W_giᵀ · dY_gi``
+#: - ``grad_weight`` (Eq. 3) ``dW = dY_gw · X_gwᵀ``  (+ λ·(W − W_out), Eq. 6)
+#:
+#: Keys are (field, value); values map "gemm.operand" to the operand's symbol. ``forward``
+#: and ``2:4_co`` of ``grad_input_weight`` resolve through the output weight and
+#: ``grad_input_source`` (:func:`gemm_operands`). The autograd functions, the kernel dispatch
+#: and the benchmarks read operands from here and nowhere else.
+OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
+    ("output_weight", "dense"): {"output.weight": "W"},
+    ("output_weight", "2:4"): {"output.weight": "S_K(W)"},
+    ("output_weight", "transposable"): {"output.weight": "TSM(W)"},
+    ("grad_input_weight", "dense"): {"grad_input.weight": "W"},
+    ("grad_input_weight", "forward"): {"grad_input.weight": "<output.weight>"},
+    ("grad_input_weight", "2:4_co"): {"grad_input.weight": "S_Co(<W_src>)"},
+    ("grad_input_source", "dense"): {"W_src": "W"},
+    ("grad_input_source", "pruned"): {"W_src": "S_K(W)"},
+    ("grad_input_dy", "dense"): {"grad_input.dy": "dY"},
+    ("grad_input_dy", "2:4_co"): {"grad_input.dy": "S_Co(dY)"},
+    ("grad_weight_mode", "dense"): {"grad_weight.dy": "dY", "grad_weight.input": "X"},
+    ("grad_weight_mode", "ir"): {"grad_weight.dy": "IR(dY)", "grad_weight.input": "F(X)"},
+    ("grad_weight_mode", "2:4_grad_output"): {
+        "grad_weight.dy": "S_T(dY)",
+        "grad_weight.input": "X",
+    },
+    ("grad_weight_mode", "2:4_input"): {"grad_weight.dy": "dY", "grad_weight.input": "S_T(X)"},
+}
+
+#: The axis along which each operand symbol is 2:4 ("" = dense): what a sparse tensor core
+#: needs is a weight that is 2:4 along its GEMM's reduction axis (K for ``output``, Co for
+#: ``grad_input``).
+SPARSE_ALONG: dict[str, str] = {
+    "W": "",
+    "S_K(W)": "K",
+    "TSM(W)": "K,Co",
+    "S_Co(W)": "Co",
+    "S_Co(S_K(W))": "Co",
+    "dY": "",
+    "S_Co(dY)": "Co",
+    "IR(dY)": "",
+    "S_T(dY)": "T",
+    "X": "",
+    "F(X)": "T",
+    "S_T(X)": "T",
+}
+
+
+@dataclass(frozen=True)
+class GemmOperands:
+    """The operands of a layer's three GEMMs as symbols (keys of :data:`SPARSE_ALONG`)."""
+
+    output_weight: str
+    grad_input_weight: str
+    grad_input_dy: str
+    grad_weight_dy: str
+    grad_weight_input: str
+    #: the SR-STE decay λ·(W − W_out) is added to grad_weight
+    decay: bool
+
+
+def gemm_operands(config: SparsityConfig) -> GemmOperands:
+    """Read ``config``'s operands from :data:`OPERAND_TABLE`."""
+    row: dict[str, str] = {}
+    for field in ("output_weight", "grad_input_source", "grad_input_weight", "grad_input_dy"):
+        row.update(OPERAND_TABLE[(field, getattr(config, field))])
+    row.update(OPERAND_TABLE[("grad_weight_mode", config.grad_weight_mode)])
+    gi = row["grad_input.weight"]
+    gi = gi.replace("<output.weight>", row["output.weight"]).replace("<W_src>", row["W_src"])
+    return GemmOperands(
+        output_weight=row["output.weight"],
+        grad_input_weight=gi,
+        grad_input_dy=row["grad_input.dy"],
+        grad_weight_dy=row["grad_weight.dy"],
+        grad_weight_input=row["grad_weight.input"],
+        decay=bool(config.decay) and row["output.weight"] != "W",
+    )
+
+
+# --------------------------------------------------------------------------- old names
+#: Field names before they said what they are: still accepted by :class:`SparsityConfig`,
+#: :func:`recipe`, :meth:`SparsityConfig.replace` and in saved configs (YAML, checkpoints),
+#: with a one-line DeprecationWarning; readable as attributes too.
+OLD_FIELD_NAMES: dict[str, str] = {
+    "output": "output_weight",
+    "grad_input": "grad_input_weight",
+    "grad_input_grad_output": "grad_input_dy",
+    "grad_weight": "grad_weight_mode",
+}
+
+
+def _new_names(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """``fields`` with old names replaced by new ones (warning once per call)."""
+    old = [k for k in fields if k in OLD_FIELD_NAMES]
+    if not old:
+        return fields
+    for key in old:
+        if OLD_FIELD_NAMES[key] in fields:
+            raise ValueError(
+                f"{where}: {key!r} is the old name of {OLD_FIELD_NAMES[key]!r}; give one of them"
+            )
+    renames = ", ".join(f"{k} -> {OLD_FIELD_NAMES[k]}" for k in old)
+    warnings.warn(
+        f"{where}: old SparsityConfig field name(s), renamed: {renames}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+
+
+def upgrade_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``SparsityConfig.to_dict()`` (old or new field names) with the new names,
+    silently: for comparing a checkpoint's config with a run's."""
+    return {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+
+
+_dataclass_init = SparsityConfig.__init__
+
+
+def _init_accepting_old_names(self: SparsityConfig, *args: Any, **fields: Any) -> None:
+    _dataclass_init(self, *args, **_new_names(fields, "SparsityConfig"))
+
+
+SparsityConfig.__init__ = _init_accepting_old_names  # type: ignore[method-assign]
+
+
+def _old_name_property(old: str, new: str) -> property:
+    def get(self: SparsityConfig) -> Any:
+        warnings.warn(f"SparsityConfig.{old} is renamed {new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(get, doc=f"Old name of :attr:`{new}` (deprecated).")
+
+
+for _old, _new in OLD_FIELD_NAMES.items():
+    setattr(SparsityConfig, _old, _old_name_property(_old, _new))
+
+
+_COMMON_FST = dict(output_weight="2:4", grad_input_weight="2:4_co", decay=DEFAULT_DECAY)
 
 #: The spec's recipe table. Keys are API; values are SparsityConfig fields.
 RECIPE_TABLE: dict[str, dict[str, Any]] = {
     "dense": dict(),
-    "srste": dict(output="2:4", grad_input="forward", decay=DEFAULT_DECAY),
-    "tsm": dict(output="transposable", grad_input="forward"),
+    "srste": dict(output_weight="2:4", grad_input_weight="forward", decay=DEFAULT_DECAY),
+    "tsm": dict(output_weight="transposable", grad_input_weight="forward"),
     "fst2": dict(_COMMON_FST),
-    "fst_noir": dict(_COMMON_FST, grad_weight="ir", ir_alpha=0.0),
+    "fst_noir": dict(_COMMON_FST, grad_weight_mode="ir", ir_alpha=0.0),
     # α = 1 (Eq. 10) is kept by measurement (docs/results.md, ResNet-20 / Fashion-MNIST,
     # 15 epochs, seed 0): α = 0 / 0.03 / 0.25 / 1 ended at 84.16 / 81.66 / 83.72 / 84.26 %
     # top-1; α = 1 is best or tied, 0.03 (the authors' code) is worst. For transformers
     # (token pairs) α = 1 is clearly worse (ViT, byte-level GPT): use fst2 or fst_noir there.
-    "fst": dict(_COMMON_FST, grad_weight="ir", ir_alpha=1.0),
-    "wg": dict(_COMMON_FST, grad_weight="2:4_grad_output"),
-    "wx": dict(_COMMON_FST, grad_weight="2:4_input"),
+    "fst": dict(_COMMON_FST, grad_weight_mode="ir", ir_alpha=1.0),
+    "wg": dict(_COMMON_FST, grad_weight_mode="2:4_grad_output"),
+    "wx": dict(_COMMON_FST, grad_weight_mode="2:4_input"),
     "gg": dict(
-        output="2:4",
-        grad_input="forward",
-        grad_input_grad_output="2:4_co",
-        grad_weight="2:4_grad_output",
+        output_weight="2:4",
+        grad_input_weight="forward",
+        grad_input_dy="2:4_co",
+        grad_weight_mode="2:4_grad_output",
         decay=DEFAULT_DECAY,
     ),
     "gx": dict(
-        output="2:4",
-        grad_input="forward",
-        grad_input_grad_output="2:4_co",
-        grad_weight="2:4_input",
+        output_weight="2:4",
+        grad_input_weight="forward",
+        grad_input_dy="2:4_co",
+        grad_weight_mode="2:4_input",
         decay=DEFAULT_DECAY,
     ),
 }
@@ -216,6 +375,7 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
     """
     if not isinstance(name, str) or name not in RECIPE_TABLE:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    overrides = _new_names(overrides, "recipe")
     _check_fields(overrides)
     for key, pinned in RECIPE_PINNED.get(name, {}).items():
         if key in overrides and overrides[key] != pinned:

@@ -1,19 +1,25 @@
 """Sparse Conv2d and Linear as custom autograd functions (``fst-spec.md``, recipes table).
 
-Each layer is three GEMMs, written out below in labelled roles:
+Each layer is three GEMMs, written out in labelled sections of one ``backward`` per layer
+kind:
 
-- ``output``      (Eq. 1) ``y  = W_out · X``                — reduction over K
-- ``grad_input``  (Eq. 2) ``dX = W_giᵀ · dY_gi``             — reduction over Co
-- ``grad_weight`` (Eq. 3) ``dW = dY · Xᵀ`` (+ λ·(W − W_out)) — reduction over N·Ho·Wo / tokens
+- ``output``      (Eq. 1) ``y  = W_out · X``                   — reduction over K
+- ``grad_input``  (Eq. 2) ``dX = W_giᵀ · dY_gi``               — reduction over Co
+- ``grad_weight`` (Eq. 3) ``dW = dY_gw · X_gwᵀ`` (+ λ·(W − W_out)) — over N·Ho·Wo / tokens
 
-A frozen :class:`~fullsparse.config.SparsityConfig` decides what each operand is; the
-functions never ask which recipe they run. Operands are prepared here (2:4 operands as
-masked dense tensors); a *kernel* object chosen before the autograd function runs
+A frozen :class:`~fullsparse.config.SparsityConfig` decides what each operand is, through
+the one table :data:`~fullsparse.config.OPERAND_TABLE` (``config.operands``); the functions
+never ask which recipe they run. The weight-side operands of a step (W_out, W_gi and the
+SR-STE decay) are built once, in the forward, by :func:`fullsparse.operands.weight_operands`
+and saved for the backward. A *kernel* object chosen before the autograd function runs
 (:mod:`fullsparse.kernels`, the ``backend=`` argument) computes the ``output`` and
 ``grad_input`` GEMMs from them — dense PyTorch ops (``reference``) or 2:4 sparse tensor
 cores (``semi_structured``) — and the functions never ask which. The FST weight gradient
 is a half-size strided product — half the FLOPs on any hardware, no sparse kernel needed —
 and is the same on every backend.
+
+:mod:`fullsparse.reference_autograd` keeps the plain path (each operand built by its own
+role function, in the backward where it is used); the two agree bit for bit.
 
 Shapes: conv ``input [N, Ci, H, W]``, ``weight [Co, Ci/g, kh, kw]``, ``grad_output
 [N, Co, Ho, Wo]``; linear ``input [..., T, d_in]`` (or ``[B, d_in]``), ``weight
@@ -22,7 +28,6 @@ Shapes: conv ``input [N, Ci, H, W]``, ``weight [Co, Ci/g, kh, kw]``, ``grad_outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.geometry import ConvGeometry, pair
 from fullsparse.kernels import (
     REFERENCE_CONV,
     REFERENCE_LINEAR,
@@ -38,8 +44,21 @@ from fullsparse.kernels import (
     select_linear_kernel,
 )
 from fullsparse.kernels.reference import conv_backward, conv_grad_input, conv_output
-from fullsparse.masks import mask_2to4, transposable_mask_2to4
+from fullsparse.masks import mask_2to4
+from fullsparse.operands import (
+    decay_term,
+    grad_input_weight,
+    ir_grad_output,
+    mask_channels,
+    mask_co,
+    mask_k,
+    mask_spatial_conv,
+    output_weight_mask,
+    transposable_mask,
+    weight_operands,
+)
 
+# Re-exported from their own modules (older import paths keep working).
 __all__ = [
     "sparse_conv2d",
     "sparse_linear",
@@ -62,174 +81,13 @@ __all__ = [
 ]
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# older private names of two activation operands (fullsparse.operands)
+_mask_channels, _mask_spatial_conv = mask_channels, mask_spatial_conv
 
 
-# --------------------------------------------------------------------------- operands
-def _weight_2d(weight: Tensor) -> Tensor:
-    """``W2 = W.reshape(Co, K)``, the im2col layout (channel-major, then kh, then kw)."""
-    return weight.reshape(weight.shape[0], -1)
-
-
-def mask_k(weight: Tensor) -> Tensor:
-    """S_K: magnitude 2:4 mask along K of ``W2`` (the forward operand's mask), ``weight``'s
-    shape."""
-    return mask_2to4(_weight_2d(weight), dim=1).reshape(weight.shape)
-
-
-def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
-    """S_Co: magnitude 2:4 mask along the output channels, within each group.
-
-    The ``grad_input`` GEMM of group g reduces over that group's Co/g output channels, so
-    the groups of 4 never straddle two conv groups.
-    """
-    co = weight.shape[0]
-    per_group = weight.reshape(groups, co // groups, -1)  # [g, Co/g, K]
-    return mask_2to4(per_group, dim=1).reshape(weight.shape)
-
-
-def transposable_mask(weight: Tensor, groups: int = 1) -> Tensor:
-    """TSM mask: 2:4 along K and along Co of each group's ``W2`` at once."""
-    co = weight.shape[0]
-    per_group = weight.reshape(groups, co // groups, -1)
-    return transposable_mask_2to4(per_group).reshape(weight.shape)
-
-
-def output_weight_mask(
-    weight: Tensor, config: SparsityConfig, groups: int = 1, forward_mask: Tensor | None = None
-) -> Tensor | None:
-    """Mask of the ``output`` GEMM's weight operand, or ``None`` when it is dense.
-
-    ``forward_mask`` (a module's cached TSM mask) is used as is when given.
-    """
-    if config.output == "dense":
-        return None
-    if forward_mask is not None:
-        if forward_mask.shape != weight.shape or forward_mask.dtype != torch.bool:
-            raise ValueError(
-                f"forward_mask must be a bool tensor of the weight's shape {tuple(weight.shape)}"
-                f", got {forward_mask.dtype} {tuple(forward_mask.shape)}"
-            )
-        return forward_mask
-    if config.output == "2:4":
-        return mask_k(weight)
-    return transposable_mask(weight, groups)
-
-
-def grad_input_weight(
-    weight: Tensor, out_mask: Tensor | None, config: SparsityConfig, groups: int = 1
-) -> Tensor:
-    """Weight operand of the ``grad_input`` GEMM (Eq. 2) for ``config``.
-
-    ``forward``: the forward operand (exact gradient of Eq. 1); ``2:4_co``: S_Co(W_src) with
-    ``W_src`` = W (``grad_input_source='dense'``) or S_K(W) (``'pruned'``).
-    """
-    if config.grad_input == "dense":
-        return weight
-    if config.grad_input == "forward":
-        return weight if out_mask is None else weight * out_mask
-    src = weight
-    if config.grad_input_source == "pruned" and out_mask is not None:
-        src = weight * out_mask
-    return src * mask_co(src, groups)
-
-
-def _mask_channels(grad_output: Tensor, channel_dim: int, groups: int) -> Tensor:
-    """S_Co(dY): 2:4 along the channel axis at every position, within each group."""
-    moved = grad_output.movedim(channel_dim, -1)
-    shape = moved.shape
-    per_group = moved.reshape(*shape[:-1], groups, shape[-1] // groups)
-    mask = mask_2to4(per_group, dim=-1).reshape(shape).movedim(-1, channel_dim)
-    return grad_output * mask
-
-
-def _mask_spatial_conv(t: Tensor) -> Tensor:
-    """S_T for ``[N, C, H, W]``: 2:4 along N·H·W flattened per channel in (n, h, w) order."""
-    n, c, h, w = t.shape
-    rows = t.transpose(0, 1).reshape(c, n * h * w)
-    mask = mask_2to4(rows, dim=1).reshape(c, n, h, w).transpose(0, 1)
-    return t * mask
-
-
-# --------------------------------------------------------------------------- geometry
-def _pair(v: int | tuple[int, ...] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if (
-        isinstance(v, (tuple, list))
-        and len(v) == 2
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-    ):
-        return (int(v[0]), int(v[1]))
-    if isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], int):
-        return (int(v[0]), int(v[0]))
-    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """Stride, padding, dilation and groups of a 2-D convolution, normalised to pairs."""
-
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-
-    @classmethod
-    def make(
-        cls,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-    ) -> ConvGeometry:
-        geo = cls(
-            _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), groups
-        )
-        if min(geo.stride) < 1 or min(geo.dilation) < 1 or min(geo.padding) < 0:
-            raise ValueError(
-                f"conv needs stride >= 1, dilation >= 1 and padding >= 0, got stride="
-                f"{geo.stride}, padding={geo.padding}, dilation={geo.dilation}"
-            )
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-            raise ValueError(f"groups must be a positive int, got {groups!r}")
-        return geo
-
-    def output_size(self, hw: tuple[int, int], khw: tuple[int, int]) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (hw[i] + 2 * self.padding[i] - self.dilation[i] * (khw[i] - 1) - 1) // self.stride[i]
-            + 1
-            for i in range(2)
-        )
-
-
-# --------------------------------------------------------------------------- the GEMMs
+# --------------------------------------------------------------------------- grad_weight
 # conv_output (Eq. 1) and conv_grad_input (Eq. 2) live in fullsparse.kernels.reference (the
-# reference kernel) and are re-exported above under their old names.
-
-
-def _conv_weight_grad(
-    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
-) -> Tensor:
-    return conv_backward(grad_output, input, weight, geo, "weight")
-
-
-def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:
-    """Information restoration (Eq. 10) along ``dim``: keep the even positions and add the
-    gradient of each dropped odd neighbour to its kept partner.
-
-    ``dY_ir[..., j] = dY[..., 2j] + α·dY[..., 2j+1]``; when the size is odd the last even
-    position has no partner and is kept alone. The result has ``ceil(size/2)`` positions.
-    """
-    size = grad_output.shape[dim]
-    dim = dim % grad_output.ndim
-    index = [slice(None)] * grad_output.ndim
-    index[dim] = slice(0, None, 2)
-    out = grad_output[tuple(index)].clone()
-    if alpha != 0.0 and size > 1:
-        index[dim] = slice(1, None, 2)
-        odd = grad_output[tuple(index)]
-        out.narrow(dim, 0, odd.shape[dim]).add_(odd, alpha=alpha)
-    return out
+# reference kernel) and are re-exported above.
 
 
 def conv_grad_weight(
@@ -250,20 +108,18 @@ def conv_grad_weight(
     - ``2:4_input``: ``dY · S_T(Xᵀ)`` (WX), on the explicit im2col matrix (the sparsity is on
       its columns, which no convolution can express) — a study recipe, not a fast one.
 
-    ``weight`` gives the shape (and dtype) of the result.
+    ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
     if mode == "dense":
-        return _conv_weight_grad(grad_output, input, weight, geo)
+        return conv_backward(grad_output, input, weight, geo, "weight")
     if mode == "ir":
         dy_ir = ir_grad_output(grad_output, alpha, dim=3)
         if input.is_contiguous(memory_format=torch.channels_last):
             dy_ir = dy_ir.contiguous(memory_format=torch.channels_last)
-        half = ConvGeometry(
-            (geo.stride[0], 2 * geo.stride[1]), geo.padding, geo.dilation, geo.groups
-        )
-        return _conv_weight_grad(dy_ir, input, weight, half)
+        half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
+        return conv_backward(dy_ir, input, weight, half, "weight")
     if mode == "2:4_grad_output":
-        return _conv_weight_grad(_mask_spatial_conv(grad_output), input, weight, geo)
+        return conv_backward(mask_spatial_conv(grad_output), input, weight, geo, "weight")
     if mode == "2:4_input":
         return _conv_grad_weight_pruned_input(input, grad_output, weight, geo)
     raise ValueError(f"unknown grad_weight mode {mode!r}")
@@ -310,17 +166,10 @@ def linear_grad_weight(
     return dy2.t().mm(x2)
 
 
-# --------------------------------------------------------------------------- per recipe
-# The backward roles as a config reads them; the autograd functions and the benchmarks both
-# call these, so what is timed is what trains. ``grad_output``/``input`` are in the compute
-# dtype; ``weight`` is the master weight (masks are taken from it, in its own precision).
-
-
-def decay_term(weight: Tensor, out_mask: Tensor | None, config: SparsityConfig) -> Tensor | None:
-    """SR-STE (Eq. 6): ``λ·(W − S(W))`` = ``λ·W`` on the pruned entries, or None."""
-    if not config.decay or out_mask is None:
-        return None
-    return config.decay * (weight * ~out_mask)
+# --------------------------------------------------------------------------- per role
+# The backward roles as a config reads them, each from the master weight: the plain
+# reference path (fullsparse.reference_autograd) and the benchmarks call these.
+# ``grad_output``/``input`` are in the compute dtype; ``weight`` is the master weight.
 
 
 def conv_grad_input_for(
@@ -336,10 +185,7 @@ def conv_grad_input_for(
     """``grad_input`` (Eq. 2) of a conv: ``dX = W_giᵀ · dY_gi`` with the config's operands,
     computed by ``kernel`` (:mod:`fullsparse.kernels`; the reference conv by default)."""
     w_gi = grad_input_weight(weight, out_mask, config, geo.groups).to(grad_output.dtype)
-    dy_gi = grad_output
-    if config.grad_input_grad_output == "2:4_co":
-        dy_gi = _mask_channels(grad_output, 1, geo.groups)
-    return kernel.grad_input(dy_gi, input, w_gi, geo)
+    return kernel.grad_input(_conv_dy_gi(config, grad_output, geo), input, w_gi, geo)
 
 
 def conv_grad_weight_for(
@@ -352,14 +198,9 @@ def conv_grad_weight_for(
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a conv in the config's mode, plus the SR-STE decay; in the
     weight's dtype."""
-    grad = conv_grad_weight(
-        input,
-        grad_output,
-        weight.to(grad_output.dtype),
-        geo,
-        config.grad_weight,
-        config.ir_alpha,
-    ).to(weight.dtype)
+    mode, alpha = config.grad_weight_mode, config.ir_alpha
+    grad = conv_grad_weight(input, grad_output, weight.to(grad_output.dtype), geo, mode, alpha)
+    grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
     return grad if decay is None else grad + decay
 
@@ -375,10 +216,7 @@ def linear_grad_input_for(
     """``grad_input`` (Eq. 2) of a linear layer: ``dX = dY_gi · W_gi``, computed by
     ``kernel`` (:mod:`fullsparse.kernels`; a dense matmul by default)."""
     w_gi = grad_input_weight(weight, out_mask, config, 1).to(grad_output.dtype)
-    dy_gi = grad_output
-    if config.grad_input_grad_output == "2:4_co":
-        dy_gi = grad_output * mask_2to4(grad_output, dim=-1)
-    return kernel.grad_input(dy_gi, w_gi)
+    return kernel.grad_input(_linear_dy_gi(config, grad_output), w_gi)
 
 
 def linear_grad_weight_for(
@@ -389,10 +227,24 @@ def linear_grad_weight_for(
     out_mask: Tensor | None,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer plus the SR-STE decay, in the weight's dtype."""
-    grad = linear_grad_weight(input, grad_output, config.grad_weight, config.ir_alpha)
+    grad = linear_grad_weight(input, grad_output, config.grad_weight_mode, config.ir_alpha)
     grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
     return grad if decay is None else grad + decay
+
+
+def _conv_dy_gi(config: SparsityConfig, grad_output: Tensor, geo: ConvGeometry) -> Tensor:
+    """The dY operand of a conv's ``grad_input`` GEMM: dY or S_Co(dY)."""
+    if config.operands.grad_input_dy == "S_Co(dY)":
+        return mask_channels(grad_output, 1, geo.groups)
+    return grad_output
+
+
+def _linear_dy_gi(config: SparsityConfig, grad_output: Tensor) -> Tensor:
+    """The dY operand of a linear layer's ``grad_input`` GEMM: dY or S_Co(dY)."""
+    if config.operands.grad_input_dy == "S_Co(dY)":
+        return grad_output * mask_2to4(grad_output, dim=-1)
+    return grad_output
 
 
 # --------------------------------------------------------------------------- checks
@@ -411,6 +263,18 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _not_a_view(y: Tensor) -> Tensor:
+    """``y`` as a tensor autograd does not track as a view (same storage, same strides).
+
+    An autograd.Function output that is a view cannot be modified in place: autograd refuses,
+    since its view+inplace logic would replace the Function's backward. ``F.linear`` on a
+    ``[..., T, d]`` input returns a view of its 2-D product, and a kernel may return one too;
+    that product is a temporary nothing else holds, so the untracked alias behaves exactly
+    like the output of the torch layer (``y.mul_(2)``, ``relu_``, ``y[i] = v`` all work).
+    """
+    return torch.ops.aten._unsafe_view(y, y.shape)
 
 
 def _check_same_dtype(input: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
@@ -437,38 +301,61 @@ class _SparseConv2dFn(torch.autograd.Function):
         kernel: Any,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
-        out_mask = output_weight_mask(weight, config, geo.groups, forward_mask)
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ops = weight_operands(
+            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
+        )
         x = input.to(compute)
-        w = weight.to(compute)
-        w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = kernel.output(x, w_out, b, geo)  # output (Eq. 1)
-        ctx.save_for_backward(x, weight, out_mask)
+            y = _not_a_view(kernel.output(x, ops.output, b, geo))  # output (Eq. 1)
+        # W_gi stands in for W's shape and dtype in the weight gradient when there is one
+        w_bwd = ops.grad_input if ops.grad_input is not None else ops.output
+        ctx.save_for_backward(x, w_bwd, ops.decay)
         ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
         ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.input_dtype = input.dtype
+        ctx.dtypes = (input.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        x, weight, out_mask = ctx.saved_tensors
-        geo, config, compute = ctx.geo, ctx.config, ctx.compute
-        dy = grad_output.to(compute)
+        x, w_gi, decay = ctx.saved_tensors
+        geo, config, kernel = ctx.geo, ctx.config, ctx.kernel
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ops = config.operands
+        dy = grad_output.to(ctx.compute)
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
-            # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
-            if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
-                grad_input = conv_grad_input_for(
-                    config, dy, x, weight, out_mask, geo, kernel=ctx.kernel
-                )
-                grad_input = grad_input.to(ctx.input_dtype)
-            if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
-                grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
+            if needs_dx and needs_dw and _one_conv_backward(ops, kernel):
+                # both gradients from dY itself: one convolution_backward call serves both
+                dx, dw = conv_backward(dy, x, w_gi, geo, "both")
+                grad_input, grad_weight = dx.to(input_dtype), _plus(dw.to(weight_dtype), decay)
+            else:
+                # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
+                if needs_dx:
+                    dy_gi = _conv_dy_gi(config, dy, geo)
+                    grad_input = kernel.grad_input(dy_gi, x, w_gi, geo).to(input_dtype)
+                # ---- grad_weight (Eq. 3): dW = dY_gw · X_gwᵀ, + λ·(W − W_out) (Eq. 6)
+                if needs_dw:
+                    mode, alpha = config.grad_weight_mode, config.ir_alpha
+                    dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha).to(weight_dtype)
+                    grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
+                grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _one_conv_backward(ops: Any, kernel: Any) -> bool:
+    """True when grad_input and grad_weight are both plain products with dY and the reference
+    kernel computes grad_input (dense, srste, tsm, fst2)."""
+    dense_dy = ops.grad_input_dy == "dY" and ops.grad_weight_dy == "dY"
+    return dense_dy and ops.grad_weight_input == "X" and kernel is REFERENCE_CONV
+
+
+def _plus(grad: Tensor, decay: Tensor | None) -> Tensor:
+    """``grad + decay`` in place on the fresh ``grad`` (the SR-STE term of Eq. 6)."""
+    return grad if decay is None else grad.add_(decay)
 
 
 def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -536,11 +423,11 @@ def sparse_conv2d(
     if _autocast_dtype(input.device.type) is None:
         _check_same_dtype(input, weight, bias, "sparse_conv2d")
     if isinstance(padding, str):
-        dil = _pair(dilation, "dilation")
+        dil = pair(dilation, "dilation")
         if padding == "valid":
             padding = 0
         elif padding == "same":
-            if _pair(stride, "stride") != (1, 1):
+            if pair(stride, "stride") != (1, 1):
                 raise ValueError("padding='same' needs stride 1 (as in torch.nn.functional.conv2d)")
             left, right, top, bottom = _same_padding((kh, kw), dil)
             if (left, top) == (right, bottom):
@@ -576,35 +463,39 @@ class _SparseLinearFn(torch.autograd.Function):
         kernel: Any,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
-        out_mask = output_weight_mask(weight, config, 1, forward_mask)
+        needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ops = weight_operands(
+            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
+        )
         x = input.to(compute)
-        w = weight.to(compute)
-        w_out = w if out_mask is None else w * out_mask
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
-            y = kernel.output(x, w_out, b)  # output (Eq. 1)
-        ctx.save_for_backward(x, weight, out_mask)
+            y = _not_a_view(kernel.output(x, ops.output, b))  # output (Eq. 1)
+        ctx.save_for_backward(x, ops.grad_input, ops.decay)
         ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
         ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.input_dtype = input.dtype
+        ctx.dtypes = (input.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        x, weight, out_mask = ctx.saved_tensors
-        config, compute = ctx.config, ctx.compute
-        dy = grad_output.to(compute)
+        x, w_gi, decay = ctx.saved_tensors
+        config = ctx.config
+        input_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        dy = grad_output.to(ctx.compute)
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
-            if ctx.needs_input_grad[0]:  # grad_input (Eq. 2)
-                grad_input = linear_grad_input_for(config, dy, weight, out_mask, kernel=ctx.kernel)
-                grad_input = grad_input.to(ctx.input_dtype)
-            if ctx.needs_input_grad[1]:  # grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
-                grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
+            if ctx.needs_input_grad[0]:
+                dy_gi = _linear_dy_gi(config, dy)
+                grad_input = ctx.kernel.grad_input(dy_gi, w_gi).to(input_dtype)
+            # ---- grad_weight (Eq. 3): dW = dY_gwᵀ · X_gw, + λ·(W − W_out) (Eq. 6)
+            if ctx.needs_input_grad[1]:
+                mode, alpha = config.grad_weight_mode, config.ir_alpha
+                dw = linear_grad_weight(x, dy, mode, alpha).to(weight_dtype)
+                grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+                grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None
 
 

@@ -81,13 +81,13 @@ def compare_tensors(g: Tensor, ref: Tensor) -> tuple[float, float]:
 def exact_twin(config: SparsityConfig) -> SparsityConfig:
     """The config with ``config``'s forward and the exact gradient of that forward.
 
-    Same ``output`` operand (and TSM interval), ``grad_input = forward`` (the transpose of
-    the forward weight), dense ``dY``, dense ``grad_weight``, no decay.
+    Same ``output_weight`` operand (and TSM interval), ``grad_input_weight = forward`` (the
+    transpose of the forward weight), dense ``dY``, dense ``grad_weight``, no decay.
     """
     return SparsityConfig(
         name=f"{config.name}-exact",
-        output=config.output,
-        grad_input="forward",
+        output_weight=config.output_weight,
+        grad_input_weight="forward",
         tsm_interval=config.tsm_interval,
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fullsparse.geometry import conv_output_size
+
 __all__ = [
     "ConvShape",
     "RESNET18_SHAPES",
@@ -18,7 +20,7 @@ __all__ = [
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Output side of a square conv (dilation 1)."""
-    return (size + 2 * padding - kernel) // stride + 1
+    return conv_output_size(size, kernel, stride, padding)
 
 
 @dataclass(frozen=True)

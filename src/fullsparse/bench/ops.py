@@ -16,8 +16,6 @@ from fullsparse.functional import (
     conv_grad_input_for,
     conv_grad_weight,
     conv_grad_weight_for,
-    decay_term,
-    grad_input_weight,
     ir_grad_output,
     linear_grad_input_for,
     linear_grad_weight_for,
@@ -27,6 +25,7 @@ from fullsparse.functional import (
     sparse_conv2d,
     sparse_linear,
 )
+from fullsparse.operands import weight_operands
 
 __all__ = [
     "RECIPES",
@@ -62,6 +61,5 @@ def weight_side_work(
     exactly this function over every sparse layer of a model, so it must stay the same work
     the autograd functions do per step.
     """
-    out_mask = output_weight_mask(weight, config, groups, forward_mask)
-    w_gi = grad_input_weight(weight, out_mask, config, groups)
-    return out_mask, w_gi, decay_term(weight, out_mask, config)
+    ops = weight_operands(weight, config, groups, weight.dtype, forward_mask)
+    return ops.out_mask, ops.grad_input, ops.decay

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fullsparse.config import SparsityConfig
+from fullsparse.config import SPARSE_ALONG, SparsityConfig
 from fullsparse.errors import UserError
+from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.autotune import AUTOTUNER, Autotuner
 from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
 from fullsparse.kernels.selfcheck import self_checked
@@ -53,7 +54,7 @@ from fullsparse.kernels.semi_structured import (
     SemiStructuredGemm,
 )
 from fullsparse.kernels.tracing import cache_outside_compile
-from fullsparse.masks import mask_2to4
+from fullsparse.operands import weight_operands
 
 __all__ = [
     "BACKENDS",
@@ -211,7 +212,7 @@ class LayerShape:
     groups: int = 1
 
     @classmethod
-    def conv(cls, weight_shape: tuple[int, ...], geo: Any) -> LayerShape:
+    def conv(cls, weight_shape: tuple[int, ...], geo: ConvGeometry) -> LayerShape:
         return cls(
             "conv",
             tuple(weight_shape),
@@ -268,16 +269,17 @@ class KernelPlan:
 
 def recipe_role_reasons(config: SparsityConfig) -> tuple[str | None, str | None]:
     """Why the recipe's ``output`` / ``grad_input`` GEMM has no 2:4 weight operand along its
-    reduction axis (None where it has one)."""
-    out_why = None if config.output in ("2:4", "transposable") else "output weight is dense"
-    if config.grad_input_grad_output != "dense":
-        gi_why = "grad_input prunes dY (S_Co(dY)), not its weight"
-    elif config.grad_input == "2:4_co" or (
-        config.grad_input == "forward" and config.output == "transposable"
-    ):
+    reduction axis (None where it has one), read from the operand table."""
+    ops = config.operands
+    along_k = "K" in SPARSE_ALONG[ops.output_weight].split(",")
+    out_why = None if along_k else "output weight is dense"
+    gi_along = SPARSE_ALONG[ops.grad_input_weight].split(",")
+    if ops.grad_input_dy != "dY":
+        gi_why: str | None = f"grad_input prunes dY ({ops.grad_input_dy}), not its weight"
+    elif "Co" in gi_along:
         gi_why = None
-    elif config.grad_input == "forward" and config.output == "2:4":
-        gi_why = "grad_input weight S_K(W)ᵀ is 2:4 along K, not along Co"
+    elif "K" in gi_along:
+        gi_why = f"grad_input weight {ops.grad_input_weight}ᵀ is 2:4 along K, not along Co"
     else:
         gi_why = "grad_input weight is dense"
     return out_why, gi_why
@@ -515,25 +517,26 @@ def conv_autotune_key(
 
 
 def _conv_candidates(
-    plan: KernelPlan, input: Tensor, weight: Tensor, geo: Any, compute_dtype: torch.dtype
+    plan: KernelPlan,
+    config: SparsityConfig,
+    input: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry,
+    compute_dtype: torch.dtype,
 ) -> dict[str, Callable[[], Any]]:
-    """Thunks running output + grad_input of each candidate on stand-in operands."""
+    """Thunks running output + grad_input of each candidate on stand-in operands (the
+    recipe's own weight operands; random activations of the call's shapes)."""
     im2col = kernel_for_plan(replace(plan, backend="semi_structured", measure=False), "conv")
     with torch.no_grad():
         x = torch.randn(input.shape, device=input.device, dtype=compute_dtype)
         if input.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        w = weight.detach().to(compute_dtype)
-        w2 = w.reshape(w.shape[0], -1)
-        w_out = (w2 * mask_2to4(w2, 1)).reshape(w.shape)
-        w_gi = (w2 * mask_2to4(w2, 0)).reshape(w.shape)
-        out_hw = [
-            (input.shape[2 + i] + 2 * geo.padding[i] - geo.dilation[i] * (w.shape[2 + i] - 1) - 1)
-            // geo.stride[i]
-            + 1
-            for i in range(2)
-        ]
-        dy = torch.randn(input.shape[0], w.shape[0], *out_hw, device=x.device, dtype=compute_dtype)
+        ops = weight_operands(weight, config, geo.groups, compute_dtype, decay=False)
+        w_out, w_gi = ops.output, ops.grad_input
+        out_hw = geo.output_size(tuple(input.shape[2:]), tuple(weight.shape[2:]))
+        dy = torch.randn(
+            input.shape[0], weight.shape[0], *out_hw, device=x.device, dtype=compute_dtype
+        )
         if input.is_contiguous(memory_format=torch.channels_last):
             dy = dy.contiguous(memory_format=torch.channels_last)
 
@@ -553,7 +556,7 @@ def select_conv_kernel(
     config: SparsityConfig,
     input: Tensor,
     weight: Tensor,
-    geo: Any,
+    geo: ConvGeometry,
     compute_dtype: torch.dtype,
     *,
     autotuner: Autotuner | None = None,
@@ -573,7 +576,7 @@ def select_conv_kernel(
     key = conv_autotune_key(platform, compute_dtype, tuple(input.shape), layer, plan, channels_last)
     record = tuner.lookup(key)
     if record is None or record.get("choice") not in ("reference", "im2col"):
-        candidates = _conv_candidates(plan, input, weight, geo, compute_dtype)
+        candidates = _conv_candidates(plan, config, input, weight, geo, compute_dtype)
         choice = tuner.choose(key, candidates)
     else:
         choice = record["choice"]

@@ -10,8 +10,7 @@ Kernels receive the operands the autograd functions prepared (``fullsparse.funct
 - ``output(input, weight_out, bias[, geo])``  — Eq. 1, ``y = W_out · X``
 - ``grad_input(grad_output, weight_gi[, input, geo])`` — Eq. 2, ``dX = W_giᵀ · dY``
 
-``geo`` is any object with ``stride``, ``padding``, ``dilation`` (pairs) and ``groups``
-(:class:`fullsparse.functional.ConvGeometry`).
+``geo`` is the conv's :class:`fullsparse.geometry.ConvGeometry`.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fullsparse.geometry import ConvGeometry
 
 __all__ = [
     "conv_output",
@@ -36,24 +37,29 @@ __all__ = [
 ]
 
 
-def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+def conv_output(input: Tensor, weight: Tensor, bias: Tensor | None, geo: ConvGeometry) -> Tensor:
     """``output`` (Eq. 1): ``y = W_out · X`` as a convolution."""
     sizes = geo.output_size(tuple(input.shape[-2:]), tuple(weight.shape[-2:]))
     with onednn_guard(input, input, weight, geo, sizes):
         return F.conv2d(input, weight, bias, geo.stride, geo.padding, geo.dilation, geo.groups)
 
 
-def conv_grad_input(grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any) -> Tensor:
+def conv_grad_input(
+    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
+) -> Tensor:
     """``grad_input`` (Eq. 2): ``dX = W_giᵀ · dY`` (col2im of it) — ``input`` gives the shape."""
     return conv_backward(grad_output, input, weight, geo, "input")
 
 
 def conv_backward(
-    grad_output: Tensor, input: Tensor, weight: Tensor, geo: Any, which: str
-) -> Tensor:
-    """One gradient of a convolution from ``dY``: ``which`` = "input" (shaped like
-    ``input``) or "weight" (shaped like ``weight``)."""
-    mask = [which == "input", which == "weight", False]
+    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry, which: str
+) -> Any:
+    """Gradients of a convolution from ``dY``, in one ``convolution_backward`` call:
+    ``which`` = "input" (shaped like ``input``), "weight" (shaped like ``weight``; its values
+    are not read) or "both" (the pair ``(grad_input, grad_weight)``)."""
+    if which not in ("input", "weight", "both"):
+        raise ValueError(f"conv_backward: which must be 'input', 'weight' or 'both', got {which!r}")
+    mask = [which != "weight", which != "input", False]
     with onednn_guard(grad_output, input, weight, geo, grad_output.shape[-2:]):
         grads = torch.ops.aten.convolution_backward(
             grad_output,
@@ -68,11 +74,13 @@ def conv_backward(
             geo.groups,
             mask,
         )
+    if which == "both":
+        return grads[0], grads[1]
     return grads[0] if which == "input" else grads[1]
 
 
 def onednn_guard(
-    t: Tensor, input: Tensor, weight: Tensor, geo: Any, output_hw: Sequence[int]
+    t: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry, output_hw: Sequence[int]
 ) -> contextlib.AbstractContextManager[Any]:
     """A context for one convolution of ``input`` by ``weight`` (or one of its gradients)
     computed in ``t``'s dtype, with an output of ``output_hw``: PyTorch's own kernel where
@@ -96,7 +104,7 @@ def onednn_guard(
 
 
 def _has_dead_tap(
-    input_hw: Sequence[int], kernel_hw: Sequence[int], geo: Any, output_hw: Sequence[int]
+    input_hw: Sequence[int], kernel_hw: Sequence[int], geo: ConvGeometry, output_hw: Sequence[int]
 ) -> bool:
     """True when some kernel position reads only padding at every output position."""
     for d in range(2):
@@ -147,10 +155,14 @@ class ReferenceConvKernel:
     output_sparse = False
     grad_input_sparse = False
 
-    def output(self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+    def output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
         return conv_output(input, weight_out, bias, geo)
 
-    def grad_input(self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: Any) -> Tensor:
+    def grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
         return conv_grad_input(grad_output, input, weight_gi, geo)
 
     def __repr__(self) -> str:

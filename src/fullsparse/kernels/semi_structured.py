@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import conv_grad_input, conv_output
 from fullsparse.masks import is_2to4
 
@@ -179,7 +180,9 @@ class GemmLinearKernel(_GemmKernel):
 class Gemm1x1ConvKernel(_GemmKernel):
     """1×1, stride-1, unpadded, ungrouped conv as a GEMM over ``[N·H·W, Ci]``."""
 
-    def output(self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+    def output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
         if not self.output_sparse:
             return conv_output(input, weight_out, bias, geo)
         n, ci, h, w = input.shape
@@ -189,7 +192,9 @@ class Gemm1x1ConvKernel(_GemmKernel):
             y = y + bias
         return _rows_to_nchw(y, n, h, w, like=input)
 
-    def grad_input(self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: Any) -> Tensor:
+    def grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
         if not self.grad_input_sparse:
             return conv_grad_input(grad_output, input, weight_gi, geo)
         n, ci, h, w = input.shape
@@ -206,21 +211,25 @@ class Im2colConvKernel(_GemmKernel):
     GEMM wins that back is shape dependent, which is why ``backend="auto"`` measures it.
     """
 
-    def output(self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: Any) -> Tensor:
+    def output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
         if not self.output_sparse:
             return conv_output(input, weight_out, bias, geo)
         n = input.shape[0]
         co, cig, kh, kw = weight_out.shape
         k = cig * kh * kw
         cols = F.unfold(input, (kh, kw), geo.dilation, geo.padding, geo.stride)  # [N, K, L]
-        ho, wo = _out_size(input, (kh, kw), geo)
+        ho, wo = geo.output_size(tuple(input.shape[-2:]), (kh, kw))
         a2d = cols.transpose(1, 2).reshape(n * ho * wo, k)  # [N·L, K], rows in (n, ho, wo)
         y = self.gemm.linear(a2d, self.gemm.pack(weight_out.reshape(co, k)))  # [N·L, Co]
         if bias is not None:
             y = y + bias
         return _rows_to_nchw(y, n, ho, wo, like=input)
 
-    def grad_input(self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: Any) -> Tensor:
+    def grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
         if not self.grad_input_sparse:
             return conv_grad_input(grad_output, input, weight_gi, geo)
         n, _, h, w = input.shape
@@ -233,11 +242,3 @@ class Im2colConvKernel(_GemmKernel):
         if _is_channels_last(input):
             dx = dx.contiguous(memory_format=torch.channels_last)
         return dx
-
-
-def _out_size(input: Tensor, khw: tuple[int, int], geo: Any) -> tuple[int, int]:
-    h, w = input.shape[-2:]
-    return tuple(  # type: ignore[return-value]
-        (s + 2 * geo.padding[i] - geo.dilation[i] * (khw[i] - 1) - 1) // geo.stride[i] + 1
-        for i, s in enumerate((h, w))
-    )

@@ -41,6 +41,7 @@ from fullsparse.checkpoint_guard import (
     nonfinite_weights,
     refused_globals,
 )
+from fullsparse.config import upgrade_config_dict
 from fullsparse.errors import CheckpointError
 
 __all__ = [
@@ -225,6 +226,8 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
 
 def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a checkpoint made for another model, dataset or recipe (one line)."""
+    if isinstance(found.get("sparsity"), dict):  # saved before SparsityConfig's renames
+        found = {**found, "sparsity": upgrade_config_dict(found["sparsity"])}
     diffs = [
         f"{key} {found.get(key)!r} != {expected.get(key)!r}"
         for key in IDENTITY_KEYS

@@ -249,7 +249,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
     pruned = {
         name: module
         for name, module in sparse_modules(model)
-        if module.config.output != "dense"  # type: ignore[union-attr]
+        if module.config.output_weight != "dense"  # type: ignore[union-attr]
     }
     report = ExportReport(out=out, meta_path=meta_path, recipe=identity["recipe"])
     bad = []

@@ -1,0 +1,234 @@
+"""The operands of a sparse layer's three GEMMs, built as :data:`~fullsparse.config.OPERAND_TABLE`
+says (``fst-spec.md``, "Sparsity operators").
+
+Two ways to build the weight-side operands, always equal bit for bit (a test holds them to
+it):
+
+- the plain per-role functions (:func:`output_weight_mask`, :func:`grad_input_weight`,
+  :func:`decay_term`), each from the master weight, as the spec reads; the reference
+  autograd path (:mod:`fullsparse.reference_autograd`) and the benchmarks call them;
+- :func:`weight_operands`, what the autograd functions call once per step in the forward:
+  ``|W|`` is scored once for both S_K(W) and S_Co(W), W is cast to the compute dtype once,
+  the forward operand doubles as the grad_input operand where the recipe says so, and the
+  SR-STE decay is made with one temporary.
+
+Activation-side operands (S_Co(dY), S_T, information restoration) are here too: they are
+applied in the backward, on that step's gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fullsparse.config import SparsityConfig
+from fullsparse.masks import (
+    magnitude_score,
+    mask_2to4,
+    mask_2to4_of_score,
+    transposable_mask_2to4,
+)
+
+__all__ = [
+    "mask_k",
+    "mask_co",
+    "transposable_mask",
+    "output_weight_mask",
+    "grad_input_weight",
+    "decay_term",
+    "WeightOperands",
+    "weight_operands",
+    "mask_channels",
+    "mask_spatial_conv",
+    "ir_grad_output",
+]
+
+
+# --------------------------------------------------------------------------- weight masks
+def _weight_2d(weight: Tensor) -> Tensor:
+    """``W2 = W.reshape(Co, K)``, the im2col layout (channel-major, then kh, then kw)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def mask_k(weight: Tensor) -> Tensor:
+    """S_K: magnitude 2:4 mask along K of ``W2`` (the forward operand's mask), ``weight``'s
+    shape."""
+    return mask_2to4(_weight_2d(weight), dim=1).reshape(weight.shape)
+
+
+def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
+    """S_Co: magnitude 2:4 mask along the output channels, within each group.
+
+    The ``grad_input`` GEMM of group g reduces over that group's Co/g output channels, so
+    the groups of 4 never straddle two conv groups.
+    """
+    return _mask_co_of_score(magnitude_score(weight), groups)
+
+
+def _mask_co_of_score(score: Tensor, groups: int) -> Tensor:
+    per_group = score.reshape(groups, score.shape[0] // groups, -1)  # [g, Co/g, K]
+    return mask_2to4_of_score(per_group, dim=1).reshape(score.shape)
+
+
+def transposable_mask(weight: Tensor, groups: int = 1) -> Tensor:
+    """TSM mask: 2:4 along K and along Co of each group's ``W2`` at once."""
+    co = weight.shape[0]
+    per_group = weight.reshape(groups, co // groups, -1)
+    return transposable_mask_2to4(per_group).reshape(weight.shape)
+
+
+def _check_forward_mask(forward_mask: Tensor, weight: Tensor) -> Tensor:
+    if forward_mask.shape != weight.shape or forward_mask.dtype != torch.bool:
+        raise ValueError(
+            f"forward_mask must be a bool tensor of the weight's shape {tuple(weight.shape)}"
+            f", got {forward_mask.dtype} {tuple(forward_mask.shape)}"
+        )
+    return forward_mask
+
+
+# --------------------------------------------------------------------------- per role (plain)
+def output_weight_mask(
+    weight: Tensor, config: SparsityConfig, groups: int = 1, forward_mask: Tensor | None = None
+) -> Tensor | None:
+    """Mask of the ``output`` GEMM's weight operand, or ``None`` when it is dense.
+
+    ``forward_mask`` (a module's cached TSM mask) is used as is when given.
+    """
+    operand = config.operands.output_weight
+    if operand == "W":
+        return None
+    if forward_mask is not None:
+        return _check_forward_mask(forward_mask, weight)
+    if operand == "S_K(W)":
+        return mask_k(weight)
+    return transposable_mask(weight, groups)
+
+
+def grad_input_weight(
+    weight: Tensor, out_mask: Tensor | None, config: SparsityConfig, groups: int = 1
+) -> Tensor:
+    """Weight operand of the ``grad_input`` GEMM (Eq. 2) for ``config``, in ``weight``'s dtype.
+
+    The forward operand (exact gradient of Eq. 1), W, or S_Co(W_src) with ``W_src`` = W
+    (``grad_input_source='dense'``) or S_K(W) (``'pruned'``).
+    """
+    ops = config.operands
+    if ops.grad_input_weight == "W":
+        return weight
+    if ops.grad_input_weight == ops.output_weight:
+        return weight if out_mask is None else weight * out_mask
+    src = weight
+    if ops.grad_input_weight == "S_Co(S_K(W))" and out_mask is not None:
+        src = weight * out_mask
+    return src * mask_co(src, groups)
+
+
+def decay_term(weight: Tensor, out_mask: Tensor | None, config: SparsityConfig) -> Tensor | None:
+    """SR-STE (Eq. 6): ``λ·(W − S(W))`` = ``λ·W`` on the pruned entries, or None."""
+    if not config.decay or out_mask is None:
+        return None
+    return config.decay * (weight * ~out_mask)
+
+
+# --------------------------------------------------------------------------- once per step
+@dataclass
+class WeightOperands:
+    """The weight side of one step: what the three GEMMs take from W."""
+
+    #: mask of the ``output`` operand (bool, the weight's shape), None when it is W
+    out_mask: Tensor | None
+    #: ``output`` weight operand W_out, in the compute dtype
+    output: Tensor
+    #: ``grad_input`` weight operand W_gi, in the compute dtype (None if not asked for)
+    grad_input: Tensor | None
+    #: SR-STE decay λ·(W − W_out), in the weight's dtype (None without decay)
+    decay: Tensor | None
+
+
+def weight_operands(
+    weight: Tensor,
+    config: SparsityConfig,
+    groups: int,
+    compute: torch.dtype,
+    forward_mask: Tensor | None = None,
+    *,
+    grad_input: bool = True,
+    decay: bool = True,
+) -> WeightOperands:
+    """All weight-side operands of a step, in one pass over W where the recipe allows.
+
+    Equal bit for bit to :func:`output_weight_mask`, :func:`grad_input_weight` (cast to
+    ``compute``) and :func:`decay_term`: masking commutes with the cast (it multiplies by 0
+    or 1), and one magnitude score serves both S_K and S_Co. ``grad_input`` / ``decay``:
+    whether the backward will need them (not in evaluation, or when W has no gradient).
+    """
+    ops = config.operands
+    w = weight.detach()
+    score: Tensor | None = None
+    out_mask: Tensor | None = None
+    if ops.output_weight != "W":
+        if forward_mask is not None:
+            out_mask = _check_forward_mask(forward_mask, w)
+        elif ops.output_weight == "S_K(W)":
+            score = magnitude_score(w)
+            out_mask = mask_2to4_of_score(_weight_2d(score), dim=1).reshape(w.shape)
+        else:
+            out_mask = transposable_mask(w, groups)
+    w_c = w.to(compute)
+    w_out = w_c if out_mask is None else w_c * out_mask
+    w_gi: Tensor | None = None
+    if grad_input:
+        operand = ops.grad_input_weight
+        if operand == "W":
+            w_gi = w_c
+        elif operand == ops.output_weight:
+            w_gi = w_out
+        elif operand == "S_Co(W)":
+            score = magnitude_score(w) if score is None else score
+            w_gi = w_c * _mask_co_of_score(score, groups)
+        else:  # S_Co(S_K(W)): the mask of the pruned weight, on the forward operand
+            assert out_mask is not None
+            w_gi = w_out * mask_co(w * out_mask, groups)
+    term: Tensor | None = None
+    if decay and config.decay and out_mask is not None:
+        term = (w * ~out_mask).mul_(config.decay)
+    return WeightOperands(out_mask, w_out, w_gi, term)
+
+
+# --------------------------------------------------------------------------- activations
+def mask_channels(grad_output: Tensor, channel_dim: int, groups: int) -> Tensor:
+    """S_Co(dY): 2:4 along the channel axis at every position, within each group."""
+    moved = grad_output.movedim(channel_dim, -1)
+    shape = moved.shape
+    per_group = moved.reshape(*shape[:-1], groups, shape[-1] // groups)
+    mask = mask_2to4(per_group, dim=-1).reshape(shape).movedim(-1, channel_dim)
+    return grad_output * mask
+
+
+def mask_spatial_conv(t: Tensor) -> Tensor:
+    """S_T for ``[N, C, H, W]``: 2:4 along N·H·W flattened per channel in (n, h, w) order."""
+    n, c, h, w = t.shape
+    rows = t.transpose(0, 1).reshape(c, n * h * w)
+    mask = mask_2to4(rows, dim=1).reshape(c, n, h, w).transpose(0, 1)
+    return t * mask
+
+
+def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:
+    """Information restoration (Eq. 10) along ``dim``: keep the even positions and add the
+    gradient of each dropped odd neighbour to its kept partner.
+
+    ``dY_ir[..., j] = dY[..., 2j] + α·dY[..., 2j+1]``; when the size is odd the last even
+    position has no partner and is kept alone. The result has ``ceil(size/2)`` positions.
+    """
+    size = grad_output.shape[dim]
+    dim = dim % grad_output.ndim
+    index = [slice(None)] * grad_output.ndim
+    index[dim] = slice(0, None, 2)
+    out = grad_output[tuple(index)].clone()
+    if alpha != 0.0 and size > 1:
+        index[dim] = slice(1, None, 2)
+        odd = grad_output[tuple(index)]
+        out.narrow(dim, 0, odd.shape[dim]).add_(odd, alpha=alpha)
+    return out
