@@ -17,6 +17,7 @@ __all__ = [
     "GRAD_INPUT_GRAD_OUTPUT",
     "GRAD_WEIGHT",
     "GRAD_INPUT_SOURCE",
+    "CONV_LAYOUT",
     "SparsityConfig",
     "RECIPES",
     "RECIPE_PINNED",
@@ -41,6 +42,12 @@ GRAD_INPUT_GRAD_OUTPUT = ("dense", "2:4_co")
 GRAD_WEIGHT = ("dense", "ir", "2:4_grad_output", "2:4_input")
 #: Which weight the separate backward mask S_Co is taken from.
 GRAD_INPUT_SOURCE = ("dense", "pruned")
+#: How a conv weight ``[Co, Ci, kh, kw]`` is cut into groups of 4 for S_K:
+#: ``im2col`` = 4 consecutive entries of the flattened ``Ci·kh·kw`` row (the paper's
+#: ``W2 = W.reshape(Co, K)``); ``channel`` = 4 consecutive input channels at each kernel tap
+#: ``(co, kh, kw)`` (the layout ASP and TensorRT's sparse convolutions need). Linear layers
+#: and 1×1 convs are the same under both.
+CONV_LAYOUT = ("im2col", "channel")
 
 # Defaults below carry their reason; the study issue may move them, with evidence.
 #: SR-STE's λ (Zhou et al. 2021), used by the paper (§5.1) and its public code.
@@ -81,6 +88,10 @@ class SparsityConfig:
     grad_input_source: str = "dense"
     #: Training steps between recomputations of the transposable (TSM) mask.
     tsm_interval: int = DEFAULT_TSM_INTERVAL
+    #: Grouping of a conv weight's S_K, one of :data:`CONV_LAYOUT`. It exists so a trained
+    #: conv is 2:4 for the inference stack it is exported to; 'im2col' (the paper's) stays
+    #: the default until the two are measured against each other (docs/export.md).
+    conv_layout: str = "im2col"
 
     def __post_init__(self) -> None:
         choices = {
@@ -89,6 +100,7 @@ class SparsityConfig:
             "grad_input_grad_output": GRAD_INPUT_GRAD_OUTPUT,
             "grad_weight": GRAD_WEIGHT,
             "grad_input_source": GRAD_INPUT_SOURCE,
+            "conv_layout": CONV_LAYOUT,
         }
         for field, allowed in choices.items():
             value = getattr(self, field)
@@ -132,6 +144,12 @@ class SparsityConfig:
             raise ValueError(
                 f"grad_input_source='pruned' clashes with output={self.output!r}: 'pruned' "
                 "means S_Co(S_K(W)) and needs output='2:4'"
+            )
+
+        if self.conv_layout != "im2col" and self.output != "2:4":
+            raise ValueError(
+                f"conv_layout={self.conv_layout!r} clashes with output={self.output!r}: the "
+                "layout only changes the magnitude mask S_K of output='2:4'"
             )
 
     @property

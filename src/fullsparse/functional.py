@@ -38,7 +38,7 @@ from fullsparse.kernels import (
     select_linear_kernel,
 )
 from fullsparse.kernels.reference import conv_backward, conv_grad_input, conv_output
-from fullsparse.masks import mask_2to4, transposable_mask_2to4
+from fullsparse.masks import is_2to4, mask_2to4, transposable_mask_2to4
 
 __all__ = [
     "sparse_conv2d",
@@ -52,6 +52,7 @@ __all__ = [
     "linear_grad_weight",
     "ir_grad_output",
     "mask_k",
+    "is_2to4_k",
     "mask_co",
     "transposable_mask",
     "decay_term",
@@ -70,10 +71,30 @@ def _weight_2d(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def mask_k(weight: Tensor) -> Tensor:
-    """S_K: magnitude 2:4 mask along K of ``W2`` (the forward operand's mask), ``weight``'s
-    shape."""
+def mask_k(weight: Tensor, conv_layout: str = "im2col") -> Tensor:
+    """S_K: magnitude 2:4 mask along K (the forward operand's mask), ``weight``'s shape.
+
+    ``conv_layout`` (:data:`~fullsparse.config.CONV_LAYOUT`) says how a conv weight
+    ``[Co, Ci, kh, kw]`` is grouped: ``im2col`` — 4 consecutive entries of ``W2``'s row
+    ``Ci·kh·kw`` (channel-major, so a group mixes taps when kh·kw is not a multiple of 4);
+    ``channel`` — 4 consecutive input channels at each tap ``(co, kh, kw)``, which is what
+    ASP/TensorRT sparse convolutions read. A Linear weight ``[d_out, d_in]`` and a 1×1 conv
+    are grouped the same way under both.
+    """
+    if conv_layout == "channel" and weight.ndim == 4:
+        return mask_2to4(weight, dim=1)
+    if conv_layout not in ("im2col", "channel"):
+        raise ValueError(f"conv_layout must be 'im2col' or 'channel', got {conv_layout!r}")
     return mask_2to4(_weight_2d(weight), dim=1).reshape(weight.shape)
+
+
+def is_2to4_k(weight: Tensor, conv_layout: str = "im2col") -> bool:
+    """Whether ``weight`` is 2:4 along K in ``conv_layout``'s groups (see :func:`mask_k`)."""
+    if conv_layout == "channel" and weight.ndim == 4:
+        return is_2to4(weight, dim=1)
+    if conv_layout not in ("im2col", "channel"):
+        raise ValueError(f"conv_layout must be 'im2col' or 'channel', got {conv_layout!r}")
+    return is_2to4(_weight_2d(weight), dim=1)
 
 
 def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
@@ -111,7 +132,7 @@ def output_weight_mask(
             )
         return forward_mask
     if config.output == "2:4":
-        return mask_k(weight)
+        return mask_k(weight, config.conv_layout)
     return transposable_mask(weight, groups)
 
 

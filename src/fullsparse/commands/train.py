@@ -71,6 +71,11 @@ _TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--decay", "float", "override: SR-STE decay λ"),
     ("--grad-input-source", "str", "override: dense|pruned source of the backward mask"),
     ("--tsm-interval", "int", "override: steps between TSM mask recomputations"),
+    (
+        "--conv-layout",
+        "str",
+        "override: im2col|channel grouping of conv weights for 2:4 (channel: ASP/TensorRT)",
+    ),
     ("--optimizer", "str", "sgd|adamw (default: sgd for classify, adamw for lm and detection)"),
     ("--epochs", "int", "epochs (default 2)"),
     ("--steps-per-epoch", "int", "lm: optimizer steps per epoch (default 200)"),

@@ -43,7 +43,7 @@ __all__ = [
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
-SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval", "conv_layout")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: Text corpora of the ``lm`` task: ``pystdlib`` is the running Python's standard library
@@ -118,6 +118,7 @@ class TrainConfig:
     decay: float | None = None
     grad_input_source: str | None = None
     tsm_interval: int | None = None
+    conv_layout: str | None = None
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
@@ -290,6 +291,7 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
     "decay": (_FLOAT, True, 0),
     "grad_input_source": (_STR, True, None),
     "tsm_interval": (_INT, True, 1),
+    "conv_layout": (_STR, True, None),
     "optimizer": (_STR, True, None),
     "epochs": (_INT, False, 1),
     "steps_per_epoch": (_INT, True, 1),
