@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fullsparse
 from fullsparse import SparseConv2d, recipe
 from fullsparse.cli import main
 from fullsparse.functional import ConvGeometry, is_2to4_k, mask_k, sparse_conv2d
@@ -183,6 +184,15 @@ def test_safetensors_export_holds_the_same_weights_and_needs_its_package(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'fullsparse[export]'" in err
     assert not missing.exists()
+
+
+def test_report_notes_the_padding_of_the_layouts_groups():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    im2col = fullsparse.sparsify_(model, "fst")
+    assert "K=27 zero-padded to 28" in im2col["0"].reason
+    channel = fullsparse.sparsify_(model, recipe("fst", conv_layout="channel"))
+    assert "Ci=3 zero-padded to 4 at each tap" in channel["0"].reason
+    assert "padded" not in channel["1"].reason
 
 
 def test_sparse_module_prunes_in_its_configs_layout():

@@ -563,7 +563,10 @@ def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
         return "dense recipe (same math as torch)"
     notes = []
     k = module.weight[0].numel()  # type: ignore[index]
-    if k % 4:
+    ci = module.weight.shape[1]  # type: ignore[index]
+    if config.conv_layout == "channel" and isinstance(module, nn.Conv2d) and ci % 4:
+        notes.append(f"Ci={ci} zero-padded to {ci + (-ci) % 4} at each tap")
+    elif (config.conv_layout != "channel" or not isinstance(module, nn.Conv2d)) and k % 4:
         notes.append(f"K={k} zero-padded to {k + (-k) % 4}")
     co = module.weight.shape[0]  # type: ignore[index]
     if co % 4 and config.grad_input == "2:4_co":
