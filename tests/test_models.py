@@ -356,7 +356,7 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         return _FakeTorchvisionNet(num_classes=kwargs["num_classes"])  # type: ignore[arg-type]
 
     models.get_model = get_model  # type: ignore[attr-defined]
-    models.list_models = lambda module=None: ["fakenet", "nolinear", "allconv"]  # type: ignore[attr-defined]
+    models.list_models = lambda module=None: ["fakenet", "nolinear", "allconv", "googlenet"]  # type: ignore[attr-defined]
     package = types.ModuleType("torchvision")
     package.models = models  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision", package)
@@ -381,6 +381,12 @@ def test_tv_model_without_linear_keeps_its_last_conv_dense(fake_torchvision: lis
     report = sparsify_(model, "fst")
     assert report.sparse_names == ["0"]
     assert "last Conv2d" in report["2"].reason and type(model[2]) is nn.Conv2d
+
+
+def test_tv_models_with_auxiliary_classifiers_are_built_without_them(fake_torchvision):
+    build_model("tv:googlenet", 5)
+    build_model("tv:googlenet", 5, aux_logits=True)
+    assert [c["aux_logits"] for c in fake_torchvision] == [False, True]
 
 
 def test_tv_errors(fake_torchvision: list, monkeypatch: pytest.MonkeyPatch) -> None:

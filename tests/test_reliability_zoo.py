@@ -20,6 +20,7 @@ from torch import nn
 from fullsparse import SparseConv2d, SparseLinear, densify_, recipe, sparsify_
 from fullsparse.models import MODELS, build_model, head_name
 from fullsparse.models.gpt import GPT
+from fullsparse.models.tv import AUX_CLASSIFIER_MODELS
 
 RECIPES_CHECKED = ("dense", "srste", "tsm", "fst", "gx")
 SMALL = {
@@ -134,7 +135,9 @@ def test_every_torchvision_classifier_sparsifies_runs_and_densifies(name):
         pytest.fail("pytest -m vision needs torchvision: pip install -e '.[vision]'")
     size = TV_INPUT_SIZE.get(name, 64)
     torch.manual_seed(0)
-    model = build_model(f"tv:{name}", 5, image_size=size).train()
+    # tv: leaves auxiliary classifiers out by default; here they are built and trained
+    aux = {"aux_logits": True} if name in AUX_CLASSIFIER_MODELS else {}
+    model = build_model(f"tv:{name}", 5, image_size=size, **aux).train()
     _check_round_trip(model, torch.randn(2, 3, size, size), "fst", head_name(model))
 
 

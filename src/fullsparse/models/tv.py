@@ -12,7 +12,10 @@ from torch import nn
 
 from fullsparse.errors import UserError
 
-__all__ = ["build_torchvision_model", "replace_first_conv_"]
+__all__ = ["build_torchvision_model", "replace_first_conv_", "AUX_CLASSIFIER_MODELS"]
+
+#: torchvision classifiers with auxiliary classifiers (built without them by default).
+AUX_CLASSIFIER_MODELS = ("googlenet", "inception_v3")
 
 
 def _import_torchvision_models() -> Any:
@@ -75,7 +78,9 @@ def build_torchvision_model(
     ``num_classes`` goes to the constructor. If ``in_channels != 3`` the first Conv2d is
     replaced by :func:`replace_first_conv_`. ``image_size`` is passed only to torchvision's
     ViTs (``vit_*``), whose position embedding fixes the input size; the other models are
-    size-agnostic. Extra ``kwargs`` go to the constructor.
+    size-agnostic. ``googlenet`` and ``inception_v3`` are built with ``aux_logits=False``
+    (one output, which is what the training loop trains) unless ``kwargs`` say otherwise.
+    Extra ``kwargs`` go to the constructor.
 
     Raises:
         UserError: torchvision missing, an unknown name, or a model whose head as
@@ -93,6 +98,10 @@ def build_torchvision_model(
         )
     if name.startswith("vit_"):
         kwargs.setdefault("image_size", image_size)
+    if name in AUX_CLASSIFIER_MODELS:
+        # In train mode these return (logits, aux logits...): the training loop trains one
+        # output, so the auxiliary classifiers are left out unless asked for.
+        kwargs.setdefault("aux_logits", False)
     model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         replace_first_conv_(model, in_channels)
