@@ -186,6 +186,16 @@ def test_safetensors_export_holds_the_same_weights_and_needs_its_package(
     assert not missing.exists()
 
 
+def test_a_checkpoint_written_before_the_layout_field_still_resumes(tmp_path):
+    run = _train(tmp_path)
+    state = torch.load(run / "last.pt", weights_only=True)
+    del state["identity"]["sparsity"]["conv_layout"]  # as written before the field existed
+    torch.save(state, run / "last.pt")
+    argv = ["train", *TINY, "--recipe", "fst", "--out", str(run), "--epochs", "2", "--resume"]
+    assert main(argv) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
+
+
 def test_report_notes_the_padding_of_the_layouts_groups():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
     im2col = fullsparse.sparsify_(model, "fst")

@@ -196,7 +196,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint made for another model, dataset or recipe (one line)."""
+    """Refuse a checkpoint made for another model, dataset or recipe (one line).
+
+    A SparsityConfig field added after the checkpoint was written takes its default, so
+    older checkpoints of the same run still match."""
+    found = {**found, "sparsity": _with_defaults(found.get("sparsity"))}
     diffs = [
         f"{key} {found.get(key)!r} != {expected.get(key)!r}"
         for key in IDENTITY_KEYS
@@ -206,6 +210,15 @@ def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, 
         raise CheckpointError(
             f"checkpoint {path} belongs to another run (checkpoint vs this run: {'; '.join(diffs)})"
         )
+
+
+def _with_defaults(sparsity: Any) -> Any:
+    from fullsparse.config import SparsityConfig
+
+    try:
+        return SparsityConfig(**sparsity).to_dict()
+    except (TypeError, ValueError):  # not a SparsityConfig: compared as it is
+        return sparsity
 
 
 # ---------------------------------------------------------------------------------------
