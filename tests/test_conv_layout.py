@@ -123,6 +123,19 @@ def test_kxk_convs_in_the_channel_layout_keep_the_output_gemm_off_the_im2col_ker
     assert plan_layer(pointwise, cfg, "auto", h100, torch.bfloat16, True).output
 
 
+def test_compare_gives_the_layout_to_recipes_with_a_magnitude_mask_only(tmp_path):
+    from fullsparse.train import TrainConfig
+    from fullsparse.train.compare import recipe_configs
+
+    config = TrainConfig(conv_layout="channel")
+    configs, notes = recipe_configs(config, ["dense", "fst", "tsm"], tmp_path)
+    assert [c.sparsity().conv_layout for c in configs] == ["im2col", "channel", "im2col"]
+    assert notes == [
+        "conv_layout=channel does not apply to dense (kept its default)",
+        "conv_layout=channel does not apply to tsm (kept its default)",
+    ]
+
+
 def _train(tmp_path: Path, *extra: str) -> Path:
     run = tmp_path / "run"
     assert main(["train", *TINY, "--recipe", "fst", *extra, "--out", str(run)]) == 0
