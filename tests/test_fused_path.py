@@ -27,6 +27,8 @@ DTYPES["bf16_autocast"] = (torch.float32, True)  # float32 master weights, bf16 
 CONFIGS = {name: recipe(name) for name in RECIPES}
 CONFIGS["fst_pruned"] = recipe("fst", grad_input_source="pruned")
 CONFIGS["fst2_pruned"] = recipe("fst2", grad_input_source="pruned")
+CONFIGS["fst_channel_layout"] = recipe("fst", conv_layout="channel")
+CONFIGS["srste_channel_layout"] = recipe("srste", conv_layout="channel")
 
 
 def _run(fn, args, inputs, gy, autocast):

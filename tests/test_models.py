@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from fullsparse import sparsify_
 from fullsparse.errors import UserError
 from fullsparse.models import MODELS, build_model, default_patch_size, head_name
 from fullsparse.models.tv import replace_first_conv_
@@ -344,10 +345,18 @@ def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         calls.append({"name": name, **kwargs})
         if name == "nolinear":
             return nn.Sequential(nn.Conv2d(3, 4, 1))
+        if name == "allconv":  # SqueezeNet's shape: a 1x1 conv head, no Linear
+            classes = int(kwargs["num_classes"])  # type: ignore[call-overload]
+            return nn.Sequential(
+                nn.Conv2d(3, 8, 3),
+                nn.ReLU(),
+                nn.Conv2d(8, classes, 1),
+                nn.Flatten(2),
+            )
         return _FakeTorchvisionNet(num_classes=kwargs["num_classes"])  # type: ignore[arg-type]
 
     models.get_model = get_model  # type: ignore[attr-defined]
-    models.list_models = lambda module=None: ["fakenet", "nolinear"]  # type: ignore[attr-defined]
+    models.list_models = lambda module=None: ["fakenet", "nolinear", "allconv", "googlenet"]  # type: ignore[attr-defined]
     package = types.ModuleType("torchvision")
     package.models = models  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision", package)
@@ -366,10 +375,24 @@ def test_tv_model_gets_random_weights_classes_and_adapted_stem(fake_torchvision:
     assert head_name(model) == "classifier"
 
 
+def test_tv_model_without_linear_keeps_its_last_conv_dense(fake_torchvision: list) -> None:
+    model = build_model("tv:allconv", 6)
+    assert head_name(model) == "2"
+    report = sparsify_(model, "fst")
+    assert report.sparse_names == ["0"]
+    assert "last Conv2d" in report["2"].reason and type(model[2]) is nn.Conv2d
+
+
+def test_tv_models_with_auxiliary_classifiers_are_built_without_them(fake_torchvision):
+    build_model("tv:googlenet", 5)
+    build_model("tv:googlenet", 5, aux_logits=True)
+    assert [c["aux_logits"] for c in fake_torchvision] == [False, True]
+
+
 def test_tv_errors(fake_torchvision: list, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="unknown torchvision classification model 'nope'.*fakenet"):
         build_model("tv:nope", 10)
-    with pytest.raises(UserError, match="head is not the last Linear"):
+    with pytest.raises(UserError, match="head .* is '0' with 4 outputs, not 10"):
         build_model("tv:nolinear", 10)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import now raises ImportError
     monkeypatch.delitem(sys.modules, "torchvision.models")

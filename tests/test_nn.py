@@ -32,6 +32,34 @@ class Net(nn.Module):
         return self.head(t.mean(1))
 
 
+class AllConvNet(nn.Module):
+    """SqueezeNet's shape: the classifier is a 1x1 conv followed by pooling, no Linear."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        self.classifier = nn.Sequential(nn.Conv2d(8, classes, 1), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).relu()).flatten(1)
+
+
+def test_model_without_linear_keeps_its_output_conv_dense():
+    model = AllConvNet()
+    assert fullsparse.nn.head_name(model) == "classifier.0"
+    report = sparsify_(model, "fst")
+    assert report.sparse_names == ["features.0", "features.2"]
+    assert "last Conv2d" in report["classifier.0"].reason
+    assert type(model.classifier[0]) is nn.Conv2d
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert model.features[2].weight.grad is not None
+    # a Linear anywhere makes the last Linear the head, as before
+    model.classifier.append(nn.Flatten())
+    model.classifier.append(nn.Linear(5, 5))
+    assert fullsparse.nn.head_name(model) == "classifier.3"
+    assert fullsparse.nn.head_name(nn.Sequential(nn.ReLU())) is None
+
+
 def test_sparsify_report_lists_every_layer_with_a_reason():
     model = Net()
     report = sparsify_(model, "fst")

@@ -36,6 +36,7 @@ __all__ = [
     "SparsifyReport",
     "sparsify_",
     "densify_",
+    "head_name",
     "sparse_modules",
     "sparse_state_dict",
     "load_sparse_state_",
@@ -221,6 +222,28 @@ def _dense_reason(name: str, module: nn.Module, fused_children: set[str]) -> str
     return None
 
 
+def _find_head(named: list[tuple[str, nn.Module]]) -> tuple[str | None, str]:
+    """The layer ``sparsify_`` keeps dense by default, and the report's reason.
+
+    The last ``nn.Linear`` in ``named_modules()`` order; in a model with no Linear at all
+    (SqueezeNet's 1×1-conv classifier, a fully convolutional net) the last ``nn.Conv2d``,
+    which is then the layer that produces the output.
+    """
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1], "classifier head (last Linear)"
+    convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
+    if convs:
+        return convs[-1], "output head (last Conv2d; the model has no Linear)"
+    return None, ""
+
+
+def head_name(model: nn.Module) -> str | None:
+    """Name of the head ``sparsify_`` keeps dense by default (see :func:`sparsify_`), or
+    None when the model has no Conv2d or Linear."""
+    return _find_head(list(model.named_modules(remove_duplicate=False)))[0]
+
+
 def _fused_children(model: nn.Module) -> set[str]:
     names = set()
     for name, module in model.named_modules():
@@ -248,8 +271,9 @@ def sparsify_(
     """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
 
     Default selection: every ``nn.Conv2d``, ``nn.Linear`` and Hugging Face ``Conv1D`` (a
-    Linear whose weight is stored ``[d_in, d_out]``; :mod:`fullsparse.hf`) except the last
-    ``nn.Linear`` in ``named_modules()`` order (the classifier head). ``filter_fn(name,
+    Linear whose weight is stored ``[d_in, d_out]``; :mod:`fullsparse.hf`) except the head:
+    the last ``nn.Linear`` in ``named_modules()`` order (the classifier), or in a model
+    without any Linear its last ``nn.Conv2d`` (:func:`head_name`). ``filter_fn(name,
     module)`` replaces that selection: True makes the layer sparse, False keeps it dense
     ("excluded by filter_fn"), and a string keeps it dense with that string as the report's
     reason.
@@ -279,8 +303,7 @@ def sparsify_(
         raise TypeError(f"sparsify_ needs an nn.Module, got {type(model).__name__}")
     report = SparsifyReport(recipe=config.name, backend=backend)
     named = list(model.named_modules(remove_duplicate=False))
-    linears = [n for n, m in named if isinstance(m, nn.Linear)]
-    head = linears[-1] if linears else None
+    head, head_why = _find_head(named)
     fused = _fused_children(model)
 
     # Decide everything first, so that an explicit backend that cannot run fails before the
@@ -300,7 +323,7 @@ def sparsify_(
             else:
                 chosen, why_not = bool(verdict), "excluded by filter_fn"
         else:
-            chosen, why_not = name != head, "classifier head (last Linear)"
+            chosen, why_not = name != head, head_why
         reason = _dense_reason(name, module, fused)
         sparse = chosen and reason is None
         decisions.append((name, module, sparse, "" if sparse else (reason or why_not)))
@@ -393,7 +416,11 @@ def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
     notes = []
     weight = _sparse_twin(module)._gemm_weight_of(module)  # type: ignore[union-attr]
     k = weight[0].numel()
-    if k % 4:
+    ci = weight.shape[1]
+    channel = config.conv_layout == "channel" and isinstance(module, nn.Conv2d)
+    if channel and ci % 4:
+        notes.append(f"Ci={ci} zero-padded to {ci + (-ci) % 4} at each tap")
+    elif not channel and k % 4:
         notes.append(f"K={k} zero-padded to {k + (-k) % 4}")
     co = weight.shape[0]
     if co % 4 and config.grad_input_weight == "2:4_co":

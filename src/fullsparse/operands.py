@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fullsparse.config import SparsityConfig
 from fullsparse.masks import (
+    is_2to4,
     magnitude_score,
     mask_2to4,
     mask_2to4_of_score,
@@ -33,6 +34,7 @@ from fullsparse.masks import (
 
 __all__ = [
     "mask_k",
+    "is_2to4_k",
     "mask_co",
     "transposable_mask",
     "output_weight_mask",
@@ -52,10 +54,34 @@ def _weight_2d(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def mask_k(weight: Tensor) -> Tensor:
-    """S_K: magnitude 2:4 mask along K of ``W2`` (the forward operand's mask), ``weight``'s
-    shape."""
-    return mask_2to4(_weight_2d(weight), dim=1).reshape(weight.shape)
+def mask_k(weight: Tensor, conv_layout: str = "im2col") -> Tensor:
+    """S_K: magnitude 2:4 mask along K (the forward operand's mask), ``weight``'s shape.
+
+    ``conv_layout`` (:data:`~fullsparse.config.CONV_LAYOUT`) says how a conv weight
+    ``[Co, Ci, kh, kw]`` is grouped: ``im2col`` — 4 consecutive entries of ``W2``'s row
+    ``Ci·kh·kw`` (channel-major, so a group mixes taps when kh·kw is not a multiple of 4);
+    ``channel`` — 4 consecutive input channels at each tap ``(co, kh, kw)``, which is what
+    ASP/TensorRT sparse convolutions read. A Linear weight ``[d_out, d_in]`` and a 1×1 conv
+    are grouped the same way under both.
+    """
+    return _mask_k_of_score(magnitude_score(weight), conv_layout)
+
+
+def _mask_k_of_score(score: Tensor, conv_layout: str) -> Tensor:
+    if conv_layout == "channel" and score.ndim == 4:
+        return mask_2to4_of_score(score, dim=1)
+    if conv_layout not in ("im2col", "channel"):
+        raise ValueError(f"conv_layout must be 'im2col' or 'channel', got {conv_layout!r}")
+    return mask_2to4_of_score(_weight_2d(score), dim=1).reshape(score.shape)
+
+
+def is_2to4_k(weight: Tensor, conv_layout: str = "im2col") -> bool:
+    """Whether ``weight`` is 2:4 along K in ``conv_layout``'s groups (see :func:`mask_k`)."""
+    if conv_layout == "channel" and weight.ndim == 4:
+        return is_2to4(weight, dim=1)
+    if conv_layout not in ("im2col", "channel"):
+        raise ValueError(f"conv_layout must be 'im2col' or 'channel', got {conv_layout!r}")
+    return is_2to4(_weight_2d(weight), dim=1)
 
 
 def mask_co(weight: Tensor, groups: int = 1) -> Tensor:
@@ -102,7 +128,7 @@ def output_weight_mask(
     if forward_mask is not None:
         return _check_forward_mask(forward_mask, weight)
     if operand == "S_K(W)":
-        return mask_k(weight)
+        return mask_k(weight, config.conv_layout)
     return transposable_mask(weight, groups)
 
 
@@ -173,7 +199,7 @@ def weight_operands(
             out_mask = _check_forward_mask(forward_mask, w)
         elif ops.output_weight == "S_K(W)":
             score = magnitude_score(w)
-            out_mask = mask_2to4_of_score(_weight_2d(score), dim=1).reshape(w.shape)
+            out_mask = _mask_k_of_score(score, config.conv_layout)
         else:
             out_mask = transposable_mask(w, groups)
     w_c = w.to(compute)

@@ -1,4 +1,5 @@
-"""``fullsparse export --checkpoint PATH --out FILE``: 2:4-pruned weights, plain state_dict."""
+"""``fullsparse export --checkpoint PATH --out FILE``: 2:4-pruned weights, plain state_dict
+(``--format pt|safetensors``), verified 2:4 in the conv layout (``--layout im2col|channel``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from fullsparse.errors import UserError
 HELP = "write a checkpoint's 2:4-pruned weights as a plain state_dict"
 DESCRIPTION = (
     "Export the inference weights of a checkpoint: every sparse layer's weight is its pruned "
-    "forward weight, verified 2:4 along K. The file loads into the dense model "
-    "(fullsparse.models.build_model) with load_state_dict; FILE.json holds the build "
-    "arguments."
+    "forward weight, verified 2:4 along K in the conv layout it was trained with. The file "
+    "loads into the dense model (fullsparse.models.build_model) with load_state_dict; "
+    "FILE.json holds the build arguments."
 )
 
 
@@ -22,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.checkpoint or not args.out:
         raise UserError("fullsparse export needs --checkpoint PATH and --out FILE")
-    report = export_checkpoint(args.checkpoint, args.out, force=args.force)
+    report = export_checkpoint(
+        args.checkpoint, args.out, force=args.force, layout=args.layout, fmt=args.format
+    )
     print(report)
     print(f"wrote {report.out} (load into the dense model; build arguments in {report.meta_path})")
     return 0
@@ -33,4 +36,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
     parser.add_argument("--out", metavar="FILE", default=None, help="output .pt file")
     parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    parser.add_argument(
+        "--layout",
+        choices=("im2col", "channel"),
+        default=None,
+        help="conv layout the weights must be 2:4 in: im2col (groups of 4 along Ci*kh*kw) or "
+        "channel (4 input channels at each kernel tap: ASP/TensorRT); default: the one the "
+        "run trained with (--conv-layout); another one is refused",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("pt", "safetensors"),
+        default="pt",
+        help="pt (torch.save state_dict, default) or safetensors (needs the export extra)",
+    )
     parser.set_defaults(func=run)

@@ -15,7 +15,8 @@ Backends (the ``backend=`` argument of :func:`fullsparse.functional.sparse_linea
 Rules, checked in this order (the first that fails is the reason in the report):
 
 1. the recipe has a 2:4 *weight* operand along the GEMM's reduction axis: ``output`` when
-   ``output`` is ``2:4``/``transposable``; ``grad_input`` when its weight is ``S_Co(W_src)``
+   ``output`` is ``2:4``/``transposable`` (for a k×k conv, only in the ``im2col``
+   ``conv_layout``); ``grad_input`` when its weight is ``S_Co(W_src)``
    or the transposable mask, and dY is dense. (``srste``'s grad_input weight ``S_K(W)ᵀ`` is
    2:4 along K, not Co: that role stays dense.)
 2. the layer is a GEMM: Linear, or an ungrouped conv (1×1 stride-1 unpadded → a GEMM over
@@ -327,6 +328,15 @@ def plan_layer(
     if backend == "reference":
         return _reference(layer, "requested")
     out_why, gi_why = recipe_role_reasons(config)
+    if (
+        out_why is None
+        and config.conv_layout == "channel"
+        and layer.kind == "conv"
+        and layer.weight_shape[2] * layer.weight_shape[3] > 1
+    ):
+        # the im2col GEMM reads W2's rows (ci, kh, kw); S_K in the channel layout is 2:4
+        # along ci at each tap, which those rows are not
+        out_why = "conv_layout='channel': S_K(W) is 2:4 along Ci per tap, not along im2col rows"
     if out_why and gi_why:
         if explicit:
             raise _unavailable(

@@ -9,7 +9,8 @@ for any timm classifier (optional extras).
 
 Invariant every model here keeps, because the sparsifier relies on it: each Conv2d/Linear
 is called through its module's ``forward`` (so swapping the module for a subclass works),
-and the classifier head is the *last* ``nn.Linear`` in ``model.named_modules()`` order.
+and the classifier head is the *last* ``nn.Linear`` in ``model.named_modules()`` order
+(the last ``nn.Conv2d`` in a model without any Linear).
 """
 
 from __future__ import annotations
@@ -175,12 +176,16 @@ def build_lm_model(name: str, vocab_size: int = 256, **kwargs: Any) -> nn.Module
 
 
 def head_name(model: nn.Module) -> str:
-    """Name of the classifier head: the last ``nn.Linear`` in ``named_modules()`` order.
+    """Name of the classifier head, the layer ``sparsify_`` keeps dense by default: the last
+    ``nn.Linear`` in ``named_modules()`` order, or the last ``nn.Conv2d`` in a model with
+    no Linear (SqueezeNet).
 
     Raises:
-        UserError: the model has no ``nn.Linear``.
+        UserError: the model has neither.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise UserError(f"{type(model).__name__} has no nn.Linear, so no classifier head")
-    return names[-1]
+    from fullsparse.nn import head_name as sparsify_head
+
+    name = sparsify_head(model)
+    if name is None:
+        raise UserError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d, so no head")
+    return name

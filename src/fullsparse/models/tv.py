@@ -12,7 +12,10 @@ from torch import nn
 
 from fullsparse.errors import UserError
 
-__all__ = ["build_torchvision_model", "replace_first_conv_"]
+__all__ = ["build_torchvision_model", "replace_first_conv_", "AUX_CLASSIFIER_MODELS"]
+
+#: torchvision classifiers with auxiliary classifiers (built without them by default).
+AUX_CLASSIFIER_MODELS = ("googlenet", "inception_v3")
 
 
 def _import_torchvision_models() -> Any:
@@ -75,12 +78,16 @@ def build_torchvision_model(
     ``num_classes`` goes to the constructor. If ``in_channels != 3`` the first Conv2d is
     replaced by :func:`replace_first_conv_`. ``image_size`` is passed only to torchvision's
     ViTs (``vit_*``), whose position embedding fixes the input size; the other models are
-    size-agnostic. Extra ``kwargs`` go to the constructor.
+    size-agnostic. ``googlenet`` and ``inception_v3`` are built with ``aux_logits=False``
+    (one output, which is what the training loop trains) unless ``kwargs`` say otherwise.
+    Extra ``kwargs`` go to the constructor.
 
     Raises:
-        UserError: torchvision missing, an unknown name, or a model whose classifier is not
-            its last ``nn.Linear`` (the sparsifier keeps exactly that layer dense, so such a
-            model would be sparsified wrongly).
+        UserError: torchvision missing, an unknown name, or a model whose head as
+            ``sparsify_`` finds it (the last ``nn.Linear``; the last ``nn.Conv2d`` in a model
+            with no Linear, such as SqueezeNet) does not have ``num_classes`` outputs: the
+            sparsifier keeps exactly that layer dense, so such a model would be sparsified
+            wrongly.
     """
     tvm = _import_torchvision_models()
     available = sorted(tvm.list_models(module=tvm))
@@ -91,13 +98,22 @@ def build_torchvision_model(
         )
     if name.startswith("vit_"):
         kwargs.setdefault("image_size", image_size)
+    if name in AUX_CLASSIFIER_MODELS:
+        # In train mode these return (logits, aux logits...): the training loop trains one
+        # output, so the auxiliary classifiers are left out unless asked for.
+        kwargs.setdefault("aux_logits", False)
     model = tvm.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if in_channels != 3:
         replace_first_conv_(model, in_channels)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears or linears[-1].out_features != num_classes:
+    from fullsparse.nn import head_name
+
+    head = head_name(model)
+    module = model.get_submodule(head) if head is not None else None
+    width = getattr(module, "out_features", getattr(module, "out_channels", None))
+    if width != num_classes:
         raise UserError(
-            f"torchvision model {name!r} does not end in an nn.Linear with {num_classes} outputs "
-            f"(its head is not the last Linear), which fullsparse needs to keep the head dense"
+            f"torchvision model {name!r}: its head (the last Linear, or the last Conv2d when "
+            f"it has no Linear) is {head!r} with {width} outputs, not {num_classes}, so "
+            "fullsparse would keep the wrong layer dense"
         )
     return model

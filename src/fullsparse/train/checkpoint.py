@@ -225,9 +225,13 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
 
 
 def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Refuse a checkpoint made for another model, dataset or recipe (one line)."""
-    if isinstance(found.get("sparsity"), dict):  # saved before SparsityConfig's renames
-        found = {**found, "sparsity": upgrade_config_dict(found["sparsity"])}
+    """Refuse a checkpoint made for another model, dataset or recipe (one line).
+
+    A checkpoint saved before SparsityConfig's field renames is read with the new names, and
+    a field added after it was written takes its default, so older checkpoints of the same
+    run still match."""
+    if isinstance(found.get("sparsity"), dict):
+        found = {**found, "sparsity": _with_defaults(upgrade_config_dict(found["sparsity"]))}
     diffs = [
         f"{key} {found.get(key)!r} != {expected.get(key)!r}"
         for key in IDENTITY_KEYS
@@ -237,6 +241,15 @@ def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, 
         raise CheckpointError(
             f"checkpoint {path} belongs to another run (checkpoint vs this run: {'; '.join(diffs)})"
         )
+
+
+def _with_defaults(sparsity: Any) -> Any:
+    from fullsparse.config import SparsityConfig
+
+    try:
+        return SparsityConfig(**sparsity).to_dict()
+    except (TypeError, ValueError):  # not a SparsityConfig: compared as it is
+        return sparsity
 
 
 # ---------------------------------------------------------------------------------------

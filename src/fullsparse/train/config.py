@@ -52,7 +52,7 @@ __all__ = [
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
-SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval", "conv_layout")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -180,6 +180,11 @@ class TrainConfig:
     )
     tsm_interval: int | None = option(
         None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
+    )
+    conv_layout: str | None = option(
+        None,
+        "override: im2col|channel grouping of conv weights for 2:4 (channel: ASP/TensorRT; "
+        "default: the recipe's)",
     )
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------

@@ -184,7 +184,7 @@ class ExportRow:
     sparsity: float
     #: Whether the layer's weight was pruned (a sparse layer with a sparse forward).
     pruned: bool
-    #: 2:4 along K (``W.reshape(Co, -1)``, dim 1) — None for layers that are not pruned.
+    #: 2:4 along K in the export's conv layout — None for layers that are not pruned.
     is_2to4: bool | None
 
 
@@ -194,13 +194,15 @@ class ExportReport:
     meta_path: Path
     recipe: str
     rows: list[ExportRow] = field(default_factory=list)
+    #: How conv weights are grouped for 2:4 (``fullsparse.config.CONV_LAYOUT``).
+    layout: str = "im2col"
 
     @property
     def pruned_layers(self) -> list[ExportRow]:
         return [r for r in self.rows if r.pruned]
 
     def __str__(self) -> str:
-        head = ("layer", "weight shape", "zeros", "2:4 along K")
+        head = ("layer", "weight shape", "zeros", f"2:4 along K ({self.layout})")
         body = [
             (
                 r.name,
@@ -225,17 +227,40 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False) -> ExportReport:
+#: File formats of ``fullsparse export``: a torch state_dict, or safetensors (the
+#: ``export`` extra), which inference stacks load without unpickling anything.
+EXPORT_FORMATS = ("pt", "safetensors")
+
+
+def export_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    layout: str | None = None,
+    fmt: str = "pt",
+) -> ExportReport:
     """Write checkpoint ``path``'s inference weights to ``out`` as a plain state_dict.
 
     Every sparse layer's weight is its pruned forward weight (``S_K(W)`` or the TSM mask),
-    verified 2:4 along K; the file loads with ``load_state_dict`` into the *dense* model
-    ``fullsparse.models.build_model(...)`` whose arguments are written beside it as
-    ``<out>.json``. Refuses to overwrite ``out`` unless ``force``.
+    verified 2:4 along K in ``layout`` (``im2col``: groups of 4 along ``Ci·kh·kw``;
+    ``channel``: 4 input channels at each kernel tap, as ASP/TensorRT read a conv). The
+    layout is the one the run trained with; ``layout`` names the one the caller needs and is
+    refused when it differs (re-pruning a trained model would change it). ``fmt`` is ``pt``
+    (``torch.save``) or ``safetensors`` (needs the ``safetensors`` package). The file loads
+    with ``load_state_dict`` into the *dense* model ``fullsparse.models.build_model(...)``
+    whose arguments are written beside it as ``<out>.json``. Refuses to overwrite ``out``
+    unless ``force``.
     """
-    from fullsparse.masks import is_2to4
+    from fullsparse.config import CONV_LAYOUT
+    from fullsparse.functional import is_2to4_k
     from fullsparse.nn import pruned_state_dict, sparse_modules
 
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose {' or '.join(EXPORT_FORMATS)}")
+    if layout is not None and layout not in CONV_LAYOUT:
+        raise UserError(f"unknown conv layout {layout!r}; choose {' or '.join(CONV_LAYOUT)}")
+    save_file = _safetensors_writer() if fmt == "safetensors" else None
     out = Path(out)
     meta_path = out.with_name(out.name + ".json")
     for target in (out, meta_path):  # the weights and their build arguments go together
@@ -245,27 +270,36 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
         raise UserError(f"{out} is a folder; give a file name for the exported weights")
     model, state = load_trained_model(path, "cpu")
     identity = state["identity"]
-    weights = pruned_state_dict(model)
+    trained = identity["sparsity"].get("conv_layout", "im2col")
+    layout = layout or trained
     pruned = {
         name: module
         for name, module in sparse_modules(model)
         if module.config.output_weight != "dense"  # type: ignore[union-attr]
     }
-    report = ExportReport(out=out, meta_path=meta_path, recipe=identity["recipe"])
+    if layout != trained and any(
+        isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) for m in pruned.values()
+    ):
+        raise UserError(
+            f"{path} was trained with conv_layout={trained!r}: its k x k conv weights are 2:4 "
+            f"in that layout, not in {layout!r}; train with --conv-layout {layout} to export it"
+        )
+    weights = pruned_state_dict(model)
+    report = ExportReport(out=out, meta_path=meta_path, recipe=identity["recipe"], layout=layout)
     bad = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         w = weights[f"{name}.weight"]
-        w2 = w.reshape(w.shape[0], -1)  # [Co, K]: the output GEMM's operand
-        ok = is_2to4(w2, dim=1) if name in pruned else None
+        ok = is_2to4_k(w, layout) if name in pruned else None
         if ok is False:
             bad.append(name)
         sparsity = float((w == 0).sum()) / w.numel()
         report.rows.append(ExportRow(name, tuple(w.shape), sparsity, name in pruned, ok))
     if bad:
         raise UserError(
-            f"export verification failed: weights of {', '.join(bad)} are not 2:4 along K; "
+            f"export verification failed: weights of {', '.join(bad)} are not 2:4 along K "
+            f"in the {layout!r} layout; "
             "nothing was written"
         )
     if identity.get("task") == "detection":
@@ -305,9 +339,30 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False)
         "epoch": int(state["epoch"]),
         "mean": state.get("mean"),
         "std": state.get("std"),
+        "conv_layout": layout,
+        "file_format": fmt,
         "source_checkpoint": str(path),
         "load_with": load_with,
     }
-    ckpt.atomic_torch_save(out, weights)
+    if save_file is not None:
+        meta["load_with"] = load_with.replace(
+            "torch.load(path, weights_only=True)", "safetensors.torch.load_file(path)"
+        )
+        tmp = out.with_name(out.name + ".tmp")
+        # contiguous, unshared tensors: safetensors refuses views that share storage
+        save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(tmp))
+        tmp.replace(out)
+    else:
+        ckpt.atomic_torch_save(out, weights)
     ckpt.atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     return report
+
+
+def _safetensors_writer() -> Any:
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError(
+            "--format safetensors needs the safetensors package: pip install 'fullsparse[export]'"
+        ) from None
+    return save_file
