@@ -182,9 +182,7 @@ class TrainConfig:
         None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
     )
     conv_layout: str | None = option(
-        None,
-        "override: im2col|channel grouping of conv weights for 2:4 (channel: ASP/TensorRT; "
-        "default: the recipe's)",
+        None, "override: im2col|channel grouping of conv weights for 2:4 (default: the recipe's)"
     )
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
