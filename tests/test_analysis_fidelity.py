@@ -143,9 +143,13 @@ def test_decay_is_excluded_unless_asked():
 
 def test_exact_twin_keeps_the_forward_and_makes_the_backward_exact():
     twin = exact_twin(recipe("gx", decay=0.0))
-    assert (twin.output, twin.grad_input, twin.grad_weight) == ("2:4", "forward", "dense")
-    assert twin.grad_input_grad_output == "dense" and twin.decay == 0.0
-    assert exact_twin(recipe("tsm")).output == "transposable"
+    assert (twin.output_weight, twin.grad_input_weight, twin.grad_weight_mode) == (
+        "2:4",
+        "forward",
+        "dense",
+    )
+    assert twin.grad_input_dy == "dense" and twin.decay == 0.0
+    assert exact_twin(recipe("tsm")).output_weight == "transposable"
 
 
 def test_grad_fidelity_leaves_the_model_untouched():

@@ -174,16 +174,16 @@ def test_every_sparse_operand_is_2to4(name):
     w2 = w.reshape(12, -1)
     out_mask = output_weight_mask(w, cfg)
     w_out = w if out_mask is None else w * out_mask
-    if cfg.output != "dense":
+    if cfg.output_weight != "dense":
         assert is_2to4(w_out.reshape(12, -1), 1)  # along K
-    if cfg.output == "transposable":
+    if cfg.output_weight == "transposable":
         assert is_2to4(w_out.reshape(12, -1), 0)  # and along Co
     w_gi = grad_input_weight(w, out_mask, cfg).reshape(12, -1)
-    if cfg.grad_input == "2:4_co":
+    if cfg.grad_input_weight == "2:4_co":
         assert is_2to4(w_gi, 0)
-    if cfg.grad_input == "forward" and cfg.output != "dense":
+    if cfg.grad_input_weight == "forward" and cfg.output_weight != "dense":
         assert is_2to4(w_gi, 1)
-    assert not torch.equal(w_out.reshape(12, -1), w2) or cfg.output == "dense"
+    assert not torch.equal(w_out.reshape(12, -1), w2) or cfg.output_weight == "dense"
 
 
 def test_dense_recipe_is_bitwise_torch():
