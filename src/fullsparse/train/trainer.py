@@ -9,8 +9,8 @@ What differs between tasks (data, model, the loss of a batch, evaluation, the sc
 picks ``best.pt``) lives in a task plug-in (:class:`fullsparse.train.tasks.Task`):
 ``classify``, ``lm`` and ``detection``.
 
-One code path for every setting: single process or ``torchrun`` (DDP), CPU or CUDA, fp32 or
-autocast, eager or compiled. Optimisation follows the paper (§7.1) by default: SGD with
+One code path for every setting: single process or ``torchrun`` (DDP or FSDP2), CPU or CUDA,
+fp32 or autocast, eager or compiled. Optimisation follows the paper (§7.1) by default: SGD with
 momentum 0.9, lr 0.1 × batch/256, cosine decay to 0 per step after an optional linear
 warm-up, weight decay 7e-5, label smoothing 0.1.
 
