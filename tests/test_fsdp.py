@@ -1,8 +1,9 @@
 """FSDP2 (fully_shard) with sparse layers: 2 gloo processes equal 1 process on the global
 batch, masks come from the unsharded weights, and full state dicts save and resume.
 
-The workers are started with multiprocessing's spawn (no torchrun needed) and write their
-results to files that the test then compares with a single-process run of the same steps.
+The library tests start their workers with multiprocessing's spawn (no torchrun needed);
+they write their results to files that the test then compares with a single-process run of
+the same steps. The ``fullsparse train --fsdp`` tests run the CLI under torchrun.
 """
 
 from __future__ import annotations
