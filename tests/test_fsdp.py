@@ -1,13 +1,20 @@
 """FSDP2 (fully_shard) with sparse layers: 2 gloo processes equal 1 process on the global
 batch, masks come from the unsharded weights, and full state dicts save and resume.
 
-The workers are started with multiprocessing's spawn (no torchrun needed) and write their
-results to files that the test then compares with a single-process run of the same steps.
+The library tests start their workers with multiprocessing's spawn (no torchrun needed);
+they write their results to files that the test then compares with a single-process run of
+the same steps. The ``fullsparse train --fsdp`` tests run the CLI under torchrun.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +23,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fullsparse
-from fullsparse.errors import UserError
+from fullsparse.errors import ConfigError, UserError
 from fullsparse.models import build_model
 from fullsparse.nn import load_sparse_state_, sparse_modules, sparse_state_dict
+from fullsparse.train import TrainConfig, load_checkpoint, train
 from fullsparse.train.fsdp import full_state_dicts, load_full_state_dicts_, shard_model_
 
 WORLD = 2
@@ -150,3 +158,97 @@ def _check(recipe: str, got: dict) -> None:
 def test_shard_model_needs_a_process_group():
     with pytest.raises(UserError, match="torchrun"):
         shard_model_(_model("fst"))
+
+
+# -- fullsparse train --fsdp ------------------------------------------------------------------
+
+SRC = str(Path(fullsparse.__file__).resolve().parents[1])
+VIT = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+RUN = dict(
+    model="vit_tiny", model_kwargs=VIT, dataset="synthetic", synthetic_train=64,
+    synthetic_test=33,  # odd: the ranks evaluate different numbers of test batches
+    image_size=8, batch_size=16, epochs=2, lr=0.5, recipe="tsm", deterministic=True,
+    progress=False, quiet=True, plot=False,
+)  # fmt: skip
+
+
+def _torchrun(*args: str) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "fullsparse", "train", *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _cli_flags() -> list[str]:
+    flags = []
+    for key, value in RUN.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        else:
+            flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_fsdp_matches_one_process_and_resumes_with_or_without_fsdp(tmp_path):
+    one = tmp_path / "one"
+    train(TrainConfig(out=str(one), **RUN))
+    two, three = tmp_path / "two", tmp_path / "three"
+    # uninterrupted, with step checkpoints (gathered from the shards) inside each epoch
+    _torchrun(*_cli_flags(), "--fsdp", "--checkpoint-every", "2", "--out", str(two))
+    _torchrun(*_cli_flags(), "--fsdp", "--stop-after", "1", "--out", str(three))
+    shutil.copytree(three, tmp_path / "single")
+    _torchrun("--resume", "--out", str(three))  # the saved config carries --fsdp
+
+    m1, m2, m3 = _metrics(one), _metrics(two), _metrics(three)
+    assert len(m1) == len(m2) == len(m3) == 2 and m1[1]["train_loss"] != m1[0]["train_loss"]
+    for a, b in zip(m1, m2, strict=True):  # FSDP on 2 processes = 1 process, global batch
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+        assert b["test_top1"] == pytest.approx(a["test_top1"])  # all 33 images counted once
+        assert b["train_images"] == a["train_images"] == 64
+    for b, c in zip(m2, m3, strict=True):  # resumed under FSDP = uninterrupted FSDP
+        for key in ("train_loss", "test_loss", "train_acc", "test_top1"):
+            assert c[key] == pytest.approx(b[key], rel=1e-6), key
+    assert json.loads((three / "config.json").read_text())["fsdp"] is True
+
+    want = load_checkpoint(one / "last.pt")
+    for run in (two, three):
+        got = load_checkpoint(run / "last.pt")
+        assert list(got["model"]) == list(want["model"])  # the unsharded model's keys
+        for key, value in want["model"].items():
+            torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        masks = {k: v for k, v in got["sparse_state"].items() if "mask" in k}
+        assert masks  # tsm caches its transposable masks: those of the unsharded weights
+        for key, mask in masks.items():
+            assert torch.equal(mask, want["sparse_state"][key]), key
+        assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+
+    # the FSDP checkpoint holds unsharded states: one process resumes it without --fsdp
+    single = train(TrainConfig(out=str(tmp_path / "single"), resume=True, **RUN | {"fsdp": False}))
+    assert single["epochs_done"] == 2
+    assert _metrics(tmp_path / "single")[1]["train_loss"] == pytest.approx(
+        m1[1]["train_loss"], rel=1e-5
+    )
+
+
+def test_fsdp_refusals(tmp_path, capsys):
+    with pytest.raises(UserError, match="--fsdp shards the model over processes.*torchrun"):
+        train(TrainConfig(out=str(tmp_path / "r"), fsdp=True, **RUN))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="fsdp and compile clash"):
+        TrainConfig(fsdp=True, compile=True, **RUN)
+    with pytest.raises(ConfigError, match="fsdp clash.*task='detection'"):
+        TrainConfig(task="detection", fsdp=True)

@@ -66,6 +66,8 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--no-compile"], {"compile": False}, {}),
     (["--sync-bn"], {"sync_bn": True}, {}),
     (["--no-sync-bn"], {"sync_bn": False}, {}),
+    (["--fsdp"], {"fsdp": True}, {}),
+    (["--no-fsdp"], {"fsdp": False}, {}),
     (["--deterministic"], {"deterministic": True}, {}),
     (["--no-deterministic"], {"deterministic": False}, {}),
     (["--skip-nonfinite"], {"skip_nonfinite": True}, {}),
@@ -96,7 +98,7 @@ KEYS: dict[str, object] = {
     "weight_decay": 0.01, "no_wd_bn_bias": True, "label_smoothing": 0.2,
     "warmup_epochs": 0.5, "grad_clip": 2.5, "seed": 3, "workers": 2, "device": "cpu",
     "amp": "bf16", "channels_last": True, "compile": True, "sync_bn": True,
-    "deterministic": True, "skip_nonfinite": True, "out": "runs/x", "resume": True,
+    "fsdp": True, "deterministic": True, "skip_nonfinite": True, "out": "runs/x", "resume": True,
     "force": True, "stop_after": 1, "checkpoint_every": 10, "progress": False,
     "quiet": True, "plot": False,
 }  # fmt: skip

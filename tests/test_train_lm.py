@@ -387,27 +387,29 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     env["PYTHONPATH"] = str(Path(fullsparse.__file__).resolve().parents[1])
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "fullsparse", "train", *_lm_argv(corpus), "--steps-per-epoch", "4",
-        "--epochs", "2", "--test-subset", "33", "--lr", "0.01", "--recipe", "fst",
-        "--deterministic", "--quiet", "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (two["world_size"], single["world_size"]) == (2, 1)
-    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
-        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
-        assert b["train_tokens"] == a["train_tokens"] == 4 * 8 * 16
-    w1 = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
-    w2 = load_checkpoint(tmp_path / "two" / "last.pt")["model"]
-    d = GPT_SMALL["embed_dim"]
-    for key in w1:
-        a, b = w1[key], w2[key]
-        if key.endswith("attn.qkv.bias"):
-            # The key bias has exactly zero gradient (softmax ignores a shift shared by all
-            # keys), so Adam turns float noise of the reduction order into lr-sized steps.
-            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=key)
+    for name, extra in (("two", []), ("fsdp", ["--fsdp"])):  # DDP, then FSDP2 sharding
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "-m", "fullsparse", "train", *_lm_argv(corpus), "--steps-per-epoch", "4",
+            "--epochs", "2", "--test-subset", "33", "--lr", "0.01", "--recipe", "fst",
+            "--deterministic", "--quiet", "--out", str(tmp_path / name), *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (two["world_size"], single["world_size"]) == (2, 1)
+        for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / name), strict=True):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+            assert b["train_tokens"] == a["train_tokens"] == 4 * 8 * 16
+        w1 = load_checkpoint(tmp_path / "one" / "last.pt")["model"]
+        w2 = load_checkpoint(tmp_path / name / "last.pt")["model"]
+        d = GPT_SMALL["embed_dim"]
+        for key in w1:
+            a, b = w1[key], w2[key]
+            if key.endswith("attn.qkv.bias"):
+                # The key bias has exactly zero gradient (softmax ignores a shift shared by
+                # all keys), so Adam turns float noise of the reduction order into lr-sized
+                # steps.
+                a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")

@@ -140,11 +140,12 @@ def build_scheduler(
 
 
 def wrap_model(
-    raw_model: nn.Module, world: int, device: torch.device, compile_model: bool
+    raw_model: nn.Module, world: int, device: torch.device, compile_model: bool, fsdp: bool = False
 ) -> nn.Module:
-    """DDP over ``world`` > 1 processes, then ``torch.compile`` if asked."""
+    """DDP over ``world`` > 1 processes (not for a model that ``fsdp`` sharded already), then
+    ``torch.compile`` if asked."""
     model = raw_model
-    if world > 1:
+    if world > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None
         )

@@ -241,6 +241,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (refused clearly if it cannot work)")
     #: Under DDP, replace BatchNorm by SyncBatchNorm (global-batch statistics).
     sync_bn: bool = option(False, "SyncBatchNorm under torchrun (global batch statistics)")
+    #: Under torchrun, shard the model with FSDP2 (a unit per sparse layer) instead of DDP.
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun instead of DDP")
     #: ``torch.use_deterministic_algorithms(True)`` + seeding: reruns and resumes are
     #: bit-identical on CPU with the same thread count (float sums depend on it), and on
     #: CUDA where every op has a deterministic kernel.

@@ -70,6 +70,8 @@ def check_task_fields(config: Any) -> None:
     from fullsparse.models import LM_MODELS, MODELS
 
     model, dataset = config.model, config.dataset
+    if config.fsdp and config.compile:
+        raise ConfigError("fsdp and compile clash: a sharded model runs eagerly; drop --compile")
     if config.checkpoint_every and config.task != "classify":
         raise ConfigError(
             f"checkpoint_every={config.checkpoint_every} is for task='classify'; task="
@@ -180,6 +182,7 @@ def check_detection_fields(config: Any) -> None:
             ("channels_last", config.channels_last),
             ("compile", config.compile),
             ("sync_bn", config.sync_bn),
+            ("fsdp", config.fsdp),
         )
         if on
     ]

@@ -22,10 +22,19 @@ clone that output or add out of place.
 
 Works with the process group that :func:`fullsparse.train.distributed.init_distributed`
 starts: gloo on CPU, nccl on CUDA.
+
+``fullsparse train --fsdp`` (under ``torchrun``) calls :func:`shard_model_` before it
+builds the optimizer; :func:`checkpoint_states`, :func:`load_model_state_` and
+:func:`load_optimizer_state_` for ``last.pt``, which is the file a single-process run
+writes, so a checkpoint resumes with or without ``--fsdp`` and on any number of processes;
+and :func:`unsharded` for evaluation, where the ranks may run different numbers of test
+batches.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,7 +43,25 @@ from torch import nn
 from fullsparse.errors import UserError
 from fullsparse.nn import sparse_modules
 
-__all__ = ["shard_model_", "full_state_dicts", "load_full_state_dicts_"]
+__all__ = [
+    "check_fsdp",
+    "shard_model_",
+    "full_state_dicts",
+    "load_full_state_dicts_",
+    "checkpoint_states",
+    "load_model_state_",
+    "load_optimizer_state_",
+    "unsharded",
+]
+
+
+def check_fsdp(world: int) -> None:
+    """``--fsdp`` needs several processes (it shards the model over them)."""
+    if world < 2:
+        raise UserError(
+            "--fsdp shards the model over processes: start with torchrun --nproc_per_node N "
+            "(N >= 2) -m fullsparse train ..., or run without it (--no-fsdp)"
+        )
 
 
 def _fully_shard() -> Any:
@@ -121,3 +148,100 @@ def load_full_state_dicts_(
     set_model_state_dict(model, model_state, options=_options())
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state, options=_options())
+
+
+def _names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names in the order of ``optimizer.state_dict()``'s integer ids."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def checkpoint_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model.state_dict(), optimizer.state_dict())`` as the unsharded model and its
+    optimizer would give them: the model's keys, the optimizer's integer parameter ids.
+
+    A collective: every rank calls it; rank 0 gets the state, the others empty dicts.
+    """
+    model_state, by_name = full_state_dicts(model, optimizer)
+    if not model_state:
+        return {}, {}
+    assert by_name is not None
+    index = {name: i for i, name in enumerate(_names(model, optimizer))}
+    groups = [
+        {**group, "params": [index[n] for n in group["params"]]}
+        for group in by_name["param_groups"]
+    ]
+    state = {index[name]: value for name, value in by_name["state"].items()}
+    return model_state, {"state": state, "param_groups": groups}
+
+
+def _sharded(model: nn.Module) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # no process group, no sharding (and no FSDP import)
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def load_model_state_(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load an unsharded ``model.state_dict()`` (of :func:`checkpoint_states`, or of a
+    single-process run) into ``model``, sharded or not. Sharded: a collective, every rank
+    calls it with the same dict and keeps its shard."""
+    if not _sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options())
+
+
+def load_optimizer_state_(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load an unsharded ``optimizer.state_dict()`` (integer parameter ids) into the
+    optimizer of ``model``, sharded or not; a collective when sharded.
+
+    Raises:
+        ValueError: the state's parameter groups do not fit this optimizer.
+    """
+    if not _sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _names(model, optimizer)
+    groups = state["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError("loaded state dict has a different number of parameter groups or sizes")
+    by_name = {
+        "state": {names[int(i)]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=_options())
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of ``model`` gathered whole, and kept whole through its forwards,
+    until the block ends (a no-op for a model without FSDP units).
+
+    For evaluation: with no all-gather left inside a forward, the ranks may run different
+    numbers of batches (the last test batches of an uneven split).
+    """
+    if not _sharded(model):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

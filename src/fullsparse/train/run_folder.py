@@ -199,12 +199,27 @@ class Checkpointer:
         self.trainer = trainer
         self.run_dir = trainer.config.run_dir
 
+    def states(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The model's and optimizer's state dicts (unsharded) on rank 0, None elsewhere.
+        Every rank calls it: under FSDP gathering the shards is a collective."""
+        t = self.trainer
+        if t.config.fsdp:
+            from fullsparse.train.fsdp import checkpoint_states
+
+            states = checkpoint_states(t.raw_model, t.optimizer)
+            return states if t.dist.is_main else None
+        return (t.raw_model.state_dict(), t.optimizer.state_dict()) if t.dist.is_main else None
+
     def save_last(self) -> None:
         """Write ``last.pt`` atomically: everything a resume needs, at an epoch end or (with
-        ``state.step`` > 0) inside epoch ``state.epoch``."""
+        ``state.step`` > 0) inside epoch ``state.epoch``. Every rank calls it; rank 0
+        writes."""
         from fullsparse.nn import sparse_state_dict
 
         t, run = self.trainer, self.trainer.state
+        states = self.states()
+        if states is None:
+            return
         ckpt.save_checkpoint(
             self.run_dir / "last.pt",
             {
@@ -214,9 +229,9 @@ class Checkpointer:
                 "loader_epoch": run.epoch,
                 "step": run.step,
                 "partial": dict(run.partial),
-                "model": t.raw_model.state_dict(),
+                "model": states[0],
                 "sparse_state": sparse_state_dict(t.raw_model),
-                "optimizer": t.optimizer.state_dict(),
+                "optimizer": states[1],
                 "scheduler": t.scheduler.state_dict(),
                 "scaler": t.scaler.state_dict() if t.scaler is not None else None,
                 "rng": ckpt.capture_rng(),
@@ -231,11 +246,14 @@ class Checkpointer:
         )
 
     def save_epoch(self, metrics: dict[str, Any], is_best: bool) -> None:
-        """Append the epoch's metrics line, write ``last.pt``, copy it to ``best.pt``."""
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        """Append the epoch's metrics line, write ``last.pt``, copy it to ``best.pt``.
+        Every rank calls it; rank 0 writes."""
+        main = self.trainer.dist.is_main
+        if main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
         self.save_last()
-        if is_best:
+        if main and is_best:
             ckpt.copy_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
@@ -245,12 +263,16 @@ class Checkpointer:
         before the first step, or a resumed run would differ from an uninterrupted one.
         """
         from fullsparse.nn import load_sparse_state_
+        from fullsparse.train.fsdp import load_model_state_, load_optimizer_state_
 
         t, run = self.trainer, self.trainer.state
         parts = (
-            ("model weights", lambda: t.raw_model.load_state_dict(state["model"])),
+            ("model weights", lambda: load_model_state_(t.raw_model, state["model"])),
             ("sparsity state", lambda: load_sparse_state_(t.raw_model, state["sparse_state"])),
-            ("optimizer state", lambda: t.optimizer.load_state_dict(state["optimizer"])),
+            (
+                "optimizer state",
+                lambda: load_optimizer_state_(t.raw_model, t.optimizer, state["optimizer"]),
+            ),
             ("learning-rate schedule", lambda: t.scheduler.load_state_dict(state["scheduler"])),
         )
         if t.scaler is not None and state.get("scaler"):
@@ -317,8 +339,8 @@ def log_resume(log: RunLog, config: TrainConfig, state: dict[str, Any], path: Pa
 
 
 #: Fields a resume may change besides RUN_CONTROL: more epochs (the schedule is stretched
-#: from the checkpoint on) and where it runs.
-_RESUME_MAY_CHANGE = (*RUN_CONTROL, "epochs", "device")
+#: from the checkpoint on) and where it runs (an FSDP checkpoint holds unsharded states).
+_RESUME_MAY_CHANGE = (*RUN_CONTROL, "epochs", "device", "fsdp")
 
 
 def resume_config(config_file: str | Path | None, given: dict[str, Any]) -> TrainConfig:

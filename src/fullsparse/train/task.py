@@ -174,6 +174,7 @@ def settings_line(trainer: Trainer, batch: str) -> str:
     flags = (
         ("channels-last", c.channels_last),
         ("compiled", c.compile),
+        ("FSDP", c.fsdp),
         ("deterministic", c.deterministic),
     )
     return text + "".join(f", {name}" for name, on in flags if on)

@@ -9,8 +9,8 @@ What differs between tasks (data, model, the loss of a batch, evaluation, the sc
 picks ``best.pt``) lives in a task plug-in (:class:`fullsparse.train.tasks.Task`):
 ``classify``, ``lm`` and ``detection``.
 
-One code path for every setting: single process or ``torchrun`` (DDP), CPU or CUDA, fp32 or
-autocast, eager or compiled. Optimisation follows the paper (§7.1) by default: SGD with
+One code path for every setting: single process or ``torchrun`` (DDP or FSDP2), CPU or CUDA,
+fp32 or autocast, eager or compiled. Optimisation follows the paper (§7.1) by default: SGD with
 momentum 0.9, lr 0.1 × batch/256, cosine decay to 0 per step after an optional linear
 warm-up, weight decay 7e-5, label smoothing 0.1.
 
@@ -57,6 +57,7 @@ from fullsparse.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from fullsparse.train.fsdp import check_fsdp, shard_model_, unsharded
 from fullsparse.train.guard import StepGuard
 from fullsparse.train.plot import MATPLOTLIB_HINT
 from fullsparse.train.progress import ProgressBar
@@ -128,6 +129,8 @@ class Trainer:
             )
         self.local_batch = config.batch_size // self.world
         task.check(self.world, self.device)
+        if config.fsdp:
+            check_fsdp(self.world)
         error: BaseException | None = None
         model = None
         try:
@@ -156,6 +159,8 @@ class Trainer:
         raw_model.to(self.device)
         if config.channels_last:
             raw_model.to(memory_format=torch.channels_last)
+        if config.fsdp:  # before the optimizer, which must hold the sharded parameters
+            shard_model_(raw_model)
         self.raw_model = raw_model
         self.optimizer = build_optimizer(raw_model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
@@ -166,7 +171,10 @@ class Trainer:
         if self.saved is not None:
             assert self.resume_from is not None
             self.checkpoints.restore(self.saved, self.resume_from)
-        self.model = wrap_model(self.raw_model, self.world, self.device, self.config.compile)
+        config = self.config
+        self.model = wrap_model(
+            self.raw_model, self.world, self.device, config.compile, config.fsdp
+        )
         # Evaluation needs no gradient sync, and under DDP the ranks' last test batches may
         # differ in number: DDP's per-forward buffer broadcast would then wait forever.
         self.eval_model = self.model if self.world == 1 else self.raw_model
@@ -314,15 +322,15 @@ class Trainer:
             "skipped": guard.skipped,
             "seconds": seconds,
         }
-        if self.dist.is_main:
-            self.checkpoints.save_last()
-            self.log.info(f"checkpoint: {guard.where(step)}", console=False)
+        self.checkpoints.save_last()  # every rank: gathering FSDP shards is a collective
+        self.log.info(f"checkpoint: {guard.where(step)}", console=False)
 
     def evaluate(self) -> dict[str, Any]:
         """The task's evaluation of this epoch's model (and how long it took)."""
         start = time.perf_counter()
         broadcast_buffers(self.raw_model, self.dist)
-        metrics = self.task.evaluate(self.eval_model, self)
+        with unsharded(self.raw_model):  # FSDP: no all-gather in a forward, ranks may differ
+            metrics = self.task.evaluate(self.eval_model, self)
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics
 
@@ -338,8 +346,7 @@ class Trainer:
             run.best, run.best_epoch = score, epoch + 1
         line = self.task.epoch_format.format(**metrics)
         self.log.info(f"epoch {epoch + 1}/{self.config.epochs}: {line}")
-        if self.dist.is_main:
-            self.checkpoints.save_epoch(metrics, is_best)
+        self.checkpoints.save_epoch(metrics, is_best)  # every rank; rank 0 writes
         barrier(self.dist)
 
     # -- summary --------------------------------------------------------------------------
