@@ -186,40 +186,63 @@ class GemmLinearKernel(_GemmKernel):
         return dx.reshape(*grad_output.shape[:-1], d_in)
 
 
-class Gemm1x1ConvKernel(_GemmKernel):
-    """1×1, stride-1, unpadded, ungrouped conv as a GEMM over ``[N·H·W, Ci]``."""
+class _ConvGemmKernel(_GemmKernel):
+    """A conv kernel: each role dense (plain torch) unless the recipe makes it 2:4; the
+    subclass says how a 2:4 role is laid out as a GEMM."""
 
     def output(
         self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
     ) -> Tensor:
         if not self.output_sparse:
             return conv_output(input, weight_out, bias, geo)
-        n, _, h, w = input.shape
-        y = self._output_rows(_nchw_to_rows(input), weight_out, bias)
-        return _rows_to_nchw(y, n, h, w, like=input)
+        return self._sparse_output(input, weight_out, bias, geo)
 
     def grad_input(
         self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
     ) -> Tensor:
         if not self.grad_input_sparse:
             return conv_grad_input(grad_output, input, weight_gi, geo)
+        return self._sparse_grad_input(grad_output, input, weight_gi, geo)
+
+    def _sparse_output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _sparse_grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class Gemm1x1ConvKernel(_ConvGemmKernel):
+    """1×1, stride-1, unpadded, ungrouped conv as a GEMM over ``[N·H·W, Ci]``."""
+
+    def _sparse_output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
+        n, _, h, w = input.shape
+        y = self._output_rows(_nchw_to_rows(input), weight_out, bias)
+        return _rows_to_nchw(y, n, h, w, like=input)
+
+    def _sparse_grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
         n, _, h, w = input.shape
         dx = self._grad_input_rows(_nchw_to_rows(grad_output), weight_gi)  # [N·H·W, Ci]
         return _rows_to_nchw(dx, n, h, w, like=input)
 
 
-class Im2colConvKernel(_GemmKernel):
+class Im2colConvKernel(_ConvGemmKernel):
     """Any ungrouped conv as ``unfold`` (im2col) → 2:4 GEMM → ``fold`` (col2im).
 
     The column matrix costs ``kh·kw`` times the input's memory and traffic; whether the 2:4
     GEMM wins that back is shape dependent, which is why ``backend="auto"`` measures it.
     """
 
-    def output(
+    def _sparse_output(
         self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
     ) -> Tensor:
-        if not self.output_sparse:
-            return conv_output(input, weight_out, bias, geo)
         n = input.shape[0]
         _, cig, kh, kw = weight_out.shape
         k = cig * kh * kw
@@ -229,11 +252,9 @@ class Im2colConvKernel(_GemmKernel):
         y = self._output_rows(a2d, weight_out, bias)  # [N·L, Co]
         return _rows_to_nchw(y, n, ho, wo, like=input)
 
-    def grad_input(
+    def _sparse_grad_input(
         self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
     ) -> Tensor:
-        if not self.grad_input_sparse:
-            return conv_grad_input(grad_output, input, weight_gi, geo)
         n, _, h, w = input.shape
         _, cig, kh, kw = weight_gi.shape
         k = cig * kh * kw
