@@ -8,7 +8,23 @@ to change it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("FULLSPARSE_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny tensors, whatever FULLSPARSE_TEST_THREADS says.
+
+    They gain nothing from 2 OpenMP threads, and when the 2 cores are busy (parallel test
+    runs) spinning OpenMP barriers made each op ~10x slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,6 +21,7 @@ from fullsparse.commands.train import config_from_args
 from fullsparse.masks import is_2to4
 from fullsparse.models import build_model
 from fullsparse.train import TrainConfig, load_trained_model, train
+from test_reliability_limits import one_line_error as _one_line_error
 
 SRC = str(Path(fullsparse.__file__).resolve().parents[1])
 TINY = [
@@ -44,17 +45,6 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _one_line_error(capsys, argv, needle) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

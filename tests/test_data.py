@@ -10,7 +10,6 @@ import struct
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,18 +30,7 @@ from fullsparse.data.imagefolder import center_crop_box, random_resized_crop_box
 from fullsparse.data.tensor import crop_and_flip, normalize
 from fullsparse.errors import DataNotFoundError, UserError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run this module's tiny tensors on one thread.
-
-    They gain nothing from 2 OpenMP threads, and when the 2 cores are busy (parallel test
-    runs) spinning OpenMP barriers made each op ~10x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- IDX

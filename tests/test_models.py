@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,18 +15,7 @@ from fullsparse.errors import UserError
 from fullsparse.models import MODELS, build_model, default_patch_size, head_name
 from fullsparse.models.tv import replace_first_conv_
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Run this module's tiny tensors on one thread.
-
-    They gain nothing from 2 OpenMP threads, and when the 2 cores are busy (parallel test
-    runs) spinning OpenMP barriers made each op ~10x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Shrunk ViT for CPU tests: same code path, 2 blocks of width 48.

@@ -20,22 +20,13 @@ from fullsparse.data import build_datasets, write_idx
 from fullsparse.data import fashion_mnist as fm
 from fullsparse.errors import DataNotFoundError
 from fullsparse.train import TrainConfig, load_checkpoint, train
+from test_reliability_limits import one_line_error as _one_line_error
 
 TINY = [
     "--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32",
     "--image-size", "8", "--batch-size", "16", "--epochs", "1",
     "--no-progress", "--no-plot", "--quiet",
 ]  # fmt: skip
-
-
-def _one_line_error(capsys, argv, needle) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err and needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

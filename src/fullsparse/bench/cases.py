@@ -23,11 +23,9 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return conv_output_size(size, kernel, stride, padding)
 
 
-@dataclass(frozen=True)
-class ConvShape:
-    """One conv layer at one input size: ``[batch, cin, size, size]`` → ``cout``."""
+class _SquareConv:
+    """What every conv case shares: a square input, padding ``kernel // 2``, dilation 1."""
 
-    name: str
     cin: int
     cout: int
     kernel: int
@@ -43,10 +41,26 @@ class ConvShape:
     def out_size(self) -> int:
         return conv_out_size(self.size, self.kernel, self.stride, self.padding)
 
+    def _gemm_flops(self) -> int:
+        """FLOPs of one dense GEMM role (2·Co·K·N·Ho·Wo, K = Ci·k·k)."""
+        return 2 * self.cout * self.cin * self.kernel**2 * self.batch * self.out_size**2
+
+
+@dataclass(frozen=True)
+class ConvShape(_SquareConv):
+    """One conv layer at one input size: ``[batch, cin, size, size]`` → ``cout``."""
+
+    name: str
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    size: int  # input height = width
+    batch: int
+
     def gemm_flops(self) -> int:
         """FLOPs of one dense GEMM role (2·Co·K·N·Ho·Wo)."""
-        k = self.cin * self.kernel * self.kernel
-        return 2 * self.cout * k * self.batch * self.out_size**2
+        return self._gemm_flops()
 
 
 def resnet18_shapes(cifar_batch: int = 128, imagenet_batch: int = 16) -> list[ConvShape]:
@@ -89,7 +103,7 @@ class LinearCase:
 
 
 @dataclass(frozen=True)
-class ConvCase:
+class ConvCase(_SquareConv):
     """A conv ``[batch, cin, size, size] → cout`` (padding kernel//2, channels-last)."""
 
     name: str
@@ -102,16 +116,8 @@ class ConvCase:
     batch: int
 
     @property
-    def padding(self) -> int:
-        return self.kernel // 2
-
-    @property
-    def out_size(self) -> int:
-        return conv_out_size(self.size, self.kernel, self.stride, self.padding)
-
-    @property
     def gemm_flops(self) -> int:
-        return 2 * self.cout * self.cin * self.kernel**2 * self.batch * self.out_size**2
+        return self._gemm_flops()
 
 
 def suite_cases(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -138,6 +138,49 @@ def check_case(
 
 
 # --------------------------------------------------------------------------- layer timing
+def _pick(seq: list[Tensor], i: int) -> Tensor:
+    """Call ``i``'s tensor of a pool (cycling, so repeats do not hit a warm cache)."""
+    return seq[i % len(seq)]
+
+
+def _time_roles(
+    ctx: GpuContext,
+    xs: list[Tensor],
+    dys: list[Tensor],
+    w: Tensor,
+    b: Tensor,
+    layer: Callable[[Tensor, Tensor, Tensor], Tensor],
+    grad_input: Callable[[int], Any],
+    grad_weight: Callable[[int], Any],
+    kernel_name: str,
+    pool: int,
+) -> dict[str, float | str]:
+    """Times of one layer's roles: the forward ``layer(x, w, b)`` without autograd, the two
+    backward GEMMs alone, and a whole forward + backward through autograd."""
+    wr = w.detach().clone().requires_grad_(True)
+    br = b.detach().clone().requires_grad_(True)
+
+    def forward(i: int) -> Any:
+        with torch.no_grad(), ctx.amp():
+            return layer(_pick(xs, i), w, b)
+
+    def total(i: int) -> None:
+        x = _pick(xs, i).detach().requires_grad_(True)
+        with ctx.amp():
+            y = layer(x, wr, br)
+        y.backward(_pick(dys, i))
+        wr.grad = br.grad = None
+
+    return {
+        "forward_ms": ctx.time(forward),
+        "grad_input_ms": ctx.time(grad_input),
+        "grad_weight_ms": ctx.time(grad_weight),
+        "total_ms": ctx.time(total),
+        "kernel": kernel_name,
+        "pool": pool,
+    }
+
+
 def layer_variants(case: LinearCase | ConvCase, ctx: GpuContext) -> list[tuple[str, str, str]]:
     """(label, recipe, backend) rows for one shape; ``torch`` = plain torch ops."""
     rows = [("dense", "dense", "torch")] + [(r, r, ctx.backend) for r in LAYER_RECIPES[1:]]
@@ -166,30 +209,19 @@ def time_linear(
     dys = [
         torch.randn(case.batch, case.tokens, case.d_out, device=dev, dtype=dt) for _ in range(pool)
     ]
-    wr = w.detach().clone().requires_grad_(True)
-    br = b.detach().clone().requires_grad_(True)
-    pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
 
     if backend == "torch":  # the baseline every ratio divides: torch's own layer
         w_c = w.to(dt)
 
-        def forward(i: int) -> Any:
-            with torch.no_grad(), ctx.amp():
-                return F.linear(pick(xs, i), w, b)
-
         def grad_input(i: int) -> Any:
-            return pick(dys, i).matmul(w_c)
+            return _pick(dys, i).matmul(w_c)
 
         def grad_weight(i: int) -> Any:
-            dy, x = pick(dys, i), pick(xs, i)
+            dy, x = _pick(dys, i), _pick(xs, i)
             return dy.reshape(-1, case.d_out).t().mm(x.reshape(-1, case.d_in))
 
-        def total(i: int) -> None:
-            x = pick(xs, i).detach().requires_grad_(True)
-            with ctx.amp():
-                y = F.linear(x, wr, br)
-            y.backward(pick(dys, i))
-            wr.grad = br.grad = None
+        def layer(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return F.linear(x, weight, bias)
 
         kernel_name = "torch"
     else:
@@ -198,30 +230,16 @@ def time_linear(
         kernel_name = repr(kernel)
         out_mask = output_weight_mask(w, cfg)  # the forward saves it for the backward
 
-        def forward(i: int) -> Any:
-            with torch.no_grad(), ctx.amp():
-                return sparse_linear(pick(xs, i), w, b, config=cfg, backend=backend)
-
         def grad_input(i: int) -> Any:
-            return linear_grad_input_for(cfg, pick(dys, i), w, out_mask, kernel=kernel)
+            return linear_grad_input_for(cfg, _pick(dys, i), w, out_mask, kernel=kernel)
 
         def grad_weight(i: int) -> Any:
-            return linear_grad_weight_for(cfg, pick(xs, i), pick(dys, i), w, out_mask)
+            return linear_grad_weight_for(cfg, _pick(xs, i), _pick(dys, i), w, out_mask)
 
-        def total(i: int) -> None:
-            x = pick(xs, i).detach().requires_grad_(True)
-            with ctx.amp():
-                y = sparse_linear(x, wr, br, config=cfg, backend=backend)
-            y.backward(pick(dys, i))
-            wr.grad = br.grad = None
+        def layer(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return sparse_linear(x, weight, bias, config=cfg, backend=backend)
 
-    out = {
-        "forward_ms": ctx.time(forward),
-        "grad_input_ms": ctx.time(grad_input),
-        "grad_weight_ms": ctx.time(grad_weight),
-        "total_ms": ctx.time(total),
-    }
-    return {**out, "kernel": kernel_name, "pool": pool}
+    return _time_roles(ctx, xs, dys, w, b, layer, grad_input, grad_weight, kernel_name, pool)
 
 
 def time_conv(case: ConvCase, name: str, backend: str, ctx: GpuContext) -> dict[str, float | str]:
@@ -247,30 +265,19 @@ def time_conv(case: ConvCase, name: str, backend: str, ctx: GpuContext) -> dict[
         torch.randn(case.batch, case.cout, o, o, device=dev, dtype=dt).contiguous(memory_format=cl)
         for _ in range(pool)
     ]
-    wr = w.detach().clone().requires_grad_(True)
-    br = b.detach().clone().requires_grad_(True)
-    pick = lambda seq, i: seq[i % len(seq)]  # noqa: E731
     s, p = case.stride, case.padding
 
     if backend == "torch":
         w_c = w.to(dt)
 
-        def forward(i: int) -> Any:
-            with torch.no_grad(), ctx.amp():
-                return F.conv2d(pick(xs, i), w, b, s, p)
-
         def grad_input(i: int) -> Any:
-            return conv_grad_input(pick(dys, i), pick(xs, i), w_c, geo)
+            return conv_grad_input(_pick(dys, i), _pick(xs, i), w_c, geo)
 
         def grad_weight(i: int) -> Any:
-            return conv_grad_weight(pick(xs, i), pick(dys, i), w_c, geo, "dense")
+            return conv_grad_weight(_pick(xs, i), _pick(dys, i), w_c, geo, "dense")
 
-        def total(i: int) -> None:
-            x = pick(xs, i).detach().requires_grad_(True)
-            with ctx.amp():
-                y = F.conv2d(x, wr, br, s, p)
-            y.backward(pick(dys, i))
-            wr.grad = br.grad = None
+        def layer(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return F.conv2d(x, weight, bias, s, p)
 
         kernel_name = "torch"
     else:
@@ -279,29 +286,15 @@ def time_conv(case: ConvCase, name: str, backend: str, ctx: GpuContext) -> dict[
         kernel_name = repr(kernel)
         out_mask = output_weight_mask(w, cfg)
 
-        def forward(i: int) -> Any:
-            with torch.no_grad(), ctx.amp():
-                return sparse_conv2d(pick(xs, i), w, b, s, p, config=cfg, backend=backend)
-
         def grad_input(i: int) -> Any:
             return conv_grad_input_for(
-                cfg, pick(dys, i), pick(xs, i), w, out_mask, geo, kernel=kernel
+                cfg, _pick(dys, i), _pick(xs, i), w, out_mask, geo, kernel=kernel
             )
 
         def grad_weight(i: int) -> Any:
-            return conv_grad_weight_for(cfg, pick(xs, i), pick(dys, i), w, out_mask, geo)
+            return conv_grad_weight_for(cfg, _pick(xs, i), _pick(dys, i), w, out_mask, geo)
 
-        def total(i: int) -> None:
-            x = pick(xs, i).detach().requires_grad_(True)
-            with ctx.amp():
-                y = sparse_conv2d(x, wr, br, s, p, config=cfg, backend=backend)
-            y.backward(pick(dys, i))
-            wr.grad = br.grad = None
+        def layer(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+            return sparse_conv2d(x, weight, bias, s, p, config=cfg, backend=backend)
 
-    out = {
-        "forward_ms": ctx.time(forward),
-        "grad_input_ms": ctx.time(grad_input),
-        "grad_weight_ms": ctx.time(grad_weight),
-        "total_ms": ctx.time(total),
-    }
-    return {**out, "kernel": kernel_name, "pool": pool}
+    return _time_roles(ctx, xs, dys, w, b, layer, grad_input, grad_weight, kernel_name, pool)

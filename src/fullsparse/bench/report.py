@@ -6,6 +6,7 @@ the table the CLI prints and ``--markdown`` saves. Nothing here measures anythin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["format_layers", "format_gpu", "format_steps", "machine_line"]
@@ -13,6 +14,23 @@ __all__ = ["format_layers", "format_gpu", "format_steps", "machine_line"]
 
 def _f(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _table(head: str, align: str, rows: Iterable[str]) -> list[str]:
+    """A blank line, then a markdown table: the header ``head`` ("a | b"), one column
+    alignment a letter (``l`` left, ``r`` right), then the rows."""
+    rule = "".join("---:|" if a == "r" else "---|" for a in align)
+    return ["", f"| {head} |", "|" + rule, *rows]
+
+
+def _targets(result: dict[str, Any], labels: dict[str, tuple[str, str]]) -> list[str]:
+    """The table of ``result["targets"]``: per key its label, value, goal and whether met."""
+    rows = []
+    for key, (label, op) in labels.items():
+        t = result["targets"][key]
+        met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
+        rows.append(f"| {label} | {_f(t['value'])} | {op} {t['target']} | {met} |")
+    return _table("target | value | goal | met", "lrrl", rows)
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -27,28 +45,26 @@ def machine_line(m: dict[str, Any]) -> str:
 
 def format_layers(result: dict[str, Any]) -> str:
     """Markdown tables: per-role times and ratios vs dense, then the mask overhead."""
-    lines = [
-        "| layer | recipe | forward ms | grad_input ms | grad_weight ms | total ms "
-        "| grad_weight × | total × |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for t in result["layers"]:
-        r = t["ratios"]
-        lines.append(
+    lines = _table(
+        "layer | recipe | forward ms | grad_input ms | grad_weight ms | total ms "
+        "| grad_weight × | total ×",
+        "llrrrrrr",
+        (
             f"| {t['shape']} | {t['recipe']} | {t['forward_ms']:.2f} | {t['grad_input_ms']:.2f} "
-            f"| {t['grad_weight_ms']:.2f} | {t['total_ms']:.2f} | {r['grad_weight']:.2f} "
-            f"| {r['total']:.2f} |"
-        )
-    lines += [
-        "",
-        "| layer | S(W) ms | S(Wᵀ) ms | dense layer total ms | overhead % |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for o in result["mask_overhead"]:
-        lines.append(
+            f"| {t['grad_weight_ms']:.2f} | {t['total_ms']:.2f} "
+            f"| {t['ratios']['grad_weight']:.2f} | {t['ratios']['total']:.2f} |"
+            for t in result["layers"]
+        ),
+    )[1:]  # the first table: no blank line above it
+    lines += _table(
+        "layer | S(W) ms | S(Wᵀ) ms | dense layer total ms | overhead %",
+        "lrrrr",
+        (
             f"| {o['shape']} | {o['s_w_ms']:.3f} | {o['s_wt_ms']:.3f} | "
             f"{o['dense_total_ms']:.2f} | {o['percent']:.2f} |"
-        )
+            for o in result["mask_overhead"]
+        ),
+    )
     return "\n".join(lines)
 
 
@@ -68,72 +84,64 @@ def format_gpu(result: dict[str, Any]) -> str:
         lines.append(
             "**Dry run: tiny shapes on CPU, emulation backend; the numbers mean nothing.**"
         )
-    lines += ["", "| target | value | goal | met |", "|---|---:|---:|---|"]
-    goals = {
-        "fst_large_linear_total_speedup": (
-            "fst layer total vs dense, ViT-L/GPT Linear (min)",
-            ">=",
-        ),
-        "fst_vit_b_step_speedup": ("ViT-B/16 training step, dense / fst", ">="),
-        "fst_overhead_percent": ("fst overhead, % of step (max)", "<="),
-    }
-    for key, (label, op) in goals.items():
-        t = result["targets"][key]
-        met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
-        lines.append(f"| {label} | {_f(t['value'])} | {op} {t['target']} | {met} |")
-    lines += [
-        "",
-        "| correctness: shape | recipe | 2:4 roles | out err | grad_in err | grad_w err | tol "
-        "| ok |",
-        "|---|---|---|---:|---:|---:|---:|---|",
-    ]
-    for c in result["correctness"]:
-        e = c["rel_err"]
-        lines.append(
+    lines += _targets(
+        result,
+        {
+            "fst_large_linear_total_speedup": (
+                "fst layer total vs dense, ViT-L/GPT Linear (min)",
+                ">=",
+            ),
+            "fst_vit_b_step_speedup": ("ViT-B/16 training step, dense / fst", ">="),
+            "fst_overhead_percent": ("fst overhead, % of step (max)", "<="),
+        },
+    )
+    lines += _table(
+        "correctness: shape | recipe | 2:4 roles | out err | grad_in err | grad_w err | tol | ok",
+        "lllrrrrl",
+        (
             f"| {c['shape']} | {c['recipe']} | {', '.join(c['sparse_roles']) or 'none'} | "
-            f"{e['output']:.1e} | {e['grad_input']:.1e} | {e['grad_weight']:.1e} | "
+            f"{c['rel_err']['output']:.1e} | {c['rel_err']['grad_input']:.1e} | "
+            f"{c['rel_err']['grad_weight']:.1e} | "
             f"{c['tolerance']:.0e} | {'yes' if c['passed'] else 'NO'} |"
-        )
-    lines += [
-        "",
-        "| layer | variant | forward ms | grad_input ms | grad_weight ms | total ms | fwd × "
-        "| grad_in × | grad_w × | total × |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["layers"]:
-        x = r["speedup"]
-        lines.append(
+            for c in result["correctness"]
+        ),
+    )
+    lines += _table(
+        "layer | variant | forward ms | grad_input ms | grad_weight ms | total ms | fwd × "
+        "| grad_in × | grad_w × | total ×",
+        "llrrrrrrrr",
+        (
             f"| {r['shape']} | {r['label']} | {_f(r['forward_ms'], 3)} | "
             f"{_f(r['grad_input_ms'], 3)} | {_f(r['grad_weight_ms'], 3)} | {_f(r['total_ms'], 3)} "
-            f"| {_f(x['forward'])} | {_f(x['grad_input'])} | {_f(x['grad_weight'])} "
-            f"| {_f(x['total'])} |"
-        )
-    lines += [
-        "",
-        "| model | recipe | batch | step ms | images/s | × dense | layer backends |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
+            f"| {_f(r['speedup']['forward'])} | {_f(r['speedup']['grad_input'])} "
+            f"| {_f(r['speedup']['grad_weight'])} | {_f(r['speedup']['total'])} |"
+            for r in result["layers"]
+        ),
+    )
     dense_ms = {r["model"]: r["step_ms"] for r in result["steps"] if r["recipe"] == "dense"}
+    steps = []
     for r in result["steps"]:
         ratio = dense_ms.get(r["model"])
         ratio = ratio / r["step_ms"] if ratio else None
         be = ", ".join(f"{k}: {v}" for k, v in sorted(r["layer_backends"].items())) or "torch"
-        lines.append(
+        steps.append(
             f"| {r['model']} | {r['recipe']} | {r['batch']} | {_f(r['step_ms'])} | "
             f"{_f(r['images_per_s'], 0)} | {_f(ratio)} | {be} |"
         )
-    lines += [
-        "",
-        "| overhead (fst) | S(W) ms | S(Wᵀ) ms | packing ms | IR shift ms | total ms | step ms "
-        "| % of step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for o in result["overhead"]:
-        lines.append(
+    lines += _table(
+        "model | recipe | batch | step ms | images/s | × dense | layer backends", "llrrrrl", steps
+    )
+    lines += _table(
+        "overhead (fst) | S(W) ms | S(Wᵀ) ms | packing ms | IR shift ms | total ms | step ms "
+        "| % of step",
+        "lrrrrrrr",
+        (
             f"| {o['model']} (batch {o['batch']}) | {_f(o['s_w_ms'], 3)} | {_f(o['s_wt_ms'], 3)} "
             f"| {_f(o['pack_ms'], 3)} | {_f(o['ir_shift_ms'], 3)} | {_f(o['total_ms'], 3)} "
             f"| {_f(o['step_ms'])} | {_f(o['percent'])} |"
-        )
+            for o in result["overhead"]
+        ),
+    )
     if result["skipped"]:
         lines += ["", "Skipped for the time budget: " + "; ".join(result["skipped"])]
     lines += ["", f"Suite time: {result['elapsed_s']:.0f} s of a {s['budget_s']:.0f} s budget."]
@@ -143,27 +151,25 @@ def format_gpu(result: dict[str, Any]) -> str:
 def format_steps(result: dict[str, Any]) -> str:
     """Markdown: whole steps per case and recipe, the weight-side work, the fst weight
     gradient alone, and the targets."""
-    lines = [
-        machine_line(result["machine"]),
-        "",
-        "| case | recipe | batch | step ms | speed-up vs dense | peak memory MiB | sparse layers |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["steps"]:
-        lines.append(
+    lines = [machine_line(result["machine"])]
+    lines += _table(
+        "case | recipe | batch | step ms | speed-up vs dense | peak memory MiB | sparse layers",
+        "llrrrrr",
+        (
             f"| {r['case']} | {r['recipe']} | {r['batch']} | {_f(r['step_ms'])} | "
             f"{_f(r['speedup_vs_dense'])}× | {_f(r['peak_memory_mb'], 1)} | {r['sparse_layers']} |"
-        )
-    lines += [
-        "",
-        "| weight-side work: case | recipe | layers | ms per step | % of dense step |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for w in result["weight_side"]:
-        lines.append(
+            for r in result["steps"]
+        ),
+    )
+    lines += _table(
+        "weight-side work: case | recipe | layers | ms per step | % of dense step",
+        "llrrr",
+        (
             f"| {w['case']} | {w['recipe']} | {w['layers']} | {_f(w['ms'], 3)} | "
             f"{_f(w['percent_of_dense_step'])} |"
-        )
+            for w in result["weight_side"]
+        ),
+    )
     gw = result.get("grad_weight")
     if gw:
         s = gw["shape"]
@@ -173,14 +179,12 @@ def format_steps(result: dict[str, Any]) -> str:
             f"channels, {s['kernel']}x{s['kernel']}: dense {_f(gw['dense_ms'])} ms, fst "
             f"{_f(gw['fst_ms'])} ms, speed-up {_f(gw['speedup'])}×",
         ]
-    labels = {
-        "fst_step_speedup_min": ("fst step speed-up vs dense (min over cases)", ">="),
-        "weight_side_percent_max": ("weight-side work, % of dense step (max)", "<"),
-        "fst_grad_weight_speedup": ("fst grad_weight alone vs dense at 56x56", ">="),
-    }
-    lines += ["", "| target | value | goal | met |", "|---|---:|---:|---|"]
-    for key, (label, op) in labels.items():
-        t = result["targets"][key]
-        met = {True: "yes", False: "no", None: "not measured"}[t["met"]]
-        lines.append(f"| {label} | {_f(t['value'])} | {op} {t['target']} | {met} |")
+    lines += _targets(
+        result,
+        {
+            "fst_step_speedup_min": ("fst step speed-up vs dense (min over cases)", ">="),
+            "weight_side_percent_max": ("weight-side work, % of dense step (max)", "<"),
+            "fst_grad_weight_speedup": ("fst grad_weight alone vs dense at 56x56", ">="),
+        },
+    )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,41 @@ def _plot_note(made: bool, path: Path) -> str:
     return f"{path.name} skipped: matplotlib is not installed ({MATPLOTLIB_HINT})"
 
 
+def _title(source: dict[str, Any]) -> str:
+    return f"{source['model']} on {source['dataset']}"
+
+
+def _finish(
+    args: argparse.Namespace,
+    name: str,
+    what: str,
+    text: str,
+    table: str,
+    data: dict[str, Any],
+    *,
+    source: dict[str, Any] | None = None,
+    plot: Callable[[Path], bool] | None = None,
+    shown: str | None = None,
+    saved: str = "",
+) -> int:
+    """Write ``<name>.md`` (header ``what``, the model/data ``source`` line, ``text``, the
+    table) and ``<name>.json`` (``data`` with the command, machine and source), draw
+    ``<name>.png`` with ``plot`` unless ``--no-plot``, print ``shown`` (default: the table),
+    the plot note and where it all went."""
+    header, meta = _header(args, what, [_source_line(source), "", text] if source else [text])
+    payload = {**meta, **({"source": source} if source else {}), **data}
+    notes = []
+    if plot is not None and args.plot:
+        png = args.out / f"{name}.png"
+        notes.append(_plot_note(plot(png), png))
+    _write(args.out, name, header, table, payload, notes)
+    print(table if shown is None else shown)
+    for n in notes:
+        print(n)
+    print(f"saved {args.out / (name + '.md')}{saved} and {name}.json")
+    return 0
+
+
 def _log(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -224,33 +260,22 @@ def run_similarity(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     table = format_similarity(results)
-    header, meta = _header(
+    return _finish(
         args,
+        "similarity",
         "Spatial similarity of conv inputs (paper §6.1, Fig. 4)",
-        [
-            _source_line(inputs.source),
-            "",
-            f"Each layer input X is quantised per image to {args.bins} uniform bins over its "
-            "min..max; X = values at the odd columns the fixed mask drops, X' = their kept "
-            "even neighbours (width axis, no wrap). Entropies in bits, per image and then "
-            "averaged (± = std over images of the difference); 'pooled' = entropies of the "
-            "histograms summed over all images (far less small-sample bias: a per-image "
-            "256×256 joint histogram from a few hundred pairs underestimates H(X|X')). "
-            "Noise = uniform white noise in pixel space, normalised like the data.",
-        ],
+        f"Each layer input X is quantised per image to {args.bins} uniform bins over its "
+        "min..max; X = values at the odd columns the fixed mask drops, X' = their kept "
+        "even neighbours (width axis, no wrap). Entropies in bits, per image and then "
+        "averaged (± = std over images of the difference); 'pooled' = entropies of the "
+        "histograms summed over all images (far less small-sample bias: a per-image "
+        "256×256 joint histogram from a few hundred pairs underestimates H(X|X')). "
+        "Noise = uniform white noise in pixel space, normalised like the data.",
+        table,
+        {"results": [r.to_dict() for r in results]},
+        source=inputs.source,
+        plot=lambda png: plot_similarity(results, png, title=_title(inputs.source)),
     )
-    png = args.out / "similarity.png"
-    made = args.plot and plot_similarity(
-        results, png, title=f"{inputs.source['model']} on {inputs.source['dataset']}"
-    )
-    notes = [_plot_note(made, png)] if args.plot else []
-    payload = {**meta, "source": inputs.source, "results": [r.to_dict() for r in results]}
-    _write(args.out, "similarity", header, table, payload, notes)
-    print(table)
-    for n in notes:
-        print(n)
-    print(f"saved {args.out / 'similarity.md'} and similarity.json")
-    return 0
 
 
 # --------------------------------------------------------------------------- neighbors
@@ -297,31 +322,20 @@ def run_neighbors(args: argparse.Namespace) -> int:
             f"{nat['std']:.3f} | {noi['mean']:.3f} ± {noi['std']:.3f} |"
         )
     table = "\n".join(lines)
-    header, meta = _header(
+    return _finish(
         args,
+        "neighbors",
         "Neighbouring differences (paper §6.2, Fig. 5)",
-        [
-            _source_line(inputs.source),
-            "",
-            f"Figure: image {args.image_index}, per layer the channel shown (largest "
-            "variance unless --channel), X, |X^ad| (X^ad[:, i] = X[:, i] − X[:, i+1]) and "
-            "X^r (odd columns replaced by their even neighbour), all scaled by X's range. "
-            "Table: relative error of X^r over the whole layer input, mean ± std over the "
-            "images.",
-        ],
+        f"Figure: image {args.image_index}, per layer the channel shown (largest "
+        "variance unless --channel), X, |X^ad| (X^ad[:, i] = X[:, i] − X[:, i+1]) and "
+        "X^r (odd columns replaced by their even neighbour), all scaled by X's range. "
+        "Table: relative error of X^r over the whole layer input, mean ± std over the "
+        "images.",
+        table,
+        {"errors": errors, "maps": maps_json},
+        source=inputs.source,
+        plot=lambda png: plot_neighbors(panels, png, title=_title(inputs.source)),
     )
-    png = args.out / "neighbors.png"
-    made = args.plot and plot_neighbors(
-        panels, png, title=f"{inputs.source['model']} on {inputs.source['dataset']}"
-    )
-    notes = [_plot_note(made, png)] if args.plot else []
-    payload = {**meta, "source": inputs.source, "errors": errors, "maps": maps_json}
-    _write(args.out, "neighbors", header, table, payload, notes)
-    print(table)
-    for n in notes:
-        print(n)
-    print(f"saved {args.out / 'neighbors.md'} and neighbors.json")
-    return 0
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -371,35 +385,26 @@ def run_fidelity(args: argparse.Namespace) -> int:
         else "the exact gradient of the recipe's own sparse forward: the backward "
         "approximations alone"
     )
-    header, meta = _header(
+    return _finish(
         args,
+        "fidelity",
         f"Gradient fidelity per layer (reference: {args.reference})",
-        [
-            _source_line(inputs.source),
-            "",
-            f"{len(batches)} batches of {args.batch_size}; cross-entropy loss, train-mode "
-            f"BatchNorm. Reference: {ref}. `local`: only that layer uses the recipe; "
-            "`accumulated`: every layer sparsify_ selects does (the head stays dense), so "
-            "errors of later layers reach earlier ones. grad_input = the layer's own dX "
-            "(Eq. 2); grad_weight = dW (Eq. 3)"
-            + (" including" if args.include_decay else " without")
-            + " the SR-STE decay term. Layers are in forward order: the backward ends at 0.",
-        ],
+        f"{len(batches)} batches of {args.batch_size}; cross-entropy loss, train-mode "
+        f"BatchNorm. Reference: {ref}. `local`: only that layer uses the recipe; "
+        "`accumulated`: every layer sparsify_ selects does (the head stays dense), so "
+        "errors of later layers reach earlier ones. grad_input = the layer's own dX "
+        "(Eq. 2); grad_weight = dW (Eq. 3)"
+        + (" including" if args.include_decay else " without")
+        + " the SR-STE decay term. Layers are in forward order: the backward ends at 0.",
+        table,
+        result.to_dict(),
+        source=inputs.source,
+        plot=lambda png: plot_fidelity(
+            result, png, title=f"{inputs.source['model']}: cosine to the {args.reference} reference"
+        ),
+        shown=table.split("\n\n**")[0],
+        saved=" (per-layer tables)",
     )
-    png = args.out / "fidelity.png"
-    made = args.plot and plot_fidelity(
-        result,
-        png,
-        title=f"{inputs.source['model']}: cosine to the {args.reference} reference",
-    )
-    notes = [_plot_note(made, png)] if args.plot else []
-    payload = {**meta, "source": inputs.source, **result.to_dict()}
-    _write(args.out, "fidelity", header, table, payload, notes)
-    print(table.split("\n\n**")[0])
-    for n in notes:
-        print(n)
-    print(f"saved {args.out / 'fidelity.md'} (per-layer tables) and fidelity.json")
-    return 0
 
 
 # --------------------------------------------------------------------------- overhead
@@ -437,23 +442,19 @@ def run_overhead(args: argparse.Namespace) -> int:
         progress=lambda m: _log(args, f"overhead: {m}"),
     )
     table = format_overhead(result)
-    header, meta = _header(
+    return _finish(
         args,
+        "overhead",
         "Extra time per training iteration (paper Tables 2 and 6)",
-        [
-            "Each operator alone, summed over the sparse layers of one iteration; medians "
-            f"over {args.repeats} runs after {args.warmup} warm-up. The masks are magnitude "
-            "2:4 selections (mask_2to4); FST's own overhead is S(W) + S(Wᵀ) + shift, the "
-            "activation masks below it are what WX/WG/GG/GX would pay instead. Random "
-            "inputs (mask costs depend on sizes, not values). The paper column is its "
-            "Table 6 / Table 2 (A100, batch 256, ImageNet 224×224): for scale only.",
-        ],
+        "Each operator alone, summed over the sparse layers of one iteration; medians "
+        f"over {args.repeats} runs after {args.warmup} warm-up. The masks are magnitude "
+        "2:4 selections (mask_2to4); FST's own overhead is S(W) + S(Wᵀ) + shift, the "
+        "activation masks below it are what WX/WG/GG/GX would pay instead. Random "
+        "inputs (mask costs depend on sizes, not values). The paper column is its "
+        "Table 6 / Table 2 (A100, batch 256, ImageNet 224×224): for scale only.",
+        table,
+        result.to_dict(),
     )
-    payload = {**meta, **result.to_dict()}
-    _write(args.out, "overhead", header, table, payload, [])
-    print(table)
-    print(f"saved {args.out / 'overhead.md'} and overhead.json")
-    return 0
 
 
 # --------------------------------------------------------------------------- parser

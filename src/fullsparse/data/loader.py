@@ -90,7 +90,8 @@ def _check(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool)
 
 
 class _EpochPlan:
-    """Shared bookkeeping: the epoch's permutation and this rank's batches of positions."""
+    """What every loader shares: the epoch's permutation, this rank's batches of positions,
+    ``set_epoch`` and ``len``. ``drop_last=None`` means ``train``."""
 
     def __init__(
         self,
@@ -101,14 +102,18 @@ class _EpochPlan:
         seed: int,
         rank: int,
         world_size: int,
-        drop_last: bool,
+        drop_last: bool | None,
     ) -> None:
+        drop_last = train if drop_last is None else drop_last
         _check(n, batch_size, rank, world_size, drop_last)
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
         self.first_step = 0
         self._batches = shard_batches(n, batch_size, rank, world_size, drop_last)
+
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.epoch, self.first_step = epoch, first_step
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -121,7 +126,7 @@ class _EpochPlan:
         return g, perm, self._batches[self.first_step :]
 
 
-class InMemoryLoader:
+class InMemoryLoader(_EpochPlan):
     """Batches of a :class:`TensorImageDataset` by tensor indexing, augmentation vectorised.
 
     No worker processes: indexing a uint8 tensor and one gather per batch is faster than
@@ -139,27 +144,20 @@ class InMemoryLoader:
         world_size: int = 1,
         drop_last: bool | None = None,
     ) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self._plan = _EpochPlan(
+        super().__init__(
             len(dataset),
             batch_size,
             train=train,
             seed=seed,
             rank=rank,
             world_size=world_size,
-            drop_last=train if drop_last is None else drop_last,
+            drop_last=drop_last,
         )
-
-    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
-        self._plan.epoch, self._plan.first_step = epoch, first_step
-
-    def __len__(self) -> int:
-        return len(self._plan)
+        self.dataset = dataset
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        g, perm, batches = self._plan.start()
-        aug = self.dataset.augmentation if self._plan.train else None
+        g, perm, batches = self.start()
+        aug = self.dataset.augmentation if self.train else None
         offsets = flips = None
         if aug is not None and not aug.is_identity:
             offsets, flips = aug.draw(len(perm), g)  # per permutation position
@@ -170,7 +168,7 @@ class InMemoryLoader:
                 yield self.dataset.batch(perm[pos], offsets[pos], flips[pos])
 
 
-class ShardedBatchSampler(Sampler[list]):
+class ShardedBatchSampler(_EpochPlan, Sampler[list]):
     """``batch_sampler`` for a ``DataLoader`` keeping the module's sharding contract.
 
     Yields lists of dataset indices, or of ``(index, seed)`` pairs when ``with_seeds`` (for
@@ -189,25 +187,19 @@ class ShardedBatchSampler(Sampler[list]):
         drop_last: bool | None = None,
         with_seeds: bool = False,
     ) -> None:
-        self._plan = _EpochPlan(
+        super().__init__(
             n,
             batch_size,
             train=train,
             seed=seed,
             rank=rank,
             world_size=world_size,
-            drop_last=train if drop_last is None else drop_last,
+            drop_last=drop_last,
         )
         self.with_seeds = with_seeds
 
-    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
-        self._plan.epoch, self._plan.first_step = epoch, first_step
-
-    def __len__(self) -> int:
-        return len(self._plan)
-
     def __iter__(self) -> Iterator[list]:
-        g, perm, batches = self._plan.start()
+        g, perm, batches = self.start()
         seeds = (
             torch.randint(0, _SEED_BOUND, (len(perm),), generator=g) if self.with_seeds else None
         )

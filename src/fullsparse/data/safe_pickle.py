@@ -17,10 +17,12 @@ file asking for anything else is refused with ``UserError`` before anything runs
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +199,20 @@ def _convert(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _refusals_as_user_errors(path: Path) -> Iterator[None]:
+    """Turn a refused global or an unreadable pickle into a one-line error naming ``path``."""
+    try:
+        yield
+    except _Refused as exc:
+        raise UserError(f"refusing to load {path}: {exc}") from None
+    except Exception as exc:  # truncated/garbled pickles raise many types; none run code
+        raise UserError(
+            f"{path} is not a valid pickle ({type(exc).__name__}: {exc}); the file may be "
+            f"truncated or corrupt"
+        ) from None
+
+
 def safe_load(path: str | os.PathLike[str]) -> Any:
     """Unpickle ``path`` allowing only plain data and numpy arrays (returned as tensors).
 
@@ -212,24 +228,11 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     """
     path = Path(path)
     raw = read_capped(path, limit("pickle_bytes"), "pickle", "pickle_bytes")
-    try:
+    with _refusals_as_user_errors(path):
         # encoding="bytes": Python 2 str (array data, dict keys) must stay raw bytes.
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except _Refused as exc:
-        raise UserError(f"refusing to load {path}: {exc}") from None
-    except Exception as exc:  # truncated/garbled pickles raise many types; none run code
-        raise UserError(
-            f"{path} is not a valid pickle ({type(exc).__name__}: {exc}); the file may be "
-            f"truncated or corrupt"
-        ) from None
     # Shared references (the pickle memo) would be copied once per use by _convert.
     check_structure(obj, f"pickle {path}")
-    try:
-        return _convert(obj)
-    except _Refused as exc:
-        raise UserError(f"refusing to load {path}: {exc}") from None
-    except Exception as exc:  # truncated/garbled pickles raise many types; none run code
-        raise UserError(
-            f"{path} is not a valid pickle ({type(exc).__name__}: {exc}); the file may be "
-            f"truncated or corrupt"
-        ) from None
+    with _refusals_as_user_errors(path):
+        converted = _convert(obj)
+    return converted

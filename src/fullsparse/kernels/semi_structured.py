@@ -152,6 +152,18 @@ class _GemmKernel:
         roles = [role for role, on in flags if on]
         return f"{type(self).__name__}({self.gemm!r}, sparse={roles})"
 
+    def _output_rows(self, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``rows [M, K]`` · ``S(W)ᵀ`` (+ bias) → ``[M, Co]``, ``weight`` flattened to the 2:4
+        operand ``[Co, K]``."""
+        y = self.gemm.linear(rows, self.gemm.pack(weight.reshape(weight.shape[0], -1)))
+        return y if bias is None else y + bias
+
+    def _grad_input_rows(self, grad_rows: Tensor, weight: Tensor) -> Tensor:
+        """``dY [M, Co]`` · ``W`` → ``[M, K]``; the 2:4 operand is ``Wᵀ [K, Co]`` (2:4 along
+        Co, its rows)."""
+        operand = self.gemm.pack(weight.reshape(weight.shape[0], -1).t().contiguous())
+        return self.gemm.linear(grad_rows, operand)
+
 
 class GemmLinearKernel(_GemmKernel):
     """Linear layer: ``output`` and ``grad_input`` as 2:4 GEMMs over the flattened tokens."""
@@ -161,9 +173,7 @@ class GemmLinearKernel(_GemmKernel):
         if not self.output_sparse:
             return F.linear(input, weight_out, bias)
         d_out, d_in = weight_out.shape
-        y = self.gemm.linear(input.reshape(-1, d_in), self.gemm.pack(weight_out))
-        if bias is not None:
-            y = y + bias
+        y = self._output_rows(input.reshape(-1, d_in), weight_out, bias)
         return y.reshape(*input.shape[:-1], d_out)
 
     def grad_input(self, grad_output: Tensor, weight_gi: Tensor) -> Tensor:
@@ -172,71 +182,83 @@ class GemmLinearKernel(_GemmKernel):
         if not self.grad_input_sparse:
             return grad_output.matmul(weight_gi)
         d_out, d_in = weight_gi.shape
-        operand = self.gemm.pack(weight_gi.t().contiguous())  # [d_in, d_out]
-        dx = self.gemm.linear(grad_output.reshape(-1, d_out), operand)
+        dx = self._grad_input_rows(grad_output.reshape(-1, d_out), weight_gi)
         return dx.reshape(*grad_output.shape[:-1], d_in)
 
 
-class Gemm1x1ConvKernel(_GemmKernel):
-    """1×1, stride-1, unpadded, ungrouped conv as a GEMM over ``[N·H·W, Ci]``."""
+class _ConvGemmKernel(_GemmKernel):
+    """A conv kernel: each role dense (plain torch) unless the recipe makes it 2:4; the
+    subclass says how a 2:4 role is laid out as a GEMM."""
 
     def output(
         self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
     ) -> Tensor:
         if not self.output_sparse:
             return conv_output(input, weight_out, bias, geo)
-        n, ci, h, w = input.shape
-        co = weight_out.shape[0]
-        y = self.gemm.linear(_nchw_to_rows(input), self.gemm.pack(weight_out.reshape(co, ci)))
-        if bias is not None:
-            y = y + bias
-        return _rows_to_nchw(y, n, h, w, like=input)
+        return self._sparse_output(input, weight_out, bias, geo)
 
     def grad_input(
         self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
     ) -> Tensor:
         if not self.grad_input_sparse:
             return conv_grad_input(grad_output, input, weight_gi, geo)
-        n, ci, h, w = input.shape
-        co = weight_gi.shape[0]
-        operand = self.gemm.pack(weight_gi.reshape(co, ci).t().contiguous())  # [Ci, Co]
-        dx = self.gemm.linear(_nchw_to_rows(grad_output), operand)  # [N·H·W, Ci]
+        return self._sparse_grad_input(grad_output, input, weight_gi, geo)
+
+    def _sparse_output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _sparse_grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class Gemm1x1ConvKernel(_ConvGemmKernel):
+    """1×1, stride-1, unpadded, ungrouped conv as a GEMM over ``[N·H·W, Ci]``."""
+
+    def _sparse_output(
+        self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
+    ) -> Tensor:
+        n, _, h, w = input.shape
+        y = self._output_rows(_nchw_to_rows(input), weight_out, bias)
+        return _rows_to_nchw(y, n, h, w, like=input)
+
+    def _sparse_grad_input(
+        self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
+    ) -> Tensor:
+        n, _, h, w = input.shape
+        dx = self._grad_input_rows(_nchw_to_rows(grad_output), weight_gi)  # [N·H·W, Ci]
         return _rows_to_nchw(dx, n, h, w, like=input)
 
 
-class Im2colConvKernel(_GemmKernel):
+class Im2colConvKernel(_ConvGemmKernel):
     """Any ungrouped conv as ``unfold`` (im2col) → 2:4 GEMM → ``fold`` (col2im).
 
     The column matrix costs ``kh·kw`` times the input's memory and traffic; whether the 2:4
     GEMM wins that back is shape dependent, which is why ``backend="auto"`` measures it.
     """
 
-    def output(
+    def _sparse_output(
         self, input: Tensor, weight_out: Tensor, bias: Tensor | None, geo: ConvGeometry
     ) -> Tensor:
-        if not self.output_sparse:
-            return conv_output(input, weight_out, bias, geo)
         n = input.shape[0]
-        co, cig, kh, kw = weight_out.shape
+        _, cig, kh, kw = weight_out.shape
         k = cig * kh * kw
         cols = F.unfold(input, (kh, kw), geo.dilation, geo.padding, geo.stride)  # [N, K, L]
         ho, wo = geo.output_size(tuple(input.shape[-2:]), (kh, kw))
         a2d = cols.transpose(1, 2).reshape(n * ho * wo, k)  # [N·L, K], rows in (n, ho, wo)
-        y = self.gemm.linear(a2d, self.gemm.pack(weight_out.reshape(co, k)))  # [N·L, Co]
-        if bias is not None:
-            y = y + bias
+        y = self._output_rows(a2d, weight_out, bias)  # [N·L, Co]
         return _rows_to_nchw(y, n, ho, wo, like=input)
 
-    def grad_input(
+    def _sparse_grad_input(
         self, grad_output: Tensor, input: Tensor, weight_gi: Tensor, geo: ConvGeometry
     ) -> Tensor:
-        if not self.grad_input_sparse:
-            return conv_grad_input(grad_output, input, weight_gi, geo)
         n, _, h, w = input.shape
-        co, cig, kh, kw = weight_gi.shape
+        _, cig, kh, kw = weight_gi.shape
         k = cig * kh * kw
-        operand = self.gemm.pack(weight_gi.reshape(co, k).t().contiguous())  # [K, Co]
-        dcols = self.gemm.linear(_nchw_to_rows(grad_output), operand)  # [N·L, K]
+        dcols = self._grad_input_rows(_nchw_to_rows(grad_output), weight_gi)  # [N·L, K]
         dcols = dcols.reshape(n, -1, k).transpose(1, 2)  # [N, K, L]
         dx = F.fold(dcols, (h, w), (kh, kw), geo.dilation, geo.padding, geo.stride)
         if _is_channels_last(input):

@@ -56,12 +56,30 @@ def _check_sizes(num_classes: int, in_channels: int) -> None:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
 
 
+class _TwoConvBlock(nn.Module):
+    """The body both basic blocks share: 3×3 conv-BN-ReLU (carrying the stride), 3×3 conv-BN.
+
+    Registers ``conv1, bn1, relu, conv2, bn2`` in that order (torchvision's names).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+    def _body(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
 # --------------------------------------------------------------------------------------
 # CIFAR-style ResNet (He et al. 2016, §4.2)
 # --------------------------------------------------------------------------------------
 
 
-class CifarBasicBlock(nn.Module):
+class CifarBasicBlock(_TwoConvBlock):
     """Two 3×3 conv-BN layers plus a shortcut: ``relu(bn2(conv2(relu(bn1(conv1 x)))) + s(x))``.
 
     ``s`` is the identity when the shape is unchanged, otherwise a 1×1 conv (stride 2) + BN
@@ -74,12 +92,7 @@ class CifarBasicBlock(nn.Module):
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         self.shortcut: nn.Module
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
@@ -90,9 +103,7 @@ class CifarBasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(self._body(x) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -164,7 +175,7 @@ def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 # --------------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_TwoConvBlock):
     """ResNet-18/34 block: 3×3 conv-BN-ReLU, 3×3 conv-BN, add ``downsample(x)``, ReLU.
 
     Shapes: ``[N, inplanes, H, W] -> [N, planes, H/stride, W/stride]``.
@@ -175,20 +186,13 @@ class BasicBlock(nn.Module):
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
     ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(inplanes, planes, stride)
         self.downsample = downsample
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(self._body(x) + identity)
 
 
 class Bottleneck(nn.Module):
