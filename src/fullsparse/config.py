@@ -18,6 +18,7 @@ __all__ = [
     "GRAD_INPUT_DY",
     "GRAD_WEIGHT_MODE",
     "GRAD_INPUT_SOURCE",
+    "DECAY_KIND",
     "OPERAND_TABLE",
     "SPARSE_ALONG",
     "GemmOperands",
@@ -33,8 +34,9 @@ __all__ = [
 ]
 
 #: Weight operand of the ``output`` GEMM (Eq. 1):
-#: ``dense`` = W; ``2:4`` = S_K(W); ``transposable`` = TSM mask (2:4 along K and Co at once).
-OUTPUT_WEIGHT = ("dense", "2:4", "transposable")
+#: ``dense`` = W; ``2:4`` = S_K(W); ``transposable`` = TSM mask (2:4 along K and Co at once);
+#: ``soft_2:4`` = β·soft_K(W), S-STE's soft threshold with a fixed per-tensor scale β.
+OUTPUT_WEIGHT = ("dense", "2:4", "transposable", "soft_2:4")
 #: Weight operand of the ``grad_input`` GEMM (Eq. 2):
 #: ``dense`` = W; ``forward`` = the forward operand itself (the exact gradient of Eq. 1);
 #: ``2:4_co`` = S_Co(W_src), a separate mask along the output channels (FST §5.2).
@@ -48,6 +50,12 @@ GRAD_INPUT_DY = ("dense", "2:4_co")
 GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input")
 #: Which weight the separate backward mask S_Co is taken from.
 GRAD_INPUT_SOURCE = ("dense", "pruned")
+# ---- decay and forward variants (S-STE forward, masked decay) --------------------------
+#: Where the decay λ·(W − W_out)-style term enters the step: ``srste`` = added to the weight
+#: gradient inside each backward (Eq. 6, SR-STE and the paper); ``masked_grad`` = 2by4's
+#: masked decay, added once per optimizer step to the accumulated, unscaled and clipped
+#: gradient, just before the optimizer (:func:`fullsparse.operands.masked_grad_decay_`).
+DECAY_KIND = ("srste", "masked_grad")
 
 # Defaults below carry their reason; the study issue may move them, with evidence.
 #: SR-STE's λ (Zhou et al. 2021), used by the paper (§5.1) and its public code.
@@ -89,6 +97,10 @@ class SparsityConfig:
     grad_input_source: str = "dense"
     #: Training steps between recomputations of the transposable (TSM) mask.
     tsm_interval: int = DEFAULT_TSM_INTERVAL
+    # ---- decay and forward variants
+    #: Where the decay λ enters the step, one of :data:`DECAY_KIND`: 'srste' (Eq. 6, in each
+    #: backward) or 'masked_grad' (2by4: once per optimizer step, after clipping).
+    decay_kind: str = "srste"
 
     def __post_init__(self) -> None:
         choices = {
@@ -97,6 +109,7 @@ class SparsityConfig:
             "grad_input_dy": GRAD_INPUT_DY,
             "grad_weight_mode": GRAD_WEIGHT_MODE,
             "grad_input_source": GRAD_INPUT_SOURCE,
+            "decay_kind": DECAY_KIND,
         }
         for field, allowed in choices.items():
             value = getattr(self, field)
@@ -125,6 +138,12 @@ class SparsityConfig:
             raise ValueError(
                 f"decay={self.decay} clashes with output_weight='dense': the SR-STE decay "
                 "λ·(W − S(W)) is zero without a sparse forward weight"
+            )
+        if self.decay_kind != "srste" and (self.decay == 0.0 or self.output_weight == "dense"):
+            raise ValueError(
+                f"decay_kind={self.decay_kind!r} clashes with decay={self.decay} and "
+                f"output_weight={self.output_weight!r}: the masked decay needs decay > 0 and a "
+                "sparse forward weight (otherwise it adds nothing)"
             )
         if self.output_weight == "transposable" and self.grad_input_weight != "forward":
             raise ValueError(
@@ -191,6 +210,7 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
     ("output_weight", "dense"): {"output.weight": "W"},
     ("output_weight", "2:4"): {"output.weight": "S_K(W)"},
     ("output_weight", "transposable"): {"output.weight": "TSM(W)"},
+    ("output_weight", "soft_2:4"): {"output.weight": "β·soft_K(W)"},
     ("grad_input_weight", "dense"): {"grad_input.weight": "W"},
     ("grad_input_weight", "forward"): {"grad_input.weight": "<output.weight>"},
     ("grad_input_weight", "2:4_co"): {"grad_input.weight": "S_Co(<W_src>)"},
@@ -214,6 +234,7 @@ SPARSE_ALONG: dict[str, str] = {
     "W": "",
     "S_K(W)": "K",
     "TSM(W)": "K,Co",
+    "β·soft_K(W)": "K",
     "S_Co(W)": "Co",
     "S_Co(S_K(W))": "Co",
     "dY": "",
@@ -235,7 +256,7 @@ class GemmOperands:
     grad_input_dy: str
     grad_weight_dy: str
     grad_weight_input: str
-    #: the SR-STE decay λ·(W − W_out) is added to grad_weight
+    #: the SR-STE decay λ·(W − W_out) is added to grad_weight (in the backward, Eq. 6)
     decay: bool
 
 
@@ -253,7 +274,7 @@ def gemm_operands(config: SparsityConfig) -> GemmOperands:
         grad_input_dy=row["grad_input.dy"],
         grad_weight_dy=row["grad_weight.dy"],
         grad_weight_input=row["grad_weight.input"],
-        decay=bool(config.decay) and row["output.weight"] != "W",
+        decay=bool(config.decay) and row["output.weight"] != "W" and config.decay_kind == "srste",
     )
 
 
