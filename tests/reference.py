@@ -182,6 +182,9 @@ _RECIPES = {
     # S-STE's soft-threshold forward (not a named recipe: output_weight='soft_2:4')
     "fst2_soft": ("soft", "co", "dense", "dense", 0.0, 0.0),
     "srste_soft": ("soft", "forward", "dense", "dense", 0.0, 0.0),
+    # without the in-backward decay (decay_kind='masked_grad' applies it in the step)
+    "srste_nodecay": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
+    "fst_nodecay": ("2:4", "co", "dense", "ir", 1.0, 0.0),
 }
 
 
@@ -225,8 +228,10 @@ def ref_conv(
     name: str,
     source: str = "dense",
     alpha: float | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(output, grad_input, grad_weight, grad_bias) of recipe ``name``, in float64."""
+    """(output, grad_input, grad_weight, grad_bias) of recipe ``name``, in float64
+    (``beta``: the soft forward's fixed scale; computed from ``w`` when None)."""
     x, w, gy = x.double(), w.double(), gy.double()
     n, ci, h, wd = x.shape
     co, cig, kh, kw = w.shape
@@ -235,7 +240,8 @@ def ref_conv(
     cog = co // g.groups
     xmat = im2col(x, kh, kw, g)  # [Ci·kh·kw, P]
     dy2 = gy.permute(1, 0, 2, 3).reshape(co, -1)  # [Co, P]
-    beta = ref_soft_scale(w.reshape(co, k))  # per tensor (used by the soft forward only)
+    if beta is None:  # per tensor (used by the soft forward only)
+        beta = ref_soft_scale(w.reshape(co, k))
     y_parts, dx_parts, dw_parts = [], [], []
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
@@ -274,13 +280,14 @@ def ref_linear(
     name: str,
     source: str = "dense",
     alpha: float | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(output, grad_input, grad_weight, grad_bias) of recipe ``name`` for a linear layer."""
     x, w, gy = x.double(), w.double(), gy.double()
     d_out, d_in = w.shape
     lead = x.shape[:-1]
     x2, dy2 = x.reshape(-1, d_in), gy.reshape(-1, d_out)
-    w_out, w_gi, row = ref_weight_operands(w, name, source, alpha)
+    w_out, w_gi, row = ref_weight_operands(w, name, source, alpha, beta)
     _, _, gio, gw, a, decay = row
     y = x2 @ w_out.t()
     if b is not None:

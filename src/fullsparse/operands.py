@@ -168,12 +168,13 @@ def soft_threshold_k(weight: Tensor) -> Tensor:
 
 def soft_scale(weight: Tensor) -> Tensor:
     """S-STE's per-tensor scale β = ⟨W, soft_K(W)⟩ / ⟨soft_K(W), soft_K(W)⟩ (the least-squares
-    fit of W by β·soft_K(W)), a float32 scalar computed in float64; 1 when soft_K(W) is 0."""
+    fit of W by β·soft_K(W)), computed in float64, a scalar in float32 (float64 for a float64
+    weight); 1 when soft_K(W) is 0."""
     w = weight.detach().double()
     s = soft_threshold_k(w)
     den = (s * s).sum()
     beta = torch.where(den > 0, (w * s).sum() / den.clamp_min(1e-300), torch.ones_like(den))
-    return beta.float()
+    return beta.to(torch.promote_types(weight.dtype, torch.float32))
 
 
 def soft_output_weight(weight: Tensor, scale: Tensor | None = None) -> Tensor:
