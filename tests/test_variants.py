@@ -271,3 +271,22 @@ def test_srste_decay_kind_leaves_the_existing_recipes_bit_for_bit():
         for a, b in zip(got[0][:3], got[1][:3], strict=True):
             assert torch.equal(a, b)
         assert masked_grad_decay_(torch.nn.Sequential(SparseLinear(4, 4, config=default))) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_masked_decay_equals_srste_decay_in_a_plain_step(kind):
+    """One fp32 backward, no clipping: the two decay kinds give the same gradient."""
+    torch.manual_seed(4)
+    grads = []
+    for decay_kind in ("srste", "masked_grad"):
+        config = recipe("fst", decay=1e-2, decay_kind=decay_kind)
+        torch.manual_seed(4)
+        if kind == "linear":
+            layer, x = SparseLinear(16, 8, config=config), torch.randn(2, 6, 16)
+        else:
+            layer, x = SparseConv2d(8, 8, 3, padding=1, config=config), torch.randn(2, 8, 5, 5)
+        model = torch.nn.Sequential(layer)
+        model(x).square().sum().backward()
+        masked_grad_decay_(model)
+        grads.append(layer.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
