@@ -375,7 +375,18 @@ RECIPES: tuple[str, ...] = tuple(RECIPE_TABLE)
 #: Fields whose value *is* the recipe: ``fst_noir`` is ``fst`` with α = 0, so an
 #: ``ir_alpha`` override would silently turn it into ``fst`` with that α. :func:`recipe`
 #: refuses such an override (``compare``/``study`` then keep the recipe's value, with a note).
-RECIPE_PINNED: dict[str, dict[str, Any]] = {"fst_noir": {"ir_alpha": 0.0}}
+RECIPE_PINNED: dict[str, dict[str, Any]] = {
+    "fst_noir": {"ir_alpha": 0.0},
+    # decay and forward variants: an output_weight override would make dense sparse and TSM
+    # something else (the soft forward is for the S_K recipes)
+    "dense": {"output_weight": "dense"},
+    "tsm": {"output_weight": "transposable"},
+}
+#: What to use instead, per pinned field (the message of a refused override).
+_PINNED_HINT = {
+    "ir_alpha": "for information restoration of strength {v}, use recipe 'fst' with ir_alpha={v}",
+    "output_weight": "for output_weight={v}, use a recipe with an S_K forward, e.g. 'fst2'",
+}
 
 _FIELDS = {f.name for f in dataclasses.fields(SparsityConfig)} - {"name"}
 
@@ -402,8 +413,7 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
         if key in overrides and overrides[key] != pinned:
             raise ValueError(
                 f"{name} is defined by {key}={pinned}; {key}={overrides[key]} would make it "
-                f"another recipe (for information restoration of strength {overrides[key]}, "
-                f"use recipe 'fst' with {key}={overrides[key]})"
+                f"another recipe ({_PINNED_HINT[key].format(v=overrides[key])})"
             )
     fields = dict(RECIPE_TABLE[name])
     fields.update(overrides)
