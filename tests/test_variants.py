@@ -290,3 +290,27 @@ def test_masked_decay_equals_srste_decay_in_a_plain_step(kind):
         masked_grad_decay_(model)
         grads.append(layer.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_the_trainer_applies_the_masked_decay_once_per_optimizer_step(tmp_path, monkeypatch):
+    import fullsparse.train.guard as guard
+
+    calls = []
+    real = guard.masked_grad_decay_
+    monkeypatch.setattr(guard, "masked_grad_decay_", lambda m: calls.append(real(m)))
+    train(tiny_classify(tmp_path, "plain", recipe="fst"))
+    assert calls == []
+    train(tiny_classify(tmp_path, "masked", recipe="fst", decay_kind="masked_grad"))
+    assert len(calls) == 4 and all(n > 0 for n in calls)  # 4 steps, every sparse layer
+
+
+def test_compare_gives_the_soft_forward_to_the_s_k_recipes_only(tmp_path):
+    from fullsparse.train.compare import recipe_configs
+
+    base = TrainConfig(output_weight="soft_2:4", decay=0.0)
+    configs, notes = recipe_configs(base, ("dense", "tsm", "fst2"), tmp_path)
+    got = {c.recipe: c.sparsity() for c in configs}
+    assert got["dense"].output_weight == "dense"
+    assert got["tsm"].output_weight == "transposable"
+    assert got["fst2"].output_weight == "soft_2:4" and got["fst2"].decay == 0.0
+    assert "output_weight=soft_2:4 does not apply to dense (kept its default)" in notes
