@@ -54,7 +54,7 @@ GRAD_INPUT_SOURCE = ("dense", "pruned")
 #: Where the decay λ·(W − W_out)-style term enters the step: ``srste`` = added to the weight
 #: gradient inside each backward (Eq. 6, SR-STE and the paper); ``masked_grad`` = 2by4's
 #: masked decay, added once per optimizer step to the accumulated, unscaled and clipped
-#: gradient, just before the optimizer (:func:`fullsparse.operands.masked_grad_decay_`).
+#: gradient, just before the optimizer (:func:`fullsparse.nn.masked_grad_decay_`).
 DECAY_KIND = ("srste", "masked_grad")
 
 # Defaults below carry their reason; the study issue may move them, with evidence.

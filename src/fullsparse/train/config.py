@@ -52,15 +52,8 @@ __all__ = [
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
-SPARSITY_OVERRIDES = (
-    "ir_alpha",
-    "decay",
-    "grad_input_source",
-    "tsm_interval",
-    # decay and forward variants
-    "decay_kind",
-    "output_weight",
-)
+SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+SPARSITY_OVERRIDES += ("decay_kind", "output_weight")  # decay and forward variants
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -189,13 +182,9 @@ class TrainConfig:
     tsm_interval: int | None = option(
         None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
     )
-    # decay and forward variants
-    decay_kind: str | None = option(
-        None, "override: srste|masked_grad, where the decay λ enters (default: the recipe's)"
-    )
-    output_weight: str | None = option(
-        None, "override: dense|2:4|transposable|soft_2:4 forward weight (default: the recipe's)"
-    )
+    # decay and forward variants (None: the recipe's)
+    decay_kind: str | None = option(None, "override: srste|masked_grad (where λ enters)")
+    output_weight: str | None = option(None, "override: dense|2:4|transposable|soft_2:4")
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
