@@ -314,3 +314,17 @@ def test_compare_gives_the_soft_forward_to_the_s_k_recipes_only(tmp_path):
     assert got["tsm"].output_weight == "transposable"
     assert got["fst2"].output_weight == "soft_2:4" and got["fst2"].decay == 0.0
     assert "output_weight=soft_2:4 does not apply to dense (kept its default)" in notes
+
+
+def test_export_writes_the_soft_forward_weights_with_the_saved_scale(tmp_path):
+    from fullsparse.train.inference import export_checkpoint
+
+    train(tiny_classify(tmp_path, "run", recipe="fst2", output_weight="soft_2:4", decay=0.0))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    export_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "w.pt")
+    exported = torch.load(tmp_path / "w.pt", weights_only=True)
+    name = next(k[: -len(".soft_scale")] for k in state["sparse_state"] if "soft_scale" in k)
+    w = state["model"][f"{name}.weight"]
+    beta = state["sparse_state"][f"{name}.soft_scale"]
+    assert torch.equal(exported[f"{name}.weight"], soft_threshold_k(w) * beta)
+    assert not torch.equal(beta, soft_scale(w))  # β is the initial weights', not the final
