@@ -141,6 +141,30 @@ def ir_matrices(n: int, ho: int, wo: int) -> tuple[Tensor, Tensor]:
     return t, keep
 
 
+def ref_soft_threshold_rows(m: Tensor) -> Tensor:
+    """S-STE's soft threshold along dim 1 of a 2-D matrix: per row, per group of 4
+    (zero-padded), t = the 3rd-largest |value| of the group, every entry becomes
+    sign(v)·max(|v| − t, 0)."""
+    rows, cols = m.shape
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    values = m.double().tolist()
+    for r in range(rows):
+        for start in range(0, cols, 4):
+            group = values[r][start : min(start + 4, cols)]
+            mags = sorted([abs(v) for v in group] + [0.0] * (4 - len(group)), reverse=True)
+            t = mags[2]
+            for i, v in enumerate(group):
+                shrunk = max(abs(v) - t, 0.0)
+                out[r, start + i] = shrunk if v > 0 else -shrunk
+    return out
+
+
+def ref_soft_scale(m: Tensor) -> float:
+    """S-STE's β for a weight matrix ``[Co, K]``: the least-squares scale ⟨W, s⟩ / ⟨s, s⟩."""
+    s = ref_soft_threshold_rows(m)
+    return float((m.double() * s).sum() / (s * s).sum())
+
+
 # --------------------------------------------------------------------------- recipes
 
 _RECIPES = {
@@ -155,13 +179,24 @@ _RECIPES = {
     "wx": ("2:4", "co", "dense", "wx", 0.0, 2e-4),
     "gg": ("2:4", "forward", "co", "wg", 0.0, 2e-4),
     "gx": ("2:4", "forward", "co", "wx", 0.0, 2e-4),
+    # S-STE's soft-threshold forward (not a named recipe: output_weight='soft_2:4')
+    "fst2_soft": ("soft", "co", "dense", "dense", 0.0, 0.0),
+    "srste_soft": ("soft", "forward", "dense", "dense", 0.0, 0.0),
+    # without the in-backward decay (decay_kind='masked_grad' applies it in the step)
+    "srste_nodecay": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
+    "fst_nodecay": ("2:4", "co", "dense", "ir", 1.0, 0.0),
 }
 
 
 def ref_weight_operands(
-    w2: Tensor, name: str, source: str = "dense", alpha: float | None = None
+    w2: Tensor,
+    name: str,
+    source: str = "dense",
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, Tensor, tuple]:
-    """(W_out, W_gi, recipe row) for one group's ``W2 [Co_g, K]``."""
+    """(W_out, W_gi, recipe row) for one group's ``W2 [Co_g, K]``; ``beta``: the soft
+    forward's per-tensor scale (computed from ``w2`` when None)."""
     row = list(_RECIPES[name])
     if alpha is not None:
         row[4] = alpha
@@ -170,6 +205,8 @@ def ref_weight_operands(
         w_out = w2.clone()
     elif out_kind == "2:4":
         w_out = w2 * ref_mask_rows(w2)
+    elif out_kind == "soft":
+        w_out = (ref_soft_scale(w2) if beta is None else beta) * ref_soft_threshold_rows(w2)
     else:
         w_out = w2 * ref_transposable_mask(w2)
     if gi_kind == "dense":
@@ -191,8 +228,10 @@ def ref_conv(
     name: str,
     source: str = "dense",
     alpha: float | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(output, grad_input, grad_weight, grad_bias) of recipe ``name``, in float64."""
+    """(output, grad_input, grad_weight, grad_bias) of recipe ``name``, in float64
+    (``beta``: the soft forward's fixed scale; computed from ``w`` when None)."""
     x, w, gy = x.double(), w.double(), gy.double()
     n, ci, h, wd = x.shape
     co, cig, kh, kw = w.shape
@@ -201,12 +240,14 @@ def ref_conv(
     cog = co // g.groups
     xmat = im2col(x, kh, kw, g)  # [Ci·kh·kw, P]
     dy2 = gy.permute(1, 0, 2, 3).reshape(co, -1)  # [Co, P]
+    if beta is None:  # per tensor (used by the soft forward only)
+        beta = ref_soft_scale(w.reshape(co, k))
     y_parts, dx_parts, dw_parts = [], [], []
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]
         dyg = dy2[gi * cog : (gi + 1) * cog]
-        w_out, w_gi, row = ref_weight_operands(w2, name, source, alpha)
+        w_out, w_gi, row = ref_weight_operands(w2, name, source, alpha, beta)
         _, _, gio, gw, a, decay = row
         y_parts.append(w_out @ xg)
         dy_gi = dyg * ref_mask_cols(dyg) if gio == "co" else dyg
@@ -239,13 +280,14 @@ def ref_linear(
     name: str,
     source: str = "dense",
     alpha: float | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(output, grad_input, grad_weight, grad_bias) of recipe ``name`` for a linear layer."""
     x, w, gy = x.double(), w.double(), gy.double()
     d_out, d_in = w.shape
     lead = x.shape[:-1]
     x2, dy2 = x.reshape(-1, d_in), gy.reshape(-1, d_out)
-    w_out, w_gi, row = ref_weight_operands(w, name, source, alpha)
+    w_out, w_gi, row = ref_weight_operands(w, name, source, alpha, beta)
     _, _, gio, gw, a, decay = row
     y = x2 @ w_out.t()
     if b is not None:

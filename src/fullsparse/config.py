@@ -19,6 +19,7 @@ __all__ = [
     "GRAD_WEIGHT_MODE",
     "GRAD_INPUT_SOURCE",
     "CONV_LAYOUT",
+    "DECAY_KIND",
     "OPERAND_TABLE",
     "SPARSE_ALONG",
     "GemmOperands",
@@ -34,8 +35,9 @@ __all__ = [
 ]
 
 #: Weight operand of the ``output`` GEMM (Eq. 1):
-#: ``dense`` = W; ``2:4`` = S_K(W); ``transposable`` = TSM mask (2:4 along K and Co at once).
-OUTPUT_WEIGHT = ("dense", "2:4", "transposable")
+#: ``dense`` = W; ``2:4`` = S_K(W); ``transposable`` = TSM mask (2:4 along K and Co at once);
+#: ``soft_2:4`` = β·soft_K(W), S-STE's soft threshold with a fixed per-tensor scale β.
+OUTPUT_WEIGHT = ("dense", "2:4", "transposable", "soft_2:4")
 #: Weight operand of the ``grad_input`` GEMM (Eq. 2):
 #: ``dense`` = W; ``forward`` = the forward operand itself (the exact gradient of Eq. 1);
 #: ``2:4_co`` = S_Co(W_src), a separate mask along the output channels (FST §5.2).
@@ -55,6 +57,12 @@ GRAD_INPUT_SOURCE = ("dense", "pruned")
 #: ``(co, kh, kw)`` (the layout ASP and TensorRT's sparse convolutions need). Linear layers
 #: and 1×1 convs are the same under both.
 CONV_LAYOUT = ("im2col", "channel")
+# ---- decay and forward variants (S-STE forward, masked decay) --------------------------
+#: Where the decay λ·(W − W_out)-style term enters the step: ``srste`` = added to the weight
+#: gradient inside each backward (Eq. 6, SR-STE and the paper); ``masked_grad`` = 2by4's
+#: masked decay, added once per optimizer step to the accumulated, unscaled and clipped
+#: gradient, just before the optimizer (:func:`fullsparse.nn.masked_grad_decay_`).
+DECAY_KIND = ("srste", "masked_grad")
 
 # Defaults below carry their reason; the study issue may move them, with evidence.
 #: SR-STE's λ (Zhou et al. 2021), used by the paper (§5.1) and its public code.
@@ -102,6 +110,10 @@ class SparsityConfig:
     #: epochs, 2 seeds): 84.25 ± 0.13 % vs 'channel' 84.17 ± 0.75 % final top-1, no
     #: difference beyond the seed spread.
     conv_layout: str = "im2col"
+    # ---- decay and forward variants
+    #: Where the decay λ enters the step, one of :data:`DECAY_KIND`: 'srste' (Eq. 6, in each
+    #: backward) or 'masked_grad' (2by4: once per optimizer step, after clipping).
+    decay_kind: str = "srste"
 
     def __post_init__(self) -> None:
         choices = {
@@ -111,6 +123,7 @@ class SparsityConfig:
             "grad_weight_mode": GRAD_WEIGHT_MODE,
             "grad_input_source": GRAD_INPUT_SOURCE,
             "conv_layout": CONV_LAYOUT,
+            "decay_kind": DECAY_KIND,
         }
         for field, allowed in choices.items():
             value = getattr(self, field)
@@ -139,6 +152,12 @@ class SparsityConfig:
             raise ValueError(
                 f"decay={self.decay} clashes with output_weight='dense': the SR-STE decay "
                 "λ·(W − S(W)) is zero without a sparse forward weight"
+            )
+        if self.decay_kind != "srste" and (self.decay == 0.0 or self.output_weight == "dense"):
+            raise ValueError(
+                f"decay_kind={self.decay_kind!r} clashes with decay={self.decay} and "
+                f"output_weight={self.output_weight!r}: the masked decay needs decay > 0 and a "
+                "sparse forward weight (otherwise it adds nothing)"
             )
         if self.output_weight == "transposable" and self.grad_input_weight != "forward":
             raise ValueError(
@@ -211,6 +230,7 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
     ("output_weight", "dense"): {"output.weight": "W"},
     ("output_weight", "2:4"): {"output.weight": "S_K(W)"},
     ("output_weight", "transposable"): {"output.weight": "TSM(W)"},
+    ("output_weight", "soft_2:4"): {"output.weight": "β·soft_K(W)"},
     ("grad_input_weight", "dense"): {"grad_input.weight": "W"},
     ("grad_input_weight", "forward"): {"grad_input.weight": "<output.weight>"},
     ("grad_input_weight", "2:4_co"): {"grad_input.weight": "S_Co(<W_src>)"},
@@ -234,6 +254,7 @@ SPARSE_ALONG: dict[str, str] = {
     "W": "",
     "S_K(W)": "K",
     "TSM(W)": "K,Co",
+    "β·soft_K(W)": "K",
     "S_Co(W)": "Co",
     "S_Co(S_K(W))": "Co",
     "dY": "",
@@ -255,7 +276,7 @@ class GemmOperands:
     grad_input_dy: str
     grad_weight_dy: str
     grad_weight_input: str
-    #: the SR-STE decay λ·(W − W_out) is added to grad_weight
+    #: the SR-STE decay λ·(W − W_out) is added to grad_weight (in the backward, Eq. 6)
     decay: bool
 
 
@@ -273,7 +294,7 @@ def gemm_operands(config: SparsityConfig) -> GemmOperands:
         grad_input_dy=row["grad_input.dy"],
         grad_weight_dy=row["grad_weight.dy"],
         grad_weight_input=row["grad_weight.input"],
-        decay=bool(config.decay) and row["output.weight"] != "W",
+        decay=bool(config.decay) and row["output.weight"] != "W" and config.decay_kind == "srste",
     )
 
 
@@ -374,7 +395,18 @@ RECIPES: tuple[str, ...] = tuple(RECIPE_TABLE)
 #: Fields whose value *is* the recipe: ``fst_noir`` is ``fst`` with α = 0, so an
 #: ``ir_alpha`` override would silently turn it into ``fst`` with that α. :func:`recipe`
 #: refuses such an override (``compare``/``study`` then keep the recipe's value, with a note).
-RECIPE_PINNED: dict[str, dict[str, Any]] = {"fst_noir": {"ir_alpha": 0.0}}
+RECIPE_PINNED: dict[str, dict[str, Any]] = {
+    "fst_noir": {"ir_alpha": 0.0},
+    # decay and forward variants: an output_weight override would make dense sparse and TSM
+    # something else (the soft forward is for the S_K recipes)
+    "dense": {"output_weight": "dense"},
+    "tsm": {"output_weight": "transposable"},
+}
+#: What to use instead, per pinned field (the message of a refused override).
+_PINNED_HINT = {
+    "ir_alpha": "for information restoration of strength {v}, use recipe 'fst' with ir_alpha={v}",
+    "output_weight": "for output_weight={v}, use a recipe with an S_K forward, e.g. 'fst2'",
+}
 
 _FIELDS = {f.name for f in dataclasses.fields(SparsityConfig)} - {"name"}
 
@@ -401,8 +433,7 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
         if key in overrides and overrides[key] != pinned:
             raise ValueError(
                 f"{name} is defined by {key}={pinned}; {key}={overrides[key]} would make it "
-                f"another recipe (for information restoration of strength {overrides[key]}, "
-                f"use recipe 'fst' with {key}={overrides[key]})"
+                f"another recipe ({_PINNED_HINT[key].format(v=overrides[key])})"
             )
     fields = dict(RECIPE_TABLE[name])
     fields.update(overrides)

@@ -183,10 +183,12 @@ def conv_grad_input_for(
     geo: ConvGeometry,
     *,
     kernel: Any = REFERENCE_CONV,
+    soft_scale: Tensor | None = None,
 ) -> Tensor:
     """``grad_input`` (Eq. 2) of a conv: ``dX = W_giᵀ · dY_gi`` with the config's operands,
     computed by ``kernel`` (:mod:`fullsparse.kernels`; the reference conv by default)."""
-    w_gi = grad_input_weight(weight, out_mask, config, geo.groups).to(grad_output.dtype)
+    w_gi = grad_input_weight(weight, out_mask, config, geo.groups, soft_scale)
+    w_gi = w_gi.to(grad_output.dtype)
     return kernel.grad_input(_conv_dy_gi(config, grad_output, geo), input, w_gi, geo)
 
 
@@ -214,10 +216,11 @@ def linear_grad_input_for(
     out_mask: Tensor | None,
     *,
     kernel: Any = REFERENCE_LINEAR,
+    soft_scale: Tensor | None = None,
 ) -> Tensor:
     """``grad_input`` (Eq. 2) of a linear layer: ``dX = dY_gi · W_gi``, computed by
     ``kernel`` (:mod:`fullsparse.kernels`; a dense matmul by default)."""
-    w_gi = grad_input_weight(weight, out_mask, config, 1).to(grad_output.dtype)
+    w_gi = grad_input_weight(weight, out_mask, config, 1, soft_scale).to(grad_output.dtype)
     return kernel.grad_input(_linear_dy_gi(config, grad_output), w_gi)
 
 
@@ -301,12 +304,14 @@ class _SparseConv2dFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        soft_scale: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
-        )
+            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
+            soft_scale=soft_scale,
+        )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
@@ -345,7 +350,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -378,6 +383,7 @@ def sparse_conv2d(
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
     backend: str = "auto",
+    soft_scale: Tensor | None = None,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
@@ -386,6 +392,8 @@ def sparse_conv2d(
     for the forward weight (a module's cached TSM mask); computed from ``weight`` if omitted.
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
+    ``soft_scale``: β of an ``output_weight='soft_2:4'`` operand (a module's fixed β);
+    computed from ``weight`` if omitted.
 
     Raises:
         ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry,
@@ -449,7 +457,7 @@ def sparse_conv2d(
         )
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
-    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask, kernel)
+    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask, kernel, soft_scale)
 
 
 # --------------------------------------------------------------------------- linear
@@ -463,12 +471,14 @@ class _SparseLinearFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        soft_scale: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
-        )
+            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
+            soft_scale=soft_scale,
+        )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
@@ -498,7 +508,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def sparse_linear(
@@ -509,6 +519,7 @@ def sparse_linear(
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
     backend: str = "auto",
+    soft_scale: Tensor | None = None,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
@@ -516,6 +527,7 @@ def sparse_linear(
     tokens) or ``[B, d_in]`` (no token axis: dense weight gradient) or ``[d_in]``.
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
+    ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
 
     Raises:
         ValueError: wrong ndim, mismatched features, non-float dtype, unknown backend.
@@ -549,6 +561,6 @@ def sparse_linear(
     kernel = select_linear_kernel(backend, config, input, weight, compute)
     if input.ndim == 1:
         return _SparseLinearFn.apply(
-            input.unsqueeze(0), weight, bias, config, forward_mask, kernel
+            input.unsqueeze(0), weight, bias, config, forward_mask, kernel, soft_scale
         )[0]
-    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel)
+    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel, soft_scale)

@@ -96,6 +96,7 @@ class SparseConv1D(_SparseMixin, Conv1D):
             config=self.config,
             forward_mask=self._forward_mask(),
             backend=self.backend,
+            soft_scale=self._soft_scale(),
         )
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ from fullsparse.nn_report import LayerReport, SparsifyReport
 from fullsparse.sparse_state import (
     _SparseMixin,
     load_sparse_state_,
+    masked_grad_decay_,
     pruned_state_dict,
     sparse_modules,
     sparse_state_dict,
@@ -41,6 +42,7 @@ __all__ = [
     "sparse_state_dict",
     "load_sparse_state_",
     "pruned_state_dict",
+    "masked_grad_decay_",
 ]
 
 
@@ -117,6 +119,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             config=self.config,
             forward_mask=mask,
             backend=self.backend,
+            soft_scale=self._soft_scale(),
         )
 
     def extra_repr(self) -> str:
@@ -168,6 +171,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
             config=self.config,
             forward_mask=self._forward_mask(),
             backend=self.backend,
+            soft_scale=self._soft_scale(),
         )
 
     def extra_repr(self) -> str:

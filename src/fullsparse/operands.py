@@ -40,6 +40,9 @@ __all__ = [
     "output_weight_mask",
     "grad_input_weight",
     "decay_term",
+    "soft_threshold_k",
+    "soft_scale",
+    "soft_output_weight",
     "WeightOperands",
     "weight_operands",
     "mask_channels",
@@ -127,23 +130,30 @@ def output_weight_mask(
         return None
     if forward_mask is not None:
         return _check_forward_mask(forward_mask, weight)
-    if operand == "S_K(W)":
+    if operand in ("S_K(W)", SOFT):  # S-STE's soft operand keeps S_K's positions
         return mask_k(weight, config.conv_layout)
     return transposable_mask(weight, groups)
 
 
 def grad_input_weight(
-    weight: Tensor, out_mask: Tensor | None, config: SparsityConfig, groups: int = 1
+    weight: Tensor,
+    out_mask: Tensor | None,
+    config: SparsityConfig,
+    groups: int = 1,
+    soft_scale: Tensor | None = None,
 ) -> Tensor:
     """Weight operand of the ``grad_input`` GEMM (Eq. 2) for ``config``, in ``weight``'s dtype.
 
     The forward operand (exact gradient of Eq. 1), W, or S_Co(W_src) with ``W_src`` = W
-    (``grad_input_source='dense'``) or S_K(W) (``'pruned'``).
+    (``grad_input_source='dense'``) or S_K(W) (``'pruned'``). ``soft_scale``: β of a
+    ``soft_2:4`` forward operand (:func:`soft_output_weight`).
     """
     ops = config.operands
     if ops.grad_input_weight == "W":
         return weight
     if ops.grad_input_weight == ops.output_weight:
+        if ops.output_weight == SOFT:
+            return soft_output_weight(weight, soft_scale)
         return weight if out_mask is None else weight * out_mask
     src = weight
     if ops.grad_input_weight == "S_Co(S_K(W))" and out_mask is not None:
@@ -152,10 +162,52 @@ def grad_input_weight(
 
 
 def decay_term(weight: Tensor, out_mask: Tensor | None, config: SparsityConfig) -> Tensor | None:
-    """SR-STE (Eq. 6): ``λ·(W − S(W))`` = ``λ·W`` on the pruned entries, or None."""
-    if not config.decay or out_mask is None:
+    """SR-STE (Eq. 6): ``λ·(W − S(W))`` = ``λ·W`` on the pruned entries, or None (also for
+    ``decay_kind='masked_grad'``, which is applied in the optimizer step instead)."""
+    if not config.operands.decay or out_mask is None:
         return None
     return config.decay * (weight * ~out_mask)
+
+
+# --------------------------------------------------------------------------- S-STE forward
+# Decay and forward variants: S-STE's soft-threshold forward operand (Hu, Zhu, Chen,
+# NeurIPS 2024). Its gradient is straight-through: dL/dW = dL/dW_out, neither the soft
+# threshold nor β is differentiated (as in the authors' code), so the backward GEMMs are
+# those of the other recipes.
+
+#: the operand symbol of ``output_weight='soft_2:4'`` (config.OPERAND_TABLE)
+SOFT = "β·soft_K(W)"
+
+
+def soft_threshold_k(weight: Tensor) -> Tensor:
+    """soft_K(W): in each group of 4 along K of ``W2`` (zero-padded like S_K), every entry
+    shrunk toward zero by ``t``, the group's 3rd-largest ``|w|``:
+    ``sign(w)·max(|w| − t, 0)``. At most the two largest stay nonzero (2:4 along K) and the
+    result is continuous in W. ``weight``'s shape and dtype."""
+    w2 = _weight_2d(weight.detach())
+    co, k = w2.shape
+    mag = torch.nn.functional.pad(w2.abs(), (0, (-k) % 4)).reshape(co, -1, 4)
+    third = mag.sort(dim=-1).values[..., 1:2]  # the 2nd smallest of 4 = the 3rd largest
+    t = third.expand(mag.shape).reshape(co, -1)[:, :k]
+    return (torch.sign(w2) * (w2.abs() - t).clamp_min_(0)).reshape(weight.shape)
+
+
+def soft_scale(weight: Tensor) -> Tensor:
+    """S-STE's per-tensor scale β = ⟨W, soft_K(W)⟩ / ⟨soft_K(W), soft_K(W)⟩ (the least-squares
+    fit of W by β·soft_K(W)), computed in float64, a scalar in float32 (float64 for a float64
+    weight); 1 when soft_K(W) is 0."""
+    w = weight.detach().double()
+    s = soft_threshold_k(w)
+    den = (s * s).sum()
+    beta = torch.where(den > 0, (w * s).sum() / den.clamp_min(1e-300), torch.ones_like(den))
+    return beta.to(torch.promote_types(weight.dtype, torch.float32))
+
+
+def soft_output_weight(weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The ``soft_2:4`` forward operand ``β·soft_K(W)`` in ``weight``'s dtype; β is ``scale``
+    (a layer's fixed β) or, when None, :func:`soft_scale` of this weight."""
+    beta = soft_scale(weight) if scale is None else scale
+    return soft_threshold_k(weight) * beta.to(device=weight.device, dtype=weight.dtype)
 
 
 # --------------------------------------------------------------------------- once per step
@@ -182,6 +234,7 @@ def weight_operands(
     *,
     grad_input: bool = True,
     decay: bool = True,
+    soft_scale: Tensor | None = None,
 ) -> WeightOperands:
     """All weight-side operands of a step, in one pass over W where the recipe allows.
 
@@ -197,13 +250,16 @@ def weight_operands(
     if ops.output_weight != "W":
         if forward_mask is not None:
             out_mask = _check_forward_mask(forward_mask, w)
-        elif ops.output_weight == "S_K(W)":
+        elif ops.output_weight in ("S_K(W)", SOFT):
             score = magnitude_score(w)
             out_mask = _mask_k_of_score(score, config.conv_layout)
         else:
             out_mask = transposable_mask(w, groups)
     w_c = w.to(compute)
-    w_out = w_c if out_mask is None else w_c * out_mask
+    if ops.output_weight == SOFT:  # S-STE: β·soft_K(W), cast like the reference path
+        w_out = soft_output_weight(w, soft_scale).to(compute)
+    else:
+        w_out = w_c if out_mask is None else w_c * out_mask
     w_gi: Tensor | None = None
     if grad_input:
         operand = ops.grad_input_weight
@@ -218,7 +274,7 @@ def weight_operands(
             assert out_mask is not None
             w_gi = w_out * mask_co(w * out_mask, groups)
     term: Tensor | None = None
-    if decay and config.decay and out_mask is not None:
+    if decay and ops.decay and out_mask is not None:
         term = (w * ~out_mask).mul_(config.decay)
     return WeightOperands(out_mask, w_out, w_gi, term)
 

@@ -25,15 +25,22 @@ from fullsparse.functional import (
     linear_grad_weight_for,
 )
 from fullsparse.geometry import ConvGeometry
-from fullsparse.operands import output_weight_mask
+from fullsparse.operands import SOFT, output_weight_mask, soft_output_weight
 
 __all__ = ["ReferenceConv2dFn", "ReferenceLinearFn"]
 
 
 def _output_operand(
-    weight: Tensor, config: SparsityConfig, groups: int, forward_mask: Tensor | None, compute: Any
+    weight: Tensor,
+    config: SparsityConfig,
+    groups: int,
+    forward_mask: Tensor | None,
+    compute: Any,
+    soft_scale: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     out_mask = output_weight_mask(weight, config, groups, forward_mask)
+    if config.operands.output_weight == SOFT:  # S-STE: β·soft_K(W)
+        return out_mask, soft_output_weight(weight.detach(), soft_scale).to(compute)
     w = weight.to(compute)
     return out_mask, (w if out_mask is None else w * out_mask)
 
@@ -49,15 +56,19 @@ class ReferenceConv2dFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        soft_scale: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
-        out_mask, w_out = _output_operand(weight, config, geo.groups, forward_mask, compute)
+        out_mask, w_out = _output_operand(
+            weight, config, geo.groups, forward_mask, compute, soft_scale
+        )
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, w_out, b, geo))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
         ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
+        ctx.soft_scale = soft_scale
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.input_dtype = input.dtype
@@ -73,14 +84,21 @@ class ReferenceConv2dFn(torch.autograd.Function):
             # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
             if ctx.needs_input_grad[0]:
                 grad_input = conv_grad_input_for(
-                    config, dy, x, weight, out_mask, geo, kernel=ctx.kernel
+                    config,
+                    dy,
+                    x,
+                    weight,
+                    out_mask,
+                    geo,
+                    kernel=ctx.kernel,
+                    soft_scale=ctx.soft_scale,
                 ).to(ctx.input_dtype)
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
                 grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 class ReferenceLinearFn(torch.autograd.Function):
@@ -93,15 +111,17 @@ class ReferenceLinearFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        soft_scale: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
-        out_mask, w_out = _output_operand(weight, config, 1, forward_mask, compute)
+        out_mask, w_out = _output_operand(weight, config, 1, forward_mask, compute, soft_scale)
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, w_out, b))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
         ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
+        ctx.soft_scale = soft_scale
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.input_dtype = input.dtype
@@ -117,11 +137,11 @@ class ReferenceLinearFn(torch.autograd.Function):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
             if ctx.needs_input_grad[0]:
                 grad_input = linear_grad_input_for(
-                    config, dy, weight, out_mask, kernel=ctx.kernel
+                    config, dy, weight, out_mask, kernel=ctx.kernel, soft_scale=ctx.soft_scale
                 ).to(ctx.input_dtype)
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
                 grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None

@@ -16,9 +16,21 @@ from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
-from fullsparse.operands import output_weight_mask, transposable_mask
+from fullsparse.operands import (
+    SOFT,
+    output_weight_mask,
+    soft_output_weight,
+    soft_scale,
+    transposable_mask,
+)
 
-__all__ = ["sparse_modules", "sparse_state_dict", "load_sparse_state_", "pruned_state_dict"]
+__all__ = [
+    "sparse_modules",
+    "sparse_state_dict",
+    "load_sparse_state_",
+    "pruned_state_dict",
+    "masked_grad_decay_",
+]
 
 
 def _is_compiling() -> bool:
@@ -45,6 +57,8 @@ class _SparseMixin:
         self.register_buffer(  # type: ignore[attr-defined]
             "tsm_step", torch.zeros((), dtype=torch.int64), persistent=False
         )
+        # S-STE's per-tensor β of a soft_2:4 forward, fixed at the first training step
+        self.register_buffer("soft_scale", None, persistent=False)  # type: ignore[attr-defined]
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -106,6 +120,21 @@ class _SparseMixin:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
 
+    # ---- decay and forward variants
+    def _soft_scale(self) -> Tensor | None:
+        """S-STE's β of a ``soft_2:4`` forward (None for other recipes): fixed once, from the
+        weights of the first training step (the initial weights, as S-STE computes it), and
+        kept in the ``soft_scale`` buffer. Before that (evaluation of an untrained layer) it is
+        computed from the current weights without being kept."""
+        if self.config.operands.output_weight != SOFT:
+            return None
+        scale: Tensor | None = self.soft_scale  # type: ignore[has-type]
+        if scale is None:
+            scale = soft_scale(self._gemm_weight())
+            if self.training and torch.is_grad_enabled():
+                self.soft_scale = scale
+        return scale
+
     def pruned_weight(self) -> Tensor:
         """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
         shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
@@ -113,6 +142,8 @@ class _SparseMixin:
         transpose it back."""
         mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
         weight = self._gemm_weight().detach()
+        if self.config.operands.output_weight == SOFT:
+            return soft_output_weight(weight, self._soft_scale())
         out = output_weight_mask(weight, self.config, self._groups(), mask)
         return weight if out is None else weight * out
 
@@ -137,6 +168,8 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
         if module.tsm_mask is not None:  # type: ignore[attr-defined]
             state[f"{name}.tsm_mask"] = module.tsm_mask.detach().cpu().clone()  # type: ignore
+        if module.soft_scale is not None:  # type: ignore[attr-defined]
+            state[f"{name}.soft_scale"] = module.soft_scale.detach().cpu().clone()  # type: ignore
     return state
 
 
@@ -146,7 +179,7 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     seen = set()
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        if name not in modules or attr not in ("tsm_step", "tsm_mask"):
+        if name not in modules or attr not in ("tsm_step", "tsm_mask", "soft_scale"):
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
@@ -157,10 +190,11 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
                 f"is {gemm_shape}"
             )
         setattr(module, attr, value.to(device=device))
-        seen.add(name)
+        seen.add(key)
     for name, module in modules.items():
-        if name not in seen:
-            module.tsm_mask = None  # type: ignore[attr-defined]
+        for attr in ("tsm_mask", "soft_scale"):  # not saved: recomputed from the weights
+            if f"{name}.{attr}" not in seen:
+                setattr(module, attr, None)
 
 
 def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -172,3 +206,32 @@ def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if key in state:
             state[key] = module.pruned_weight().clone()  # type: ignore[attr-defined]
     return state
+
+
+# --------------------------------------------------------------------------- masked decay
+def masked_grad_decay_(model: nn.Module) -> int:
+    """2by4's masked decay (Hu et al., ICML 2024), in place on the gradients: for every sparse
+    layer with ``decay_kind='masked_grad'``, ``W.grad += λ·(W ⊙ ¬m)`` with ``m`` the layer's
+    forward mask (S_K(W), the cached TSM mask, or S_K's positions of a ``soft_2:4`` operand).
+
+    Call it once per optimizer step, after the backward passes (and gradient accumulation),
+    the loss-scale unscaling and the clipping, just before ``optimizer.step()``: the decay is
+    then independent of the loss scale, of the number of accumulated backward passes, and
+    outside the clipped norm. Returns the number of layers it changed.
+    """
+    changed = 0
+    for _, module in sparse_modules(model):
+        config = module.config  # type: ignore[attr-defined]
+        grad = module.weight.grad  # type: ignore[union-attr]
+        if config.decay_kind != "masked_grad" or grad is None:
+            continue
+        weight = module._gemm_weight().detach()  # type: ignore[attr-defined]
+        cached = module.tsm_mask if config.uses_transposable_mask else None  # type: ignore
+        mask = output_weight_mask(weight, config, module._groups(), cached)  # type: ignore
+        assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
+        term = (weight * ~mask).mul_(config.decay)
+        if term.shape != grad.shape:  # a 2-D Parameter stored transposed (HF Conv1D)
+            term = term.t()
+        grad.add_(term.to(grad.dtype))
+        changed += 1
+    return changed

@@ -52,7 +52,8 @@ __all__ = [
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
-SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval", "conv_layout")
+SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -184,6 +185,9 @@ class TrainConfig:
     conv_layout: str | None = option(
         None, "override: im2col|channel grouping of conv weights for 2:4 (default: the recipe's)"
     )
+    # decay and forward variants (None: the recipe's)
+    decay_kind: str | None = option(None, "override: srste|masked_grad (where λ enters)")
+    output_weight: str | None = option(None, "override: dense|2:4|transposable|soft_2:4")
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
+from fullsparse.sparse_state import masked_grad_decay_, sparse_modules
 from fullsparse.train.distributed import any_rank
 
 if TYPE_CHECKING:
@@ -141,6 +142,11 @@ class StepGuard:
         # Only --skip-nonfinite needs the buffers; the list is the same for every step.
         self._buffers = list(self.raw_model.buffers()) if self.config.skip_nonfinite else []
         self._saved: list[Tensor] = []
+        # layers with 2by4's masked decay, applied in step() on the unscaled, clipped gradients
+        self.masked_decay = any(
+            m.config.decay_kind == "masked_grad"  # type: ignore[attr-defined]
+            for _, m in sparse_modules(self.raw_model)
+        )
 
     def snapshot(self) -> None:
         """Keep the buffers (BatchNorm statistics, the TSM clock): a bad forward has
@@ -222,14 +228,19 @@ class StepGuard:
 
     def step(self) -> float | None:
         """Clip, step the optimizer and the schedule; the pre-clip norm (None: no clip)."""
+        masked = self.masked_decay
         if self.trainer.scaler is not None:
-            if self.config.grad_clip:
-                self.trainer.scaler.unscale_(self.optimizer)  # clip the true gradients
+            if self.config.grad_clip or masked:
+                self.trainer.scaler.unscale_(self.optimizer)  # clip / decay the true gradients
             norm = clip_gradients(self.raw_model, self.config.grad_clip)
+            if masked:  # 2by4's masked decay: after clipping, once per optimizer step
+                masked_grad_decay_(self.raw_model)
             self.trainer.scaler.step(self.optimizer)
             self.trainer.scaler.update()
         else:
             norm = clip_gradients(self.raw_model, self.config.grad_clip)
+            if masked:
+                masked_grad_decay_(self.raw_model)
             self.optimizer.step()
         self.trainer.scheduler.step()
         if norm is not None and math.isfinite(norm):
