@@ -70,7 +70,7 @@ def test_long_reasons_and_long_names_stay_within_the_width() -> None:
 def test_short_reasons_stay_inline_and_a_row_without_shape_shows_a_dash() -> None:
     report = SparsifyReport("fst", [LayerReport("", "Linear", (), False, "lazy")])
     lines = str(report).splitlines()
-    assert lines[2].split() == ["<model>", "Linear", "-", "dense", "-", "lazy"]
+    assert lines[2].split() == ["<model>", "Linear", "-", "dense", "-", "-", "lazy"]
     assert lines[-1] == "0 of 1 layers use 'fst'"
 
 
