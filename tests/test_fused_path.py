@@ -27,10 +27,15 @@ DTYPES["bf16_autocast"] = (torch.float32, True)  # float32 master weights, bf16 
 CONFIGS = {name: recipe(name) for name in RECIPES}
 CONFIGS["fst_pruned"] = recipe("fst", grad_input_source="pruned")
 CONFIGS["fst2_pruned"] = recipe("fst2", grad_input_source="pruned")
+# random (MVUE) and per-layer-kind weight gradients; _run seeds torch's generator
+CONFIGS["fst2_mvue"] = recipe("fst2", grad_weight_mode="mvue")
+CONFIGS["fst_mvue_linear"] = recipe("fst", grad_weight_mode_linear="mvue")
+CONFIGS["fst_noir_linear"] = recipe("fst", ir_alpha_linear=0.0)
 
 
 def _run(fn, args, inputs, gy, autocast):
     inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    torch.manual_seed(0)  # both paths draw the same MVUE masks
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = fn.apply(*inputs, *args)
     y.backward(gy.to(y.dtype))

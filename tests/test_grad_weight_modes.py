@@ -216,3 +216,22 @@ def test_mvue_under_bf16_autocast_is_the_float64_draw_of_the_bf16_operands():
     want = mvue_tokens(dy).float().t() @ x.bfloat16().float().reshape(-1, 16)
     torch.testing.assert_close(w.grad, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y.float(), F.linear(x, w).detach(), rtol=2e-2, atol=5e-2)
+
+
+# --------------------------------------------------------------------------- run config
+def test_run_config_overrides_and_layer_policy_from_yaml(tmp_path):
+    from fullsparse.errors import ConfigError
+    from fullsparse.train.config import TrainConfig, config_from_sources
+    from fullsparse.train.config_checks import layer_policy_identity
+
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: fst\ngrad_weight_mode_linear: mvue\nkeep_dense: stem, first_linear\n")
+    config = config_from_sources(path)
+    assert config.sparsity() == recipe("fst", grad_weight_mode_linear="mvue")
+    assert layer_policy_identity(config) == {"keep_dense": ["stem", "first_linear"]}
+    assert layer_policy_identity(TrainConfig()) == {}  # old identities still match
+    assert TrainConfig(recipe="fst", grad_weight_mode="mvue").sparsity().ir_alpha == 0.0
+    with pytest.raises(ConfigError, match="grad_weight_mode_linear='sometimes'"):
+        TrainConfig(grad_weight_mode_linear="sometimes")
+    with pytest.raises(ConfigError, match="'head' is not a layer role"):
+        TrainConfig(keep_dense="stem,head")

@@ -475,6 +475,7 @@ class _SparseLinearFn(torch.autograd.Function):
         forward_mask: Tensor | None,
         kernel: Any,
     ) -> Tensor:
+        config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
