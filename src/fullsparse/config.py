@@ -172,6 +172,10 @@ class SparsityConfig:
         # read once here (not fields: equality, hashing and to_dict are the fields')
         object.__setattr__(self, "_operands", gemm_operands(self))
         object.__setattr__(self, "_linear", self._linear_config())
+        conv = self
+        if self.per_kind:
+            conv = dataclasses.replace(self, grad_weight_mode_linear=None, ir_alpha_linear=None)
+        object.__setattr__(self, "_conv", conv)
 
     # -- per layer kind ---------------------------------------------------------------------
     @property
@@ -206,9 +210,7 @@ class SparsityConfig:
             return self._linear  # type: ignore[attr-defined, no-any-return]
         if kind != "conv":
             raise ValueError(f"layer kind {kind!r} is not one of {LAYER_KINDS}")
-        if not self.per_kind:
-            return self
-        return dataclasses.replace(self, grad_weight_mode_linear=None, ir_alpha_linear=None)
+        return self._conv  # type: ignore[attr-defined, no-any-return]
 
     def operands_for(self, kind: str) -> GemmOperands:
         """The operands of a ``kind`` layer's three GEMMs (:data:`OPERAND_TABLE`)."""
