@@ -4,6 +4,9 @@ Nothing here calls fullsparse, ``F.conv2d``, ``F.unfold`` or autograd: im2col is
 slicing, col2im its explicit adjoint, masks are Python loops over groups of 4 with an
 explicit sort, transposable masks a brute force over all 4×4 patterns, and the FST weight
 gradient the paper's masked product ``(dY + α·dY·T)·F(Xᵀ)`` with T and F built as matrices.
+The random MVUE weight gradient reads the same uniforms as fullsparse (torch's default
+generator, one per group of 4, drawn by the caller in fullsparse's order) and computes its
+keep probabilities by a water-filling bisection, group by group.
 """
 
 from __future__ import annotations
@@ -165,6 +168,53 @@ def ref_soft_scale(m: Tensor) -> float:
     return float((m.double() * s).sum() / (s * s).sum())
 
 
+# --------------------------------------------------------------------------- MVUE
+
+
+def ref_mvue_probabilities(group: list[float]) -> list[float]:
+    """Water-filling by bisection: p_i = min(1, c·|a_i|) with Σp = min(2, nonzeros)."""
+    a = [abs(x) for x in group]
+    target = min(2, sum(1 for x in a if x > 0))
+    if target == 0:
+        return [0.0] * 4
+    lo, hi = 0.0, 1.0
+    while sum(min(1.0, hi * x) for x in a) < target:
+        hi *= 2
+    for _ in range(200):
+        c = (lo + hi) / 2
+        if sum(min(1.0, c * x) for x in a) < target:
+            lo = c
+        else:
+            hi = c
+    return [min(1.0, hi * x) for x in a]
+
+
+def ref_mvue_rows(m: Tensor, u: Tensor) -> Tensor:
+    """MVUE 2:4 along each row of ``m [R, P]`` with the uniforms ``u [R, ceil(P/4)]``: in
+    each group the entries whose cumulative-probability interval holds ``u`` or ``u + 1``
+    survive, divided by their keep probability."""
+    rows, size = m.shape
+    out = torch.zeros_like(m)
+    for r in range(rows):
+        for g in range(0, size, 4):
+            vals = [float(m[r, i]) if i < size else 0.0 for i in range(g, g + 4)]
+            p = ref_mvue_probabilities(vals)
+            start, draw = 0.0, float(u[r, g // 4])
+            for j, pj in enumerate(p):
+                end = start + pj
+                kept = start <= draw < end or start <= draw + 1 < end
+                if kept and g + j < size:
+                    out[r, g + j] = vals[j] / pj
+                start = end
+    return out
+
+
+def draw_mvue_uniforms(rows: int, size: int) -> Tensor:
+    """The uniforms fullsparse draws for an MVUE of ``rows`` rows of ``size`` entries along
+    the sparsified axis: one per group of 4, from torch's default generator, in float64."""
+    return torch.rand(rows, (size + 3) // 4, 1, dtype=torch.float64)[..., 0]
+
+
 # --------------------------------------------------------------------------- recipes
 
 _RECIPES = {
@@ -185,6 +235,8 @@ _RECIPES = {
     # without the in-backward decay (decay_kind='masked_grad' applies it in the step)
     "srste_nodecay": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
     "fst_nodecay": ("2:4", "co", "dense", "ir", 1.0, 0.0),
+    # configs beside the named recipes: fst2's operands with the MVUE weight gradient
+    "fst_mvue": ("2:4", "co", "dense", "mvue", 0.0, 2e-4),
 }
 
 
@@ -243,6 +295,8 @@ def ref_conv(
     if beta is None:  # per tensor (used by the soft forward only)
         beta = ref_soft_scale(w.reshape(co, k))
     y_parts, dx_parts, dw_parts = [], [], []
+    # drawn before the loop, for all Co rows at once, as fullsparse draws them
+    u = draw_mvue_uniforms(co, dy2.shape[1]) if _RECIPES[name][3] == "mvue" else None
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]
@@ -259,6 +313,9 @@ def ref_conv(
             dwg = (dyg + a * dyg @ t) @ (keep[:, None] * xg.t())
         elif gw == "wg":
             dwg = (dyg * ref_mask_rows(dyg)) @ xg.t()
+        elif gw == "mvue":
+            assert u is not None
+            dwg = ref_mvue_rows(dyg, u[gi * cog : (gi + 1) * cog]) @ xg.t()
         else:  # wx
             dwg = dyg @ (xg * ref_mask_rows(xg)).t()
         dwg = dwg + decay * (w2 - w_out)
@@ -309,6 +366,8 @@ def ref_linear(
         dw = (dy2.t() + a * dy2.t() @ t) @ (keep[:, None] * x2)
     elif gw == "wg":
         dw = (dy2 * ref_mask_cols(dy2)).t() @ x2
+    elif gw == "mvue":  # along the flattened leading axes, per output feature
+        dw = ref_mvue_rows(dy2.t(), draw_mvue_uniforms(d_out, dy2.shape[0])) @ x2
     else:
         dw = dy2.t() @ (x2 * ref_mask_cols(x2))
     dw = dw + decay * (w - w_out)

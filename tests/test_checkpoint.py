@@ -84,6 +84,8 @@ def _kill_at_step(monkeypatch, n: int) -> None:
     [
         ("fst", {}, 9, (1, 2)),  # epoch 2, step 3: last.pt from epoch 2 step 2
         ("tsm", {"tsm_interval": 4}, 5, (0, 4)),  # epoch 1: before, no checkpoint at all
+        # a random weight gradient: the saved generator state makes the resumed draws equal
+        ("fst2", {"grad_weight_mode": "mvue"}, 9, (1, 2)),
     ],
 )
 def test_a_run_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(

@@ -29,10 +29,15 @@ CONFIGS["fst_pruned"] = recipe("fst", grad_input_source="pruned")
 CONFIGS["fst2_pruned"] = recipe("fst2", grad_input_source="pruned")
 CONFIGS["fst_channel_layout"] = recipe("fst", conv_layout="channel")
 CONFIGS["srste_channel_layout"] = recipe("srste", conv_layout="channel")
+# random (MVUE) and per-layer-kind weight gradients; _run seeds torch's generator
+CONFIGS["fst2_mvue"] = recipe("fst2", grad_weight_mode="mvue")
+CONFIGS["fst_mvue_linear"] = recipe("fst", grad_weight_mode_linear="mvue")
+CONFIGS["fst_noir_linear"] = recipe("fst", ir_alpha_linear=0.0)
 
 
 def _run(fn, args, inputs, gy, autocast):
     inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    torch.manual_seed(0)  # both paths draw the same MVUE masks
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = fn.apply(*inputs, *args)
     y.backward(gy.to(y.dtype))

@@ -219,3 +219,32 @@ def test_step_callbacks_see_every_step_of_the_run_across_a_resume(tmp_path):
     train(config.replace(stop_after=1), step_callbacks=[record])
     train(config.replace(resume=True), step_callbacks=[record])
     assert seen == [(step, 8) for step in range(8)]
+
+
+def test_an_mvue_run_with_a_layer_policy_resumes_bit_for_bit(tmp_path):
+    # the MVUE weight gradient draws from torch's generator every step: the checkpoints'
+    # RNG state makes a resumed run draw what the uninterrupted run drew
+    args = [*CLASSIFY, "--recipe", "fst", "--grad-weight-mode", "mvue", "--keep-dense", "stem"]
+    straight, split, other = tmp_path / "straight", tmp_path / "split", tmp_path / "other"
+    assert main(["train", *args, "--out", str(straight)]) == 0
+    assert main(["train", *args, "--out", str(split), "--stop-after", "1"]) == 0
+    assert main(["train", "--resume", "--out", str(split)]) == 0
+    _same_weights(straight, split)
+    assert _metrics(split)[-1]["train_loss"] == _metrics(straight)[-1]["train_loss"]
+    state = load_checkpoint(split / "last.pt")
+    assert state["identity"]["keep_dense"] == ["stem"]
+    assert state["identity"]["sparsity"]["grad_weight_mode"] == "mvue"
+    assert state["identity"]["sparsity"]["ir_alpha"] == 0.0
+    # and the draws matter: the same run with the paper's weight gradient ends elsewhere
+    assert (
+        main(["train", *CLASSIFY, "--recipe", "fst", "--keep-dense", "stem", "--out", str(other)])
+        == 0
+    )
+    assert _metrics(other)[-1]["train_loss"] != _metrics(straight)[-1]["train_loss"]
+
+
+def test_keep_dense_names_an_unknown_role_in_one_line(tmp_path, capsys):
+    assert main(["train", *CLASSIFY, "--keep-dense", "stem,neck", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'neck' is not a layer role; choose from stem, first_linear" in err
+    assert len(err.splitlines()) == 1

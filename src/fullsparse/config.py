@@ -20,6 +20,7 @@ __all__ = [
     "GRAD_INPUT_SOURCE",
     "CONV_LAYOUT",
     "DECAY_KIND",
+    "LAYER_KINDS",
     "OPERAND_TABLE",
     "SPARSE_ALONG",
     "GemmOperands",
@@ -47,8 +48,12 @@ GRAD_INPUT_WEIGHT = ("dense", "forward", "2:4_co")
 GRAD_INPUT_DY = ("dense", "2:4_co")
 #: The ``grad_weight`` GEMM (Eq. 3): ``dense`` = dY·Xᵀ; ``ir`` = fixed mask F on Xᵀ with
 #: information restoration of strength ``ir_alpha`` (Eq. 7-10, computed as a half-size
-#: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX).
-GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input")
+#: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX);
+#: ``mvue`` = MVUE_T(dY)·Xᵀ, the minimum-variance unbiased random 2:4 sparsification of dY
+#: along the token / spatial axis (:func:`fullsparse.estimators.mvue_2to4`).
+GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input", "mvue")
+#: Layer kinds a config can set apart (:meth:`SparsityConfig.for_kind`).
+LAYER_KINDS = ("conv", "linear")
 #: Which weight the separate backward mask S_Co is taken from.
 GRAD_INPUT_SOURCE = ("dense", "pruned")
 #: How a conv weight ``[Co, Ci, kh, kw]`` is cut into groups of 4 for S_K:
@@ -114,6 +119,14 @@ class SparsityConfig:
     #: Where the decay λ enters the step, one of :data:`DECAY_KIND`: 'srste' (Eq. 6, in each
     #: backward) or 'masked_grad' (2by4: once per optimizer step, after clipping).
     decay_kind: str = "srste"
+    # -- per layer kind: Linear layers' weight gradient (None = as for convolutions) -------
+    #: ``grad_weight_mode`` of Linear layers (token GEMMs), one of :data:`GRAD_WEIGHT_MODE`;
+    #: None = :attr:`grad_weight_mode`. ``grad_weight_mode`` / ``ir_alpha`` then hold for
+    #: convolutions.
+    grad_weight_mode_linear: str | None = None
+    #: ``ir_alpha`` of Linear layers; None = :attr:`ir_alpha` when the Linear mode is 'ir'
+    #: (0 otherwise). 0 with mode 'ir' is the fixed mask without cross-token restoration.
+    ir_alpha_linear: float | None = None
 
     def __post_init__(self) -> None:
         choices = {
@@ -129,8 +142,15 @@ class SparsityConfig:
             value = getattr(self, field)
             if value not in allowed:
                 raise ValueError(f"SparsityConfig.{field}={value!r} is not one of {allowed}")
-        for field in ("ir_alpha", "decay"):
+        if self.grad_weight_mode_linear not in (None, *GRAD_WEIGHT_MODE):
+            raise ValueError(
+                f"SparsityConfig.grad_weight_mode_linear={self.grad_weight_mode_linear!r} is "
+                f"not one of {GRAD_WEIGHT_MODE} (or None)"
+            )
+        for field in ("ir_alpha", "decay", "ir_alpha_linear"):
             value = getattr(self, field)
+            if value is None and field == "ir_alpha_linear":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"SparsityConfig.{field} must be a number, got {value!r}")
             if not (value >= 0.0 and value != float("inf")):
@@ -182,18 +202,69 @@ class SparsityConfig:
                 f"{self.output_weight!r}: the layout only changes the magnitude mask S_K of "
                 "output_weight='2:4'"
             )
-        # read once here (not a field: equality, hashing and to_dict are the fields')
+        if self.ir_alpha_linear and self._linear_mode != "ir":
+            raise ValueError(
+                f"ir_alpha_linear={self.ir_alpha_linear} clashes with the Linear layers' "
+                f"grad_weight mode {self._linear_mode!r}: information restoration only "
+                "exists for mode 'ir'"
+            )
+        # read once here (not fields: equality, hashing and to_dict are the fields')
         object.__setattr__(self, "_operands", gemm_operands(self))
+        object.__setattr__(self, "_linear", self._linear_config())
+        conv = self
+        if self.per_kind:
+            conv = dataclasses.replace(self, grad_weight_mode_linear=None, ir_alpha_linear=None)
+        object.__setattr__(self, "_conv", conv)
+
+    # -- per layer kind ---------------------------------------------------------------------
+    @property
+    def _linear_mode(self) -> str:
+        return self.grad_weight_mode_linear or self.grad_weight_mode
+
+    @property
+    def per_kind(self) -> bool:
+        """True when Linear layers get another weight-gradient estimator than convolutions."""
+        return self.grad_weight_mode_linear is not None or self.ir_alpha_linear is not None
+
+    def _linear_config(self) -> SparsityConfig:
+        if not self.per_kind:
+            return self
+        mode = self._linear_mode
+        alpha = self.ir_alpha_linear
+        if alpha is None:
+            alpha = self.ir_alpha if mode == "ir" else 0.0
+        return dataclasses.replace(
+            self,
+            grad_weight_mode=mode,
+            ir_alpha=alpha,
+            grad_weight_mode_linear=None,
+            ir_alpha_linear=None,
+        )
+
+    def for_kind(self, kind: str) -> SparsityConfig:
+        """The config one layer of ``kind`` (``conv`` or ``linear``) runs: the per-kind
+        fields folded into ``grad_weight_mode`` / ``ir_alpha``. ``self`` when they are unset.
+        """
+        if kind == "linear":
+            return self._linear  # type: ignore[attr-defined, no-any-return]
+        if kind != "conv":
+            raise ValueError(f"layer kind {kind!r} is not one of {LAYER_KINDS}")
+        return self._conv  # type: ignore[attr-defined, no-any-return]
+
+    def operands_for(self, kind: str) -> GemmOperands:
+        """The operands of a ``kind`` layer's three GEMMs (:data:`OPERAND_TABLE`)."""
+        return self.for_kind(kind).operands
 
     @property
     def is_dense(self) -> bool:
-        """True when every GEMM is dense (the module behaves exactly like its torch twin)."""
-        ops = self.operands
-        return (
+        """True when every GEMM of every layer kind is dense (the module behaves exactly like
+        its torch twin)."""
+        return all(
             ops.output_weight == "W"
             and ops.grad_input_weight == "W"
             and ops.grad_input_dy == "dY"
             and (ops.grad_weight_dy, ops.grad_weight_input) == ("dY", "X")
+            for ops in (self.operands, self.operands_for("linear"))
         )
 
     @property
@@ -245,6 +316,7 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
         "grad_weight.input": "X",
     },
     ("grad_weight_mode", "2:4_input"): {"grad_weight.dy": "dY", "grad_weight.input": "S_T(X)"},
+    ("grad_weight_mode", "mvue"): {"grad_weight.dy": "MVUE_T(dY)", "grad_weight.input": "X"},
 }
 
 #: The axis along which each operand symbol is 2:4 ("" = dense): what a sparse tensor core
@@ -261,6 +333,7 @@ SPARSE_ALONG: dict[str, str] = {
     "S_Co(dY)": "Co",
     "IR(dY)": "",
     "S_T(dY)": "T",
+    "MVUE_T(dY)": "T",
     "X": "",
     "F(X)": "T",
     "S_T(X)": "T",
@@ -331,8 +404,14 @@ def _new_names(fields: dict[str, Any], where: str) -> dict[str, Any]:
 
 def upgrade_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
     """A saved ``SparsityConfig.to_dict()`` (old or new field names) with the new names,
-    silently: for comparing a checkpoint's config with a run's."""
-    return {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+    silently, and the fields it predates at their defaults (which keep its behaviour): for
+    comparing a checkpoint's config with a run's."""
+    renamed = {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+    return {**_NEWER_FIELD_DEFAULTS, **renamed}
+
+
+#: Fields added after configs were first saved, at the defaults that keep old behaviour.
+_NEWER_FIELD_DEFAULTS: dict[str, Any] = {"grad_weight_mode_linear": None, "ir_alpha_linear": None}
 
 
 _dataclass_init = SparsityConfig.__init__
@@ -424,6 +503,9 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
 
     >>> recipe("fst", ir_alpha=0.03).ir_alpha
     0.03
+
+    Overriding ``grad_weight_mode`` with another mode than ``ir`` drops the recipe's
+    ``ir_alpha`` (it belonged to the replaced mode): ``recipe("fst", grad_weight_mode="mvue")``.
     """
     if not isinstance(name, str) or name not in RECIPE_TABLE:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
@@ -436,6 +518,8 @@ def recipe(name: str, **overrides: Any) -> SparsityConfig:
                 f"another recipe ({_PINNED_HINT[key].format(v=overrides[key])})"
             )
     fields = dict(RECIPE_TABLE[name])
+    if overrides.get("grad_weight_mode", "ir") != "ir" and "ir_alpha" not in overrides:
+        fields.pop("ir_alpha", None)  # the recipe's α belongs to the mode it replaces
     fields.update(overrides)
     fields.setdefault("name", name)
     return SparsityConfig(**fields)

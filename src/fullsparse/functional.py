@@ -54,6 +54,8 @@ from fullsparse.operands import (
     mask_co,
     mask_k,
     mask_spatial_conv,
+    mvue_spatial_conv,
+    mvue_tokens,
     output_weight_mask,
     transposable_mask,
     weight_operands,
@@ -109,6 +111,8 @@ def conv_grad_weight(
     - ``2:4_grad_output``: ``S_T(dY) · Xᵀ`` (WG).
     - ``2:4_input``: ``dY · S_T(Xᵀ)`` (WX), on the explicit im2col matrix (the sparsity is on
       its columns, which no convolution can express) — a study recipe, not a fast one.
+    - ``mvue``: ``MVUE_T(dY) · Xᵀ``, dY sparsified at random, 2:4 along N·Ho·Wo per output
+      channel and unbiased (one draw from torch's default generator per call).
 
     ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
@@ -124,6 +128,11 @@ def conv_grad_weight(
         return conv_backward(mask_spatial_conv(grad_output), input, weight, geo, "weight")
     if mode == "2:4_input":
         return _conv_grad_weight_pruned_input(input, grad_output, weight, geo)
+    if mode == "mvue":
+        dy_mvue = mvue_spatial_conv(grad_output)
+        if input.is_contiguous(memory_format=torch.channels_last):
+            dy_mvue = dy_mvue.contiguous(memory_format=torch.channels_last)
+        return conv_backward(dy_mvue, input, weight, geo, "weight")
     raise ValueError(f"unknown grad_weight mode {mode!r}")
 
 
@@ -151,7 +160,8 @@ def linear_grad_weight(
     ``ir`` pairs adjacent tokens ``(2j, 2j+1)`` along the token axis (dim -2) of a
     ``[..., T, d]`` input and multiplies by the even tokens only; a 2-D ``[B, d]`` input has
     no token axis, so its weight gradient stays dense. ``2:4_grad_output`` / ``2:4_input``
-    apply S_T along the flattened leading axes (batch × tokens).
+    apply S_T, and ``mvue`` its random unbiased counterpart, along the flattened leading axes
+    (batch × tokens; the batch axis of a 2-D input).
     """
     d_in, d_out = input.shape[-1], grad_output.shape[-1]
     if mode == "ir" and input.ndim >= 3:
@@ -163,6 +173,8 @@ def linear_grad_weight(
         dy2 = dy2 * mask_2to4(dy2, dim=0)
     elif mode == "2:4_input":
         x2 = x2 * mask_2to4(x2, dim=0)
+    elif mode == "mvue":
+        dy2 = mvue_tokens(dy2)
     elif mode not in ("dense", "ir"):
         raise ValueError(f"unknown grad_weight mode {mode!r}")
     return dy2.t().mm(x2)
@@ -232,6 +244,7 @@ def linear_grad_weight_for(
     out_mask: Tensor | None,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer plus the SR-STE decay, in the weight's dtype."""
+    config = config.for_kind("linear")
     grad = linear_grad_weight(input, grad_output, config.grad_weight_mode, config.ir_alpha)
     grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
@@ -401,7 +414,7 @@ def sparse_conv2d(
         fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
             cannot run (the message says why and how to get it).
     """
-    config = resolve_config(config)
+    config = resolve_config(config).for_kind("conv")
     check_backend(backend)
     _check_tensor(input, "sparse_conv2d input")
     _check_tensor(weight, "sparse_conv2d weight")
@@ -473,6 +486,7 @@ class _SparseLinearFn(torch.autograd.Function):
         kernel: Any,
         soft_scale: Tensor | None = None,
     ) -> Tensor:
+        config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
@@ -534,7 +548,7 @@ def sparse_linear(
         fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
             cannot run (the message says why and how to get it).
     """
-    config = resolve_config(config)
+    config = resolve_config(config).for_kind("linear")
     check_backend(backend)
     _check_tensor(input, "sparse_linear input")
     _check_tensor(weight, "sparse_linear weight")

@@ -10,7 +10,7 @@ same parameters (the very same ``Parameter`` objects after :meth:`from_dense`), 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "sparsify_",
     "densify_",
     "head_name",
+    "KEEP_DENSE",
     "sparse_modules",
     "sparse_state_dict",
     "load_sparse_state_",
@@ -271,6 +272,7 @@ def sparsify_(
     *,
     backend: str = "auto",
     compute_dtype: torch.dtype | None = None,
+    keep_dense: Iterable[str] = (),
 ) -> SparsifyReport:
     """Replace Conv2d/Linear layers of ``model`` in place by sparse twins of ``config``.
 
@@ -281,6 +283,9 @@ def sparsify_(
     module)`` replaces that selection: True makes the layer sparse, False keeps it dense
     ("excluded by filter_fn"), and a string keeps it dense with that string as the report's
     reason.
+    ``keep_dense`` (the layer policy, any of :data:`KEEP_DENSE`) keeps ``stem`` (the first
+    ``nn.Conv2d`` in ``named_modules()`` order) and/or ``first_linear`` (the first Linear-like
+    layer) dense whatever the filter says; the report gives "stem (layer policy)".
     Layers that cannot carry 2:4 meaningfully stay dense whatever the filter says. Layers
     already sparse get the new config. Parameters are shared, not copied: an optimizer
     built before the call keeps working.
@@ -309,6 +314,7 @@ def sparsify_(
     named = list(model.named_modules(remove_duplicate=False))
     head, head_why = _find_head(named)
     fused = _fused_children(model)
+    policy = _layer_policy(named, keep_dense)
 
     # Decide everything first, so that an explicit backend that cannot run fails before the
     # model is changed. One row per layer: (name, module, sparse?, why it stays dense).
@@ -328,6 +334,8 @@ def sparsify_(
                 chosen, why_not = bool(verdict), "excluded by filter_fn"
         else:
             chosen, why_not = name != head, head_why
+        if name in policy:
+            chosen, why_not = False, policy[name]
         reason = _dense_reason(name, module, fused)
         sparse = chosen and reason is None
         decisions.append((name, module, sparse, "" if sparse else (reason or why_not)))
@@ -373,10 +381,48 @@ def sparsify_(
         _set_module(model, name, replaced[id(module)])
         chosen_backend, backend_reason = plans[name]
         note = _sparse_note(module, config)
+        gw = _grad_weight_label(module, config)
         report.rows.append(
-            LayerReport(name, kind, shape, True, note, chosen_backend, backend_reason)
+            LayerReport(name, kind, shape, True, note, chosen_backend, backend_reason, gw)
         )
     return report
+
+
+# --------------------------------------------------------------------------- layer policy
+#: Layers :func:`sparsify_` can keep dense by role (``keep_dense=``), and the report's reason.
+KEEP_DENSE: dict[str, str] = {
+    "stem": "stem (layer policy)",
+    "first_linear": "first Linear (layer policy)",
+}
+
+
+def _layer_policy(named: list[tuple[str, nn.Module]], keep_dense: Iterable[str]) -> dict[str, str]:
+    """Layer name -> reason, for the layers ``keep_dense`` keeps dense."""
+    if isinstance(keep_dense, str):
+        keep_dense = (keep_dense,)
+    keep = tuple(keep_dense)
+    unknown = [k for k in keep if k not in KEEP_DENSE]
+    if unknown:
+        raise ValueError(f"sparsify_: keep_dense={unknown} is not among {', '.join(KEEP_DENSE)}")
+    candidates = [(n, m) for n, m in named if _sparse_twin(m) is not None]
+    firsts = {
+        "stem": next((n for n, m in candidates if isinstance(m, nn.Conv2d)), None),
+        "first_linear": next((n for n, m in candidates if not isinstance(m, nn.Conv2d)), None),
+    }
+    return {firsts[k]: KEEP_DENSE[k] for k in keep if firsts[k] is not None}  # type: ignore[misc]
+
+
+def _layer_kind(module: nn.Module) -> str:
+    """``conv`` or ``linear``: the kind :meth:`SparsityConfig.for_kind` reads."""
+    return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def _grad_weight_label(module: nn.Module, config: SparsityConfig) -> str:
+    """The layer's weight-gradient estimator for the report: its mode, α for ``ir``."""
+    layer = config.for_kind(_layer_kind(module))
+    if layer.grad_weight_mode == "ir":
+        return f"ir α={layer.ir_alpha:g}"
+    return layer.grad_weight_mode
 
 
 def _layer_shape(module: nn.Module) -> LayerShape:
@@ -429,7 +475,7 @@ def _sparse_note(module: nn.Module, config: SparsityConfig) -> str:
     co = weight.shape[0]
     if co % 4 and config.grad_input_weight == "2:4_co":
         notes.append(f"Co={co} zero-padded to {co + (-co) % 4} for the grad_input mask")
-    if not isinstance(module, nn.Conv2d) and config.grad_weight_mode == "ir":
+    if not isinstance(module, nn.Conv2d) and config.for_kind("linear").grad_weight_mode == "ir":
         notes.append("IR pairs tokens (dim -2); dense grad_weight for 2-D inputs")
     return "; ".join(notes) or "2:4"
 

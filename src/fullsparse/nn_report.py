@@ -37,6 +37,9 @@ class LayerReport:
     #: "emulation", or "auto" for a k×k conv decided by one measurement) and why.
     backend: str = ""
     backend_reason: str = ""
+    #: For sparse layers: its weight-gradient estimator (``grad_weight_mode`` of its layer
+    #: kind, with α for ``ir``: "ir α=1", "mvue", ...); "" for dense layers.
+    grad_weight: str = ""
 
     @property
     def action(self) -> str:
@@ -76,6 +79,10 @@ def _split_name(name: str, width: int, indent: int = 2) -> list[str]:
         pieces.append(rest[:cut])
         rest, room = rest[cut:], width - indent
     return [*pieces[:1], *(" " * indent + p for p in [*pieces[1:], rest])] if pieces else [rest]
+
+
+#: The table's columns; ``dW`` is the layer's weight-gradient estimator.
+_HEAD = ("layer", "type", "weight shape", "gets", "dW", "backend", "why")
 
 
 @dataclass
@@ -119,6 +126,7 @@ class SparsifyReport:
                     "reason": r.reason,
                     "backend": r.backend,
                     "backend_reason": r.backend_reason,
+                    "grad_weight": r.grad_weight,
                 }
                 for r in self.rows
             ],
@@ -127,10 +135,11 @@ class SparsifyReport:
     def summary(self) -> str:
         return f"{len(self.sparse_names)} of {len(self.rows)} layers use {self.recipe!r}"
 
-    def _cells(self, r: LayerReport) -> tuple[str, str, str, str]:
-        """(layer, type, weight shape, gets) of a row."""
+    def _cells(self, r: LayerReport) -> tuple[str, str, str, str, str]:
+        """(layer, type, weight shape, gets, dW) of a row."""
         shape = "x".join(map(str, r.shape)) or "-"
-        return (r.name or "<model>", r.kind, shape, self.recipe if r.sparse else "dense")
+        gets = self.recipe if r.sparse else "dense"
+        return (r.name or "<model>", r.kind, shape, gets, r.grad_weight or "-")
 
     def format(self, width: int = REPORT_WIDTH) -> str:
         """The table in at most ``width`` columns (at least 80).
@@ -140,7 +149,7 @@ class SparsifyReport:
         """
         width = max(width, 80)
         notes = _Footnotes()
-        head = ("layer", "type", "weight shape", "gets", "backend", "why")
+        head = _HEAD
         body = []
         for r in self.rows:
             backend = r.backend or "-"
@@ -149,13 +158,13 @@ class SparsifyReport:
             body.append([*self._cells(r), backend, r.reason or "-"])
         widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
         # The layer column gives way first: names wrap, other cells never do.
-        fixed = sum(widths[1:5]) + len(_SEP) * 5
+        fixed = sum(widths[1:6]) + len(_SEP) * 6
         widths[0] = max(min(widths[0], width - fixed - _MIN_WHY), len(head[0]), 12)
         why_width = width - fixed - widths[0]
         for row in body:  # numbered after the backend notes, in row order
-            if len(row[5]) > max(why_width, 5):  # "[12]" is no shorter than "2:4"
-                row[5] = notes.mark(row[5])
-        widths[5] = max(len(row[5]) for row in (head, *body))
+            if len(row[6]) > max(why_width, 5):  # "[12]" is no shorter than "2:4"
+                row[6] = notes.mark(row[6])
+        widths[6] = max(len(row[6]) for row in (head, *body))
 
         def line(cells: list[str] | tuple[str, ...]) -> str:
             padded = (c.ljust(w) for c, w in zip(cells, widths, strict=True))
@@ -165,7 +174,7 @@ class SparsifyReport:
         for row in body:
             name, *more = _split_name(row[0], widths[0])
             lines.append(line([name, *row[1:]]))
-            lines += [line([piece, "", "", "", "", ""]) for piece in more]
+            lines += [line([piece, "", "", "", "", "", ""]) for piece in more]
         lines.append(self.summary())
         return "\n".join(lines + notes.lines(width))
 
@@ -174,7 +183,7 @@ class SparsifyReport:
 
     def _repr_html_(self) -> str:
         """The table for notebooks (Jupyter, VS Code): every cell in full, no footnotes."""
-        head = ("layer", "type", "weight shape", "gets", "backend", "why")
+        head = _HEAD
         rows = []
         for r in self.rows:
             backend = r.backend or "-"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig
+from fullsparse.estimators import mvue_2to4
 from fullsparse.masks import (
     is_2to4,
     magnitude_score,
@@ -47,6 +48,8 @@ __all__ = [
     "weight_operands",
     "mask_channels",
     "mask_spatial_conv",
+    "mvue_spatial_conv",
+    "mvue_tokens",
     "ir_grad_output",
 ]
 
@@ -295,6 +298,21 @@ def mask_spatial_conv(t: Tensor) -> Tensor:
     rows = t.transpose(0, 1).reshape(c, n * h * w)
     mask = mask_2to4(rows, dim=1).reshape(c, n, h, w).transpose(0, 1)
     return t * mask
+
+
+def mvue_spatial_conv(t: Tensor) -> Tensor:
+    """MVUE_T for ``[N, C, H, W]``: the random unbiased 2:4 sparsification along N·H·W per
+    channel, in (n, h, w) order (S_T's layout), drawn from torch's default generator on
+    ``t``'s device."""
+    n, c, h, w = t.shape
+    rows = t.transpose(0, 1).reshape(c, n * h * w)
+    return mvue_2to4(rows, dim=1).reshape(c, n, h, w).transpose(0, 1)
+
+
+def mvue_tokens(t2: Tensor) -> Tensor:
+    """MVUE_T for a Linear layer's ``[M, d_out]`` gradient: along the flattened leading
+    (batch × token) axis M, per output feature, from torch's default generator."""
+    return mvue_2to4(t2, dim=0)
 
 
 def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fullsparse.errors import ConfigError
 from fullsparse.train.common import autocast, subset
 from fullsparse.train.config import TrainConfig
+from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_curves
 from fullsparse.train.task import (
@@ -81,6 +82,7 @@ def model_identity(config: TrainConfig, bundle: Any) -> dict[str, Any]:
         "image_size": int(bundle.image_size),
         "recipe": config.recipe,
         "sparsity": config.sparsity().to_dict(),
+        **layer_policy_identity(config),
     }
 
 

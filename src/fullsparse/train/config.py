@@ -53,7 +53,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
-SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight")
+SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
+SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear")  # per layer kind
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -188,6 +189,10 @@ class TrainConfig:
     # decay and forward variants (None: the recipe's)
     decay_kind: str | None = option(None, "override: srste|masked_grad (where λ enters)")
     output_weight: str | None = option(None, "override: dense|2:4|transposable|soft_2:4")
+    grad_weight_mode: str | None = option(None, "override: dense|ir|2:4_grad_output|2:4_input|mvue")
+    grad_weight_mode_linear: str | None = option(None, "override: Linear layers' grad_weight mode")
+    ir_alpha_linear: float | None = option(None, "override: Linear layers' IR α", minimum=0)
+    keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).

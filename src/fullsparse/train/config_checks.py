@@ -9,7 +9,14 @@ from typing import Any
 
 from fullsparse.errors import ConfigError
 
-__all__ = ["task_defaults", "check_task_fields", "LM_DATASETS", "DETECTION_DATASETS"]
+__all__ = [
+    "task_defaults",
+    "check_task_fields",
+    "keep_dense_layers",
+    "layer_policy_identity",
+    "LM_DATASETS",
+    "DETECTION_DATASETS",
+]
 
 #: Text corpora of the ``lm`` task: ``pystdlib`` is the running Python's standard library
 #: (present on every machine), ``text`` a folder of .py/.txt/.md/.rst files (``data_dir``).
@@ -69,6 +76,7 @@ def check_task_fields(config: Any) -> None:
     """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
     from fullsparse.models import LM_MODELS, MODELS
 
+    keep_dense_layers(config)  # the layer policy names known roles
     model, dataset = config.model, config.dataset
     if config.fsdp and config.compile:
         raise ConfigError("fsdp and compile clash: a sharded model runs eagerly; drop --compile")
@@ -134,6 +142,31 @@ def check_task_fields(config: Any) -> None:
             f"steps_per_epoch={config.steps_per_epoch} clashes with task={config.task!r}: a "
             "classify epoch is one pass over the training images (use train_subset)"
         )
+
+
+# --------------------------------------------------------------------------- layer policy
+def keep_dense_layers(config: Any) -> tuple[str, ...]:
+    """The roles ``config.keep_dense`` (``"stem"``, ``"first_linear"``, comma-separated)
+    keeps dense, for :func:`fullsparse.sparsify_`'s ``keep_dense``."""
+    from fullsparse.nn import KEEP_DENSE
+
+    if not config.keep_dense:
+        return ()
+    roles = tuple(r.strip() for r in config.keep_dense.split(","))
+    unknown = [r for r in roles if r not in KEEP_DENSE]
+    if unknown:
+        raise ConfigError(
+            f"keep_dense={config.keep_dense!r}: {', '.join(map(repr, unknown))} is not a layer "
+            f"role; choose from {', '.join(KEEP_DENSE)} (comma-separated)"
+        )
+    return tuple(dict.fromkeys(roles))
+
+
+def layer_policy_identity(config: Any) -> dict[str, Any]:
+    """The layer policy's part of a checkpoint identity: empty without one, so checkpoints
+    from before the policy existed still match a run without it."""
+    roles = keep_dense_layers(config)
+    return {"keep_dense": list(roles)} if roles else {}
 
 
 def check_detection_fields(config: Any) -> None:

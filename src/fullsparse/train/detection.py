@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fullsparse.errors import UserError
 from fullsparse.train.common import subset
 from fullsparse.train.config import TrainConfig
+from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.task import StepOutput, Task, best_and_final, settings_line
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def detection_identity(config: TrainConfig, bundle: Any) -> dict[str, Any]:
         "image_size": config.image_size,
         "recipe": config.recipe,
         "sparsity": config.sparsity().to_dict(),
+        **layer_policy_identity(config),
     }
 
 
@@ -92,7 +94,9 @@ def build_sparse_detector(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
         identity["model"], identity["num_classes"], identity["image_size"],
         **identity["model_kwargs"],
     )  # fmt: skip
-    report = sparsify_(model, SparsityConfig(**identity["sparsity"]), detection_filter)
+    config = SparsityConfig(**identity["sparsity"])
+    keep_dense = identity.get("keep_dense", ())
+    report = sparsify_(model, config, detection_filter, keep_dense=keep_dense)
     return model, report
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from fullsparse.errors import UserError
 from fullsparse.train.common import autocast
 from fullsparse.train.config import TrainConfig
+from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_lm_curves
 from fullsparse.train.task import (
@@ -79,6 +80,7 @@ def lm_identity(config: TrainConfig) -> dict[str, Any]:
         "vocab_size": VOCAB_SIZE,
         "recipe": config.recipe,
         "sparsity": config.sparsity().to_dict(),
+        **layer_policy_identity(config),
     }
 
 

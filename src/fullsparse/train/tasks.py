@@ -37,5 +37,6 @@ def build_sparse_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
         )
     else:
         model = build_classifier(identity)
-    report = sparsify_(model, SparsityConfig(**identity["sparsity"]))
+    keep_dense = identity.get("keep_dense", ())
+    report = sparsify_(model, SparsityConfig(**identity["sparsity"]), keep_dense=keep_dense)
     return model, report
