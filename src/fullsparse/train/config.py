@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,13 +24,14 @@ from typing import Any
 
 from fullsparse.config import SparsityConfig, recipe
 from fullsparse.errors import ConfigError
-from fullsparse.limits import check_config_file, check_config_ranges
+from fullsparse.limits import check_config_ranges
 from fullsparse.train.config_checks import (
     DETECTION_DATASETS,
     LM_DATASETS,
     check_task_fields,
     task_defaults,
 )
+from fullsparse.train.config_file import load_config_file
 
 __all__ = [
     "TrainConfig",
@@ -448,50 +448,6 @@ def _reject_unknown(values: dict[str, Any], source: str) -> None:
     raise ConfigError(
         f"unknown key(s) in {source}: {', '.join(hints)}; valid keys: {', '.join(_FIELDS)}"
     )
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``.json`` or ``.yaml``/``.yml`` run config into a dict (not yet validated).
-
-    YAML needs PyYAML, imported only here; every problem is one ConfigError line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    check_config_file(path)  # fullsparse.limits: size, nesting depth, YAML aliases
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(
-                f"reading {path} needs PyYAML: pip install pyyaml (or use a .json config)"
-            ) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-        if data is None:
-            data = {}
-    else:
-        raise ConfigError(f"config file {path} must end in .json, .yaml or .yml")
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of field: value, got {type(data).__name__}"
-        )
-    return data
 
 
 def config_from_sources(
