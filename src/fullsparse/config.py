@@ -89,6 +89,11 @@ class SparsityConfig:
     grad_input_source: str = "dense"
     #: Training steps between recomputations of the transposable (TSM) mask.
     tsm_interval: int = DEFAULT_TSM_INTERVAL
+    # -- mask-update interval (schedules) --------------------------------------------------
+    #: Training steps between recomputations of the magnitude weight masks S_K (forward) and
+    #: S_Co (grad_input); in between, a sparse module reuses its cached masks. 1 = every
+    #: step (the masks follow the weight exactly). The TSM mask keeps ``tsm_interval``.
+    mask_interval: int = 1
 
     def __post_init__(self) -> None:
         choices = {
@@ -108,14 +113,10 @@ class SparsityConfig:
                 raise ValueError(f"SparsityConfig.{field} must be a number, got {value!r}")
             if not (value >= 0.0 and value != float("inf")):
                 raise ValueError(f"SparsityConfig.{field} must be finite and >= 0, got {value}")
-        if (
-            isinstance(self.tsm_interval, bool)
-            or not isinstance(self.tsm_interval, int)
-            or (self.tsm_interval < 1)
-        ):
-            raise ValueError(
-                f"SparsityConfig.tsm_interval must be an integer >= 1, got {self.tsm_interval!r}"
-            )
+        for field in ("tsm_interval", "mask_interval"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
         if self.ir_alpha != 0.0 and self.grad_weight_mode != "ir":
             raise ValueError(
                 f"ir_alpha={self.ir_alpha} clashes with grad_weight_mode={self.grad_weight_mode!r}"
@@ -290,8 +291,11 @@ def _new_names(fields: dict[str, Any], where: str) -> dict[str, Any]:
 
 def upgrade_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
     """A saved ``SparsityConfig.to_dict()`` (old or new field names) with the new names,
-    silently: for comparing a checkpoint's config with a run's."""
-    return {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+    silently, and the defaults of fields added since it was saved: for comparing a
+    checkpoint's config with a run's."""
+    renamed = {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
+    added = {f.name: f.default for f in dataclasses.fields(SparsityConfig)}
+    return {**{k: v for k, v in added.items() if k not in renamed}, **renamed}
 
 
 _dataclass_init = SparsityConfig.__init__

@@ -9,14 +9,14 @@ keys stay those of the torch module), saved with :func:`sparse_state_dict` and r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
-from fullsparse.operands import output_weight_mask, transposable_mask
+from fullsparse.operands import mask_k, output_weight_mask, transposable_mask
 
 __all__ = ["sparse_modules", "sparse_state_dict", "load_sparse_state_", "pruned_state_dict"]
 
@@ -62,28 +62,45 @@ class _SparseMixin:
         """:meth:`_gemm_weight` of the dense module this class replaces."""
         return dense.weight  # type: ignore[return-value]
 
-    def _forward_mask(self) -> Tensor | None:
-        """The cached transposable mask, recomputed every ``tsm_interval`` training steps.
+    # -- the cached forward mask: TSM (every tsm_interval steps) or S_K (mask_interval) ----
+    def _cached_mask_rule(self) -> tuple[int, Callable[[Tensor], Tensor]] | None:
+        """(interval, mask of W) of the forward mask this module caches, or None.
 
-        A training step is one forward in training mode with grad enabled. S_K masks are not
-        cached: they follow the weight at every step (the cost is in the overhead benchmark).
+        The TSM mask is always cached (every ``tsm_interval`` steps); S_K is cached when
+        ``mask_interval > 1``. Both live in the ``tsm_mask`` / ``tsm_step`` buffers (the
+        names checkpoints already hold).
         """
-        if not self.config.uses_transposable_mask:
+        if self.config.uses_transposable_mask:
+            return self.config.tsm_interval, lambda w: transposable_mask(w, self._groups())
+        if self.config.mask_interval > 1 and self.config.operands.output_weight == "S_K(W)":
+            return self.config.mask_interval, mask_k
+        return None
+
+    def _forward_mask(self) -> Tensor | None:
+        """The cached forward mask, recomputed every ``interval`` training steps.
+
+        A training step is one forward in training mode with grad enabled. Without a cached
+        rule (S_K with ``mask_interval=1``) masks are not cached: they follow the weight at
+        every step (the cost is in the overhead benchmark).
+        """
+        rule = self._cached_mask_rule()
+        if rule is None:
             return None
         if _is_compiling():
-            return self._forward_mask_traceable()
+            return self._forward_mask_traceable(*rule)
+        interval, make = rule
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
-        due = stepping and int(self.tsm_step) % self.config.tsm_interval == 0
+        due = stepping and int(self.tsm_step) % interval == 0
         weight = self._gemm_weight().detach()
         if mask is None or due or mask.shape != weight.shape:
-            mask = transposable_mask(weight, self._groups())
+            mask = make(weight)
             self.tsm_mask = mask
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
 
-    def _forward_mask_traceable(self) -> Tensor:
+    def _forward_mask_traceable(self, interval: int, make: Callable[[Tensor], Tensor]) -> Tensor:
         """:meth:`_forward_mask` as torch.compile can trace it: the same masks, no graph break.
 
         ``int(tsm_step)`` is data-dependent control flow: a graph break in every sparse
@@ -97,10 +114,10 @@ class _SparseMixin:
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         weight = self._gemm_weight().detach()
         if mask is None or mask.shape != weight.shape:
-            mask = transposable_mask(weight, self._groups())
+            mask = make(weight)
         elif stepping:
-            due = self.tsm_step % self.config.tsm_interval == 0  # type: ignore[has-type]
-            mask = torch.where(due, transposable_mask(weight, self._groups()), mask)
+            due = self.tsm_step % interval == 0  # type: ignore[has-type]
+            mask = torch.where(due, make(weight), mask)
         self.tsm_mask = mask
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
@@ -111,7 +128,7 @@ class _SparseMixin:
         shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
         Parameter is not in the GEMM layout (:meth:`_gemm_weight`) overrides this to
         transpose it back."""
-        mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
+        mask = self.tsm_mask if self._cached_mask_rule() is not None else None  # type: ignore
         weight = self._gemm_weight().detach()
         out = output_weight_mask(weight, self.config, self._groups(), mask)
         return weight if out is None else weight * out

@@ -32,6 +32,7 @@ from fullsparse.train.config_checks import (
     check_task_fields,
     task_defaults,
 )
+from fullsparse.train.schedule import check_schedule_fields
 
 __all__ = [
     "TrainConfig",
@@ -52,7 +53,7 @@ __all__ = [
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
-SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
+SPARSITY_OVERRIDES = ("ir_alpha", "decay", "grad_input_source", "tsm_interval", "mask_interval")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -181,6 +182,13 @@ class TrainConfig:
     tsm_interval: int | None = option(
         None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
     )
+    # -- schedules over the run (fullsparse.train.schedule) --------------------------------
+    #: Steps between recomputations of the S_K / S_Co weight masks (None: the recipe's, 1).
+    mask_interval: int | None = option(None, "steps between weight-mask updates (1)", minimum=1)
+    dense_warmup_steps: int = option(0, "first N steps with every GEMM dense", minimum=0)
+    #: The last fraction of the steps trains with dense GEMMs (``dense_finish_mode``).
+    dense_finish: float = option(0.0, "last fraction of the steps dense (0 = off)", minimum=0)
+    dense_finish_mode: str = option("backward", "backward (the forward stays 2:4) | all")
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
@@ -316,6 +324,7 @@ class TrainConfig:
                 f"warmup_epochs={self.warmup_epochs} clashes with epochs={self.epochs}: "
                 "warm-up must fit in the run"
             )
+        check_schedule_fields(self.dense_warmup_steps, self.dense_finish, self.dense_finish_mode)
         self.sparsity()  # an unknown recipe or a clashing override fails here, early
 
     # -- derived values -------------------------------------------------------------------

@@ -70,6 +70,7 @@ from fullsparse.train.run_folder import (
     write_json,
     written_files,
 )
+from fullsparse.train.schedule import RunSchedule
 
 __all__ = ["Trainer", "StepCallback", "train", "build_model"]
 
@@ -99,7 +100,11 @@ class Trainer:
         self.world = dist.world_size
         self.state = RunState(self.task.best_key, self.task.higher_is_better)
         self.checkpoints = Checkpointer(self)
-        self.step_callbacks: list[StepCallback] = []
+        # schedules over the run (dense warm-up / finish) and the FLOP account
+        self.schedule = RunSchedule(
+            config.dense_warmup_steps, config.dense_finish, config.dense_finish_mode
+        )
+        self.step_callbacks: list[StepCallback] = [self.schedule]
         self.resume_from: Path | None = None
         self.replace_folder = False
         self.saved: dict[str, Any] | None = None  # the checkpoint being resumed
@@ -395,6 +400,9 @@ class Trainer:
             "skipped_steps": run.skipped_steps,
             **task.summary_extra(self),
             "sparsity": self.identity["sparsity"],
+            "sparse_gemm_fraction": self.schedule.account(
+                run.epoch * self.steps_per_epoch, config.epochs * self.steps_per_epoch
+            ),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "torch": str(torch.__version__),
