@@ -299,12 +299,14 @@ class _SparseConv2dFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        grad_input_mask: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
-        )
+            weight, config, geo.groups, compute, forward_mask,
+            grad_input=needs_dx, decay=needs_dw, grad_input_mask=grad_input_mask,
+        )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
@@ -343,7 +345,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -376,12 +378,14 @@ def sparse_conv2d(
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
     backend: str = "auto",
+    grad_input_mask: Tensor | None = None,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
     Same arguments and result shape as :func:`torch.nn.functional.conv2d` (``padding`` may
     be an int, a pair, ``'valid'`` or ``'same'``). ``forward_mask``: a precomputed bool mask
     for the forward weight (a module's cached TSM mask); computed from ``weight`` if omitted.
+    ``grad_input_mask``: a cached S_Co mask for the grad_input weight (``mask_interval``).
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
 
@@ -447,7 +451,9 @@ def sparse_conv2d(
         )
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
-    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask, kernel)
+    return _SparseConv2dFn.apply(
+        input, weight, bias, geo, config, forward_mask, kernel, grad_input_mask
+    )
 
 
 # --------------------------------------------------------------------------- linear
@@ -461,12 +467,14 @@ class _SparseLinearFn(torch.autograd.Function):
         config: SparsityConfig,
         forward_mask: Tensor | None,
         kernel: Any,
+        grad_input_mask: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw
-        )
+            weight, config, 1, compute, forward_mask,
+            grad_input=needs_dx, decay=needs_dw, grad_input_mask=grad_input_mask,
+        )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
         with torch.autocast(input.device.type, enabled=False):
@@ -496,7 +504,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 def sparse_linear(
@@ -507,11 +515,13 @@ def sparse_linear(
     config: SparsityConfig | str,
     forward_mask: Tensor | None = None,
     backend: str = "auto",
+    grad_input_mask: Tensor | None = None,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
     ``input`` is ``[..., T, d_in]`` (tokens on dim -2; the FST weight gradient pairs adjacent
     tokens) or ``[B, d_in]`` (no token axis: dense weight gradient) or ``[d_in]``.
+    ``forward_mask`` / ``grad_input_mask``: cached masks, as for :func:`sparse_conv2d`.
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
 
@@ -547,6 +557,6 @@ def sparse_linear(
     kernel = select_linear_kernel(backend, config, input, weight, compute)
     if input.ndim == 1:
         return _SparseLinearFn.apply(
-            input.unsqueeze(0), weight, bias, config, forward_mask, kernel
+            input.unsqueeze(0), weight, bias, config, forward_mask, kernel, grad_input_mask
         )[0]
-    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel)
+    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel, grad_input_mask)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
-from fullsparse.operands import mask_k, output_weight_mask, transposable_mask
+from fullsparse.operands import mask_co, mask_k, output_weight_mask, transposable_mask
 
 __all__ = ["sparse_modules", "sparse_state_dict", "load_sparse_state_", "pruned_state_dict"]
 
@@ -45,6 +45,8 @@ class _SparseMixin:
         self.register_buffer(  # type: ignore[attr-defined]
             "tsm_step", torch.zeros((), dtype=torch.int64), persistent=False
         )
+        # the cached S_Co mask of grad_input's weight (mask_interval > 1), on the same clock
+        self.register_buffer("gi_mask", None, persistent=False)  # type: ignore[attr-defined]
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -96,6 +98,9 @@ class _SparseMixin:
         if mask is None or due or mask.shape != weight.shape:
             mask = make(weight)
             self.tsm_mask = mask
+            self.gi_mask = None
+        if self._caches_grad_input_mask() and self.gi_mask is None:  # type: ignore[has-type]
+            self.gi_mask = self._mask_co_of(weight, mask)
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
@@ -113,15 +118,40 @@ class _SparseMixin:
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         weight = self._gemm_weight().detach()
+        gi: Tensor | None = self.gi_mask  # type: ignore[has-type]
+        caches_gi = self._caches_grad_input_mask()
         if mask is None or mask.shape != weight.shape:
             mask = make(weight)
+            gi = self._mask_co_of(weight, mask) if caches_gi else None
         elif stepping:
             due = self.tsm_step % interval == 0  # type: ignore[has-type]
             mask = torch.where(due, make(weight), mask)
-        self.tsm_mask = mask
+            if caches_gi:
+                fresh = self._mask_co_of(weight, mask)
+                gi = fresh if gi is None else torch.where(due, fresh, gi)
+        self.tsm_mask, self.gi_mask = mask, gi
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
+
+    def _caches_grad_input_mask(self) -> bool:
+        """Whether S_Co of grad_input's weight is cached (``mask_interval > 1`` with an S_K
+        forward): recomputed with the forward mask, from the same W."""
+        ops = self.config.operands
+        return (
+            self.config.mask_interval > 1
+            and ops.output_weight == "S_K(W)"
+            and ops.grad_input_weight.startswith("S_Co(")
+        )
+
+    def _mask_co_of(self, weight: Tensor, out_mask: Tensor) -> Tensor:
+        """S_Co of grad_input's source: W, or the pruned S_K(W) (``grad_input_source``)."""
+        pruned = self.config.operands.grad_input_weight == "S_Co(S_K(W))"
+        return mask_co(weight * out_mask if pruned else weight, self._groups())
+
+    def _grad_input_mask(self) -> Tensor | None:
+        """The cached S_Co mask for this step (after :meth:`_forward_mask`), or None."""
+        return self.gi_mask if self._caches_grad_input_mask() else None  # type: ignore
 
     def pruned_weight(self) -> Tensor:
         """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
@@ -152,8 +182,9 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for name, module in sparse_modules(model):
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
-        if module.tsm_mask is not None:  # type: ignore[attr-defined]
-            state[f"{name}.tsm_mask"] = module.tsm_mask.detach().cpu().clone()  # type: ignore
+        for attr in ("tsm_mask", "gi_mask"):  # cached masks (TSM / S_K, S_Co)
+            if getattr(module, attr) is not None:
+                state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
 
 
@@ -163,12 +194,12 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     seen = set()
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        if name not in modules or attr not in ("tsm_step", "tsm_mask"):
+        if name not in modules or attr not in ("tsm_step", "tsm_mask", "gi_mask"):
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
         gemm_shape = tuple(module._gemm_weight().shape)  # type: ignore[operator]
-        if attr == "tsm_mask" and tuple(value.shape) != gemm_shape:
+        if attr in ("tsm_mask", "gi_mask") and tuple(value.shape) != gemm_shape:
             raise ValueError(
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
                 f"is {gemm_shape}"
@@ -178,6 +209,8 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     for name, module in modules.items():
         if name not in seen:
             module.tsm_mask = None  # type: ignore[attr-defined]
+        if f"{name}.gi_mask" not in state:
+            module.gi_mask = None  # type: ignore[attr-defined]
 
 
 def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -47,6 +47,7 @@ __all__ = [
     "phase_of",
     "phase_config",
     "LayerFlops",
+    "PAIRED",
     "gemm_is_sparse",
     "flop_account",
     "RunSchedule",
@@ -111,10 +112,17 @@ class LayerFlops:
     #: the config it runs (None: a plain dense layer)
     config: SparsityConfig | None
     #: whether its grad_input GEMM runs (not when its input needs no gradient)
-    grad_input: bool
+    grad_input: bool = True
+    #: whether its input has a token / position axis to pair (conv: always; linear: a
+    #: ``[..., T, d]`` input); without one, information restoration runs dense
+    token_axis: bool = True
 
 
-def gemm_is_sparse(config: SparsityConfig | None, role: str) -> bool:
+#: Operands that pair adjacent tokens: on a layer without a token axis they run dense.
+PAIRED = ("IR(", "F(")
+
+
+def gemm_is_sparse(config: SparsityConfig | None, role: str, token_axis: bool = True) -> bool:
     """Whether ``role``'s GEMM runs at 2:4 (or halved) under ``config``."""
     if config is None:
         return False
@@ -124,6 +132,8 @@ def gemm_is_sparse(config: SparsityConfig | None, role: str) -> bool:
         "grad_input": (ops.grad_input_weight, ops.grad_input_dy),
         "grad_weight": (ops.grad_weight_dy, ops.grad_weight_input),
     }[role]
+    if not token_axis:
+        operands = tuple(op for op in operands if not op.startswith(PAIRED))
     axis = REDUCTION_AXIS[role]
     return any(axis in SPARSE_ALONG.get(op, "").split(",") for op in operands)
 
@@ -142,7 +152,8 @@ def flop_account(
                 if role == "grad_input" and not layer.grad_input:
                     continue
                 dense[role] += steps * layer.flops
-                sparse[role] += steps * layer.flops * gemm_is_sparse(config, role)
+                ran_sparse = gemm_is_sparse(config, role, layer.token_axis)
+                sparse[role] += steps * layer.flops * ran_sparse
     account: dict[str, Any] = {
         role: sparse[role] / dense[role] if dense[role] else 0.0 for role in ROLES
     }
@@ -170,7 +181,7 @@ class RunSchedule:
         self.phase = "sparse"
         self.layers: list[LayerFlops] | None = None
         self._hooks: list[Any] = []
-        self._measured: dict[str, tuple[int, bool]] = {}
+        self._measured: dict[str, tuple[int, bool, bool]] = {}
 
     @property
     def active(self) -> bool:
@@ -209,12 +220,14 @@ class RunSchedule:
             if not (module.training and torch.is_grad_enabled()):
                 return  # an evaluation forward, not a training step's
             x = args[0]
-            if isinstance(module, nn.Conv2d):  # Co·(Ci/g·kh·kw) per output position
+            conv = isinstance(module, nn.Conv2d)
+            if conv:  # Co·(Ci/g·kh·kw) per output position
                 flops = 2 * module.weight.numel() * (output.numel() // output.shape[1])
             else:  # d_out·d_in per token
                 flops = 2 * module.weight.numel() * (x.numel() // x.shape[-1])
-            before, needs_dx = self._measured.get(name, (0, False))
-            self._measured[name] = (before + flops, needs_dx or x.requires_grad)
+            before, needs_dx, tokens = self._measured.get(name, (0, False, True))
+            tokens = tokens and (conv or x.ndim >= 3)
+            self._measured[name] = (before + flops, needs_dx or x.requires_grad, tokens)
 
         return record
 
@@ -223,8 +236,8 @@ class RunSchedule:
             hook.remove()
         self._hooks = []
         self.layers = [
-            LayerFlops(n, flops, self.base.get(n), needs_dx)
-            for n, (flops, needs_dx) in self._measured.items()
+            LayerFlops(n, flops, self.base.get(n), needs_dx, tokens)
+            for n, (flops, needs_dx, tokens) in self._measured.items()
         ]
 
     def phase_steps(self, steps_run: int, total: int) -> dict[str, int]:
