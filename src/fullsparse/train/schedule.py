@@ -51,6 +51,8 @@ __all__ = [
     "gemm_is_sparse",
     "flop_account",
     "RunSchedule",
+    "mean_account",
+    "fraction_text",
 ]
 
 #: ``backward``: the forward keeps its 2:4 weight (the model stays 2:4); grad_input and
@@ -255,3 +257,24 @@ class RunSchedule:
         if not self.layers:
             return None
         return flop_account(self.layers, self.phase_steps(steps_run, total), self.mode)
+
+
+# --------------------------------------------------------------------------- tables
+def mean_account(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The mean FLOP account of runs' summaries (seeds of one variant); None if none has
+    one. ``fully_sparse`` holds when it holds for every run."""
+    accounts = [s["sparse_gemm_fraction"] for s in summaries if s.get("sparse_gemm_fraction")]
+    if not accounts:
+        return None
+    mean: dict[str, Any] = {
+        key: sum(a[key] for a in accounts) / len(accounts) for key in (*ROLES, "total")
+    }
+    mean["fully_sparse"] = all(a["fully_sparse"] for a in accounts)
+    return mean
+
+
+def fraction_text(account: dict[str, Any] | None) -> str:
+    """A table cell: the total sparse fraction, and whether the run is fully sparse."""
+    if not account:
+        return "-"
+    return f"{account['total']:.2f}" + (" (fully sparse)" if account["fully_sparse"] else "")
