@@ -1,9 +1,11 @@
 """What a sparse module carries beyond its torch twin's parameters: the config, the backend,
-the cached TSM mask and its step clock, and how that state is saved and restored.
+the cached masks and their step clock, and how that state is saved and restored.
 
 :class:`fullsparse.nn.SparseConv2d` and :class:`~fullsparse.nn.SparseLinear` mix in
-:class:`_SparseMixin`. The TSM mask and clock are non-persistent buffers (the ``state_dict``
-keys stay those of the torch module), saved with :func:`sparse_state_dict` and restored with
+:class:`_SparseMixin`. The cached forward mask (``tsm_mask``: the TSM mask, or S_K when
+``mask_interval > 1``), the cached S_Co mask (``gi_mask``, ``mask_interval > 1``) and the
+clock (``tsm_step``) are non-persistent buffers (the ``state_dict`` keys stay those of the
+torch module), saved with :func:`sparse_state_dict` and restored with
 :func:`load_sparse_state_`.
 """
 
