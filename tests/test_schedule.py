@@ -63,6 +63,7 @@ def test_the_switches_happen_at_exactly_their_steps_without_touching_the_optimiz
         "schedule: step 6 of 8: dense finish (backward)",
     ):
         assert line in log
+    assert summary["schedule_steps"] == {"warmup": 2, "sparse": 4, "finish": 2}
     account = summary["sparse_gemm_fraction"]  # output sparse 6 of 8 steps, grad_weight 4
     assert account["output"] / account["grad_weight"] == pytest.approx(6 / 4)
 

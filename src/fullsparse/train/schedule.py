@@ -23,6 +23,7 @@ from :data:`fullsparse.config.SPARSE_ALONG`: a new operand only needs its entry 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ __all__ = [
     "ROLE_SPARSE",
     "check_schedule_fields",
     "phase_of",
+    "BACKWARD_FIELDS",
     "phase_config",
     "LayerFlops",
     "PAIRED",
@@ -90,18 +92,27 @@ def phase_of(step: int, total: int, warmup_steps: int, finish: float) -> str:
     return "sparse"
 
 
+#: The fields that set the backward GEMMs' operands: a ``backward`` dense finish resets
+#: them to their (dense) defaults, with grad_input on the forward operand.
+BACKWARD_FIELDS = ("grad_input_dy", "grad_weight_mode", "ir_alpha", "grad_input_source")
+#: Fields that are not operands: a dense phase keeps them.
+KEPT_FIELDS = ("name", "tsm_interval", "mask_interval")
+
+
 def phase_config(base: SparsityConfig, phase: str, mode: str) -> SparsityConfig:
-    """The config a module with ``base`` runs in ``phase`` (``mode``: the finish's)."""
-    dense_backward = dict(
-        grad_input_dy="dense", grad_weight_mode="dense", ir_alpha=0.0, grad_input_source="dense"
-    )
+    """The config a module with ``base`` runs in ``phase`` (``mode``: the finish's).
+
+    Dense is every operand field at its default (the defaults are the dense layer), so a
+    field added to :class:`SparsityConfig` is dense in a dense phase without a change here.
+    """
     if phase == "sparse":
         return base
+    defaults = {f.name: f.default for f in dataclasses.fields(SparsityConfig)}
     if phase == "finish" and mode == "backward" and base.output_weight != "dense":
-        return base.replace(grad_input_weight="forward", **dense_backward)
-    return base.replace(
-        output_weight="dense", grad_input_weight="dense", decay=0.0, **dense_backward
-    )
+        backward = {k: defaults[k] for k in BACKWARD_FIELDS}
+        return base.replace(grad_input_weight="forward", **backward)
+    dense = {k: v for k, v in defaults.items() if k not in KEPT_FIELDS}
+    return base.replace(**dense)
 
 
 @dataclass(frozen=True)

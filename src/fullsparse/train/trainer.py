@@ -382,6 +382,8 @@ class Trainer:
         seconds = [h["epoch_seconds"] for h in history]
         nan = float("nan")
         unit = task.count_key
+        steps_run = run.epoch * self.steps_per_epoch
+        total_steps = config.epochs * self.steps_per_epoch
         summary = {
             "status": self.status,
             "task": config.task,
@@ -400,9 +402,9 @@ class Trainer:
             "skipped_steps": run.skipped_steps,
             **task.summary_extra(self),
             "sparsity": self.identity["sparsity"],
-            "sparse_gemm_fraction": self.schedule.account(
-                run.epoch * self.steps_per_epoch, config.epochs * self.steps_per_epoch
-            ),
+            # steps per phase (warm-up / sparse / finish) and the FLOP account over them
+            "schedule_steps": self.schedule.phase_steps(steps_run, total_steps),
+            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "torch": str(torch.__version__),
