@@ -257,3 +257,41 @@ def test_information_restoration_without_a_token_axis_counts_dense():
     s(0, 1, trainer)
     model(torch.randn(4, 8)).sum().backward()  # [B, d]: IR pairs no tokens: dense
     assert s.account(1, 1)["grad_weight"] == 0.0
+
+
+def _corpus(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(30):
+        (folder / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 12)
+    return str(folder)
+
+
+@pytest.mark.parametrize("task", ["lm", pytest.param("detection", marks=pytest.mark.vision)])
+def test_the_schedule_runs_for_every_task(tmp_path, task):
+    if task == "lm":
+        fields = dict(
+            task="lm", data_dir=_corpus(tmp_path / "corpus"), batch_size=8, steps_per_epoch=4,
+            test_subset=16,
+            model_kwargs={"context": 16, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        )  # fmt: skip
+    else:
+        fields = dict(
+            task="detection", image_size=64, synthetic_train=16, synthetic_test=8, batch_size=4
+        )
+    config = TrainConfig(
+        out=str(tmp_path / "run"),
+        epochs=1,
+        dense_warmup_steps=1,
+        dense_finish=0.25,
+        mask_interval=2,
+        progress=False,
+        quiet=True,
+        plot=False,
+        **fields,
+    )  # fmt: skip  4 steps: 0 dense, 1-2 sparse, 3 dense backward
+    summary = train(config)
+    assert summary["schedule_steps"] == {"warmup": 1, "sparse": 2, "finish": 1}
+    account = summary["sparse_gemm_fraction"]
+    assert 0 < account["grad_weight"] < account["output"] <= 0.75
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "schedule: step 3 of 4: dense finish (backward)" in log
