@@ -295,3 +295,35 @@ def test_the_schedule_runs_for_every_task(tmp_path, task):
     assert 0 < account["grad_weight"] < account["output"] <= 0.75
     log = (tmp_path / "run" / "train.log").read_text()
     assert "schedule: step 3 of 4: dense finish (backward)" in log
+
+
+def test_a_mid_epoch_resume_across_the_schedule_is_bit_exact(tmp_path, monkeypatch):
+    from fullsparse.train import load_checkpoint
+    from fullsparse.train.guard import StepGuard
+
+    # 6 steps: 0 dense, 1-3 sparse (masks at 1 and 3), 4-5 dense backward; last.pt every 2
+    base = tiny_classify(
+        tmp_path, synthetic_train=96, deterministic=True, threads=1, dense_warmup_steps=1,
+        dense_finish=0.34, mask_interval=2, checkpoint_every=2,
+    )  # fmt: skip
+    train(base.replace(out=str(tmp_path / "a")))
+    real, calls = StepGuard.step, {"n": 0}
+
+    def step(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed in step 3: last.pt holds the run after step 2
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(StepGuard, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(base.replace(out=str(tmp_path / "b")))
+    monkeypatch.undo()
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert saved["step"] == 2 and any(k.endswith("gi_mask") for k in saved["sparse_state"])
+    train(base.replace(out=str(tmp_path / "b"), resume=True))
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["sparse_state"]:
+        assert torch.equal(a["sparse_state"][key], b["sparse_state"][key]), key
