@@ -196,17 +196,13 @@ class RunSchedule:
         self._hooks: list[Any] = []
         self._measured: dict[str, tuple[int, bool, bool]] = {}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.warmup_steps or self.finish)
-
     def __call__(self, step: int, total: int, trainer: Trainer) -> None:
         model = trainer.raw_model
         if not self.base:
             self.base = {n: m.config for n, m in sparse_modules(model)}  # type: ignore[misc]
         if self.layers is None:
-            self._measure(model, trainer)
-        phase = phase_of(step, total, self.warmup_steps, self.finish) if self.active else "sparse"
+            self._measure(model)
+        phase = phase_of(step, total, self.warmup_steps, self.finish)
         if phase == self.phase:
             return
         for name, module in sparse_modules(model):
@@ -220,7 +216,7 @@ class RunSchedule:
         self.phase = phase
 
     # -- FLOP account ----------------------------------------------------------------------
-    def _measure(self, model: nn.Module, trainer: Trainer) -> None:
+    def _measure(self, model: nn.Module) -> None:
         """Hook every GEMM layer for the first step's forward; at the next step, read it."""
         if self._hooks:
             self._measure_done()
