@@ -327,3 +327,12 @@ def test_a_mid_epoch_resume_across_the_schedule_is_bit_exact(tmp_path, monkeypat
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["sparse_state"]:
         assert torch.equal(a["sparse_state"][key], b["sparse_state"][key]), key
+
+
+def test_a_checkpoint_saved_before_mask_interval_existed_still_matches():
+    from fullsparse.config import upgrade_config_dict
+
+    old = recipe("fst").to_dict()
+    del old["mask_interval"]
+    assert upgrade_config_dict(old) == recipe("fst").to_dict()
+    assert upgrade_config_dict(old) != recipe("fst", mask_interval=4).to_dict()
