@@ -163,6 +163,12 @@ def test_compare_prints_one_table_and_writes_markdown_and_json(tmp_path, capsys)
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["recipe"] for r in rows] == ["dense", "fst"]
     assert rows[0]["time_vs_dense"] == 1.0
+    # the FLOP account column: dense runs no sparse GEMM; fst all but the stem's and head's
+    assert rows[0]["sparse_gemm_fraction"]["total"] == 0.0
+    assert 0.5 < rows[1]["sparse_gemm_fraction"]["total"] < 1.0
+    cells = [line.split("  ") for line in table[2:4]]
+    assert "0.00" in [c.strip() for c in cells[0]]
+    assert f"{rows[1]['sparse_gemm_fraction']['total']:.2f}" in table[3]
     md = (out / "compare.md").read_text()
     assert md.startswith("| recipe | best top-1 (%) |") and md.count("\n") == 4
     assert json.loads((out / "fst" / "summary.json").read_text())["sparsity"]["ir_alpha"] == 0.5

@@ -40,7 +40,7 @@ def _spec(tmp_path: Path, **kw) -> StudySpec:
     return StudySpec(out=str(tmp_path / "study"), **fields)
 
 
-def _fake_run(run, best=(80.0, 90.0), seconds=2.0, status="completed") -> None:
+def _fake_run(run, best=(80.0, 90.0), seconds=2.0, status="completed", fraction=None) -> None:
     """What a finished `fullsparse train` leaves behind, for the table's purposes."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     history = [
@@ -53,6 +53,7 @@ def _fake_run(run, best=(80.0, 90.0), seconds=2.0, status="completed") -> None:
         "best_top1": max(best),
         "final_top1": best[-1],
         "seconds_per_epoch": seconds,
+        "sparse_gemm_fraction": fraction,
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary))
     (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()))
@@ -234,10 +235,15 @@ def test_table_numbers_for_stored_runs(tmp_path):
         "fst-seed0": ((60.0, 70.0), 1.0),
         "fst-seed1": ((66.0, 72.0), 1.5),
     }  # fst-seed2 never ran
+    roles = ("output", "grad_input", "grad_weight")
+    fractions = {  # the FLOP account: dense none, fst's seeds 0.94 and 0.92 (fully sparse)
+        "fst-seed0": {**dict.fromkeys(roles, 0.95), "total": 0.94, "fully_sparse": True},
+        "fst-seed1": {**dict.fromkeys(roles, 0.93), "total": 0.92, "fully_sparse": True},
+    }
     for run in runs:
         if run.name in stored:
             best, seconds = stored[run.name]
-            _fake_run(run, best=best, seconds=seconds)
+            _fake_run(run, best=best, seconds=seconds, fraction=fractions.get(run.name))
     table, payload = study_table(runs)
     dense, fst = payload["rows"]
     assert dense["n"] == 3 and fst["n"] == 2 and fst["seeds_done"] == [0, 1]
@@ -247,8 +253,12 @@ def test_table_numbers_for_stored_runs(tmp_path):
     assert dense["final_top1_std"] == pytest.approx(2.0)
     assert fst["best_top1_mean"] == pytest.approx(71.0)
     assert fst["seconds_per_epoch_mean"] == pytest.approx(1.25)
-    assert "| dense | 84.00 ± 5.29 | 82.00 ± 2.00 | 3.0 ± 1.0 | 3/3 |" in table
-    assert "| fst | 71.00 ± 1.41 | 71.00 ± 1.41 | 1.2 ± 0.4 | 2/3 |" in table
+    assert fst["sparse_gemm_fraction"]["total"] == pytest.approx(0.93)
+    assert fst["sparse_gemm_fraction"]["grad_input"] == pytest.approx(0.94)
+    assert dense["sparse_gemm_fraction"] is None
+    assert "| dense | 84.00 ± 5.29 | 82.00 ± 2.00 | 3.0 ± 1.0 | 3/3 | - |" in table
+    row = "| fst | 71.00 ± 1.41 | 71.00 ± 1.41 | 1.2 ± 0.4 | 2/3 | 0.93 (fully sparse) |"
+    assert row in table
 
 
 def test_study_writes_table_json_plan_and_curves(tmp_path):

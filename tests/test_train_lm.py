@@ -272,12 +272,15 @@ def test_compare_lm_prints_one_table_of_loss_perplexity_and_bits(tmp_path, capsy
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     table = stdout[stdout.index("recipe  ") :].splitlines()
-    assert table[0].split() == ["recipe", "val", "loss", "perplexity", "bits/byte", "s/epoch",
-                                "time", "vs", "dense"]  # fmt: skip
+    assert table[0].split() == ["recipe", "val", "loss", "perplexity", "bits/byte", "sparse",
+                                "GEMMs", "s/epoch", "time", "vs", "dense"]  # fmt: skip
     assert [line.split()[0] for line in table[2:5]] == ["dense", "fst2", "fst"]
     assert table[2].rstrip().endswith("1.00x")
     payload = json.loads((out / "compare.json").read_text())
     assert payload["task"] == "lm"
+    fractions = [r["sparse_gemm_fraction"] for r in payload["rows"]]  # dense, fst2, fst
+    assert [f["grad_weight"] > 0 for f in fractions] == [False, False, True]
+    assert fractions[1]["output"] == fractions[2]["output"] > 0
     for row, line in zip(payload["rows"], table[2:5], strict=True):
         summary = json.loads((out / row["recipe"] / "summary.json").read_text())
         assert row["val_loss"] == summary["final_val_loss"]

@@ -127,6 +127,11 @@ class SparsityConfig:
     #: ``ir_alpha`` of Linear layers; None = :attr:`ir_alpha` when the Linear mode is 'ir'
     #: (0 otherwise). 0 with mode 'ir' is the fixed mask without cross-token restoration.
     ir_alpha_linear: float | None = None
+    # -- mask-update interval (schedules) --------------------------------------------------
+    #: Training steps between recomputations of the magnitude weight masks S_K (forward) and
+    #: S_Co (grad_input); in between, a sparse module reuses its cached masks. 1 = every
+    #: step (the masks follow the weight exactly). The TSM mask keeps ``tsm_interval``.
+    mask_interval: int = 1
 
     def __post_init__(self) -> None:
         choices = {
@@ -155,14 +160,10 @@ class SparsityConfig:
                 raise ValueError(f"SparsityConfig.{field} must be a number, got {value!r}")
             if not (value >= 0.0 and value != float("inf")):
                 raise ValueError(f"SparsityConfig.{field} must be finite and >= 0, got {value}")
-        if (
-            isinstance(self.tsm_interval, bool)
-            or not isinstance(self.tsm_interval, int)
-            or (self.tsm_interval < 1)
-        ):
-            raise ValueError(
-                f"SparsityConfig.tsm_interval must be an integer >= 1, got {self.tsm_interval!r}"
-            )
+        for field in ("tsm_interval", "mask_interval"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
         if self.ir_alpha != 0.0 and self.grad_weight_mode != "ir":
             raise ValueError(
                 f"ir_alpha={self.ir_alpha} clashes with grad_weight_mode={self.grad_weight_mode!r}"
@@ -404,14 +405,11 @@ def _new_names(fields: dict[str, Any], where: str) -> dict[str, Any]:
 
 def upgrade_config_dict(fields: dict[str, Any]) -> dict[str, Any]:
     """A saved ``SparsityConfig.to_dict()`` (old or new field names) with the new names,
-    silently, and the fields it predates at their defaults (which keep its behaviour): for
-    comparing a checkpoint's config with a run's."""
+    silently, and the defaults of fields added since it was saved: for comparing a
+    checkpoint's config with a run's."""
     renamed = {OLD_FIELD_NAMES.get(k, k): v for k, v in fields.items()}
-    return {**_NEWER_FIELD_DEFAULTS, **renamed}
-
-
-#: Fields added after configs were first saved, at the defaults that keep old behaviour.
-_NEWER_FIELD_DEFAULTS: dict[str, Any] = {"grad_weight_mode_linear": None, "ir_alpha_linear": None}
+    added = {f.name: f.default for f in dataclasses.fields(SparsityConfig)}
+    return {**{k: v for k, v in added.items() if k not in renamed}, **renamed}
 
 
 _dataclass_init = SparsityConfig.__init__

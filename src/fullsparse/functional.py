@@ -318,12 +318,13 @@ class _SparseConv2dFn(torch.autograd.Function):
         forward_mask: Tensor | None,
         kernel: Any,
         soft_scale: Tensor | None = None,
+        grad_input_mask: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
             weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale,
+            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
@@ -363,7 +364,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -397,12 +398,14 @@ def sparse_conv2d(
     forward_mask: Tensor | None = None,
     backend: str = "auto",
     soft_scale: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
     Same arguments and result shape as :func:`torch.nn.functional.conv2d` (``padding`` may
     be an int, a pair, ``'valid'`` or ``'same'``). ``forward_mask``: a precomputed bool mask
     for the forward weight (a module's cached TSM mask); computed from ``weight`` if omitted.
+    ``grad_input_mask``: a cached S_Co mask for the grad_input weight (``mask_interval``).
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of an ``output_weight='soft_2:4'`` operand (a module's fixed β);
@@ -470,7 +473,9 @@ def sparse_conv2d(
         )
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
-    return _SparseConv2dFn.apply(input, weight, bias, geo, config, forward_mask, kernel, soft_scale)
+    return _SparseConv2dFn.apply(
+        input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask
+    )
 
 
 # --------------------------------------------------------------------------- linear
@@ -485,13 +490,14 @@ class _SparseLinearFn(torch.autograd.Function):
         forward_mask: Tensor | None,
         kernel: Any,
         soft_scale: Tensor | None = None,
+        grad_input_mask: Tensor | None = None,
     ) -> Tensor:
         config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
             weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale,
+            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x = input.to(compute)
         b = bias.to(compute) if bias is not None else None
@@ -522,7 +528,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def sparse_linear(
@@ -534,11 +540,13 @@ def sparse_linear(
     forward_mask: Tensor | None = None,
     backend: str = "auto",
     soft_scale: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
     ``input`` is ``[..., T, d_in]`` (tokens on dim -2; the FST weight gradient pairs adjacent
     tokens) or ``[B, d_in]`` (no token axis: dense weight gradient) or ``[d_in]``.
+    ``forward_mask`` / ``grad_input_mask``: cached masks, as for :func:`sparse_conv2d`.
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
@@ -575,6 +583,15 @@ def sparse_linear(
     kernel = select_linear_kernel(backend, config, input, weight, compute)
     if input.ndim == 1:
         return _SparseLinearFn.apply(
-            input.unsqueeze(0), weight, bias, config, forward_mask, kernel, soft_scale
+            input.unsqueeze(0),
+            weight,
+            bias,
+            config,
+            forward_mask,
+            kernel,
+            soft_scale,
+            grad_input_mask,
         )[0]
-    return _SparseLinearFn.apply(input, weight, bias, config, forward_mask, kernel, soft_scale)
+    return _SparseLinearFn.apply(
+        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask
+    )

@@ -95,6 +95,7 @@ class SparseConv1D(_SparseMixin, Conv1D):
             self.bias,
             config=self.config,
             forward_mask=self._forward_mask(),
+            grad_input_mask=self._grad_input_mask(),  # after _forward_mask: same clock
             backend=self.backend,
             soft_scale=self._soft_scale(),
         )

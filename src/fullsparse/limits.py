@@ -338,6 +338,8 @@ CONFIG_RANGES: dict[str, tuple[int, str | int]] = {
     "test_subset": (1, "count"),
     "tsm_interval": (1, "count"),
     "checkpoint_every": (0, "count"),
+    "mask_interval": (1, "count"),  # schedules
+    "dense_warmup_steps": (0, "count"),
     "workers": (0, 1024),
     "text_train_bytes": (2, "text_bytes"),
     "text_val_bytes": (2, "text_bytes"),

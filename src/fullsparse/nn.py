@@ -119,6 +119,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             self.groups,
             config=self.config,
             forward_mask=mask,
+            grad_input_mask=self._grad_input_mask(),
             backend=self.backend,
             soft_scale=self._soft_scale(),
         )
@@ -171,6 +172,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
             self.bias,
             config=self.config,
             forward_mask=self._forward_mask(),
+            grad_input_mask=self._grad_input_mask(),  # after _forward_mask: same clock
             backend=self.backend,
             soft_scale=self._soft_scale(),
         )
@@ -371,7 +373,7 @@ def sparsify_(
             if isinstance(module, _SparseMixin):
                 module.config = config
                 module.backend = backend
-                module.tsm_mask = None
+                module.tsm_mask = module.gi_mask = None
                 replaced[id(module)] = module
             else:
                 cls = _sparse_twin(module)

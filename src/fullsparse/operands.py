@@ -238,6 +238,7 @@ def weight_operands(
     grad_input: bool = True,
     decay: bool = True,
     soft_scale: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
 ) -> WeightOperands:
     """All weight-side operands of a step, in one pass over W where the recipe allows.
 
@@ -245,6 +246,8 @@ def weight_operands(
     ``compute``) and :func:`decay_term`: masking commutes with the cast (it multiplies by 0
     or 1), and one magnitude score serves both S_K and S_Co. ``grad_input`` / ``decay``:
     whether the backward will need them (not in evaluation, or when W has no gradient).
+    ``grad_input_mask``: a module's cached S_Co mask (``mask_interval > 1``), used as is for
+    an S_Co grad_input operand.
     """
     ops = config.operands
     w = weight.detach()
@@ -270,6 +273,9 @@ def weight_operands(
             w_gi = w_c
         elif operand == ops.output_weight:
             w_gi = w_out
+        elif grad_input_mask is not None:  # a cached S_Co mask (of W or of S_K(W))
+            mask = _check_forward_mask(grad_input_mask, w)
+            w_gi = w_c * mask if operand == "S_Co(W)" else w_out * mask
         elif operand == "S_Co(W)":
             score = magnitude_score(w) if score is None else score
             w_gi = w_c * _mask_co_of_score(score, groups)

@@ -1,15 +1,17 @@
 """What a sparse module carries beyond its torch twin's parameters: the config, the backend,
-the cached TSM mask and its step clock, and how that state is saved and restored.
+the cached masks and their step clock, and how that state is saved and restored.
 
 :class:`fullsparse.nn.SparseConv2d` and :class:`~fullsparse.nn.SparseLinear` mix in
-:class:`_SparseMixin`. The TSM mask and clock are non-persistent buffers (the ``state_dict``
-keys stay those of the torch module), saved with :func:`sparse_state_dict` and restored with
+:class:`_SparseMixin`. The cached forward mask (``tsm_mask``: the TSM mask, or S_K when
+``mask_interval > 1``), the cached S_Co mask (``gi_mask``, ``mask_interval > 1``) and the
+clock (``tsm_step``) are non-persistent buffers (the ``state_dict`` keys stay those of the
+torch module), saved with :func:`sparse_state_dict` and restored with
 :func:`load_sparse_state_`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +20,8 @@ from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
 from fullsparse.operands import (
     SOFT,
+    mask_co,
+    mask_k,
     output_weight_mask,
     soft_output_weight,
     soft_scale,
@@ -59,6 +63,8 @@ class _SparseMixin:
         )
         # S-STE's per-tensor β of a soft_2:4 forward, fixed at the first training step
         self.register_buffer("soft_scale", None, persistent=False)  # type: ignore[attr-defined]
+        # the cached S_Co mask of grad_input's weight (mask_interval > 1), on the same clock
+        self.register_buffer("gi_mask", None, persistent=False)  # type: ignore[attr-defined]
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -76,28 +82,48 @@ class _SparseMixin:
         """:meth:`_gemm_weight` of the dense module this class replaces."""
         return dense.weight  # type: ignore[return-value]
 
-    def _forward_mask(self) -> Tensor | None:
-        """The cached transposable mask, recomputed every ``tsm_interval`` training steps.
+    # -- the cached forward mask: TSM (every tsm_interval steps) or S_K (mask_interval) ----
+    def _cached_mask_rule(self) -> tuple[int, Callable[[Tensor], Tensor]] | None:
+        """(interval, mask of W) of the forward mask this module caches, or None.
 
-        A training step is one forward in training mode with grad enabled. S_K masks are not
-        cached: they follow the weight at every step (the cost is in the overhead benchmark).
+        The TSM mask is always cached (every ``tsm_interval`` steps); S_K is cached when
+        ``mask_interval > 1``. Both live in the ``tsm_mask`` / ``tsm_step`` buffers (the
+        names checkpoints already hold).
         """
-        if not self.config.uses_transposable_mask:
+        if self.config.uses_transposable_mask:
+            return self.config.tsm_interval, lambda w: transposable_mask(w, self._groups())
+        if self.config.mask_interval > 1 and self.config.operands.output_weight == "S_K(W)":
+            return self.config.mask_interval, mask_k
+        return None
+
+    def _forward_mask(self) -> Tensor | None:
+        """The cached forward mask, recomputed every ``interval`` training steps.
+
+        A training step is one forward in training mode with grad enabled. Without a cached
+        rule (S_K with ``mask_interval=1``) masks are not cached: they follow the weight at
+        every step (the cost is in the overhead benchmark).
+        """
+        rule = self._cached_mask_rule()
+        if rule is None:
             return None
         if _is_compiling():
-            return self._forward_mask_traceable()
+            return self._forward_mask_traceable(*rule)
+        interval, make = rule
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
-        due = stepping and int(self.tsm_step) % self.config.tsm_interval == 0
+        due = stepping and int(self.tsm_step) % interval == 0
         weight = self._gemm_weight().detach()
         if mask is None or due or mask.shape != weight.shape:
-            mask = transposable_mask(weight, self._groups())
+            mask = make(weight)
             self.tsm_mask = mask
+            self.gi_mask = None
+        if self._caches_grad_input_mask() and self.gi_mask is None:  # type: ignore[has-type]
+            self.gi_mask = self._mask_co_of(weight, mask)
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
 
-    def _forward_mask_traceable(self) -> Tensor:
+    def _forward_mask_traceable(self, interval: int, make: Callable[[Tensor], Tensor]) -> Tensor:
         """:meth:`_forward_mask` as torch.compile can trace it: the same masks, no graph break.
 
         ``int(tsm_step)`` is data-dependent control flow: a graph break in every sparse
@@ -110,12 +136,18 @@ class _SparseMixin:
         stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         weight = self._gemm_weight().detach()
+        gi: Tensor | None = self.gi_mask  # type: ignore[has-type]
+        caches_gi = self._caches_grad_input_mask()
         if mask is None or mask.shape != weight.shape:
-            mask = transposable_mask(weight, self._groups())
+            mask = make(weight)
+            gi = self._mask_co_of(weight, mask) if caches_gi else None
         elif stepping:
-            due = self.tsm_step % self.config.tsm_interval == 0  # type: ignore[has-type]
-            mask = torch.where(due, transposable_mask(weight, self._groups()), mask)
-        self.tsm_mask = mask
+            due = self.tsm_step % interval == 0  # type: ignore[has-type]
+            mask = torch.where(due, make(weight), mask)
+            if caches_gi:
+                fresh = self._mask_co_of(weight, mask)
+                gi = fresh if gi is None else torch.where(due, fresh, gi)
+        self.tsm_mask, self.gi_mask = mask, gi
         if stepping:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
@@ -135,12 +167,31 @@ class _SparseMixin:
                 self.soft_scale = scale
         return scale
 
+    def _caches_grad_input_mask(self) -> bool:
+        """Whether S_Co of grad_input's weight is cached (``mask_interval > 1`` with an S_K
+        forward): recomputed with the forward mask, from the same W."""
+        ops = self.config.operands
+        return (
+            self.config.mask_interval > 1
+            and ops.output_weight == "S_K(W)"
+            and ops.grad_input_weight.startswith("S_Co(")
+        )
+
+    def _mask_co_of(self, weight: Tensor, out_mask: Tensor) -> Tensor:
+        """S_Co of grad_input's source: W, or the pruned S_K(W) (``grad_input_source``)."""
+        pruned = self.config.operands.grad_input_weight == "S_Co(S_K(W))"
+        return mask_co(weight * out_mask if pruned else weight, self._groups())
+
+    def _grad_input_mask(self) -> Tensor | None:
+        """The cached S_Co mask for this step (after :meth:`_forward_mask`), or None."""
+        return self.gi_mask if self._caches_grad_input_mask() else None  # type: ignore
+
     def pruned_weight(self) -> Tensor:
         """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
         shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
         Parameter is not in the GEMM layout (:meth:`_gemm_weight`) overrides this to
         transpose it back."""
-        mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
+        mask = self.tsm_mask if self._cached_mask_rule() is not None else None  # type: ignore
         weight = self._gemm_weight().detach()
         if self.config.operands.output_weight == SOFT:
             return soft_output_weight(weight, self._soft_scale())
@@ -166,34 +217,31 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for name, module in sparse_modules(model):
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
-        if module.tsm_mask is not None:  # type: ignore[attr-defined]
-            state[f"{name}.tsm_mask"] = module.tsm_mask.detach().cpu().clone()  # type: ignore
-        if module.soft_scale is not None:  # type: ignore[attr-defined]
-            state[f"{name}.soft_scale"] = module.soft_scale.detach().cpu().clone()  # type: ignore
+        for attr in ("tsm_mask", "gi_mask", "soft_scale"):  # cached masks, S-STE's β
+            if getattr(module, attr) is not None:
+                state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
 
 
 def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Restore what :func:`sparse_state_dict` saved (in place). Unknown keys raise KeyError."""
     modules = dict(sparse_modules(model))
-    seen = set()
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        if name not in modules or attr not in ("tsm_step", "tsm_mask", "soft_scale"):
+        if name not in modules or attr not in ("tsm_step", "tsm_mask", "gi_mask", "soft_scale"):
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
         gemm_shape = tuple(module._gemm_weight().shape)  # type: ignore[operator]
-        if attr == "tsm_mask" and tuple(value.shape) != gemm_shape:
+        if attr in ("tsm_mask", "gi_mask") and tuple(value.shape) != gemm_shape:
             raise ValueError(
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
                 f"is {gemm_shape}"
             )
         setattr(module, attr, value.to(device=device))
-        seen.add(key)
     for name, module in modules.items():
-        for attr in ("tsm_mask", "soft_scale"):  # not saved: recomputed from the weights
-            if f"{name}.{attr}" not in seen:
+        for attr in ("tsm_mask", "gi_mask", "soft_scale"):  # not saved: recomputed
+            if f"{name}.{attr}" not in state:
                 setattr(module, attr, None)
 
 

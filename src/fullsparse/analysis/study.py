@@ -54,6 +54,7 @@ from fullsparse.config import recipe as make_recipe
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.run_folder import RUN_CONTROL
+from fullsparse.train.schedule import fraction_text, mean_account
 
 __all__ = [
     "StudySpec",
@@ -570,6 +571,7 @@ def study_table(runs: Sequence[StudyRun]) -> tuple[str, dict[str, Any]]:
                 "final_top1_std": final[1],
                 "seconds_per_epoch_mean": spe[0],
                 "seconds_per_epoch_std": spe[1],
+                "sparse_gemm_fraction": mean_account(done),
             }
         )
     payload = {
@@ -582,8 +584,8 @@ def study_table(runs: Sequence[StudyRun]) -> tuple[str, dict[str, Any]]:
 def format_study_table(rows: Sequence[dict[str, Any]]) -> str:
     """The markdown of :func:`study_table`'s rows."""
     lines = [
-        "| variant | best top-1 (%) | final top-1 (%) | s / epoch | seeds done |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | best top-1 (%) | final top-1 (%) | s / epoch | seeds done | sparse GEMMs |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         n = r["n"]
@@ -591,7 +593,7 @@ def format_study_table(rows: Sequence[dict[str, Any]]) -> str:
             f"| {r['variant']} | {_cell(r['best_top1_mean'], r['best_top1_std'], n)} | "
             f"{_cell(r['final_top1_mean'], r['final_top1_std'], n)} | "
             f"{_cell(r['seconds_per_epoch_mean'], r['seconds_per_epoch_std'], n, 1)} | "
-            f"{n}/{len(r['seeds'])} |"
+            f"{n}/{len(r['seeds'])} | {fraction_text(r.get('sparse_gemm_fraction'))} |"
         )
     lines.append("")
     lines.append("mean ± sample standard deviation over the seeds whose run completed.")

@@ -12,7 +12,7 @@ Layout (``FORMAT``, version ``VERSION``)::
     config                   the resolved TrainConfig as a dict
     epoch                    completed epochs (= the loader epoch to continue from)
     model                    the (unwrapped) model's state_dict
-    sparse_state             fullsparse.nn.sparse_state_dict(model): TSM masks, step counters
+    sparse_state             fullsparse.nn.sparse_state_dict(model): cached masks, step clocks
     optimizer, scheduler     their state_dicts
     scaler                   GradScaler state_dict (fp16 AMP) or None
     rng                      torch CPU, CUDA (per device), Python random, NumPy states

@@ -20,14 +20,20 @@ import torch
 from fullsparse.config import RECIPES, recipe
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
+from fullsparse.train.schedule import fraction_text
 
 __all__ = ["compare", "CompareResult", "recipe_configs", "default_compare_dir"]
 
-COLUMNS = ("recipe", "best top-1 (%)", "final top-1 (%)", "s/epoch", "time vs dense")
-LM_COLUMNS = ("recipe", "val loss", "perplexity", "bits/byte", "s/epoch", "time vs dense")
+#: "sparse GEMMs": the run's FLOP account (fullsparse.train.schedule), its total fraction.
+COLUMNS = (
+    "recipe", "best top-1 (%)", "final top-1 (%)", "sparse GEMMs", "s/epoch", "time vs dense",
+)  # fmt: skip
+LM_COLUMNS = (
+    "recipe", "val loss", "perplexity", "bits/byte", "sparse GEMMs", "s/epoch", "time vs dense",
+)  # fmt: skip
 DETECTION_COLUMNS = (
-    "recipe", "final mAP", "final mAP@0.5", "best mAP", "final train loss", "s/epoch",
-    "time vs dense",
+    "recipe", "final mAP", "final mAP@0.5", "best mAP", "final train loss", "sparse GEMMs",
+    "s/epoch", "time vs dense",
 )  # fmt: skip
 
 
@@ -104,7 +110,8 @@ class CompareResult:
                 )
             else:
                 scores = (_pct(r["best_top1"]), _pct(r["final_top1"]))
-            cells.append((r["recipe"], *scores, f"{r['seconds_per_epoch']:.1f}", ratio))
+            flops = fraction_text(r.get("sparse_gemm_fraction"))
+            cells.append((r["recipe"], *scores, flops, f"{r['seconds_per_epoch']:.1f}", ratio))
         return cells
 
     def text_table(self) -> str:
@@ -214,6 +221,7 @@ def compare(
                 {
                     "recipe": cfg.recipe,
                     **scores,
+                    "sparse_gemm_fraction": summary.get("sparse_gemm_fraction"),
                     "seconds_per_epoch": summary["seconds_per_epoch"],
                     "epochs": summary["epochs_done"],
                     "run_dir": summary["run_dir"],

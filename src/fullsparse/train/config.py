@@ -32,6 +32,7 @@ from fullsparse.train.config_checks import (
     task_defaults,
 )
 from fullsparse.train.config_file import load_config_file
+from fullsparse.train.schedule import check_schedule_fields
 
 __all__ = [
     "TrainConfig",
@@ -54,7 +55,7 @@ DEVICES = ("auto", "cpu", "cuda")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
-SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear")  # per layer kind
+SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -193,6 +194,13 @@ class TrainConfig:
     grad_weight_mode_linear: str | None = option(None, "override: Linear layers' grad_weight mode")
     ir_alpha_linear: float | None = option(None, "override: Linear layers' IR α", minimum=0)
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
+    # -- schedules over the run (fullsparse.train.schedule) --------------------------------
+    #: Steps between recomputations of the S_K / S_Co weight masks (None: the recipe's, 1).
+    mask_interval: int | None = option(None, "steps between weight-mask updates (1)", minimum=1)
+    dense_warmup_steps: int = option(0, "first N steps with every GEMM dense", minimum=0)
+    #: The last fraction of the steps trains with dense GEMMs (``dense_finish_mode``).
+    dense_finish: float = option(0.0, "last fraction of the steps dense (0 = off)", minimum=0)
+    dense_finish_mode: str = option("backward", "backward (the forward stays 2:4) | all")
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
@@ -330,6 +338,7 @@ class TrainConfig:
                 f"warmup_epochs={self.warmup_epochs} clashes with epochs={self.epochs}: "
                 "warm-up must fit in the run"
             )
+        check_schedule_fields(self.dense_warmup_steps, self.dense_finish, self.dense_finish_mode)
         self.sparsity()  # an unknown recipe or a clashing override fails here, early
 
     # -- derived values -------------------------------------------------------------------

@@ -71,6 +71,7 @@ from fullsparse.train.run_folder import (
     write_json,
     written_files,
 )
+from fullsparse.train.schedule import RunSchedule
 
 __all__ = ["Trainer", "StepCallback", "train", "build_model"]
 
@@ -100,7 +101,11 @@ class Trainer:
         self.world = dist.world_size
         self.state = RunState(self.task.best_key, self.task.higher_is_better)
         self.checkpoints = Checkpointer(self)
-        self.step_callbacks: list[StepCallback] = []
+        # schedules over the run (dense warm-up / finish) and the FLOP account
+        self.schedule = RunSchedule(
+            config.dense_warmup_steps, config.dense_finish, config.dense_finish_mode
+        )
+        self.step_callbacks: list[StepCallback] = [self.schedule]
         self.resume_from: Path | None = None
         self.replace_folder = False
         self.saved: dict[str, Any] | None = None  # the checkpoint being resumed
@@ -384,6 +389,8 @@ class Trainer:
         seconds = [h["epoch_seconds"] for h in history]
         nan = float("nan")
         unit = task.count_key
+        steps_run = run.epoch * self.steps_per_epoch
+        total_steps = config.epochs * self.steps_per_epoch
         summary = {
             "status": self.status,
             "task": config.task,
@@ -402,6 +409,9 @@ class Trainer:
             "skipped_steps": run.skipped_steps,
             **task.summary_extra(self),
             "sparsity": self.identity["sparsity"],
+            # steps per phase (warm-up / sparse / finish) and the FLOP account over them
+            "schedule_steps": self.schedule.phase_steps(steps_run, total_steps),
+            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "torch": str(torch.__version__),
