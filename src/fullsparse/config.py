@@ -20,6 +20,7 @@ __all__ = [
     "GRAD_INPUT_SOURCE",
     "OPERAND_TABLE",
     "SPARSE_ALONG",
+    "MEPROP_KEEP",
     "GemmOperands",
     "gemm_operands",
     "OLD_FIELD_NAMES",
@@ -40,12 +41,13 @@ OUTPUT_WEIGHT = ("dense", "2:4", "transposable")
 #: ``2:4_co`` = S_Co(W_src), a separate mask along the output channels (FST §5.2).
 GRAD_INPUT_WEIGHT = ("dense", "forward", "2:4_co")
 #: grad_output operand of the ``grad_input`` GEMM: ``dense`` = dY, ``2:4_co`` = S_Co(dY)
-#: (the GG/GX saliency rows of Table 1).
-GRAD_INPUT_DY = ("dense", "2:4_co")
+#: (the GG/GX saliency rows of Table 1), ``topk`` = TopK(dY) (meProp, see below).
+GRAD_INPUT_DY = ("dense", "2:4_co", "topk")
 #: The ``grad_weight`` GEMM (Eq. 3): ``dense`` = dY·Xᵀ; ``ir`` = fixed mask F on Xᵀ with
 #: information restoration of strength ``ir_alpha`` (Eq. 7-10, computed as a half-size
-#: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX).
-GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input")
+#: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX);
+#: ``topk_grad_output`` = TopK(dY)·Xᵀ (meProp).
+GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input", "topk_grad_output")
 #: Which weight the separate backward mask S_Co is taken from.
 GRAD_INPUT_SOURCE = ("dense", "pruned")
 
@@ -54,6 +56,12 @@ GRAD_INPUT_SOURCE = ("dense", "pruned")
 DEFAULT_DECAY = 2e-4
 #: TSM's default recomputation interval in training steps (Hubara et al. 2021).
 DEFAULT_TSM_INTERVAL = 40
+
+# --- meProp (Sun et al. 2017): unstructured top-k of the output gradient.
+#: Fraction of each dY row that TopK(dY) keeps: per output position (conv: each (n, h, w);
+#: linear: each token) the ``round(MEPROP_KEEP · C_out)`` largest-|value| channels
+#: (``fullsparse.estimators.topk_rows``; docs/spec-notes.md, "meProp").
+MEPROP_KEEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,7 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
     ("grad_input_source", "pruned"): {"W_src": "S_K(W)"},
     ("grad_input_dy", "dense"): {"grad_input.dy": "dY"},
     ("grad_input_dy", "2:4_co"): {"grad_input.dy": "S_Co(dY)"},
+    ("grad_input_dy", "topk"): {"grad_input.dy": "TopK(dY)"},
     ("grad_weight_mode", "dense"): {"grad_weight.dy": "dY", "grad_weight.input": "X"},
     ("grad_weight_mode", "ir"): {"grad_weight.dy": "IR(dY)", "grad_weight.input": "F(X)"},
     ("grad_weight_mode", "2:4_grad_output"): {
@@ -205,6 +214,10 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
         "grad_weight.input": "X",
     },
     ("grad_weight_mode", "2:4_input"): {"grad_weight.dy": "dY", "grad_weight.input": "S_T(X)"},
+    ("grad_weight_mode", "topk_grad_output"): {
+        "grad_weight.dy": "TopK(dY)",
+        "grad_weight.input": "X",
+    },
 }
 
 #: The axis along which each operand symbol is 2:4 ("" = dense): what a sparse tensor core
@@ -218,6 +231,7 @@ SPARSE_ALONG: dict[str, str] = {
     "S_Co(S_K(W))": "Co",
     "dY": "",
     "S_Co(dY)": "Co",
+    "TopK(dY)": "",  # unstructured: no tensor-core format, kept as a dense operand
     "IR(dY)": "",
     "S_T(dY)": "T",
     "X": "",
@@ -346,6 +360,8 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
         grad_weight_mode="2:4_input",
         decay=DEFAULT_DECAY,
     ),
+    # baselines: meProp keeps the top-k of each dY row in both backward products (dense W)
+    "meprop": dict(grad_input_dy="topk", grad_weight_mode="topk_grad_output"),
 }
 
 #: Recipe names, in the order of the spec's table.
