@@ -169,6 +169,7 @@ _RECIPES = {
     "wx": ("2:4", "co", "dense", "wx", 0.0, 2e-4),
     "gg": ("2:4", "forward", "co", "wg", 0.0, 2e-4),
     "gx": ("2:4", "forward", "co", "wx", 0.0, 2e-4),
+    "asp": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
     "meprop": ("dense", "dense", "topk", "topk", 0.0, 0.0),
 }
 

@@ -38,6 +38,7 @@ def test_recipes_are_the_spec_table_in_order():
         "wx",
         "gg",
         "gx",
+        "asp",
         "meprop",
     )
 

@@ -360,7 +360,9 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
         grad_weight_mode="2:4_input",
         decay=DEFAULT_DECAY,
     ),
-    # baselines: meProp keeps the top-k of each dY row in both backward products (dense W)
+    # baselines: ASP's fine-tuning GEMMs (the forward mask is fixed by the trainer,
+    # fullsparse.train.asp); meProp keeps the top-k of each dY row in both backward products
+    "asp": dict(output_weight="2:4", grad_input_weight="forward"),
     "meprop": dict(grad_input_dy="topk", grad_weight_mode="topk_grad_output"),
 }
 

@@ -1,5 +1,6 @@
 """What a sparse module carries beyond its torch twin's parameters: the config, the backend,
-the cached TSM mask and its step clock, and how that state is saved and restored.
+the cached TSM mask and its step clock, a fixed forward mask (ASP fine-tuning), and how that
+state is saved and restored.
 
 :class:`fullsparse.nn.SparseConv2d` and :class:`~fullsparse.nn.SparseLinear` mix in
 :class:`_SparseMixin`. The TSM mask and clock are non-persistent buffers (the ``state_dict``
@@ -45,6 +46,8 @@ class _SparseMixin:
         self.register_buffer(  # type: ignore[attr-defined]
             "tsm_step", torch.zeros((), dtype=torch.int64), persistent=False
         )
+        # ASP: a 2:4 forward mask set once (fullsparse.train.asp) and used at every step
+        self.register_buffer("fixed_mask", None, persistent=False)  # type: ignore[attr-defined]
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -67,7 +70,11 @@ class _SparseMixin:
 
         A training step is one forward in training mode with grad enabled. S_K masks are not
         cached: they follow the weight at every step (the cost is in the overhead benchmark).
+        A fixed mask (ASP), when set, is used as is and never recomputed.
         """
+        fixed: Tensor | None = getattr(self, "fixed_mask", None)
+        if fixed is not None:
+            return fixed
         if not self.config.uses_transposable_mask:
             return None
         if _is_compiling():
@@ -112,6 +119,8 @@ class _SparseMixin:
         Parameter is not in the GEMM layout (:meth:`_gemm_weight`) overrides this to
         transpose it back."""
         mask = self.tsm_mask if self.config.uses_transposable_mask else None  # type: ignore
+        if getattr(self, "fixed_mask", None) is not None:
+            mask = self.fixed_mask  # type: ignore[attr-defined]
         weight = self._gemm_weight().detach()
         out = output_weight_mask(weight, self.config, self._groups(), mask)
         return weight if out is None else weight * out
@@ -128,7 +137,8 @@ def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The sparse state that is not in ``model.state_dict()``: TSM masks and step clocks.
+    """The sparse state that is not in ``model.state_dict()``: TSM masks, step clocks and
+    fixed (ASP) masks.
 
     Plain tensors only, so checkpoints load with ``torch.load(weights_only=True)``.
     """
@@ -137,6 +147,8 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
         if module.tsm_mask is not None:  # type: ignore[attr-defined]
             state[f"{name}.tsm_mask"] = module.tsm_mask.detach().cpu().clone()  # type: ignore
+        if getattr(module, "fixed_mask", None) is not None:
+            state[f"{name}.fixed_mask"] = module.fixed_mask.detach().cpu().clone()  # type: ignore
     return state
 
 
@@ -146,21 +158,23 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     seen = set()
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        if name not in modules or attr not in ("tsm_step", "tsm_mask"):
+        if name not in modules or attr not in ("tsm_step", "tsm_mask", "fixed_mask"):
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
         gemm_shape = tuple(module._gemm_weight().shape)  # type: ignore[operator]
-        if attr == "tsm_mask" and tuple(value.shape) != gemm_shape:
+        if attr in ("tsm_mask", "fixed_mask") and tuple(value.shape) != gemm_shape:
             raise ValueError(
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
                 f"is {gemm_shape}"
             )
         setattr(module, attr, value.to(device=device))
-        seen.add(name)
+        seen.add(key)
     for name, module in modules.items():
-        if name not in seen:
+        if f"{name}.tsm_mask" not in seen:
             module.tsm_mask = None  # type: ignore[attr-defined]
+        if f"{name}.fixed_mask" not in seen:
+            module.fixed_mask = None  # type: ignore[attr-defined]
 
 
 def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:

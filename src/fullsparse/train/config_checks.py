@@ -68,7 +68,9 @@ def task_defaults(config: Any) -> dict[str, Any]:
 def check_task_fields(config: Any) -> None:
     """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
     from fullsparse.models import LM_MODELS, MODELS
+    from fullsparse.train.asp import check_config as check_asp
 
+    check_asp(config)
     model, dataset = config.model, config.dataset
     if config.checkpoint_every and config.task != "classify":
         raise ConfigError(
