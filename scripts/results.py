@@ -33,6 +33,8 @@ PAPER = {
     "wx": 69.9,
     "gg": 0.1,
     "gx": 0.1,
+    "asp": 70.7,
+    "meprop": 32.5,
 }
 TABLE5 = ("dense", "srste", "fst2", "fst_noir", "fst")
 TABLE1 = ("dense", "wx", "wg", "gg", "gx")
@@ -211,6 +213,94 @@ def full_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- Table 3
+#: Table 3 analogue rows: (run variant, studies to look in). ``dense10`` is ASP's dense
+#: pre-training alone; ``asp10+5`` fine-tunes it for 5 epochs (15 in all, the from-scratch
+#: budget), ``asp10+15`` for 15 (25 in all).
+TABLE3 = (
+    ("dense", ("table5",)),
+    ("srste", ("table5",)),
+    ("tsm", ("table1",)),
+    ("fst", ("table5",)),
+    ("dense10", ("table3",)),
+    ("asp10+5", ("table3",)),
+    ("asp10+15", ("table3",)),
+    ("meprop", ("table3",)),
+)
+#: Forward GEMM FLOPs (2 × multiply-adds) of ResNet-20's 21 sparsifiable convolutions for
+#: one 28×28 Fashion-MNIST image (forward hooks on the model; the 64→10 head, 1,280 FLOPs,
+#: is left out).
+RESNET20_FORWARD_FLOPS = 62_042_624
+#: The reduction axis of each GEMM: an operand sparse along it halves that GEMM.
+_REDUCES = (("output", "K"), ("grad_input", "Co"), ("grad_weight", "T"))
+
+
+def step_units(recipe_name: str) -> float:
+    """A training step's GEMM work of ``recipe_name`` in forward-GEMM units (dense = 3): a
+    GEMM counts 1/2 when one of its operands is 2:4 along its reduction axis
+    (``fullsparse.config.SPARSE_ALONG``) or is meProp's 50 % top-k (a count of
+    multiply-adds: no hardware runs unstructured top-k faster)."""
+    from fullsparse.config import SPARSE_ALONG, recipe
+
+    ops = recipe(recipe_name).operands
+    operands = {
+        "output": (ops.output_weight,),
+        "grad_input": (ops.grad_input_weight, ops.grad_input_dy),
+        "grad_weight": (ops.grad_weight_dy, ops.grad_weight_input),
+    }
+    units = 0.0
+    for gemm, axis in _REDUCES:
+        sparse = any(
+            axis in SPARSE_ALONG[s].split(",") or s.startswith("TopK") for s in operands[gemm]
+        )
+        units += 0.5 if sparse else 1.0
+    return units
+
+
+def _train_flops(run: dict[str, Any], recipe_name: str) -> float:
+    """Training GEMM FLOPs of a run, plus its dense pre-training (ASP)."""
+    images = sum(h.get("train_images", 5000) for h in run["history"])
+    flops = images * step_units(recipe_name) * RESNET20_FORWARD_FLOPS
+    pre = run["summary"].get("pretraining") or {}
+    if pre.get("epochs"):
+        per_epoch = images / max(1, len(run["history"]))
+        flops += pre["epochs"] * per_epoch * step_units("dense") * RESNET20_FORWARD_FLOPS
+    return flops
+
+
+def table3(runs: list[dict[str, Any]]) -> str:
+    """Accuracy, total epochs, training FLOPs (with ASP's dense pre-training) and the runs'
+    own time per epoch, for the from-scratch recipes, ASP and meProp."""
+    dense = _final(_find(runs, "dense", ("table5",)))
+    dense_mean = statistics.fmean(dense) if dense else math.nan
+    lines = [
+        "| method | seeds | epochs (dense + sparse) | final top-1 (%) | Δ vs dense | "
+        "train GEMM TFLOPs | × dense | train s/epoch (loaded) | paper R-18 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = None
+    for variant, studies in TABLE3:
+        rs = _find(runs, variant, studies)
+        if not rs:
+            continue
+        name = re.match(r"[a-z_]+", variant)[0]  # type: ignore[index]
+        summary = rs[0]["summary"]
+        own = len(rs[0]["history"])
+        pre = (summary.get("pretraining") or {}).get("epochs") or 0
+        epochs = f"{pre} + {own}" if pre else (f"{own} + 0" if name == "dense" else f"0 + {own}")
+        flops = statistics.fmean(_train_flops(r, name) for r in rs)
+        base = base or (flops if variant == "dense" else None)
+        ratio = f"{flops / base:.2f}×" if base else "–"
+        final = _final(rs)
+        delta = f"{statistics.fmean(final) - dense_mean:+.2f}" if dense else "–"
+        paper = PAPER.get(name, "–") if variant != "dense10" else "–"
+        lines.append(
+            f"| `{variant}` | {len(rs)} | {epochs} | {_cell(final)} | {delta} | "
+            f"{flops / 1e12:.1f} | {ratio} | {_cell(_train_s(rs), 1)} | {paper} |"
+        )
+    return "\n".join(lines)
+
+
 def time_table(runs: list[dict[str, Any]]) -> str:
     """Seconds per epoch (training only, and evaluation) per recipe, ratio to dense, over
     the ResNet-20 runs on the 5,000-image subset."""
@@ -291,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy_table(runs, (*TABLE1, "tsm"), ("table1", "table5")),
         ),
         ("fst's open choices", choices_table(runs)),
+        ("Table 3 analogue: ASP and meProp against training from scratch", table3(runs)),
         ("ViT (Fashion-MNIST)", vit_table(runs)),
         ("Time per epoch in the study runs (mixed load: see docs/results.md)", time_table(runs)),
     ]

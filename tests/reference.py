@@ -42,6 +42,20 @@ def ref_mask_cols(m: Tensor) -> Tensor:
     return ref_mask_rows(m.t()).t()
 
 
+def ref_topk_rows(m: Tensor, keep: float = 0.5) -> Tensor:
+    """meProp's top-k along dim 1 of a 2-D matrix: per row, keep the round(keep·cols)
+    (at least 1) largest |value| (ties to the lower index), zero the rest."""
+    rows, cols = m.shape
+    k = max(1, round(keep * cols))
+    out = torch.zeros_like(m)
+    values = m.abs().tolist()
+    for r in range(rows):
+        best = sorted(range(cols), key=lambda c: (-values[r][c], c))[:k]
+        for c in best:
+            out[r, c] = m[r, c]
+    return out
+
+
 def valid_4x4_patterns() -> list[list[list[int]]]:
     out = []
     for bits in itertools.product((0, 1), repeat=16):
@@ -237,6 +251,8 @@ _RECIPES = {
     "fst_nodecay": ("2:4", "co", "dense", "ir", 1.0, 0.0),
     # configs beside the named recipes: fst2's operands with the MVUE weight gradient
     "fst_mvue": ("2:4", "co", "dense", "mvue", 0.0, 2e-4),
+    "asp": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
+    "meprop": ("dense", "dense", "topk", "topk", 0.0, 0.0),
 }
 
 
@@ -294,6 +310,8 @@ def ref_conv(
     dy2 = gy.permute(1, 0, 2, 3).reshape(co, -1)  # [Co, P]
     if beta is None:  # per tensor (used by the soft forward only)
         beta = ref_soft_scale(w.reshape(co, k))
+    # meProp: top-k over all Co at each position (column), before splitting into groups
+    dy_top = ref_topk_rows(dy2.t()).t()
     y_parts, dx_parts, dw_parts = [], [], []
     # drawn before the loop, for all Co rows at once, as fullsparse draws them
     u = draw_mvue_uniforms(co, dy2.shape[1]) if _RECIPES[name][3] == "mvue" else None
@@ -301,10 +319,11 @@ def ref_conv(
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]
         dyg = dy2[gi * cog : (gi + 1) * cog]
+        dyg_top = dy_top[gi * cog : (gi + 1) * cog]
         w_out, w_gi, row = ref_weight_operands(w2, name, source, alpha, beta)
         _, _, gio, gw, a, decay = row
         y_parts.append(w_out @ xg)
-        dy_gi = dyg * ref_mask_cols(dyg) if gio == "co" else dyg
+        dy_gi = {"co": dyg * ref_mask_cols(dyg), "topk": dyg_top}.get(gio, dyg)
         dx_parts.append(w_gi.t() @ dy_gi)
         if gw == "dense":
             dwg = dyg @ xg.t()
@@ -316,6 +335,8 @@ def ref_conv(
         elif gw == "mvue":
             assert u is not None
             dwg = ref_mvue_rows(dyg, u[gi * cog : (gi + 1) * cog]) @ xg.t()
+        elif gw == "topk":
+            dwg = dyg_top @ xg.t()
         else:  # wx
             dwg = dyg @ (xg * ref_mask_rows(xg)).t()
         dwg = dwg + decay * (w2 - w_out)
@@ -349,7 +370,8 @@ def ref_linear(
     y = x2 @ w_out.t()
     if b is not None:
         y = y + b.double()
-    dy_gi = dy2 * ref_mask_rows(dy2) if gio == "co" else dy2  # along d_out per row
+    dy_top = ref_topk_rows(dy2)  # meProp: top-k along d_out per token
+    dy_gi = {"co": dy2 * ref_mask_rows(dy2), "topk": dy_top}.get(gio, dy2)  # along d_out
     dx = dy_gi @ w_gi
     if gw == "dense" or (gw == "ir" and x.ndim < 3):
         dw = dy2.t() @ x2
@@ -368,6 +390,8 @@ def ref_linear(
         dw = (dy2 * ref_mask_cols(dy2)).t() @ x2
     elif gw == "mvue":  # along the flattened leading axes, per output feature
         dw = ref_mvue_rows(dy2.t(), draw_mvue_uniforms(d_out, dy2.shape[0])) @ x2
+    elif gw == "topk":
+        dw = dy_top.t() @ x2
     else:
         dw = dy2.t() @ (x2 * ref_mask_cols(x2))
     dw = dw + decay * (w - w_out)

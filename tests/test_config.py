@@ -38,6 +38,8 @@ def test_recipes_are_the_spec_table_in_order():
         "wx",
         "gg",
         "gx",
+        "asp",
+        "meprop",
     )
 
 
@@ -57,6 +59,7 @@ _GI, _GW = "grad_input_weight", "grad_weight_mode"
         ("wx", {_GI: "2:4_co", _GW: "2:4_input"}),
         ("gg", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_grad_output"}),
         ("gx", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_input"}),
+        ("meprop", {_GI: "dense", "grad_input_dy": "topk", _GW: "topk_grad_output"}),
     ],
 )
 def test_recipe_fields_follow_the_spec(name, fields):
@@ -177,6 +180,7 @@ def test_operand_table_gives_each_recipe_its_spec_row():
     assert rows["tsm"] == GemmOperands("TSM(W)", "TSM(W)", "dY", "dY", "X", False)
     assert rows["gx"] == GemmOperands("S_K(W)", "S_K(W)", "S_Co(dY)", "dY", "S_T(X)", True)
     assert rows["dense"] == GemmOperands("W", "W", "dY", "dY", "X", False)
+    assert rows["meprop"] == GemmOperands("W", "W", "TopK(dY)", "TopK(dY)", "X", False)
     pruned_config = recipe("fst2", grad_input_source="pruned")
     assert pruned_config.operands.grad_input_weight == "S_Co(S_K(W))"
     # every value of every role field has a row, and every symbol a 2:4 axis

@@ -477,3 +477,20 @@ def test_activation_and_gradient_operands_are_2to4():
     assert is_2to4(sco.reshape(2, 3, 4, 5, 7), 2)
     tokens = torch.randn(3, 5, 8)
     assert is_2to4(_mask_channels(tokens, -1, 1), -1)
+
+
+def test_meprop_keeps_half_of_each_output_positions_gradient():
+    """TopK(dY): at every (n, h, w) of a conv and every token of a linear layer, exactly
+    round(C/2) channels survive, and they are the largest |dY|."""
+    from fullsparse.operands import topk_channels
+
+    torch.manual_seed(11)
+    dy = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    top = topk_channels(dy, 1)
+    kept = top != 0
+    assert (kept.sum(1) == 3).all()
+    smallest_kept = torch.where(kept, dy.abs(), torch.inf).amin(1)
+    largest_dropped = torch.where(kept, -torch.inf, dy.abs()).amax(1)
+    assert (smallest_kept > largest_dropped).all()
+    tokens = torch.randn(4, 7, 10, dtype=torch.float64)
+    assert ((topk_channels(tokens, -1) != 0).sum(-1) == 5).all()

@@ -78,3 +78,28 @@ def test_tables_are_mean_std_over_seeds_with_deltas_and_paper_rows(tmp_path, res
 def test_no_runs_is_an_error_not_an_empty_table(tmp_path, results, capsys):
     assert results.main(["--runs", str(tmp_path)]) == 1
     assert "no completed runs" in capsys.readouterr().err
+
+
+def test_table3_counts_asp_pretraining_and_each_recipes_sparse_gemms(tmp_path, results):
+    assert [results.step_units(n) for n in ("dense", "fst", "asp", "meprop", "tsm")] == [
+        3.0,
+        1.5,
+        2.5,
+        2.0,
+        2.0,
+    ]
+    src = tmp_path / "live"
+    _run(src, "table5", "dense-seed0", [80.0, 90.0], 10.0)
+    _run(src, "table3", "asp10+5-seed0", [85.0, 88.0], 10.0)
+    summary_path = src / "table3" / "asp10+5-seed0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["pretraining"] = {"epochs": 2, "recipe": "dense"}
+    summary_path.write_text(json.dumps(summary))
+    dst = tmp_path / "docs"
+    assert results.main(["--runs", str(dst), "--collect", str(src)]) == 0
+    text = (dst / "tables.md").read_text()
+    asp = next(line for line in text.splitlines() if line.startswith("| `asp10+5`"))
+    cells = [c.strip() for c in asp.split("|")]
+    # 2 dense epochs (3 units) + 2 fine-tuning epochs (2.5 units) against 2 dense epochs
+    assert cells[3] == "2 + 2" and cells[4] == "88.00" and cells[5] == "-2.00"
+    assert cells[7] == f"{(2 * 3 + 2 * 2.5) / (2 * 3):.2f}×" and cells[9] == "70.7"

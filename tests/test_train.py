@@ -195,10 +195,17 @@ def test_skip_nonfinite_skips_the_bad_steps_and_counts_them(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_bf16_autocast_and_channels_last_work_with_every_recipe(tmp_path, recipe):
-    fp32 = train(tiny(tmp_path, "fp32", recipe=recipe, synthetic_train=32))
+    extra = {}
+    if recipe == "asp":  # asp fine-tunes a trained dense run
+        train(tiny(tmp_path, "init", recipe="dense", synthetic_train=32))
+        extra = {"init_from": str(tmp_path / "init")}
+    fp32 = train(tiny(tmp_path, "fp32", recipe=recipe, synthetic_train=32, **extra))
     mixed = train(
-        tiny(tmp_path, "bf16", recipe=recipe, synthetic_train=32, amp="bf16", channels_last=True)
-    )
+        tiny(
+            tmp_path, "bf16", recipe=recipe, synthetic_train=32, amp="bf16", channels_last=True,
+            **extra,
+        )
+    )  # fmt: skip
     assert math.isfinite(mixed["final_train_loss"])
     # bf16 autocast really ran: the loss moved a little, not a lot.
     assert mixed["final_train_loss"] != fp32["final_train_loss"]

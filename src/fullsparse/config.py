@@ -23,6 +23,7 @@ __all__ = [
     "LAYER_KINDS",
     "OPERAND_TABLE",
     "SPARSE_ALONG",
+    "MEPROP_KEEP",
     "GemmOperands",
     "gemm_operands",
     "OLD_FIELD_NAMES",
@@ -44,14 +45,15 @@ OUTPUT_WEIGHT = ("dense", "2:4", "transposable", "soft_2:4")
 #: ``2:4_co`` = S_Co(W_src), a separate mask along the output channels (FST §5.2).
 GRAD_INPUT_WEIGHT = ("dense", "forward", "2:4_co")
 #: grad_output operand of the ``grad_input`` GEMM: ``dense`` = dY, ``2:4_co`` = S_Co(dY)
-#: (the GG/GX saliency rows of Table 1).
-GRAD_INPUT_DY = ("dense", "2:4_co")
+#: (the GG/GX saliency rows of Table 1), ``topk`` = TopK(dY) (meProp, see below).
+GRAD_INPUT_DY = ("dense", "2:4_co", "topk")
 #: The ``grad_weight`` GEMM (Eq. 3): ``dense`` = dY·Xᵀ; ``ir`` = fixed mask F on Xᵀ with
 #: information restoration of strength ``ir_alpha`` (Eq. 7-10, computed as a half-size
 #: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX);
 #: ``mvue`` = MVUE_T(dY)·Xᵀ, the minimum-variance unbiased random 2:4 sparsification of dY
-#: along the token / spatial axis (:func:`fullsparse.estimators.mvue_2to4`).
-GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input", "mvue")
+#: along the token / spatial axis (:func:`fullsparse.estimators.mvue_2to4`);
+#: ``topk_grad_output`` = TopK(dY)·Xᵀ (meProp).
+GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input", "mvue", "topk_grad_output")
 #: Layer kinds a config can set apart (:meth:`SparsityConfig.for_kind`).
 LAYER_KINDS = ("conv", "linear")
 #: Which weight the separate backward mask S_Co is taken from.
@@ -74,6 +76,12 @@ DECAY_KIND = ("srste", "masked_grad")
 DEFAULT_DECAY = 2e-4
 #: TSM's default recomputation interval in training steps (Hubara et al. 2021).
 DEFAULT_TSM_INTERVAL = 40
+
+# --- meProp (Sun et al. 2017): unstructured top-k of the output gradient.
+#: Fraction of each dY row that TopK(dY) keeps: per output position (conv: each (n, h, w);
+#: linear: each token) the ``round(MEPROP_KEEP · C_out)`` largest-|value| channels
+#: (``fullsparse.estimators.topk_rows``; docs/spec-notes.md, "meProp").
+MEPROP_KEEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,7 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
     ("grad_input_source", "pruned"): {"W_src": "S_K(W)"},
     ("grad_input_dy", "dense"): {"grad_input.dy": "dY"},
     ("grad_input_dy", "2:4_co"): {"grad_input.dy": "S_Co(dY)"},
+    ("grad_input_dy", "topk"): {"grad_input.dy": "TopK(dY)"},
     ("grad_weight_mode", "dense"): {"grad_weight.dy": "dY", "grad_weight.input": "X"},
     ("grad_weight_mode", "ir"): {"grad_weight.dy": "IR(dY)", "grad_weight.input": "F(X)"},
     ("grad_weight_mode", "2:4_grad_output"): {
@@ -318,6 +327,10 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
     },
     ("grad_weight_mode", "2:4_input"): {"grad_weight.dy": "dY", "grad_weight.input": "S_T(X)"},
     ("grad_weight_mode", "mvue"): {"grad_weight.dy": "MVUE_T(dY)", "grad_weight.input": "X"},
+    ("grad_weight_mode", "topk_grad_output"): {
+        "grad_weight.dy": "TopK(dY)",
+        "grad_weight.input": "X",
+    },
 }
 
 #: The axis along which each operand symbol is 2:4 ("" = dense): what a sparse tensor core
@@ -332,6 +345,7 @@ SPARSE_ALONG: dict[str, str] = {
     "S_Co(S_K(W))": "Co",
     "dY": "",
     "S_Co(dY)": "Co",
+    "TopK(dY)": "",  # unstructured: no tensor-core format, kept as a dense operand
     "IR(dY)": "",
     "S_T(dY)": "T",
     "MVUE_T(dY)": "T",
@@ -464,6 +478,10 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
         grad_weight_mode="2:4_input",
         decay=DEFAULT_DECAY,
     ),
+    # baselines: ASP's fine-tuning GEMMs (the forward mask is fixed by the trainer,
+    # fullsparse.train.asp); meProp keeps the top-k of each dY row in both backward products
+    "asp": dict(output_weight="2:4", grad_input_weight="forward"),
+    "meprop": dict(grad_input_dy="topk", grad_weight_mode="topk_grad_output"),
 }
 
 #: Recipe names, in the order of the spec's table.

@@ -57,6 +57,7 @@ from fullsparse.operands import (
     mvue_spatial_conv,
     mvue_tokens,
     output_weight_mask,
+    topk_channels,
     transposable_mask,
     weight_operands,
 )
@@ -113,6 +114,7 @@ def conv_grad_weight(
       its columns, which no convolution can express) — a study recipe, not a fast one.
     - ``mvue``: ``MVUE_T(dY) · Xᵀ``, dY sparsified at random, 2:4 along N·Ho·Wo per output
       channel and unbiased (one draw from torch's default generator per call).
+    - ``topk_grad_output``: ``TopK(dY) · Xᵀ`` (meProp; top-k along Co at each position).
 
     ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
@@ -133,6 +135,8 @@ def conv_grad_weight(
         if input.is_contiguous(memory_format=torch.channels_last):
             dy_mvue = dy_mvue.contiguous(memory_format=torch.channels_last)
         return conv_backward(dy_mvue, input, weight, geo, "weight")
+    if mode == "topk_grad_output":
+        return conv_backward(topk_channels(grad_output, 1), input, weight, geo, "weight")
     raise ValueError(f"unknown grad_weight mode {mode!r}")
 
 
@@ -162,6 +166,8 @@ def linear_grad_weight(
     no token axis, so its weight gradient stays dense. ``2:4_grad_output`` / ``2:4_input``
     apply S_T, and ``mvue`` its random unbiased counterpart, along the flattened leading axes
     (batch × tokens; the batch axis of a 2-D input).
+    apply S_T along the flattened leading axes (batch × tokens); ``topk_grad_output`` keeps
+    the top-k of each token's dY along d_out (meProp).
     """
     d_in, d_out = input.shape[-1], grad_output.shape[-1]
     if mode == "ir" and input.ndim >= 3:
@@ -175,6 +181,8 @@ def linear_grad_weight(
         x2 = x2 * mask_2to4(x2, dim=0)
     elif mode == "mvue":
         dy2 = mvue_tokens(dy2)
+    elif mode == "topk_grad_output":
+        dy2 = topk_channels(dy2, -1)
     elif mode not in ("dense", "ir"):
         raise ValueError(f"unknown grad_weight mode {mode!r}")
     return dy2.t().mm(x2)
@@ -252,16 +260,20 @@ def linear_grad_weight_for(
 
 
 def _conv_dy_gi(config: SparsityConfig, grad_output: Tensor, geo: ConvGeometry) -> Tensor:
-    """The dY operand of a conv's ``grad_input`` GEMM: dY or S_Co(dY)."""
+    """The dY operand of a conv's ``grad_input`` GEMM: dY, S_Co(dY) or TopK(dY)."""
     if config.operands.grad_input_dy == "S_Co(dY)":
         return mask_channels(grad_output, 1, geo.groups)
+    if config.operands.grad_input_dy == "TopK(dY)":
+        return topk_channels(grad_output, 1)
     return grad_output
 
 
 def _linear_dy_gi(config: SparsityConfig, grad_output: Tensor) -> Tensor:
-    """The dY operand of a linear layer's ``grad_input`` GEMM: dY or S_Co(dY)."""
+    """The dY operand of a linear layer's ``grad_input`` GEMM: dY, S_Co(dY) or TopK(dY)."""
     if config.operands.grad_input_dy == "S_Co(dY)":
         return grad_output * mask_2to4(grad_output, dim=-1)
+    if config.operands.grad_input_dy == "TopK(dY)":
+        return topk_channels(grad_output, -1)
     return grad_output
 
 
@@ -349,8 +361,9 @@ class _SparseConv2dFn(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(x.device.type, enabled=False):
             if needs_dx and needs_dw and _one_conv_backward(ops, kernel):
-                # both gradients from dY itself: one convolution_backward call serves both
-                dx, dw = conv_backward(dy, x, w_gi, geo, "both")
+                # both gradients from one dY operand (dY, or meProp's TopK(dY)): one
+                # convolution_backward call serves both
+                dx, dw = conv_backward(_conv_dy_gi(config, dy, geo), x, w_gi, geo, "both")
                 grad_input, grad_weight = dx.to(input_dtype), _plus(dw.to(weight_dtype), decay)
             else:
                 # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
@@ -368,10 +381,11 @@ class _SparseConv2dFn(torch.autograd.Function):
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
-    """True when grad_input and grad_weight are both plain products with dY and the reference
-    kernel computes grad_input (dense, srste, tsm, fst2)."""
-    dense_dy = ops.grad_input_dy == "dY" and ops.grad_weight_dy == "dY"
-    return dense_dy and ops.grad_weight_input == "X" and kernel is REFERENCE_CONV
+    """True when grad_input and grad_weight are both plain products with the same dY operand
+    (dY, or TopK(dY)) and the reference kernel computes grad_input (dense, srste, tsm, fst2,
+    meprop)."""
+    same_dy = ops.grad_input_dy == ops.grad_weight_dy and ops.grad_input_dy in ("dY", "TopK(dY)")
+    return same_dy and ops.grad_weight_input == "X" and kernel is REFERENCE_CONV
 
 
 def _plus(grad: Tensor, decay: Tensor | None) -> Tensor:

@@ -12,8 +12,8 @@ it):
   the forward operand doubles as the grad_input operand where the recipe says so, and the
   SR-STE decay is made with one temporary.
 
-Activation-side operands (S_Co(dY), S_T, information restoration) are here too: they are
-applied in the backward, on that step's gradients.
+Activation-side operands (S_Co(dY), S_T, information restoration, meProp's TopK(dY)) are here
+too: they are applied in the backward, on that step's gradients.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fullsparse.config import SparsityConfig
-from fullsparse.estimators import mvue_2to4
+from fullsparse.config import MEPROP_KEEP, SparsityConfig
+from fullsparse.estimators import mvue_2to4, topk_rows
 from fullsparse.masks import (
     is_2to4,
     magnitude_score,
@@ -51,6 +51,7 @@ __all__ = [
     "mvue_spatial_conv",
     "mvue_tokens",
     "ir_grad_output",
+    "topk_channels",
 ]
 
 
@@ -338,3 +339,10 @@ def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:
         odd = grad_output[tuple(index)]
         out.narrow(dim, 0, odd.shape[dim]).add_(odd, alpha=alpha)
     return out
+
+
+def topk_channels(grad_output: Tensor, channel_dim: int, keep: float = MEPROP_KEEP) -> Tensor:
+    """TopK(dY) (meProp): at every output position, the ``round(keep · C)`` largest-|value|
+    channels of ``grad_output`` kept and the rest zeroed (unstructured; ties to the lower
+    channel). Groups are ignored: the channels of all groups compete."""
+    return topk_rows(grad_output.movedim(channel_dim, -1), keep).movedim(-1, channel_dim)

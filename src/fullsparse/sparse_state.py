@@ -1,5 +1,6 @@
 """What a sparse module carries beyond its torch twin's parameters: the config, the backend,
-the cached masks and their step clock, and how that state is saved and restored.
+the cached masks and their step clock, a fixed forward mask (ASP fine-tuning), and how that
+state is saved and restored.
 
 :class:`fullsparse.nn.SparseConv2d` and :class:`~fullsparse.nn.SparseLinear` mix in
 :class:`_SparseMixin`. The cached forward mask (``tsm_mask``: the TSM mask, or S_K when
@@ -65,6 +66,8 @@ class _SparseMixin:
         self.register_buffer("soft_scale", None, persistent=False)  # type: ignore[attr-defined]
         # the cached S_Co mask of grad_input's weight (mask_interval > 1), on the same clock
         self.register_buffer("gi_mask", None, persistent=False)  # type: ignore[attr-defined]
+        # ASP: a 2:4 forward mask set once (fullsparse.train.asp) and used at every step
+        self.register_buffer("fixed_mask", None, persistent=False)  # type: ignore[attr-defined]
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -102,7 +105,11 @@ class _SparseMixin:
         A training step is one forward in training mode with grad enabled. Without a cached
         rule (S_K with ``mask_interval=1``) masks are not cached: they follow the weight at
         every step (the cost is in the overhead benchmark).
+        A fixed mask (ASP), when set, is used as is and never recomputed.
         """
+        fixed: Tensor | None = getattr(self, "fixed_mask", None)
+        if fixed is not None:
+            return fixed
         rule = self._cached_mask_rule()
         if rule is None:
             return None
@@ -192,6 +199,8 @@ class _SparseMixin:
         Parameter is not in the GEMM layout (:meth:`_gemm_weight`) overrides this to
         transpose it back."""
         mask = self.tsm_mask if self._cached_mask_rule() is not None else None  # type: ignore
+        if getattr(self, "fixed_mask", None) is not None:
+            mask = self.fixed_mask  # type: ignore[attr-defined]
         weight = self._gemm_weight().detach()
         if self.config.operands.output_weight == SOFT:
             return soft_output_weight(weight, self._soft_scale())
@@ -210,15 +219,16 @@ def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The sparse state that is not in ``model.state_dict()``: TSM masks and step clocks.
+    """The sparse state that is not in ``model.state_dict()``: TSM masks, step clocks and
+    fixed (ASP) masks.
 
     Plain tensors only, so checkpoints load with ``torch.load(weights_only=True)``.
     """
     state: dict[str, Tensor] = {}
     for name, module in sparse_modules(model):
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
-        for attr in ("tsm_mask", "gi_mask", "soft_scale"):  # cached masks, S-STE's β
-            if getattr(module, attr) is not None:
+        for attr in ("tsm_mask", "gi_mask", "soft_scale", "fixed_mask"):  # masks, S-STE's β
+            if getattr(module, attr, None) is not None:
                 state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
 
@@ -228,19 +238,20 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     modules = dict(sparse_modules(model))
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        if name not in modules or attr not in ("tsm_step", "tsm_mask", "gi_mask", "soft_scale"):
+        known = ("tsm_step", "tsm_mask", "gi_mask", "soft_scale", "fixed_mask")
+        if name not in modules or attr not in known:
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
         gemm_shape = tuple(module._gemm_weight().shape)  # type: ignore[operator]
-        if attr in ("tsm_mask", "gi_mask") and tuple(value.shape) != gemm_shape:
+        if attr in ("tsm_mask", "gi_mask", "fixed_mask") and tuple(value.shape) != gemm_shape:
             raise ValueError(
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
                 f"is {gemm_shape}"
             )
         setattr(module, attr, value.to(device=device))
     for name, module in modules.items():
-        for attr in ("tsm_mask", "gi_mask", "soft_scale"):  # not saved: recomputed
+        for attr in ("tsm_mask", "gi_mask", "soft_scale", "fixed_mask"):  # not saved: unset
             if f"{name}.{attr}" not in state:
                 setattr(module, attr, None)
 

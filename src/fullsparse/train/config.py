@@ -170,7 +170,9 @@ class TrainConfig:
 
     # -- sparsity -------------------------------------------------------------------------
     #: A recipe name from ``fullsparse.RECIPES``.
-    recipe: str = option("fst", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx")
+    recipe: str = option("fst", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx|meprop|asp")
+    # -- ASP (fullsparse.train.asp): the trained dense model that recipe asp prunes once
+    init_from: str | None = option(None, "asp: dense run folder or checkpoint to prune, fine-tune")
     #: Overrides of the recipe's fields; None keeps the recipe's value.
     ir_alpha: float | None = option(
         None, "override: information-restoration strength α (default: the recipe's)", minimum=0

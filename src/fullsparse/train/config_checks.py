@@ -75,8 +75,10 @@ def task_defaults(config: Any) -> dict[str, Any]:
 def check_task_fields(config: Any) -> None:
     """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
     from fullsparse.models import LM_MODELS, MODELS
+    from fullsparse.train.asp import check_config as check_asp
 
     keep_dense_layers(config)  # the layer policy names known roles
+    check_asp(config)
     model, dataset = config.model, config.dataset
     if config.fsdp and config.compile:
         raise ConfigError("fsdp and compile clash: a sharded model runs eagerly; drop --compile")

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.train import asp, tasks
 from fullsparse.train import checkpoint as ckpt
-from fullsparse.train import tasks
 from fullsparse.train.common import (
     autocast,
     build_optimizer,
@@ -111,6 +111,7 @@ class Trainer:
         self.saved: dict[str, Any] | None = None  # the checkpoint being resumed
         self.scaler: Any = None
         self.status = "completed"
+        self.asp_hooks: list[Any] = []  # recipe asp: optimiser hooks keeping pruned weights 0
 
     # -- the run, start to end --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class Trainer:
         if self.saved is not None:
             assert self.resume_from is not None
             self.checkpoints.restore(self.saved, self.resume_from)
+        asp.start(self)  # recipe asp: init weights, prune once (new run), fixed-mask hooks
         config = self.config
         self.model = wrap_model(
             self.raw_model, self.world, self.device, config.compile, config.fsdp
@@ -420,6 +422,7 @@ class Trainer:
             "config": config.to_dict(),
         }
         summary.update(task.summary_details(self))
+        summary.update(asp.summary_extra(self))  # recipe asp: the dense pre-training's cost
         return summary
 
     def interrupted(self) -> str:
