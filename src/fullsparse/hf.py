@@ -89,16 +89,7 @@ class SparseConv1D(_SparseMixin, Conv1D):
         return super().pruned_weight().t()
 
     def forward(self, input: Tensor) -> Tensor:
-        return sparse_linear(
-            input,
-            self.weight.t(),
-            self.bias,
-            config=self.config,
-            forward_mask=self._forward_mask(),
-            grad_input_mask=self._grad_input_mask(),  # after _forward_mask: same clock
-            backend=self.backend,
-            soft_scale=self._soft_scale(),
-        )
+        return sparse_linear(input, self.weight.t(), self.bias, **self._step_operands())
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._sparse_repr()}"

@@ -104,7 +104,6 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         return _share_parameters(nn.Conv2d(*_conv2d_shape(self), device="meta"), self)
 
     def forward(self, input: Tensor) -> Tensor:
-        mask = self._forward_mask()
         padding: Any = self.padding
         if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then padding 0
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -117,11 +116,7 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
             padding,
             self.dilation,
             self.groups,
-            config=self.config,
-            forward_mask=mask,
-            grad_input_mask=self._grad_input_mask(),
-            backend=self.backend,
-            soft_scale=self._soft_scale(),
+            **self._step_operands(),
         )
 
     def extra_repr(self) -> str:
@@ -166,16 +161,7 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return _share_parameters(dense, self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return sparse_linear(
-            input,
-            self.weight,
-            self.bias,
-            config=self.config,
-            forward_mask=self._forward_mask(),
-            grad_input_mask=self._grad_input_mask(),  # after _forward_mask: same clock
-            backend=self.backend,
-            soft_scale=self._soft_scale(),
-        )
+        return sparse_linear(input, self.weight, self.bias, **self._step_operands())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"

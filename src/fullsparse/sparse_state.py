@@ -13,6 +13,7 @@ torch module), saved with :func:`sparse_state_dict` and restored with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -98,6 +99,19 @@ class _SparseMixin:
         if self.config.mask_interval > 1 and self.config.operands.output_weight == "S_K(W)":
             return self.config.mask_interval, mask_k
         return None
+
+    def _step_operands(self) -> dict[str, Any]:
+        """The per-step state a sparse layer passes to its autograd function: the forward
+        mask (updated first, on the module's clock), the cached S_Co mask, S-STE's β, the
+        config and the backend."""
+        forward_mask = self._forward_mask()
+        return {
+            "config": self.config,
+            "forward_mask": forward_mask,
+            "grad_input_mask": self._grad_input_mask(),
+            "backend": self.backend,
+            "soft_scale": self._soft_scale(),
+        }
 
     def _forward_mask(self) -> Tensor | None:
         """The cached forward mask, recomputed every ``interval`` training steps.
