@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,72 @@ DEFAULT_TSM_INTERVAL = 40
 #: linear: each token) the ``round(MEPROP_KEEP · C_out)`` largest-|value| channels
 #: (``fullsparse.estimators.topk_rows``; docs/spec-notes.md, "meProp").
 MEPROP_KEEP = 0.5
+
+
+#: The combinations SparsityConfig refuses: (is it broken?, the one-line reason why).
+_CLASHES: tuple[tuple[Callable[[SparsityConfig], bool], Callable[[SparsityConfig], str]], ...] = (
+    (
+        lambda c: c.ir_alpha != 0.0 and c.grad_weight_mode != "ir",
+        lambda c: (
+            f"ir_alpha={c.ir_alpha} clashes with grad_weight_mode={c.grad_weight_mode!r}"
+            ": information restoration only exists for grad_weight_mode='ir'"
+        ),
+    ),
+    (
+        lambda c: c.decay != 0.0 and c.output_weight == "dense",
+        lambda c: (
+            f"decay={c.decay} clashes with output_weight='dense': the SR-STE decay "
+            "λ·(W − S(W)) is zero without a sparse forward weight"
+        ),
+    ),
+    (
+        lambda c: c.decay_kind != "srste" and (c.decay == 0.0 or c.output_weight == "dense"),
+        lambda c: (
+            f"decay_kind={c.decay_kind!r} clashes with decay={c.decay} and "
+            f"output_weight={c.output_weight!r}: the masked decay needs decay > 0 and a "
+            "sparse forward weight (otherwise it adds nothing)"
+        ),
+    ),
+    (
+        lambda c: c.output_weight == "transposable" and c.grad_input_weight != "forward",
+        lambda c: (
+            f"output_weight='transposable' clashes with grad_input_weight="
+            f"{c.grad_input_weight!r}: a transposable mask exists to be reused by "
+            "grad_input (use grad_input_weight='forward')"
+        ),
+    ),
+    (
+        lambda c: c.grad_input_source == "pruned" and c.grad_input_weight != "2:4_co",
+        lambda c: (
+            f"grad_input_source='pruned' clashes with grad_input_weight="
+            f"{c.grad_input_weight!r}: the source only matters for the separate backward "
+            "mask (grad_input_weight='2:4_co')"
+        ),
+    ),
+    (
+        lambda c: c.grad_input_source == "pruned" and c.output_weight != "2:4",
+        lambda c: (
+            f"grad_input_source='pruned' clashes with output_weight={c.output_weight!r}: "
+            "'pruned' means S_Co(S_K(W)) and needs output_weight='2:4'"
+        ),
+    ),
+    (
+        lambda c: c.conv_layout != "im2col" and c.output_weight != "2:4",
+        lambda c: (
+            f"conv_layout={c.conv_layout!r} clashes with output_weight="
+            f"{c.output_weight!r}: the layout only changes the magnitude mask S_K of "
+            "output_weight='2:4'"
+        ),
+    ),
+    (
+        lambda c: c.ir_alpha_linear and c._linear_mode != "ir",
+        lambda c: (
+            f"ir_alpha_linear={c.ir_alpha_linear} clashes with the Linear layers' "
+            f"grad_weight mode {c._linear_mode!r}: information restoration only "
+            "exists for mode 'ir'"
+        ),
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -172,51 +239,9 @@ class SparsityConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
-        if self.ir_alpha != 0.0 and self.grad_weight_mode != "ir":
-            raise ValueError(
-                f"ir_alpha={self.ir_alpha} clashes with grad_weight_mode={self.grad_weight_mode!r}"
-                ": information restoration only exists for grad_weight_mode='ir'"
-            )
-        if self.decay != 0.0 and self.output_weight == "dense":
-            raise ValueError(
-                f"decay={self.decay} clashes with output_weight='dense': the SR-STE decay "
-                "λ·(W − S(W)) is zero without a sparse forward weight"
-            )
-        if self.decay_kind != "srste" and (self.decay == 0.0 or self.output_weight == "dense"):
-            raise ValueError(
-                f"decay_kind={self.decay_kind!r} clashes with decay={self.decay} and "
-                f"output_weight={self.output_weight!r}: the masked decay needs decay > 0 and a "
-                "sparse forward weight (otherwise it adds nothing)"
-            )
-        if self.output_weight == "transposable" and self.grad_input_weight != "forward":
-            raise ValueError(
-                f"output_weight='transposable' clashes with grad_input_weight="
-                f"{self.grad_input_weight!r}: a transposable mask exists to be reused by "
-                "grad_input (use grad_input_weight='forward')"
-            )
-        if self.grad_input_source == "pruned" and self.grad_input_weight != "2:4_co":
-            raise ValueError(
-                f"grad_input_source='pruned' clashes with grad_input_weight="
-                f"{self.grad_input_weight!r}: the source only matters for the separate backward "
-                "mask (grad_input_weight='2:4_co')"
-            )
-        if self.grad_input_source == "pruned" and self.output_weight != "2:4":
-            raise ValueError(
-                f"grad_input_source='pruned' clashes with output_weight={self.output_weight!r}: "
-                "'pruned' means S_Co(S_K(W)) and needs output_weight='2:4'"
-            )
-        if self.conv_layout != "im2col" and self.output_weight != "2:4":
-            raise ValueError(
-                f"conv_layout={self.conv_layout!r} clashes with output_weight="
-                f"{self.output_weight!r}: the layout only changes the magnitude mask S_K of "
-                "output_weight='2:4'"
-            )
-        if self.ir_alpha_linear and self._linear_mode != "ir":
-            raise ValueError(
-                f"ir_alpha_linear={self.ir_alpha_linear} clashes with the Linear layers' "
-                f"grad_weight mode {self._linear_mode!r}: information restoration only "
-                "exists for mode 'ir'"
-            )
+        for broken, reason in _CLASHES:
+            if broken(self):
+                raise ValueError(reason(self))
         # read once here (not fields: equality, hashing and to_dict are the fields')
         object.__setattr__(self, "_operands", gemm_operands(self))
         object.__setattr__(self, "_linear", self._linear_config())

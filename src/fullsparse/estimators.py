@@ -15,10 +15,12 @@ lost unless the neighbour restores it — while a random mask whose survivors ar
 with the largest entries capped at 1 (a water-filling; with four entries at most one cap
 step is needed). Two entries with exactly these marginal probabilities are then drawn by
 systematic sampling: one uniform ``u`` per group, the entries whose cumulative-probability
-intervals contain ``u`` or ``u + 1``.
+intervals ``[p_0 + … + p_{k-1}, p_0 + … + p_k)`` contain ``u`` or ``u + 1``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -41,19 +43,37 @@ def _ungroup(g: Tensor, size: int, dim: int) -> Tensor:
     return flat.movedim(-1, dim)
 
 
-def _probabilities(a: Tensor) -> Tensor:
-    """Keep probabilities for ``a = |values|`` of shape ``[..., 4]`` (see module doc)."""
-    total = a.sum(-1, keepdim=True)
-    p = 2 * a / total.clamp_min(torch.finfo(a.dtype).tiny)
-    top, top_idx = a.max(-1, keepdim=True)
+def _planar_probabilities(a: list[Tensor]) -> list[Tensor]:
+    """Keep probabilities of the four entries of every group, given as four planes of one
+    shape, ``a[k] = |entry k|`` (see the module doc).
+
+    Written with arithmetic only (no ``torch.where``, which is many times slower than a
+    multiply on CPU): a choice between two finite values is ``x·(1 − m) + y·m`` with
+    ``m`` ∈ {0, 1}, which is exact.
+    """
+    tiny = torch.finfo(a[0].dtype).tiny
+    total = ((a[0] + a[1]) + a[2]) + a[3]
+    top = torch.maximum(torch.maximum(a[0], a[1]), torch.maximum(a[2], a[3]))
     # The largest entry is capped at 1 when 2·a_max > Σa; the other three then share the
     # second draw in proportion to their magnitudes. A second cap can only be needed when
     # the two smaller entries are zero, and then it comes out as exactly 1 already.
     capped = 2 * top > total
-    rest = (total - top).clamp_min(torch.finfo(a.dtype).tiny)
-    p_capped = (a / rest).scatter(-1, top_idx, torch.ones_like(top))
-    p = torch.where(capped, p_capped, p)
-    return torch.where(a > 0, p.clamp_max(1.0), torch.zeros_like(p))
+    on = capped.to(total.dtype)
+    off = 1 - on
+    rest = (total - top).clamp_min_(tiny)
+    total = total.clamp_min(tiny)
+    probabilities = []
+    for ak in a:
+        # 2·a/Σa where not capped, a/(Σa − a_max) where capped (finite when not chosen)
+        p = ((2 * ak) / total * off).add_((ak / rest) * on).clamp_max_(1.0)
+        is_top = ((ak == top) & capped).to(p.dtype)
+        probabilities.append(p.mul_(1 - is_top).add_(is_top))  # zero where a is zero
+    return probabilities
+
+
+def _probabilities(a: Tensor) -> Tensor:
+    """Keep probabilities for ``a = |values|`` of shape ``[..., 4]``."""
+    return torch.stack(_planar_probabilities(list(a.unbind(-1))), -1)
 
 
 def mvue_keep_probabilities(t: Tensor, dim: int) -> Tensor:
@@ -89,16 +109,37 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
     work = t.detach()
     if work.dtype in (torch.float16, torch.bfloat16):
         work = work.float()
-    groups, size = _groups_of_4(work, dim)
-    p = _probabilities(groups.abs())
-    end = p.cumsum(-1)
-    start = end - p
-    u = torch.rand(
-        (*groups.shape[:-1], 1), generator=generator, device=t.device, dtype=groups.dtype
-    )
-    keep = ((start <= u) & (u < end)) | ((start <= u + 1) & (u + 1 < end))
-    out = torch.where(keep, groups / torch.where(keep, p, torch.ones_like(p)), 0)
-    return _ungroup(out, size, dim).to(t.dtype)
+    # [pre, size, post] → groups [pre, G, 4, post]; the four entries of a group as planes
+    size = work.shape[dim]
+    pre, post = math.prod(work.shape[:dim]), math.prod(work.shape[dim + 1 :])
+    v = work.reshape(pre, size, post)
+    if size % 4:
+        v = torch.cat([v, v.new_zeros(pre, (-size) % 4, post)], 1)
+    g = v.shape[1] // 4
+    v = v.view(pre, g, 4, post)
+    if post == 1:  # contiguous planes (entries of a group are adjacent in memory)
+        planes = v.view(pre, g, 4).permute(2, 0, 1).contiguous().unsqueeze(-1)
+    else:
+        planes = v.permute(2, 0, 1, 3)
+    x = planes.unbind(0)
+    p = _planar_probabilities([c.abs() for c in x])
+    # one uniform per group, drawn in the order (pre, post, group)
+    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=v.dtype)
+    u = u.view(pre, post, g).transpose(1, 2).contiguous()
+    u1 = u + 1
+    tiny = torch.finfo(v.dtype).tiny
+    out = torch.empty((4, pre, g, post), dtype=v.dtype, device=v.device)
+    end = torch.zeros_like(u)
+    below_u = below_u1 = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
+    for k in range(4):  # entry k's interval is [end_{k-1}, end_k): kept if u or u+1 is in it
+        end = end + p[k]
+        now_u, now_u1 = u < end, u1 < end
+        keep = (now_u ^ below_u) | (now_u1 ^ below_u1)
+        below_u, below_u1 = now_u, now_u1
+        # t_k / p_k where kept, 0 elsewhere (finite: p_k is 0 only where t_k is)
+        out[k] = (x[k] / p[k].clamp_min(tiny)).mul_(keep.to(v.dtype))
+    out = out.permute(1, 2, 0, 3).reshape(pre, g * 4, post)[:, :size]
+    return out.reshape(work.shape).to(t.dtype)
 
 
 def topk_rows(t: Tensor, keep_fraction: float = 0.5) -> Tensor:

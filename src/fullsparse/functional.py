@@ -34,12 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.config import SparsityConfig
+from fullsparse.entry_checks import (
+    _autocast_dtype,
+    _check_same_dtype,
+    _checked_call,
+    _not_a_view,
+    stash_forward,
+)
 from fullsparse.geometry import ConvGeometry, pair
 from fullsparse.kernels import (
     REFERENCE_CONV,
     REFERENCE_LINEAR,
-    check_backend,
     select_conv_kernel,
     select_linear_kernel,
 )
@@ -85,7 +91,6 @@ __all__ = [
     "linear_grad_weight_for",
 ]
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # older private names of two activation operands (fullsparse.operands)
 _mask_channels, _mask_spatial_conv = mask_channels, mask_spatial_conv
 
@@ -277,46 +282,6 @@ def _linear_dy_gi(config: SparsityConfig, grad_output: Tensor) -> Tensor:
     return grad_output
 
 
-# --------------------------------------------------------------------------- checks
-def _check_tensor(t: object, what: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT:
-        raise ValueError(
-            f"{what} must be floating point (float16, bfloat16, float32 or float64), "
-            f"got dtype {t.dtype}"
-        )
-    return t
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _not_a_view(y: Tensor) -> Tensor:
-    """``y`` as a tensor autograd does not track as a view (same storage, same strides).
-
-    An autograd.Function output that is a view cannot be modified in place: autograd refuses,
-    since its view+inplace logic would replace the Function's backward. ``F.linear`` on a
-    ``[..., T, d]`` input returns a view of its 2-D product, and a kernel may return one too;
-    that product is a temporary nothing else holds, so the untracked alias behaves exactly
-    like the output of the torch layer (``y.mul_(2)``, ``relu_``, ``y[i] = v`` all work).
-    """
-    return torch.ops.aten._unsafe_view(y, y.shape)
-
-
-def _check_same_dtype(input: Tensor, weight: Tensor, bias: Tensor | None, who: str) -> None:
-    dtypes = {input.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if len(dtypes) > 1:
-        raise ValueError(
-            f"{who}: input ({input.dtype}), weight ({weight.dtype})"
-            + (f" and bias ({bias.dtype})" if bias is not None else "")
-            + " must share one dtype outside autocast"
-        )
-
-
 # --------------------------------------------------------------------------- conv
 class _SparseConv2dFn(torch.autograd.Function):
     @staticmethod
@@ -338,16 +303,13 @@ class _SparseConv2dFn(torch.autograd.Function):
             weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
             soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
-        x = input.to(compute)
-        b = bias.to(compute) if bias is not None else None
+        x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, ops.output, b, geo))  # output (Eq. 1)
         # W_gi stands in for W's shape and dtype in the weight gradient when there is one
         w_bwd = ops.grad_input if ops.grad_input is not None else ops.output
         ctx.save_for_backward(x, w_bwd, ops.decay)
-        ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (input.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.geo = geo
         return y
 
     @staticmethod
@@ -431,12 +393,7 @@ def sparse_conv2d(
         fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
             cannot run (the message says why and how to get it).
     """
-    config = resolve_config(config).for_kind("conv")
-    check_backend(backend)
-    _check_tensor(input, "sparse_conv2d input")
-    _check_tensor(weight, "sparse_conv2d weight")
-    if bias is not None:
-        _check_tensor(bias, "sparse_conv2d bias")
+    config = _checked_call("sparse_conv2d", "conv", config, backend, input, weight, bias)
     if weight.ndim != 4:
         raise ValueError(
             f"sparse_conv2d weight must be 4-D [Co, Ci/groups, kh, kw], got shape "
@@ -513,14 +470,10 @@ class _SparseLinearFn(torch.autograd.Function):
             weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
             soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
-        x = input.to(compute)
-        b = bias.to(compute) if bias is not None else None
+        x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, ops.output, b))  # output (Eq. 1)
         ctx.save_for_backward(x, ops.grad_input, ops.decay)
-        ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (input.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod
@@ -565,17 +518,10 @@ def sparse_linear(
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
 
-    Raises:
-        ValueError: wrong ndim, mismatched features, non-float dtype, unknown backend.
-        fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
-            cannot run (the message says why and how to get it).
+    Raises ``ValueError`` (wrong ndim, mismatched features, non-float dtype, unknown
+    backend) and ``BackendUnavailableError`` as :func:`sparse_conv2d` does.
     """
-    config = resolve_config(config).for_kind("linear")
-    check_backend(backend)
-    _check_tensor(input, "sparse_linear input")
-    _check_tensor(weight, "sparse_linear weight")
-    if bias is not None:
-        _check_tensor(bias, "sparse_linear bias")
+    config = _checked_call("sparse_linear", "linear", config, backend, input, weight, bias)
     if weight.ndim != 2:
         raise ValueError(
             f"sparse_linear weight must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}"

@@ -18,13 +18,14 @@ imports this module on its own.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig
 from fullsparse.functional import sparse_linear
-from fullsparse.nn import _share_parameters, _SparseMixin
+from fullsparse.sparse_state import _SparseMixin
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -46,6 +47,9 @@ class SparseConv1D(_SparseMixin, Conv1D):
     weight gradient pairs).
     """
 
+    _dense_cls = Conv1D
+    _dense_name = "a transformers Conv1D"
+
     def __init__(
         self,
         nf: int,
@@ -57,24 +61,11 @@ class SparseConv1D(_SparseMixin, Conv1D):
     ) -> None:
         # Conv1D takes no device argument; on "meta" its random init costs nothing.
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            super().__init__(nf, nx)
-        self._init_sparse(config, backend)
+            super().__init__(nf, nx, config=config, backend=backend)
 
     @classmethod
-    def from_dense(
-        cls, module: nn.Module, config: SparsityConfig | str, *, backend: str = "auto"
-    ) -> SparseConv1D:
-        """A sparse twin of ``module`` (a ``Conv1D``) sharing its ``weight`` and ``bias``."""
-        if not isinstance(module, Conv1D):
-            raise TypeError(f"SparseConv1D.from_dense needs a transformers Conv1D, got {module}")
-        new = cls(module.nf, module.nx, device="meta", config=config, backend=backend)
-        return _share_parameters(new, module)
-
-    def to_dense(self) -> nn.Module:
-        """The plain ``Conv1D`` with the same (latent, unpruned) Parameters."""
-        with torch.device("meta"):
-            dense = Conv1D(self.nf, self.nx)
-        return _share_parameters(dense, self)
+    def _dense_args(cls, module: nn.Module) -> tuple[Any, ...]:
+        return (module.nf, module.nx)
 
     def _gemm_weight(self) -> Tensor:
         return self.weight.t()  # [d_out, d_in], a view

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,46 +62,15 @@ def _conv2d_shape(m: nn.Conv2d) -> tuple[Any, ...]:
     )
 
 
-_M = TypeVar("_M", bound=nn.Module)
-
-
-def _share_parameters(new: _M, old: nn.Module) -> _M:
-    """Give ``new`` (built on the meta device) ``old``'s weight and bias Parameters, its
-    mode, and, for a sparse module, its TSM clock on the weight's device."""
-    new.weight = old.weight
-    new.bias = old.bias
-    if isinstance(new, _SparseMixin):
-        new.tsm_step = new.tsm_step.to(old.weight.device)
-    new.train(old.training)
-    return new
-
-
 class SparseConv2d(_SparseMixin, nn.Conv2d):
     """``nn.Conv2d`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
 
-    def __init__(
-        self,
-        *args: Any,
-        config: SparsityConfig | str = "fst",
-        backend: str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_sparse(config, backend)
+    _dense_cls = nn.Conv2d
+    _dense_name = "an nn.Conv2d"
 
     @classmethod
-    def from_dense(
-        cls, module: nn.Conv2d, config: SparsityConfig | str, *, backend: str = "auto"
-    ) -> SparseConv2d:
-        """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"SparseConv2d.from_dense needs an nn.Conv2d, got {type(module)}")
-        new = cls(*_conv2d_shape(module), device="meta", config=config, backend=backend)
-        return _share_parameters(new, module)
-
-    def to_dense(self) -> nn.Conv2d:
-        """The plain ``nn.Conv2d`` with the same (latent, unpruned) Parameters."""
-        return _share_parameters(nn.Conv2d(*_conv2d_shape(self), device="meta"), self)
+    def _dense_args(cls, module: nn.Module) -> tuple[Any, ...]:
+        return _conv2d_shape(module)  # type: ignore[arg-type]
 
     def forward(self, input: Tensor) -> Tensor:
         padding: Any = self.padding
@@ -126,39 +95,12 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
 class SparseLinear(_SparseMixin, nn.Linear):
     """``nn.Linear`` whose forward, grad_input and grad_weight follow a SparsityConfig."""
 
-    def __init__(
-        self,
-        *args: Any,
-        config: SparsityConfig | str = "fst",
-        backend: str = "auto",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_sparse(config, backend)
+    _dense_cls = nn.Linear
+    _dense_name = "an nn.Linear"
 
     @classmethod
-    def from_dense(
-        cls, module: nn.Linear, config: SparsityConfig | str, *, backend: str = "auto"
-    ) -> SparseLinear:
-        """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense needs an nn.Linear, got {type(module)}")
-        new = cls(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device="meta",
-            config=config,
-            backend=backend,
-        )
-        return _share_parameters(new, module)
-
-    def to_dense(self) -> nn.Linear:
-        """The plain ``nn.Linear`` with the same (latent, unpruned) Parameters."""
-        dense = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
-        return _share_parameters(dense, self)
+    def _dense_args(cls, module: nn.Module) -> tuple[Any, ...]:
+        return (module.in_features, module.out_features, module.bias is not None)
 
     def forward(self, input: Tensor) -> Tensor:
         return sparse_linear(input, self.weight, self.bias, **self._step_operands())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,11 +135,16 @@ class SparsifyReport:
     def summary(self) -> str:
         return f"{len(self.sparse_names)} of {len(self.rows)} layers use {self.recipe!r}"
 
-    def _cells(self, r: LayerReport) -> tuple[str, str, str, str, str]:
-        """(layer, type, weight shape, gets, dW) of a row."""
+    def _cells(self, r: LayerReport, backend_note: Callable[[str], str]) -> list[str]:
+        """(layer, type, weight shape, gets, dW, backend, why) of a row; ``backend_note``
+        writes the backend's reason (a footnote mark, or the text)."""
         shape = "x".join(map(str, r.shape)) or "-"
         gets = self.recipe if r.sparse else "dense"
-        return (r.name or "<model>", r.kind, shape, gets, r.grad_weight or "-")
+        backend = r.backend or "-"
+        if r.backend_reason:
+            backend += backend_note(r.backend_reason)
+        name = r.name or "<model>"
+        return [name, r.kind, shape, gets, r.grad_weight or "-", backend, r.reason or "-"]
 
     def format(self, width: int = REPORT_WIDTH) -> str:
         """The table in at most ``width`` columns (at least 80).
@@ -152,10 +157,7 @@ class SparsifyReport:
         head = _HEAD
         body = []
         for r in self.rows:
-            backend = r.backend or "-"
-            if r.backend_reason:
-                backend = f"{backend} {notes.mark(r.backend_reason)}"
-            body.append([*self._cells(r), backend, r.reason or "-"])
+            body.append(self._cells(r, lambda why: " " + notes.mark(why)))
         widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
         # The layer column gives way first: names wrap, other cells never do.
         fixed = sum(widths[1:6]) + len(_SEP) * 6
@@ -186,10 +188,7 @@ class SparsifyReport:
         head = _HEAD
         rows = []
         for r in self.rows:
-            backend = r.backend or "-"
-            if r.backend_reason:
-                backend = f"{backend}: {r.backend_reason}"
-            cells = (*self._cells(r), backend, r.reason or "-")
+            cells = self._cells(r, lambda why: ": " + why)
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         th = "".join(f"<th>{h}</th>" for h in head)
         return (

@@ -16,9 +16,8 @@ import torch
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig
+from fullsparse.entry_checks import _autocast_dtype, _not_a_view, stash_forward
 from fullsparse.functional import (
-    _autocast_dtype,
-    _not_a_view,
     conv_grad_input_for,
     conv_grad_weight_for,
     linear_grad_input_for,
@@ -62,16 +61,12 @@ class ReferenceConv2dFn(torch.autograd.Function):
         out_mask, w_out = _output_operand(
             weight, config, geo.groups, forward_mask, compute, soft_scale
         )
-        x = input.to(compute)
-        b = bias.to(compute) if bias is not None else None
+        x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
+        ctx.soft_scale = soft_scale
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, w_out, b, geo))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
-        ctx.geo, ctx.config, ctx.compute, ctx.kernel = geo, config, compute, kernel
-        ctx.soft_scale = soft_scale
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.input_dtype = input.dtype
+        ctx.geo = geo
         return y
 
     @staticmethod
@@ -92,12 +87,12 @@ class ReferenceConv2dFn(torch.autograd.Function):
                     geo,
                     kernel=ctx.kernel,
                     soft_scale=ctx.soft_scale,
-                ).to(ctx.input_dtype)
+                ).to(ctx.dtypes[0])
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
                 grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.sum((0, 2, 3)).to(ctx.bias_dtype)
+                grad_bias = dy.sum((0, 2, 3)).to(ctx.dtypes[2])
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -115,16 +110,11 @@ class ReferenceLinearFn(torch.autograd.Function):
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         out_mask, w_out = _output_operand(weight, config, 1, forward_mask, compute, soft_scale)
-        x = input.to(compute)
-        b = bias.to(compute) if bias is not None else None
+        x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
+        ctx.soft_scale = soft_scale
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, w_out, b))  # output (Eq. 1)
         ctx.save_for_backward(x, weight, out_mask)
-        ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
-        ctx.soft_scale = soft_scale
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.input_dtype = input.dtype
         return y
 
     @staticmethod
@@ -138,10 +128,10 @@ class ReferenceLinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_input = linear_grad_input_for(
                     config, dy, weight, out_mask, kernel=ctx.kernel, soft_scale=ctx.soft_scale
-                ).to(ctx.input_dtype)
+                ).to(ctx.dtypes[0])
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
                 grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+                grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.dtypes[2])
         return grad_input, grad_weight, grad_bias, None, None, None, None

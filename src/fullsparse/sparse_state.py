@@ -13,7 +13,7 @@ torch module), saved with :func:`sparse_state_dict` and restored with
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar, Self, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,20 @@ def _is_compiling() -> bool:
     return bool(check())
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def share_parameters(new: _M, old: nn.Module) -> _M:
+    """Give ``new`` (built on the meta device) ``old``'s weight and bias Parameters, its
+    mode, and, for a sparse module, a fresh TSM clock on the weight's device."""
+    new.weight = old.weight
+    new.bias = old.bias
+    if isinstance(new, _SparseMixin):
+        new.tsm_step = torch.zeros((), dtype=torch.int64, device=old.weight.device)
+    new.train(old.training)
+    return new
+
+
 class _SparseMixin:
     """What both sparse modules share: the config, the cached TSM mask and its clock."""
 
@@ -54,6 +68,40 @@ class _SparseMixin:
     #: How the output / grad_input GEMMs run: "auto", "reference", "semi_structured" or
     #: "emulation" (fullsparse.kernels). Not part of the state_dict: it is a runtime choice.
     backend: str
+
+    #: The torch module class this one replaces, and how messages name it.
+    _dense_cls: ClassVar[type[nn.Module]]
+    _dense_name: ClassVar[str]
+
+    def __init__(
+        self, *args: Any, config: SparsityConfig | str = "fst", backend: str = "auto", **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_sparse(config, backend)
+
+    @classmethod
+    def _dense_args(cls, module: nn.Module) -> tuple[Any, ...]:
+        """The dense class's positional arguments that rebuild ``module``'s shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, config: SparsityConfig | str, *, backend: str = "auto"
+    ) -> Self:
+        """A sparse twin of ``module`` sharing its ``weight`` and ``bias`` Parameters."""
+        if not isinstance(module, cls._dense_cls):
+            raise TypeError(
+                f"{cls.__name__}.from_dense needs {cls._dense_name}, got {type(module)}"
+            )
+        with torch.device("meta"):  # no memory: the Parameters come from ``module``
+            new = cls(*cls._dense_args(module), config=config, backend=backend)
+        return share_parameters(new, module)
+
+    def to_dense(self) -> nn.Module:
+        """The plain dense module with the same (latent, unpruned) Parameters."""
+        with torch.device("meta"):
+            dense = self._dense_cls(*self._dense_args(self))  # type: ignore[arg-type]
+        return share_parameters(dense, self)
 
     def _init_sparse(self, config: SparsityConfig | str, backend: str = "auto") -> None:
         self.config = resolve_config(config)

@@ -23,9 +23,12 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return conv_output_size(size, kernel, stride, padding)
 
 
-class _SquareConv:
-    """What every conv case shares: a square input, padding ``kernel // 2``, dilation 1."""
+@dataclass(frozen=True)
+class ConvShape:
+    """One conv layer at one input size: ``[batch, cin, size, size]`` → ``cout``; square
+    input, padding ``kernel // 2``, dilation 1."""
 
+    name: str
     cin: int
     cout: int
     kernel: int
@@ -41,26 +44,10 @@ class _SquareConv:
     def out_size(self) -> int:
         return conv_out_size(self.size, self.kernel, self.stride, self.padding)
 
-    def _gemm_flops(self) -> int:
+    @property
+    def gemm_flops(self) -> int:
         """FLOPs of one dense GEMM role (2·Co·K·N·Ho·Wo, K = Ci·k·k)."""
         return 2 * self.cout * self.cin * self.kernel**2 * self.batch * self.out_size**2
-
-
-@dataclass(frozen=True)
-class ConvShape(_SquareConv):
-    """One conv layer at one input size: ``[batch, cin, size, size]`` → ``cout``."""
-
-    name: str
-    cin: int
-    cout: int
-    kernel: int
-    stride: int
-    size: int  # input height = width
-    batch: int
-
-    def gemm_flops(self) -> int:
-        """FLOPs of one dense GEMM role (2·Co·K·N·Ho·Wo)."""
-        return self._gemm_flops()
 
 
 def resnet18_shapes(cifar_batch: int = 128, imagenet_batch: int = 16) -> list[ConvShape]:
@@ -103,21 +90,15 @@ class LinearCase:
 
 
 @dataclass(frozen=True)
-class ConvCase(_SquareConv):
-    """A conv ``[batch, cin, size, size] → cout`` (padding kernel//2, channels-last)."""
+class ConvCase(ConvShape):
+    """A GPU-suite conv (channels-last) and the report group it belongs to."""
 
-    name: str
-    group: str
-    cin: int
-    cout: int
-    kernel: int
-    stride: int
-    size: int
-    batch: int
+    group: str = ""
 
-    @property
-    def gemm_flops(self) -> int:
-        return self._gemm_flops()
+
+def _case(name: str, group: str, *geometry: int) -> ConvCase:
+    """``ConvCase(name, cin, cout, kernel, stride, size, batch, group=group)``."""
+    return ConvCase(name, *geometry, group=group)
 
 
 def suite_cases(
@@ -132,39 +113,35 @@ def suite_cases(
             LinearCase("tiny fc2 64->32", "tiny", 64, 32, 2, 8),
         ]
         convs = [
-            ConvCase("tiny 1x1 16->32 @6", "tiny 1x1", 16, 32, 1, 1, 6, 2),
-            ConvCase("tiny 3x3 16->16 @6", "tiny 3x3", 16, 16, 3, 1, 6, 2),
+            _case("tiny 1x1 16->32 @6", "tiny 1x1", 16, 32, 1, 1, 6, 2),
+            _case("tiny 3x3 16->16 @6", "tiny 3x3", 16, 16, 3, 1, 6, 2),
         ]
         return linears, convs
     t = 197
     b = vit_batch
     linears = [
-        LinearCase("ViT-B qkv 768->2304", "ViT-B", 768, 2304, b, t),
-        LinearCase("ViT-B proj 768->768", "ViT-B", 768, 768, b, t),
-        LinearCase("ViT-B fc1 768->3072", "ViT-B", 768, 3072, b, t),
-        LinearCase("ViT-B fc2 3072->768", "ViT-B", 3072, 768, b, t),
-        LinearCase("ViT-L qkv 1024->3072", "ViT-L", 1024, 3072, b, t),
-        LinearCase("ViT-L proj 1024->1024", "ViT-L", 1024, 1024, b, t),
-        LinearCase("ViT-L fc1 1024->4096", "ViT-L", 1024, 4096, b, t),
-        LinearCase("ViT-L fc2 4096->1024", "ViT-L", 4096, 1024, b, t),
+        LinearCase(f"{vit} {layer} {d_in}->{d_out}", vit, d_in, d_out, b, t)
+        for vit, d in (("ViT-B", 768), ("ViT-L", 1024))
+        for layer, d_in, d_out in (
+            ("qkv", d, 3 * d),
+            ("proj", d, d),
+            ("fc1", d, 4 * d),
+            ("fc2", 4 * d, d),
+        )  # fmt: skip
+    ]
+    linears += [
         LinearCase("GPT MLP up 4096->16384 @8k", "GPT", 4096, 16384, 4, 2048),
         LinearCase("GPT MLP down 16384->4096 @8k", "GPT", 16384, 4096, 4, 2048),
     ]
     n = conv_batch
+    stages = ((64, 56), (128, 28), (256, 14), (512, 7))  # ResNet-50 bottleneck width, side
     convs = [
-        ConvCase("R50 1x1 64->256 @56", "R50 1x1", 64, 256, 1, 1, 56, n),
-        ConvCase("R50 1x1 256->64 @56", "R50 1x1", 256, 64, 1, 1, 56, n),
-        ConvCase("R50 1x1 512->128 @28", "R50 1x1", 512, 128, 1, 1, 28, n),
-        ConvCase("R50 1x1 128->512 @28", "R50 1x1", 128, 512, 1, 1, 28, n),
-        ConvCase("R50 1x1 1024->256 @14", "R50 1x1", 1024, 256, 1, 1, 14, n),
-        ConvCase("R50 1x1 256->1024 @14", "R50 1x1", 256, 1024, 1, 1, 14, n),
-        ConvCase("R50 1x1 2048->512 @7", "R50 1x1", 2048, 512, 1, 1, 7, n),
-        ConvCase("R50 1x1 512->2048 @7", "R50 1x1", 512, 2048, 1, 1, 7, n),
-        ConvCase("R50 3x3 64->64 @56", "R50 3x3", 64, 64, 3, 1, 56, n),
-        ConvCase("R50 3x3 128->128 @28", "R50 3x3", 128, 128, 3, 1, 28, n),
-        ConvCase("R50 3x3 256->256 @14", "R50 3x3", 256, 256, 3, 1, 14, n),
-        ConvCase("R50 3x3 512->512 @7", "R50 3x3", 512, 512, 3, 1, 7, n),
+        _case(f"R50 1x1 {cin}->{cout} @{size}", "R50 1x1", cin, cout, 1, 1, size, n)
+        for w, size in stages
+        for cin, cout in ((w, 4 * w), (4 * w, w))
     ]
+    convs += [_case(f"R50 3x3 {w}->{w} @{size}", "R50 3x3", w, w, 3, 1, size, n)
+              for w, size in stages]  # fmt: skip
     if quick:
         keep = {
             "ViT-B fc1 768->3072",

@@ -23,7 +23,7 @@ order, as with ``DistributedSampler``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -99,10 +99,10 @@ class _EpochPlan:
         batch_size: int,
         *,
         train: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        drop_last: bool | None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool | None = None,
     ) -> None:
         drop_last = train if drop_last is None else drop_last
         _check(n, batch_size, rank, world_size, drop_last)
@@ -134,25 +134,10 @@ class InMemoryLoader(_EpochPlan):
     """
 
     def __init__(
-        self,
-        dataset: TensorImageDataset,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool | None = None,
+        self, dataset: TensorImageDataset, batch_size: int, *, train: bool, **shard: Any
     ) -> None:
-        super().__init__(
-            len(dataset),
-            batch_size,
-            train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
+        """``shard``: ``seed``, ``rank``, ``world_size``, ``drop_last`` of :func:`make_loader`."""
+        super().__init__(len(dataset), batch_size, train=train, **shard)
         self.dataset = dataset
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -176,26 +161,10 @@ class ShardedBatchSampler(_EpochPlan, Sampler[list]):
     """
 
     def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool | None = None,
-        with_seeds: bool = False,
+        self, n: int, batch_size: int, *, train: bool, with_seeds: bool = False, **shard: Any
     ) -> None:
-        super().__init__(
-            n,
-            batch_size,
-            train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
+        """``shard``: ``seed``, ``rank``, ``world_size``, ``drop_last`` of :func:`make_loader`."""
+        super().__init__(n, batch_size, train=train, **shard)
         self.with_seeds = with_seeds
 
     def __iter__(self) -> Iterator[list]:
@@ -212,31 +181,20 @@ class WorkerLoader:
     """A ``DataLoader`` with worker processes over any map-style dataset (imagefolder)."""
 
     def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        *,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        workers: int = 0,
-        drop_last: bool | None = None,
+        self, dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0, **shard: Any
     ) -> None:
+        """``shard``: ``seed``, ``rank``, ``world_size``, ``drop_last`` of :func:`make_loader`."""
         if workers < 0:
             raise UserError(f"workers must be >= 0, got {workers}")
         self.dataset = dataset
         self.batch_size = batch_size
         with_seeds = train and isinstance(dataset, ImageFolderDataset)
         self.sampler = ShardedBatchSampler(
-            len(dataset),
+            len(dataset),  # type: ignore[arg-type]
             batch_size,
             train=train,
-            seed=seed,
-            rank=rank,  # type: ignore[arg-type]
-            world_size=world_size,
-            drop_last=drop_last,
             with_seeds=with_seeds,
+            **shard,
         )
         self._loader = DataLoader(
             dataset,
@@ -257,15 +215,7 @@ class WorkerLoader:
 
 
 def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    train: bool,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 0,
-    drop_last: bool | None = None,
+    dataset: Dataset, batch_size: int, *, train: bool, workers: int = 0, **shard: Any
 ) -> Loader:
     """A loader yielding ``(x [B, C, H, W] float32, y [B] int64)``; see the module contract.
 
@@ -275,32 +225,16 @@ def make_loader(
             ``DataLoader`` with ``workers`` processes).
         batch_size: per-rank batch size b.
         train: shuffle and augment; also the default of ``drop_last``.
-        seed: base seed; the order of epoch e is a function of (seed, e) only.
-        rank, world_size: this process's shard (rank r of world_size).
         workers: DataLoader worker processes for non-tensor datasets.
-        drop_last: drop the final partial global batch (default: ``train``).
+        shard: keywords of the epoch plan, each optional —
+            ``seed`` (0): base seed; the order of epoch e is a function of (seed, e) only;
+            ``rank``, ``world_size`` (0, 1): this process's shard (rank r of world_size);
+            ``drop_last`` (None = ``train``): drop the final partial global batch.
 
     Raises:
         UserError: bad rank/world_size/batch size, or ``drop_last`` with fewer examples
             than one global batch.
     """
     if isinstance(dataset, TensorImageDataset):
-        return InMemoryLoader(
-            dataset,
-            batch_size,
-            train=train,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-        )
-    return WorkerLoader(
-        dataset,
-        batch_size,
-        train=train,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        workers=workers,
-        drop_last=drop_last,
-    )
+        return InMemoryLoader(dataset, batch_size, train=train, **shard)
+    return WorkerLoader(dataset, batch_size, train=train, workers=workers, **shard)

@@ -10,6 +10,8 @@ the axis the ``grad_weight`` fixed mask pairs along (``fst-spec.md``, FST recipe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -165,24 +167,11 @@ class VisionTransformer(nn.Module):
 
 
 def vit_tiny(
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int = 32,
-    *,
-    depth: int = 12,
-    embed_dim: int = 192,
-    num_heads: int = 3,
-    mlp_ratio: float = 4.0,
-    patch_size: int | None = None,
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **options: Any
 ) -> VisionTransformer:
-    """ViT-Ti (embed 192, 12 blocks, 3 heads, MLP ×4); the keywords shrink it for CPU tests."""
+    """ViT-Ti (embed 192, 12 blocks, 3 heads, MLP ×4: :class:`VisionTransformer`'s
+    defaults); ``options`` (``depth``, ``embed_dim``, ``num_heads``, ``mlp_ratio``,
+    ``patch_size``) shrink it for CPU tests."""
     return VisionTransformer(
-        image_size=image_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_ratio,
+        image_size=image_size, in_channels=in_channels, num_classes=num_classes, **options
     )

@@ -16,18 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fullsparse.errors import ConfigError
-from fullsparse.train.common import autocast, subset
+from fullsparse.train.common import autocast, image_data_options, subset
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_curves
-from fullsparse.train.task import (
-    StepOutput,
-    Task,
-    best_and_final,
-    settings_line,
-    sparse_layer_counts,
-)
+from fullsparse.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -50,15 +44,7 @@ def build_data(config: TrainConfig) -> Any:
         raise ConfigError(
             f"unknown dataset {config.dataset!r}; choose one of {', '.join(DATASETS)}"
         )
-    return build_datasets(
-        config.dataset,
-        config.data_dir,
-        image_size=config.image_size,
-        synthetic_train=config.synthetic_train,
-        synthetic_test=config.synthetic_test,
-        synthetic_classes=config.synthetic_classes,
-        seed=config.seed,
-    )
+    return build_datasets(config.dataset, config.data_dir, **image_data_options(config))
 
 
 def check_model_name(name: str) -> None:
@@ -254,22 +240,22 @@ class ClassifyTask(Task):
 
     def describe(self, trainer: Trainer) -> list[str]:
         c = self.config
-        n_sparse, n_layers = sparse_layer_counts(trainer.report)
+        n_sparse, n_layers = self.sparse_layer_counts(trainer.report)
         return [
             f"fullsparse train: {c.model} on {c.dataset}, recipe {c.recipe!r} on {n_sparse} of "
             f"{n_layers} layers, {len(self.train_set)} train / {len(self.test_set)} test images",
-            settings_line(trainer, f"global batch {c.batch_size}"),
+            self.settings_line(trainer, f"global batch {c.batch_size}"),
         ]
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         final = {"final_top1": "test_top1", "final_top5": "test_top5",
                  "final_train_loss": "train_loss"}  # fmt: skip
-        scores = best_and_final(self, history, {"best_top1": "test_top1"}, final)
+        scores = self.best_and_final(history, {"best_top1": "test_top1"}, final)
         return {"best_top1": scores.pop("best_top1"), "best_epoch": best_epoch, **scores}
 
     def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
         return {
-            "sparse_layers": sparse_layer_counts(trainer.report)[0],
+            "sparse_layers": self.sparse_layer_counts(trainer.report)[0],
             "num_classes": trainer.identity["num_classes"],
             "world_size": trainer.world,
         }

@@ -34,6 +34,7 @@ __all__ = [
     "check_capabilities",
     "subset",
     "probe_step",
+    "image_data_options",
 ]
 
 
@@ -230,3 +231,14 @@ def probe_step(
         raw_model.load_state_dict(saved_model)
         load_sparse_state_(raw_model, saved_sparse)
         ckpt.restore_rng(saved_rng)
+
+
+def image_data_options(config: TrainConfig) -> dict[str, Any]:
+    """The keyword arguments of the image dataset builders (classification, detection)."""
+    return {
+        "image_size": config.image_size,
+        "synthetic_train": config.synthetic_train,
+        "synthetic_test": config.synthetic_test,
+        "synthetic_classes": config.synthetic_classes,
+        "seed": config.seed,
+    }

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.train.common import subset
+from fullsparse.train.common import image_data_options, subset
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
-from fullsparse.train.task import StepOutput, Task, best_and_final, settings_line
+from fullsparse.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -58,15 +58,7 @@ def build_detection_data(config: TrainConfig) -> Any:
     """The DetectionBundle of ``config`` (generated, or read from ``data_dir``)."""
     from fullsparse.data.detection import build_detection_datasets
 
-    return build_detection_datasets(
-        config.dataset,
-        config.data_dir,
-        image_size=config.image_size,
-        synthetic_train=config.synthetic_train,
-        synthetic_test=config.synthetic_test,
-        synthetic_classes=config.synthetic_classes,
-        seed=config.seed,
-    )
+    return build_detection_datasets(config.dataset, config.data_dir, **image_data_options(config))
 
 
 def detection_identity(config: TrainConfig, bundle: Any) -> dict[str, Any]:
@@ -273,13 +265,13 @@ class DetectionTask(Task):
             f"parameters, input {size}) on {c.dataset} ({len(self.train_set)} train / "
             f"{len(self.test_set)} test images, {self.bundle.num_classes - 1} classes), recipe "
             f"{c.recipe!r} on {len(report.sparse_names)} of {len(report.rows)} layers",
-            settings_line(trainer, f"batch {c.batch_size}"),
+            self.settings_line(trainer, f"batch {c.batch_size}"),
         ]
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         best = {"best_map": "map", "best_map_50": "map_50"}
         final = {"final_map": "map", "final_map_50": "map_50", "final_map_75": "map_75"}
-        scores = best_and_final(self, history, best, final)
+        scores = self.best_and_final(history, best, final)
         return {
             **{k: scores.pop(k) for k in best},
             "best_epoch": best_epoch,

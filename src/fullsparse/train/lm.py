@@ -34,13 +34,7 @@ from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_lm_curves
-from fullsparse.train.task import (
-    StepOutput,
-    Task,
-    best_and_final,
-    settings_line,
-    sparse_layer_counts,
-)
+from fullsparse.train.task import StepOutput, Task
 
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
@@ -256,14 +250,14 @@ class LMTask(Task):
 
     def describe(self, trainer: Trainer) -> list[str]:
         c, corpus, val = self.config, self.corpus, self.val
-        n_sparse, n_layers = sparse_layer_counts(trainer.report)
+        n_sparse, n_layers = self.sparse_layer_counts(trainer.report)
         return [
             f"fullsparse train --task lm: {c.model} ({self.parameters / 1e6:.2f}M parameters, "
             f"context {self.context}) on {c.dataset} ({corpus.train.numel() / 1e6:.2f} MB "
             f"train from {corpus.files_train} files, {val.shape[0] * self.context} validation "
             f"bytes in {val.shape[0]} windows), recipe {c.recipe!r} on {n_sparse} of "
             f"{n_layers} layers",
-            settings_line(trainer, f"global batch {c.batch_size} x {self.context} bytes"),
+            self.settings_line(trainer, f"global batch {c.batch_size} x {self.context} bytes"),
         ]
 
     def scores(self, history: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
@@ -272,12 +266,12 @@ class LMTask(Task):
         best = {f"best_{k}": v for k, v in metrics.items()}
         final = {f"final_{k}": v for k, v in metrics.items()}
         final |= {"final_val_accuracy": "val_accuracy", "final_train_loss": "train_loss"}
-        scores = best_and_final(self, history, best, final)
+        scores = self.best_and_final(history, best, final)
         return {**{k: scores.pop(k) for k in best}, "best_epoch": best_epoch, **scores}
 
     def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
         return {
-            "sparse_layers": sparse_layer_counts(trainer.report)[0],
+            "sparse_layers": self.sparse_layer_counts(trainer.report)[0],
             "world_size": trainer.world,
         }
 

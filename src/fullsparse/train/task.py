@@ -139,42 +139,41 @@ class Task:
         """Summary fields written last (model size, data description)."""
         return {}
 
+    def best_and_final(
+        self, history: list[dict[str, Any]], best: dict[str, str], final: dict[str, str]
+    ) -> dict[str, Any]:
+        """Summary scores: ``{summary key: metric}`` of the best epoch (by the task's score) and
+        of the final one; NaN when no epoch ran."""
+        nan = float("nan")
+        pick = max if self.higher_is_better else min
+        top = pick(history, key=lambda h: h[self.score_metric]) if history else {}
+        last = history[-1] if history else {}
+        return {
+            **{name: top.get(metric, nan) for name, metric in best.items()},
+            **{name: last.get(metric, nan) for name, metric in final.items()},
+        }
 
-def best_and_final(
-    task: Task, history: list[dict[str, Any]], best: dict[str, str], final: dict[str, str]
-) -> dict[str, Any]:
-    """Summary scores: ``{summary key: metric}`` of the best epoch (by the task's score) and
-    of the final one; NaN when no epoch ran."""
-    nan = float("nan")
-    pick = max if task.higher_is_better else min
-    top = pick(history, key=lambda h: h[task.score_metric]) if history else {}
-    last = history[-1] if history else {}
-    return {
-        **{name: top.get(metric, nan) for name, metric in best.items()},
-        **{name: last.get(metric, nan) for name, metric in final.items()},
-    }
+    @staticmethod
+    def sparse_layer_counts(report: Any) -> tuple[int, int]:
+        """(sparse layers, layers) of a sparsify report."""
+        if report is None:
+            return 0, 0
+        return len([r for r in report.rows if r.sparse]), len(report.rows)
 
-
-def sparse_layer_counts(report: Any) -> tuple[int, int]:
-    """(sparse layers, layers) of a sparsify report."""
-    if report is None:
-        return 0, 0
-    return len([r for r in report.rows if r.sparse]), len(report.rows)
-
-
-def settings_line(trainer: Trainer, batch: str) -> str:
-    """The log line of device, batch, optimiser and schedule every task prints."""
-    c = trainer.config
-    warmup = round(c.warmup_epochs * trainer.steps_per_epoch)
-    text = (
-        f"device {trainer.device} x{trainer.world}, {batch}, {c.optimizer} lr {c.peak_lr:g} "
-        f"(warm-up {warmup} steps, cosine), wd {c.weight_decay:g}, grad clip "
-        f"{c.grad_clip:g}, {c.epochs} epochs of {trainer.steps_per_epoch} steps, amp {c.amp}"
-    )
-    flags = (
-        ("channels-last", c.channels_last),
-        ("compiled", c.compile),
-        ("FSDP", c.fsdp),
-        ("deterministic", c.deterministic),
-    )
-    return text + "".join(f", {name}" for name, on in flags if on)
+    @staticmethod
+    def settings_line(trainer: Trainer, batch: str) -> str:
+        """The log line of device, batch, optimiser and schedule every task prints."""
+        c = trainer.config
+        warmup = round(c.warmup_epochs * trainer.steps_per_epoch)
+        text = (
+            f"device {trainer.device} x{trainer.world}, {batch}, {c.optimizer} lr {c.peak_lr:g} "
+            f"(warm-up {warmup} steps, cosine), wd {c.weight_decay:g}, grad clip "
+            f"{c.grad_clip:g}, {c.epochs} epochs of {trainer.steps_per_epoch} steps, amp {c.amp}"
+        )
+        flags = (
+            ("channels-last", c.channels_last),
+            ("compiled", c.compile),
+            ("FSDP", c.fsdp),
+            ("deterministic", c.deterministic),
+        )
+        return text + "".join(f", {name}" for name, on in flags if on)

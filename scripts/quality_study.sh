@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The quality study of docs/results/quality.md: every run is one `fullsparse train`
+# into runs/quality/<task>/<variant>-seed<S>. Resumable: a finished run (its summary.json says
+# "completed") is skipped, an interrupted one continues with `--resume`.
+#   bash scripts/quality_study.sh list          # the jobs, in priority order
+#   bash scripts/quality_study.sh worker &      # start one worker per core (each one thread)
+# Workers take the next unclaimed job (claims are folders under runs/quality/.claims).
+set -u
+ROOT=${QUALITY_ROOT:-runs/quality}
+R20='--train-subset all --test-subset 10000 --epochs 15 --checkpoint-every 100'
+VIT='--model vit_tiny --model-kwargs {"depth":4,"patch_size":7} --optimizer adamw --lr 1e-3'
+VIT+=' --weight-decay 0.05 --warmup-epochs 1 --train-subset 20000 --test-subset 10000 --epochs 10'
+VIT+=' --checkpoint-every 100'
+GPT='--task lm --batch-size 32 --steps-per-epoch 100 --epochs 5 --test-subset 512'
+MVUE='--recipe fst2 --grad-weight-mode mvue'
+
+jobs() {  # task variant seed flags...
+  echo "resnet20 fst2-mvue 0 $R20 $MVUE"
+  for s in 0; do
+    for v in dense:--recipe=dense fst2-mvue:MVUE fst:--recipe=fst fst2:--recipe=fst2 srste:--recipe=srste; do
+      echo "gpt ${v%%:*} $s $GPT ${v#*:}"
+    done
+  done
+  echo "gpt dense 1 $GPT --recipe=dense"
+  echo "gpt fst2-mvue 1 $GPT MVUE"
+  echo "vit dense 0 $VIT --recipe=dense"
+  echo "vit fst2-mvue 0 $VIT MVUE"
+  echo "vit dense 1 $VIT --recipe=dense"
+  echo "vit fst2-mvue 1 $VIT MVUE"
+  for v in fst:--recipe=fst fst2:--recipe=fst2 srste:--recipe=srste; do
+    echo "gpt ${v%%:*} 1 $GPT ${v#*:}"
+  done
+  echo "vit fst 0 $VIT --recipe=fst"
+  echo "vit fst2 0 $VIT --recipe=fst2"
+  echo "vit srste 0 $VIT --recipe=srste"
+}
+
+run_job() {  # task variant seed flags...
+  local task=$1 variant=$2 seed=$3; shift 3
+  local out="$ROOT/$task/$variant-seed$seed" flags=()
+  for f in "$@"; do
+    case $f in MVUE) flags+=($MVUE) ;; --recipe=*) flags+=(--recipe "${f#--recipe=}") ;; *) flags+=("$f") ;; esac
+  done
+  if grep -q '"status": "completed"' "$out/summary.json" 2>/dev/null; then return 0; fi
+  if [ -f "$out/config.json" ]; then
+    fullsparse train --resume --out "$out" --threads 1 --no-progress
+  else
+    fullsparse train "${flags[@]}" --seed "$seed" --threads 1 --no-plot --no-progress --out "$out"
+  fi
+}
+
+case ${1:-list} in
+  list) jobs ;;
+  worker)
+    mkdir -p "$ROOT/.claims"
+    jobs | while read -r task variant seed rest; do
+      mkdir "$ROOT/.claims/$task-$variant-$seed" 2>/dev/null || continue
+      echo "$(date -u +%FT%TZ) start $task $variant seed $seed"
+      # shellcheck disable=SC2086
+      run_job "$task" "$variant" "$seed" $rest
+      rc=$?
+      echo "$(date -u +%FT%TZ) end $task $variant seed $seed rc=$rc"
+    done ;;
+  *) echo "usage: $0 list|worker" >&2; exit 2 ;;
+esac
