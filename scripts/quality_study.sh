@@ -16,6 +16,7 @@ MVUE='--recipe fst2 --grad-weight-mode mvue'
 
 jobs() {  # task variant seed flags...
   echo "resnet20 fst2-mvue 0 $R20 $MVUE"
+  echo "resnet20 fst2-mvue 1 $R20 $MVUE"
   for s in 0; do
     for v in dense:--recipe=dense fst2-mvue:MVUE fst:--recipe=fst fst2:--recipe=fst2 srste:--recipe=srste; do
       echo "gpt ${v%%:*} $s $GPT ${v#*:}"
