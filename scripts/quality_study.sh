@@ -28,11 +28,11 @@ jobs() {  # task variant seed flags...
   echo "vit fst2-mvue 0 $VIT MVUE"
   echo "vit dense 1 $VIT --recipe=dense"
   echo "vit fst2-mvue 1 $VIT MVUE"
+  echo "vit fst 0 $VIT --recipe=fst"
+  echo "vit fst2 0 $VIT --recipe=fst2"
   for v in fst:--recipe=fst fst2:--recipe=fst2 srste:--recipe=srste; do
     echo "gpt ${v%%:*} 1 $GPT ${v#*:}"
   done
-  echo "vit fst 0 $VIT --recipe=fst"
-  echo "vit fst2 0 $VIT --recipe=fst2"
   echo "vit srste 0 $VIT --recipe=srste"
 }
 

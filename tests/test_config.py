@@ -40,6 +40,7 @@ def test_recipes_are_the_spec_table_in_order():
         "gx",
         "asp",
         "meprop",
+        "fst_mvue",
     )
 
 

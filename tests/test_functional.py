@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import reference
 from fullsparse import RECIPES, recipe
 from fullsparse.functional import (
     ConvGeometry,
@@ -18,7 +19,10 @@ from fullsparse.functional import (
     sparse_linear,
 )
 from fullsparse.masks import is_2to4
-from reference import Geo, im2col, ir_matrices, out_size, ref_conv, ref_linear
+from reference import DRAW_SEED, Geo, im2col, ir_matrices, out_size, same_draws
+
+# fst_mvue draws: the layer and the reference start from one seed (reference.same_draws)
+ref_conv, ref_linear = same_draws(reference.ref_conv), same_draws(reference.ref_linear)
 
 # (N, Ci, H, W, Co, kernel, stride, padding, dilation, groups, bias)
 CONV_CASES = {
@@ -79,7 +83,7 @@ def _assert_all_close(got, want, **tol):
 @pytest.mark.parametrize("name", RECIPES)
 def test_conv_matches_im2col_reference_float64(name, case):
     x, weight, bias, gy, geo = _make_conv(case)
-    got = _run_conv(x, weight, bias, gy, geo, recipe(name))
+    got = same_draws(_run_conv)(x, weight, bias, gy, geo, recipe(name))
     want = ref_conv(x, weight, bias, gy, geo, name)
     _assert_all_close(got, want, **TOL64)
 
@@ -87,7 +91,7 @@ def test_conv_matches_im2col_reference_float64(name, case):
 @pytest.mark.parametrize("name", RECIPES)
 def test_conv_channels_last_input_matches_reference(name):
     x, weight, bias, gy, geo = _make_conv("3x3_s2_odd_wo", seed=1)
-    got = _run_conv(x, weight, bias, gy, geo, recipe(name), channels_last=True)
+    got = same_draws(_run_conv)(x, weight, bias, gy, geo, recipe(name), channels_last=True)
     _assert_all_close(got, ref_conv(x, weight, bias, gy, geo, name), **TOL64)
 
 
@@ -249,7 +253,7 @@ def _run_linear(x, w, b, gy, config):
 def test_linear_matches_reference_float64(name, case):
     x, w, b, gy = _make_linear(case)
     _assert_all_close(
-        _run_linear(x, w, b, gy, recipe(name)), ref_linear(x, w, b, gy, name), **TOL64
+        same_draws(_run_linear)(x, w, b, gy, recipe(name)), ref_linear(x, w, b, gy, name), **TOL64
     )
 
 
@@ -268,12 +272,12 @@ def _rel(a, b):
 @pytest.mark.parametrize("name", RECIPES)
 def test_float32_close_to_float64_reference(name):
     x, weight, bias, gy, geo = _make_conv("first_conv_3ch_K27_s2", dtype=torch.float32, seed=8)
-    got = _run_conv(x, weight, bias, gy, geo, recipe(name))
+    got = same_draws(_run_conv)(x, weight, bias, gy, geo, recipe(name))
     want = ref_conv(x, weight, bias, gy, geo, name)
     _assert_all_close(got, want, rtol=1e-4, atol=1e-4)
     xl, wl, bl, gl = _make_linear("tokens_odd_T7", dtype=torch.float32, seed=8)
     _assert_all_close(
-        _run_linear(xl, wl, bl, gl, recipe(name)),
+        same_draws(_run_linear)(xl, wl, bl, gl, recipe(name)),
         ref_linear(xl, wl, bl, gl, name),
         rtol=1e-4,
         atol=1e-4,
@@ -295,6 +299,7 @@ def test_bfloat16_autocast_on_cpu(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sparse_conv2d(xr, wr, None, geo.stride, geo.padding, config=recipe(name))
     assert y.dtype == torch.bfloat16
+    torch.manual_seed(DRAW_SEED)  # the draws of the reference (fst_mvue)
     y.backward(gy.bfloat16())
     assert xr.grad.dtype == torch.float32 and wr.grad.dtype == torch.float32
     want = ref_conv(x, weight.bfloat16().float(), None, gy, geo, name)
@@ -308,6 +313,7 @@ def test_bfloat16_autocast_on_cpu(name):
     xr, wr = xl.clone().requires_grad_(True), wl.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sparse_linear(xr, wr, bl, config=recipe(name))
+    torch.manual_seed(DRAW_SEED)
     y.backward(gl.bfloat16())
     want = ref_linear(xl, wl.bfloat16().float(), bl, gl, name)
     assert _rel(y, want[0]) < 2e-2 and _rel(xr.grad, want[1]) < 2e-2

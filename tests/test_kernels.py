@@ -15,6 +15,7 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 import fullsparse.kernels.dispatch as dispatch
+import reference
 from fullsparse import RECIPES, SparseConv2d, SparseLinear, recipe, sparsify_
 from fullsparse.cli import main
 from fullsparse.errors import UserError
@@ -48,7 +49,9 @@ from fullsparse.kernels.semi_structured import (
     SemiStructuredGemm,
 )
 from fullsparse.masks import is_2to4
-from reference import Geo, ref_conv, ref_linear
+from reference import DRAW_SEED, Geo, same_draws
+
+ref_conv, ref_linear = same_draws(reference.ref_conv), same_draws(reference.ref_linear)
 
 H100 = Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), cusparselt=True)
 H100_NO_CSLT = Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), cusparselt=False)
@@ -326,6 +329,7 @@ def test_emulated_linear_matches_float64_reference(name, case, packs):
     b = torch.randn(d_out, dtype=torch.float64, generator=gen, requires_grad=True)
     y = sparse_linear(x, w, b, config=name, backend="emulation")
     gy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    torch.manual_seed(DRAW_SEED)  # the draws of the reference (fst_mvue)
     y.backward(gy)
     want = ref_linear(x.detach(), w.detach(), b.detach(), gy, name)
     for got, ref in zip((y, x.grad, w.grad, b.grad), want, strict=True):
@@ -357,6 +361,7 @@ def test_emulated_conv_matches_float64_reference(name, case, packs):
     b = torch.randn(co, dtype=torch.float64, generator=gen, requires_grad=True)
     y = sparse_conv2d(x, w, b, s, p, d, config=name, backend="emulation")
     gy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    torch.manual_seed(DRAW_SEED)  # the draws of the reference (fst_mvue)
     y.backward(gy)
     want = ref_conv(x.detach(), w.detach(), b.detach(), gy, Geo((s, s), (p, p), (d, d), 1), name)
     for got, ref in zip((y, x.grad, w.grad, b.grad), want, strict=True):

@@ -507,6 +507,9 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
     # fullsparse.train.asp); meProp keeps the top-k of each dY row in both backward products
     "asp": dict(output_weight="2:4", grad_input_weight="forward"),
     "meprop": dict(grad_input_dy="topk", grad_weight_mode="topk_grad_output"),
+    # fst's forward and grad_input masks with the unbiased random 2:4 (MVUE) weight
+    # gradient: fully sparse; docs/results/quality.md measures it on the three tasks
+    "fst_mvue": dict(_COMMON_FST, grad_weight_mode="mvue"),
 }
 
 #: Recipe names, in the order of the spec's table.

@@ -101,7 +101,8 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
         A tensor of ``t``'s shape and dtype that is 2:4 along ``dim`` (at most two nonzeros in
         every group of 4; a last, partial group is zero-padded), whose expectation over the
         random draw is exactly ``t``. Survivors are ``t_i / p_i``. One uniform number is drawn
-        per group, so the draw advances the generator by the number of groups.
+        per group (in float32 for every dtype), so the draw advances the generator by the number
+        of groups.
     """
     _check(t, dim)
     dim = dim % t.ndim
@@ -123,9 +124,10 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
         planes = v.permute(2, 0, 1, 3)
     x = planes.unbind(0)
     p = _planar_probabilities([c.abs() for c in x])
-    # one uniform per group, drawn in the order (pre, post, group)
-    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=v.dtype)
-    u = u.view(pre, post, g).transpose(1, 2).contiguous()
+    # one uniform per group, drawn in the order (pre, post, group) and in float32 whatever
+    # t's dtype, so that a float64 and a float32 tensor get the same draws
+    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=torch.float32)
+    u = u.view(pre, post, g).transpose(1, 2).to(v.dtype).contiguous()
     u1 = u + 1
     tiny = torch.finfo(v.dtype).tiny
     out = torch.empty((4, pre, g, post), dtype=v.dtype, device=v.device)
