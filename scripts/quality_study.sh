@@ -30,6 +30,9 @@ jobs() {  # task variant seed flags...
   echo "vit fst2-mvue 1 $VIT MVUE"
   echo "vit fst 0 $VIT --recipe=fst"
   echo "vit fst2 0 $VIT --recipe=fst2"
+  echo "gpt fst2-mvue-finish0.1 0 $GPT MVUE --dense-finish 0.1"
+  echo "gpt fst2-mvue-sste 0 $GPT MVUE --output-weight soft_2:4 --decay 0"
+  echo "gpt fst2-mvue-maskeddecay 0 $GPT MVUE --decay-kind masked_grad --decay 6e-5"
   for v in fst:--recipe=fst fst2:--recipe=fst2 srste:--recipe=srste; do
     echo "gpt ${v%%:*} 1 $GPT ${v#*:}"
   done
