@@ -100,7 +100,9 @@ def _account(task: str, variant: str, runs: list[dict[str, Any]], found: dict) -
             return dict(ZERO_ACCOUNT)
         twin_runs = found.get((task, twin))
         if twin_runs:
-            return {**twin_runs[0]["summary"]["sparse_gemm_fraction"], "from": twin}
+            account = twin_runs[0]["summary"]["sparse_gemm_fraction"]
+            rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in account.items()}
+            return {**rounded, "from": twin}
     return None
 
 

@@ -3,21 +3,17 @@ docs/results/quality.json rows and tables."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "quality_collect.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def collect():
-    spec = importlib.util.spec_from_file_location("quality_collect", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quality_collect")
 
 
 def _account(total: float, fully: bool) -> dict:
