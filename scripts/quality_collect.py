@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fullsparse.train.config import SPARSITY_OVERRIDES
+
 #: study task folder -> (task name in quality.json, metric, summary key, lower is better)
 TASKS = {
     "resnet20": ("resnet20-fashion-mnist-full", "top1", "final_top1", False),
@@ -36,11 +38,10 @@ EARLIER = {
 #: whose FLOP account an earlier run (which predates the account) shares: the same model,
 #: the same sparse layers and the same sparse roles
 ACCOUNT_OF = {("resnet20", "fst"): "fst2-mvue", ("resnet20", "dense"): None}
-OVERRIDES = (
-    "ir_alpha", "decay", "grad_input_source", "tsm_interval", "conv_layout", "decay_kind",
-    "output_weight", "grad_weight_mode", "grad_weight_mode_linear", "ir_alpha_linear",
-    "mask_interval", "keep_dense", "dense_warmup_steps", "dense_finish", "dense_finish_mode",
-)  # fmt: skip
+#: the config fields that change what a named recipe does: its overrides and the layer
+#: policy and schedule fields
+OVERRIDES = (*SPARSITY_OVERRIDES, "keep_dense", "dense_warmup_steps", "dense_finish",
+             "dense_finish_mode")  # fmt: skip
 SMALL_FILES = ("summary.json", "config.json", "metrics.jsonl", "train.log")
 ZERO_ACCOUNT = {"output": 0.0, "grad_input": 0.0, "grad_weight": 0.0, "total": 0.0,
                 "fully_sparse": False}  # fmt: skip
