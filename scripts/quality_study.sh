@@ -37,6 +37,18 @@ jobs() {  # task variant seed flags...
     echo "gpt ${v%%:*} 1 $GPT ${v#*:}"
   done
   echo "vit srste 0 $VIT --recipe=srste"
+  # Second seeds, the dense reference and the options on the CNN and the ViT.
+  MD='--decay-kind masked_grad --decay 6e-5'
+  echo "resnet20 dense 1 $R20 --recipe=dense"
+  echo "gpt fst2-mvue-maskeddecay 1 $GPT MVUE $MD"
+  echo "vit fst2-mvue-maskeddecay 0 $VIT MVUE $MD"
+  echo "resnet20 fst2-mvue-maskeddecay 0 $R20 MVUE $MD"
+  for v in srste:--recipe=srste fst2:--recipe=fst2 fst:--recipe=fst; do
+    echo "vit ${v%%:*} 1 $VIT ${v#*:}"
+  done
+  echo "vit fst2-mvue-maskeddecay 1 $VIT MVUE $MD"
+  echo "resnet20 srste 0 $R20 --recipe=srste"
+  echo "resnet20 fst2 0 $R20 --recipe=fst2"
 }
 
 run_job() {  # task variant seed flags...
