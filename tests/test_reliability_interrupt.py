@@ -126,7 +126,10 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
-def _kill_at(tmp_path: Path, run: Path, stall_at: str) -> None:
+def _kill_at(
+    tmp_path: Path, run: Path, stall_at: str, sig: signal.Signals = signal.SIGKILL
+) -> tuple[int, str]:
+    """Run until ``stall_at``, send ``sig``; return the exit status and stderr."""
     wrapper = tmp_path / "stall_wrapper.py"
     wrapper.write_text(WRAPPER)
     signal_file = tmp_path / "stalled"
@@ -142,9 +145,11 @@ def _kill_at(tmp_path: Path, run: Path, stall_at: str) -> None:
                 pytest.fail(f"the run never reached {stall_at}")
             time.sleep(0.05)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, err.decode()
 
 
 def _resume(run: Path) -> subprocess.CompletedProcess:
@@ -206,4 +211,22 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, unin
     proc = _resume(run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # cleaned up
+    _assert_same_outcome(run, uninterrupted)
+
+
+def test_sigterm_is_taken_like_ctrl_c_and_the_run_resumes_exactly(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    code, err = _kill_at(tmp_path, run, "step:9", signal.SIGTERM)  # epoch 2, step 3 of 6
+    assert code == 143, err[-2000:]
+    message = (
+        f"interrupted: {run / 'last.pt'} holds the run after epoch 1; "
+        f"continue with: fullsparse train --resume --out {run}"
+    )
+    assert message in err and err.rstrip().endswith("terminated")
+    assert "Traceback" not in err
+    assert message in (run / "train.log").read_text()
+    assert _checkpoint_files(run) == ["best.pt", "last.pt"]
+
+    proc = _resume(run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     _assert_same_outcome(run, uninterrupted)

@@ -3,15 +3,21 @@
 Each subcommand lives in its own module under :mod:`fullsparse.commands` and provides
 ``add_parser(subparsers)`` (which sets ``func``) — parse, build a config, call a library
 function. Errors the user can fix (:class:`fullsparse.errors.UserError`) print one line and
-exit with status 2, with no traceback.
+exit with status 2, with no traceback. SIGTERM (``kill``, a batch scheduler's stop) is taken
+like Ctrl-C: a training run says what it saved and how to continue, and the command exits
+with status 143 (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import NoReturn
 
 from fullsparse.errors import UserError
@@ -52,6 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that the same clean-up
+    and messages run."""
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in this process (not in forked
+    DataLoader workers, which keep the default: the loader stops them with SIGTERM)."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_IGN:  # whoever started us asked for SIGTERM to be ignored
+            yield
+            return
+        pid = os.getpid()
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if os.getpid() != pid:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            raise Terminated
+
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,13 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(args.func(args) or 0)
     except UserError as exc:
         # Escaped, one line, at most ~300 characters; a DataLoader worker's error is shown
         # as its original message, not the traceback text the loader wraps it in.
         message = worker_message(str(exc), type(exc).__name__)
         print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
