@@ -217,6 +217,19 @@ def test_vit_runs_under_bf16_autocast(tmp_path):
     assert math.isfinite(summary["final_train_loss"])
 
 
+@pytest.mark.parametrize("recipe_name", ["fst", "srste", "fst_mvue"])
+def test_fp16_refuses_the_in_backward_decay_that_loss_scaling_would_shrink(tmp_path, recipe_name):
+    from fullsparse.train.common import check_capabilities
+
+    cuda = torch.device("cuda")  # the check runs before anything touches the device
+    config = tiny(tmp_path, amp="fp16", recipe=recipe_name)
+    with pytest.raises(ConfigError, match="use --decay-kind masked_grad"):
+        check_capabilities(config, cuda)
+    for fix in (dict(decay_kind="masked_grad"), dict(decay=0.0)):
+        check_capabilities(tiny(tmp_path, amp="fp16", recipe=recipe_name, **fix), cuda)
+    check_capabilities(tiny(tmp_path, amp="fp16", recipe="tsm"), cuda)  # no decay
+
+
 def test_fp16_and_cuda_are_refused_clearly_on_a_cpu_machine(tmp_path):
     with pytest.raises(ConfigError, match="--amp fp16 needs CUDA"):
         train(tiny(tmp_path, amp="fp16", device="cpu"))

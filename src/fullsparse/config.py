@@ -69,7 +69,10 @@ CONV_LAYOUT = ("im2col", "channel")
 #: Where the decay λ·(W − W_out)-style term enters the step: ``srste`` = added to the weight
 #: gradient inside each backward (Eq. 6, SR-STE and the paper); ``masked_grad`` = 2by4's
 #: masked decay, added once per optimizer step to the accumulated, unscaled and clipped
-#: gradient, just before the optimizer (:func:`fullsparse.nn.masked_grad_decay_`).
+#: gradient, just before the optimizer (:func:`fullsparse.nn.masked_grad_decay_`). Under
+#: fp16 loss scaling use ``masked_grad``: a GradScaler multiplies every backward gradient by
+#: its scale S but not the ``srste`` term added inside backward, so unscaling divides that
+#: decay by S (``fullsparse train --amp fp16`` refuses the combination).
 DECAY_KIND = ("srste", "masked_grad")
 
 # Defaults below carry their reason; the study issue may move them, with evidence.

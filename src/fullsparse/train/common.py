@@ -169,6 +169,14 @@ def check_capabilities(config: TrainConfig, device: torch.device) -> None:
             "--amp fp16 needs CUDA (float16 training needs a GradScaler and fast fp16 "
             "kernels); on CPU use --amp bf16"
         )
+    sparsity = config.sparsity()
+    if config.amp == "fp16" and sparsity.decay and sparsity.decay_kind == "srste":
+        raise ConfigError(
+            f"--amp fp16 with recipe {config.recipe!r}: its SR-STE decay is added inside "
+            "backward, where the GradScaler's loss scale does not reach it, so the decay "
+            "would shrink by that scale; use --decay-kind masked_grad (the same term, added "
+            "after unscaling), --amp bf16, or --decay 0"
+        )
     if config.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
     if config.compile:
