@@ -43,12 +43,13 @@ jobs() {  # task variant seed flags...
   echo "gpt fst2-mvue-maskeddecay 1 $GPT MVUE $MD"
   echo "vit fst2-mvue-maskeddecay 0 $VIT MVUE $MD"
   echo "resnet20 fst2-mvue-maskeddecay 0 $R20 MVUE $MD"
+  echo "resnet20 srste 0 $R20 --recipe=srste"
+  echo "resnet20 fst2 0 $R20 --recipe=fst2"
+  echo "vit fst2-mvue-maskeddecay 1 $VIT MVUE $MD"
+  echo "gpt fst2-mvue-finish0.08 0 $GPT MVUE --dense-finish 0.08"
   for v in srste:--recipe=srste fst2:--recipe=fst2 fst:--recipe=fst; do
     echo "vit ${v%%:*} 1 $VIT ${v#*:}"
   done
-  echo "vit fst2-mvue-maskeddecay 1 $VIT MVUE $MD"
-  echo "resnet20 srste 0 $R20 --recipe=srste"
-  echo "resnet20 fst2 0 $R20 --recipe=fst2"
 }
 
 run_job() {  # task variant seed flags...
