@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from fullsparse import sparsify_
 from fullsparse.errors import UserError
-from fullsparse.models import MODELS, build_model, default_patch_size, head_name
+from fullsparse.models import MODELS, build_lm_model, build_model, default_patch_size, head_name
 from fullsparse.models.tv import replace_first_conv_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -304,6 +305,24 @@ def test_bad_options_are_user_errors() -> None:
         build_model("resnet20", 0)
     with pytest.raises(UserError, match="not divisible by num_heads"):
         build_model("vit_tiny", 10, embed_dim=50, num_heads=3, depth=1)
+
+
+@pytest.mark.parametrize(
+    "build, needle",
+    [
+        (lambda: build_model("vit_tiny", 10, depth=10**8), "depth=100000000 is beyond 1024"),
+        (lambda: build_model("vit_tiny", 10, embed_dim=float("nan")), "embed_dim=nan is beyond"),
+        (lambda: build_model("resnet20", 10**9), "argument 1=1000000000 is beyond 65536"),
+        (lambda: build_lm_model("gpt_tiny", context=10**7), "context=10000000 is beyond 65536"),
+        (
+            lambda: build_model("vit_tiny", 10, embed_dim=16384, num_heads=8, depth=64),
+            "parameters and buffer entries, over the limit of 10,000,000,000",  # ~2e11
+        ),
+    ],
+)
+def test_sizes_that_would_take_minutes_or_all_memory_are_refused_at_once(build, needle) -> None:
+    with pytest.raises(UserError, match=re.escape(needle)):
+        build()  # refused before anything big is allocated (the meta device allocates nothing)
 
 
 # ---------------------------------------------------------------- tv: (torchvision)

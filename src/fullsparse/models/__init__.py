@@ -15,9 +15,11 @@ and the classifier head is the *last* ``nn.Linear`` in ``model.named_modules()``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fullsparse.errors import UserError
@@ -141,12 +143,7 @@ def build_model(
             f"unknown model {name!r}; choose one of: {', '.join(MODELS)}, "
             f"tv:<torchvision model name> or timm:<timm model name>"
         )
-    try:
-        return builder(num_classes, in_channels, image_size, **kwargs)
-    except TypeError as exc:  # an option this model does not take
-        raise UserError(f"model {name!r}: {exc}") from exc
-    except ValueError as exc:  # sizes the architecture rejects (depth, patch divisibility)
-        raise UserError(f"model {name!r}: {exc}") from exc
+    return _build_within_limits(name, builder, num_classes, in_channels, image_size, **kwargs)
 
 
 def build_lm_model(name: str, vocab_size: int = 256, **kwargs: Any) -> nn.Module:
@@ -169,8 +166,43 @@ def build_lm_model(name: str, vocab_size: int = 256, **kwargs: Any) -> nn.Module
     builder = _LM_BUILDERS.get(name)
     if builder is None:
         raise UserError(f"unknown language model {name!r}; choose one of: {', '.join(LM_MODELS)}")
+    return _build_within_limits(name, builder, vocab_size=vocab_size, **kwargs)
+
+
+#: The largest number any size option of a built-in model may take (widths, context, image
+#: side, classes), and its ``depth`` (blocks): a typo or a hostile config must be refused at
+#: once, not after minutes of building.
+MAX_MODEL_OPTION = 1 << 16
+MAX_MODEL_DEPTH = 1024
+#: The most parameters and buffer entries a built-in model may hold (40 GB in float32).
+MAX_MODEL_ELEMENTS = 10**10
+
+
+def _build_within_limits(
+    name: str, builder: Callable[..., nn.Module], *args: Any, **kwargs: Any
+) -> nn.Module:
+    """``builder(*args, **kwargs)`` after checking its sizes: every number at most
+    :data:`MAX_MODEL_OPTION` (``depth`` at most :data:`MAX_MODEL_DEPTH`), and the model
+    (first built on the meta device, which allocates nothing) at most
+    :data:`MAX_MODEL_ELEMENTS` parameters and buffer entries."""
+    named = [(f"argument {i + 1}", v) for i, v in enumerate(args)] + list(kwargs.items())
+    for key, value in named:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        limit = MAX_MODEL_DEPTH if key == "depth" else MAX_MODEL_OPTION
+        if not math.isfinite(value) or abs(value) > limit:
+            raise UserError(f"model {name!r}: {key}={value!r} is beyond {limit}")
     try:
-        return builder(vocab_size=vocab_size, **kwargs)
+        with torch.device("meta"):
+            probe = builder(*args, **kwargs)
+        tensors = [*probe.parameters(), *probe.buffers()]
+        elements = sum(t.numel() for t in tensors)
+        if elements > MAX_MODEL_ELEMENTS:
+            raise UserError(
+                f"model {name!r} with {kwargs or 'its defaults'} would hold {elements:,} "
+                f"parameters and buffer entries, over the limit of {MAX_MODEL_ELEMENTS:,}"
+            )
+        return builder(*args, **kwargs)
     except (TypeError, ValueError) as exc:  # an option it does not take, or a bad size
         raise UserError(f"model {name!r}: {exc}") from exc
 
