@@ -310,19 +310,33 @@ def test_bad_options_are_user_errors() -> None:
 @pytest.mark.parametrize(
     "build, needle",
     [
-        (lambda: build_model("vit_tiny", 10, depth=10**8), "depth=100000000 is beyond 1024"),
-        (lambda: build_model("vit_tiny", 10, embed_dim=float("nan")), "embed_dim=nan is beyond"),
-        (lambda: build_model("resnet20", 10**9), "argument 1=1000000000 is beyond 65536"),
-        (lambda: build_lm_model("gpt_tiny", context=10**7), "context=10000000 is beyond 65536"),
+        (
+            lambda: build_model("vit_tiny", 10, depth=10**8),
+            "depth is 100,000,000, over the limit 1,024; raise it with FULLSPARSE_MAX_MODEL_DEPTH",
+        ),
+        (lambda: build_model("vit_tiny", 10, embed_dim=float("nan")), "embed_dim must be a finite"),
+        (lambda: build_lm_model("gpt_tiny", context=10**7), "context is 10,000,000, over the"),
         (
             lambda: build_model("vit_tiny", 10, embed_dim=16384, num_heads=8, depth=64),
-            "parameters and buffer entries, over the limit of 10,000,000,000",  # ~2e11
+            "entries is 206,174,142,474, over the limit 10,000,000,000",
         ),
+        (lambda: build_model("resnet20", 10**9), "entries is 65,000,273,413, over the limit"),
     ],
 )
 def test_sizes_that_would_take_minutes_or_all_memory_are_refused_at_once(build, needle) -> None:
     with pytest.raises(UserError, match=re.escape(needle)):
         build()  # refused before anything big is allocated (the meta device allocates nothing)
+
+
+def test_the_model_limits_can_be_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FULLSPARSE_MAX_MODEL_DEPTH", "2")
+    with pytest.raises(UserError, match="depth is 3, over the limit 2"):
+        build_model("vit_tiny", 10, depth=3, embed_dim=12, num_heads=3)
+    monkeypatch.setenv("FULLSPARSE_MAX_MODEL_ELEMENTS", "1_000")
+    with pytest.raises(UserError, match="over the limit 1,000"):
+        build_model("vit_tiny", 10, depth=1, embed_dim=12, num_heads=3)
+    monkeypatch.setenv("FULLSPARSE_MAX_MODEL_ELEMENTS", "1_000_000")
+    assert isinstance(build_model("vit_tiny", 10, depth=1, embed_dim=12, num_heads=3), nn.Module)
 
 
 # ---------------------------------------------------------------- tv: (torchvision)

@@ -338,7 +338,7 @@ def _one_line_error(capsys, argv, needle):
         (["--data-dir", "{tmp}/nowhere"], "does not exist"),
         (["--model-kwargs", '{"wings": 2}'], "model 'gpt_tiny'"),
         (["--model-kwargs", '{"context": 60000}'], "shorter than one window of context"),
-        (["--model-kwargs", '{"context": 100000}'], "context=100000 is beyond 65536"),
+        (["--model-kwargs", '{"context": 100000}'], "context is 100,000, over the limit 65,536"),
         (["--optimizer", "adam"], "optimizer='adam'"),
         (["--steps-per-epoch", "zero"], "--steps-per-epoch expects int"),
         (["--channels-last"], "--channels-last is for convolutional image models"),

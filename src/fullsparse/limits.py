@@ -106,6 +106,17 @@ LIMITS: dict[str, Limit] = {
         4 * _GIB, "text corpus bytes (text_train_bytes, text_val_bytes)", "absurd config values"
     ),  # fmt: skip
     "string_chars": Limit(4096, "characters of a config string field", "5 MB recipe string"),
+    "model_size": Limit(
+        1 << 16,
+        "any number among a built-in model's options (model_kwargs: widths, context, ...)",
+        "model_kwargs embed_dim: 10**9",
+    ),  # fmt: skip
+    "model_depth": Limit(1024, "depth (blocks) of a built-in model", "model_kwargs depth: 10**8"),
+    "model_elements": Limit(
+        10**10,
+        "parameters + buffer entries of a built-in model, counted on the meta device",
+        "widths that need terabytes",
+    ),  # fmt: skip
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fullsparse.errors import UserError
+from fullsparse.limits import exceeded, limit
 from fullsparse.models.gpt import GPT, gpt_tiny
 from fullsparse.models.resnet import (
     CifarResNet,
@@ -169,39 +170,30 @@ def build_lm_model(name: str, vocab_size: int = 256, **kwargs: Any) -> nn.Module
     return _build_within_limits(name, builder, vocab_size=vocab_size, **kwargs)
 
 
-#: The largest number any size option of a built-in model may take (widths, context, image
-#: side, classes), and its ``depth`` (blocks): a typo or a hostile config must be refused at
-#: once, not after minutes of building.
-MAX_MODEL_OPTION = 1 << 16
-MAX_MODEL_DEPTH = 1024
-#: The most parameters and buffer entries a built-in model may hold (40 GB in float32).
-MAX_MODEL_ELEMENTS = 10**10
-
-
 def _build_within_limits(
     name: str, builder: Callable[..., nn.Module], *args: Any, **kwargs: Any
 ) -> nn.Module:
-    """``builder(*args, **kwargs)`` after checking its sizes: every number at most
-    :data:`MAX_MODEL_OPTION` (``depth`` at most :data:`MAX_MODEL_DEPTH`), and the model
-    (first built on the meta device, which allocates nothing) at most
-    :data:`MAX_MODEL_ELEMENTS` parameters and buffer entries."""
-    named = [(f"argument {i + 1}", v) for i, v in enumerate(args)] + list(kwargs.items())
-    for key, value in named:
+    """``builder(*args, **kwargs)`` after checking its options against
+    :data:`fullsparse.limits.LIMITS`: each number in ``kwargs`` at most ``model_size``
+    (``depth`` at most ``model_depth``), and the model, first built on the meta device (which
+    allocates nothing), at most ``model_elements`` parameters and buffer entries. The
+    positional sizes (classes, channels, image side) have limits of their own where they
+    are read from files."""
+    for key, value in kwargs.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        limit = MAX_MODEL_DEPTH if key == "depth" else MAX_MODEL_OPTION
-        if not math.isfinite(value) or abs(value) > limit:
-            raise UserError(f"model {name!r}: {key}={value!r} is beyond {limit}")
+        if not math.isfinite(value):
+            raise UserError(f"model {name!r}: {key} must be a finite number, got {value!r}")
+        bound = "model_depth" if key == "depth" else "model_size"
+        if abs(value) > limit(bound):
+            raise UserError(f"model {name!r}: {exceeded(key, value, bound)}")
     try:
         with torch.device("meta"):
             probe = builder(*args, **kwargs)
-        tensors = [*probe.parameters(), *probe.buffers()]
-        elements = sum(t.numel() for t in tensors)
-        if elements > MAX_MODEL_ELEMENTS:
-            raise UserError(
-                f"model {name!r} with {kwargs or 'its defaults'} would hold {elements:,} "
-                f"parameters and buffer entries, over the limit of {MAX_MODEL_ELEMENTS:,}"
-            )
+        elements = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+        if elements > limit("model_elements"):
+            what = f"model {name!r}: the number of its parameter and buffer entries"
+            raise UserError(exceeded(what, elements, "model_elements"))
         return builder(*args, **kwargs)
     except (TypeError, ValueError) as exc:  # an option it does not take, or a bad size
         raise UserError(f"model {name!r}: {exc}") from exc
