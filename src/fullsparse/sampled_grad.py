@@ -1,0 +1,172 @@
+"""The sampled weight gradients of :mod:`fullsparse.sampling` as products.
+
+- Linear: units are the rows of the flattened ``X [M, d_in]`` / ``dY [M, d_out]`` (batch ×
+  tokens); ``dW = dY_Sᵀ·diag(1/p)·X_S`` over the kept rows S.
+- Conv2d: units are output columns ``wo`` (every ``n``, ``ho`` and channel of one column).
+  ``rand_half`` keeps every second column from a random phase: a convolution of stride
+  ``(sh, 2·sw)``, as the FST half-size product. The importance-sampled modes keep any 2 (or 3)
+  of every 4 columns: the input columns their windows read are gathered side by side and
+  the product is a convolution of stride ``kw`` over them — its FLOPs are the kept share of
+  the dense product's.
+
+``state``: a layer's :class:`~fullsparse.sampling.AdaptiveState` tensor, or None (a functional
+call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fullsparse.geometry import ConvGeometry
+from fullsparse.kernels.reference import conv_backward
+from fullsparse.sampling import AdaptiveState, half_count, random_phase, sample_units
+
+__all__ = [
+    "linear_sampled_grad_weight",
+    "conv_sampled_grad_weight",
+    "token_scores",
+    "column_scores",
+]
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """Scores and probabilities in float32 at least (float64 stays float64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_scores(x2: Tensor, dy2: Tensor) -> Tensor:
+    """``‖dY_t‖·‖X_t‖`` per row ``[M]``: the Frobenius norm of row t's term ``dY_tᵀ X_t``."""
+    dtype = _work_dtype(x2)
+    dy_norm = torch.linalg.vector_norm(dy2, dim=1, dtype=dtype)
+    return dy_norm * torch.linalg.vector_norm(x2, dim=1, dtype=dtype)
+
+
+def _window_index(cols: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
+    """Padded-input column of each tap of each output column ``[len(cols)·kw]``."""
+    taps = torch.arange(kw, device=cols.device) * geo.dilation[1]
+    return (cols[:, None] * geo.stride[1] + taps[None, :]).reshape(-1)
+
+
+def column_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
+    """``‖dY[:, :, :, wo]‖ · ‖the input columns wo's windows read‖`` per output column
+    ``[Wo]`` (zero padding included; an upper bound of the column's term's norm)."""
+    dtype = _work_dtype(x)
+    pw = geo.padding[1]
+    col2 = torch.linalg.vector_norm(x, dim=(0, 1, 2), dtype=dtype).square()
+    col2 = F.pad(col2, (pw, pw))
+    wo = dy.shape[3]
+    window = col2[_window_index(torch.arange(wo, device=x.device), kw, geo)].reshape(wo, kw)
+    dy_norm = torch.linalg.vector_norm(dy, dim=(0, 1, 2), dtype=dtype)
+    return dy_norm * window.sum(1).sqrt()
+
+
+# --------------------------------------------------------------------------- Linear
+def linear_sampled_grad_weight(
+    x2: Tensor,
+    dy2: Tensor,
+    mode: str,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 10,
+) -> Tensor:
+    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
+    m = x2.shape[0]
+    if mode == "rand_half":
+        phase = random_phase(x2.device)
+        AdaptiveState.count(state, half_count(m, phase), m)
+        return dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
+    scores = token_scores(x2, dy2)
+    keep = 2
+    if mode == "is_adaptive" and state is not None:
+        if AdaptiveState.due(state, interval) and m >= 2:
+            h = m // 2
+            g_a, g_b = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
+            noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
+            AdaptiveState.measure(state, scores, noise, budget)
+            AdaptiveState.count(state, m, m)
+            return g_a.add_(g_b)
+        keep = AdaptiveState.keep(state)
+    index, weight = sample_units(scores, keep)
+    AdaptiveState.count(state, index.numel(), m)
+    if index.numel() == m:
+        return dy2.t().mm(x2)
+    dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
+    return dy_kept.t().mm(x2.index_select(0, index))
+
+
+# --------------------------------------------------------------------------- Conv2d
+def _channels_like(t: Tensor, like: Tensor) -> Tensor:
+    if like.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _half_columns_product(
+    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, phase: int
+) -> Tensor:
+    """``Σ`` over the output columns ``phase, phase+2, …`` of their terms (unscaled)."""
+    dy_half = _channels_like(dy[..., phase::2].contiguous(), x)
+    if dy_half.shape[3] == 0:
+        return torch.zeros_like(weight)
+    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
+    if phase == 0:
+        return conv_backward(dy_half, x, weight, half, "weight")
+    # column 1's window starts sw columns into the padded input: pad (crop where negative)
+    # the width by hand, then no width padding in the product
+    sw, pw = geo.stride[1], geo.padding[1]
+    shifted = _channels_like(F.pad(x, (pw - sw, pw)), x)
+    geo1 = ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
+    return conv_backward(dy_half, shifted, weight, geo1, "weight")
+
+
+def _gathered_columns_product(
+    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, cols: Tensor, scale: Tensor
+) -> Tensor:
+    """``Σ_j scale_j · term(cols_j)``: the columns' windows gathered side by side, then one
+    convolution of stride ``kw`` (dilation 1 along the width) over them."""
+    kw, pw = weight.shape[3], geo.padding[1]
+    padded = F.pad(x, (pw, pw)) if pw else x
+    gathered = _channels_like(padded.index_select(3, _window_index(cols, kw, geo)), x)
+    dy_kept = dy.index_select(3, cols).mul_(scale.to(dy.dtype))
+    dy_kept = _channels_like(dy_kept, x)
+    geo_g = ConvGeometry((geo.stride[0], kw), (geo.padding[0], 0), (geo.dilation[0], 1), geo.groups)
+    return conv_backward(dy_kept, gathered, weight, geo_g, "weight")
+
+
+def conv_sampled_grad_weight(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry,
+    mode: str,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 10,
+) -> Tensor:
+    """``dW`` (``weight``'s shape; its values are not read) of a convolution from
+    ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``."""
+    wo = dy.shape[3]
+    if mode == "rand_half":
+        phase = random_phase(x.device)
+        AdaptiveState.count(state, half_count(wo, phase), wo)
+        return _half_columns_product(x, dy, weight, geo, phase).mul_(2)
+    scores = column_scores(x, dy, weight.shape[3], geo)
+    keep = 2
+    if mode == "is_adaptive" and state is not None:
+        n = x.shape[0]
+        if AdaptiveState.due(state, interval) and n >= 2:
+            h = n // 2
+            g_a = conv_backward(dy[:h], x[:h], weight, geo, "weight")
+            g_b = conv_backward(dy[h:], x[h:], weight, geo, "weight")
+            noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
+            AdaptiveState.measure(state, scores, noise, budget)
+            AdaptiveState.count(state, wo, wo)
+            return g_a.add_(g_b)
+        keep = AdaptiveState.keep(state)
+    cols, scale = sample_units(scores, keep)
+    AdaptiveState.count(state, cols.numel(), wo)
+    if cols.numel() == wo:
+        return conv_backward(_channels_like(dy, x), x, weight, geo, "weight")
+    return _gathered_columns_product(x, dy, weight, geo, cols, scale)
