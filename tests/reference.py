@@ -318,7 +318,15 @@ _RECIPES = {
     "fst_rand": ("2:4", "co", "dense", "rand", 0.0, 2e-4),
     "fst_is": ("2:4", "co", "dense", "is", 0.0, 2e-4),
     "fst_adaptive": ("2:4", "co", "dense", "is", 0.0, 2e-4),
+    # a module's first is_adaptive call measures: its weight gradient is the exact product
+    "fst_adaptive_measuring": ("2:4", "co", "dense", "dense", 0.0, 2e-4),
 }
+
+
+def module_reference_name(name: str) -> str:
+    """The reference row of a sparse *module*'s first training step under recipe ``name``
+    (a functional call has no state; a module's first ``is_adaptive`` call is exact)."""
+    return "fst_adaptive_measuring" if name == "fst_adaptive" else name
 
 
 def ref_weight_operands(

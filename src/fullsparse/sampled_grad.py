@@ -11,6 +11,10 @@
 
 ``state``: a layer's :class:`~fullsparse.sampling.AdaptiveState` tensor, or None (a functional
 call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
+
+Both products are registered as custom operators (``fullsparse::linear_sampled_grad_weight``,
+``fullsparse::conv_sampled_grad_weight``): their draws, data-dependent sizes and the state
+they update are opaque to ``torch.compile``, which sees one op of a known output shape.
 """
 
 from __future__ import annotations
@@ -63,15 +67,9 @@ def column_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
 
 
 # --------------------------------------------------------------------------- Linear
-def linear_sampled_grad_weight(
-    x2: Tensor,
-    dy2: Tensor,
-    mode: str,
-    state: Tensor | None = None,
-    budget: float = 0.2,
-    interval: int = 10,
+def _linear_impl(
+    x2: Tensor, dy2: Tensor, mode: str, state: Tensor | None, budget: float, interval: int
 ) -> Tensor:
-    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
     m = x2.shape[0]
     if mode == "rand_half":
         phase = random_phase(x2.device)
@@ -94,6 +92,38 @@ def linear_sampled_grad_weight(
         return dy2.t().mm(x2)
     dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
     return dy_kept.t().mm(x2.index_select(0, index))
+
+
+_LINEAR_SCHEMA = (
+    "(Tensor x2, Tensor dy2, str estimator, Tensor(a!)? state, float budget, int interval)"
+    " -> Tensor"
+)
+
+
+@torch.library.custom_op(
+    "fullsparse::linear_sampled_grad_weight", mutates_args=("state",), schema=_LINEAR_SCHEMA
+)
+def _linear_op(
+    x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int
+) -> Tensor:
+    return _linear_impl(x2, dy2, estimator, state, budget, interval)
+
+
+@_linear_op.register_fake
+def _(x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int):
+    return dy2.new_empty(dy2.shape[1], x2.shape[1])
+
+
+def linear_sampled_grad_weight(
+    x2: Tensor,
+    dy2: Tensor,
+    mode: str,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 10,
+) -> Tensor:
+    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
+    return _linear_op(x2, dy2, mode, state, float(budget), int(interval))
 
 
 # --------------------------------------------------------------------------- Conv2d
@@ -147,6 +177,53 @@ def conv_sampled_grad_weight(
 ) -> Tensor:
     """``dW`` (``weight``'s shape; its values are not read) of a convolution from
     ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``."""
+    return _conv_op(
+        x, dy, weight, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
+        mode, state, float(budget), int(interval),
+    )  # fmt: skip
+
+
+_CONV_SCHEMA = (
+    "(Tensor x, Tensor dy, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+    "int groups, str estimator, Tensor(a!)? state, float budget, int interval) -> Tensor"
+)
+
+
+@torch.library.custom_op(
+    "fullsparse::conv_sampled_grad_weight", mutates_args=("state",), schema=_CONV_SCHEMA
+)
+def _conv_op(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    estimator: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+) -> Tensor:
+    geo = ConvGeometry.make(tuple(stride), tuple(padding), tuple(dilation), groups)
+    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval)
+
+
+@_conv_op.register_fake
+def _(x, dy, weight, stride, padding, dilation, groups, estimator, state, budget, interval):  # type: ignore[no-untyped-def]
+    return torch.empty_like(weight)
+
+
+def _conv_impl(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry,
+    mode: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+) -> Tensor:
     wo = dy.shape[3]
     if mode == "rand_half":
         phase = random_phase(x.device)

@@ -144,7 +144,7 @@ class AdaptiveState:
 
     @staticmethod
     def new() -> Tensor:
-        state = torch.zeros(len(AdaptiveState.SLOTS), dtype=torch.float64)
+        state = torch.zeros(len(AdaptiveState.SLOTS), dtype=torch.float64, device="cpu")
         state[0] = 2
         return state
 

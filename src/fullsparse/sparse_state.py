@@ -119,8 +119,9 @@ class _SparseMixin:
         # ASP: a 2:4 forward mask set once (fullsparse.train.asp) and used at every step
         self.register_buffer("fixed_mask", None, persistent=False)  # type: ignore[attr-defined]
         # the sampled weight gradients' state (fullsparse.sampling.AdaptiveState): a CPU
-        # tensor, not a buffer, so reading the keep count never waits for a GPU
-        self.gw_state: Tensor | None = None
+        # tensor, not a buffer, so reading the keep count never waits for a GPU; made here,
+        # not at first use, so that torch.compile sees it as an input of the graph
+        self.gw_state: Tensor = AdaptiveState.new()
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -167,13 +168,9 @@ class _SparseMixin:
         }
 
     def _gw_state(self) -> Tensor | None:
-        """The state of a sampled weight gradient (created at first use), or None."""
+        """The state of a sampled weight gradient, or None when the config samples none."""
         modes = {self.config.grad_weight_mode, self.config.for_kind("linear").grad_weight_mode}
-        if not modes & set(SAMPLED_MODES):
-            return self.gw_state
-        if self.gw_state is None:
-            self.gw_state = AdaptiveState.new()
-        return self.gw_state
+        return self.gw_state if modes & set(SAMPLED_MODES) else None
 
     def _forward_mask(self) -> Tensor | None:
         """The cached forward mask, recomputed every ``interval`` training steps.
@@ -308,6 +305,8 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, module in sparse_modules(model):
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
         for attr in _STATE_ATTRS:  # masks, S-STE's β, the sampled weight gradient's state
+            if attr == "gw_state" and int(module.gw_state[1]) == 0:  # type: ignore[index]
+                continue  # never used (the recipe samples nothing): nothing to save
             if getattr(module, attr, None) is not None:
                 state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
@@ -335,7 +334,9 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
             continue
         setattr(module, attr, value.to(device=device))
     for name, module in modules.items():
-        for attr in _STATE_ATTRS:  # not saved: unset
+        if f"{name}.gw_state" not in state:
+            module.gw_state = AdaptiveState.new()
+        for attr in _STATE_ATTRS[:-1]:  # not saved: unset
             if f"{name}.{attr}" not in state:
                 setattr(module, attr, None)
 
