@@ -275,17 +275,22 @@ def ref_sampled_weights(scores: list[float], mode: str, k: int = 2) -> list[floa
     return weights
 
 
-def ref_column_scores(x: Tensor, gy: Tensor, kw: int, g: Geo) -> list[float]:
-    """Per output column wo: ‖dY[:, :, :, wo]‖ times the norm of the (zero-padded) input
-    columns its windows read, over every sample, channel and row."""
+def ref_block_scores(x: Tensor, gy: Tensor, kw: int, g: Geo) -> list[float]:
+    """Per unit 2n + q (sample n's output columns of parity q): the norm of dY over those
+    columns times the norm of the (zero-padded) input columns their windows read, each
+    window counted once per output column."""
     n, c, h, w = x.shape
     xp = torch.zeros(n, c, h, w + 2 * g.padding[1], dtype=torch.float64)
     xp[..., g.padding[1] : g.padding[1] + w] = x
     scores = []
-    for wo in range(gy.shape[3]):
-        cols = [wo * g.stride[1] + t * g.dilation[1] for t in range(kw)]
-        x_norm = float(xp[..., cols].square().sum().sqrt())
-        scores.append(float(gy[..., wo].square().sum().sqrt()) * x_norm)
+    for i in range(n):
+        for q in (0, 1):
+            dy_sq = x_sq = 0.0
+            for wo in range(q, gy.shape[3], 2):
+                dy_sq += float(gy[i, :, :, wo].square().sum())
+                for t in range(kw):
+                    x_sq += float(xp[i, :, :, wo * g.stride[1] + t * g.dilation[1]].square().sum())
+            scores.append((dy_sq * x_sq) ** 0.5)
     return scores
 
 
@@ -388,10 +393,17 @@ def ref_conv(
     y_parts, dx_parts, dw_parts = [], [], []
     # drawn before the loop, for all Co rows at once, as fullsparse draws them
     u = draw_mvue_uniforms(co, dy2.shape[1]) if _RECIPES[name][3] == "mvue" else None
-    # sampled output columns: one draw for the layer, the same columns for every channel
-    if _RECIPES[name][3] in ("rand", "is"):
-        col_w = ref_sampled_weights(ref_column_scores(x, gy, kw, g), _RECIPES[name][3])
+    # sampled output columns, the same for every channel: rand = one phase for the layer;
+    # is = units 2n + q, sample n's columns of parity q
+    if _RECIPES[name][3] == "rand":
+        col_w = ref_sampled_weights([0.0] * wo, "rand")
         pos_w = torch.tensor([col_w[p % wo] for p in range(n * ho * wo)], dtype=torch.float64)
+    elif _RECIPES[name][3] == "is":
+        unit_w = ref_sampled_weights(ref_block_scores(x, gy, kw, g), "is")
+        pos_w = torch.tensor(
+            [unit_w[2 * (p // (ho * wo)) + (p % wo) % 2] for p in range(n * ho * wo)],
+            dtype=torch.float64,
+        )
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]

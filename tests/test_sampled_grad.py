@@ -24,7 +24,7 @@ from fullsparse.geometry import ConvGeometry
 from fullsparse.nn import load_sparse_state_, sparse_state_dict
 from fullsparse.sampling import AdaptiveState, keep_probabilities, select_units
 from fullsparse.train.schedule import LayerFlops, flop_account, grad_weight_shares
-from reference import Geo, im2col, out_size, ref_column_scores, ref_keep_probabilities
+from reference import Geo, im2col, out_size, ref_block_scores, ref_keep_probabilities
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,7 +137,7 @@ def _ref_dense_conv_grad(x, weight, gy, ref_geo) -> torch.Tensor:
 @pytest.mark.parametrize(("mode", "keep"), [("is_half", 2), ("is_adaptive", 3)])
 def test_conv_importance_sampling_is_unbiased_exactly(case, mode, keep, monkeypatch):
     x, weight, gy, geo, ref_geo = _conv_case(case)
-    scores = ref_column_scores(x, gy, weight.shape[3], ref_geo)
+    scores = ref_block_scores(x, gy, weight.shape[3], ref_geo)
 
     def run():
         state = _adaptive_state(keep) if mode == "is_adaptive" else None
@@ -186,12 +186,14 @@ def test_systematic_sampling_keeps_exactly_k_with_the_marginals():
 
 
 # --------------------------------------------------------------------------- FLOPs
-def _flops(fn, *args) -> int:
-    # the products as they run inside the custom operators (which torch's FLOP counter sees
-    # as one opaque call)
+def _flops(fn, *args, op: str = "") -> int:
+    """FLOPs of ``fn(*args)`` (only those of aten ops whose name holds ``op``), counted on
+    the products as they run inside the custom operators (which torch's FLOP counter sees as
+    one opaque call)."""
     with FlopCounterMode(display=False) as counter:
         fn(*args)
-    return counter.get_total_flops()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for k, v in counts.items() if op in str(k))
 
 
 @pytest.mark.parametrize(("mode", "keep", "share"), [("rand_half", 2, 0.5), ("is_half", 2, 0.5),
@@ -209,7 +211,9 @@ def test_the_product_flops_are_the_kept_share(mode, keep, share):
     conv_dense = _flops(lambda: conv_grad_weight(x, dy, weight, geo, "dense"))
     assert conv_dense == 2 * 8 * 8 * 9 * (2 * 6 * 16)
     conv_args = (x, dy, weight, geo, mode, _adaptive_state(keep), 1.0, 10**6)
-    assert _flops(sampled_grad._conv_impl, *conv_args) == share * conv_dense
+    product = _flops(sampled_grad._conv_impl, *conv_args, op="convolution")
+    assert product == share * conv_dense
+    assert _flops(sampled_grad._conv_impl, *conv_args) == product  # no other product
 
 
 # --------------------------------------------------------------------------- state, resume

@@ -2,12 +2,12 @@
 
 - Linear: units are the rows of the flattened ``X [M, d_in]`` / ``dY [M, d_out]`` (batch ×
   tokens); ``dW = dY_Sᵀ·diag(1/p)·X_S`` over the kept rows S.
-- Conv2d: units are output columns ``wo`` (every ``n``, ``ho`` and channel of one column).
-  ``rand_half`` keeps every second column from a random phase: a convolution of stride
-  ``(sh, 2·sw)``, as the FST half-size product. The importance-sampled modes keep any 2 (or 3)
-  of every 4 columns: the input columns their windows read are gathered side by side and
-  the product is a convolution of stride ``kw`` over them — its FLOPs are the kept share of
-  the dense product's.
+- Conv2d: ``rand_half`` keeps every second output column from a random phase: a
+  convolution of stride ``(sh, 2·sw)``, as the FST half-size product. The importance-sampled
+  modes sample *blocks*: unit ``2n + q`` is sample n's output columns of parity q (q = 0:
+  even, 1: odd), and each kept unit goes into one of two such strided half-size products
+  (the even blocks of their samples, the odd blocks of theirs) — any 2 or 3 of every 4
+  units, at the kept share of the dense product's FLOPs, with no gather along the width.
 
 ``state``: a layer's :class:`~fullsparse.sampling.AdaptiveState` tensor, or None (a functional
 call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
@@ -31,7 +31,7 @@ __all__ = [
     "linear_sampled_grad_weight",
     "conv_sampled_grad_weight",
     "token_scores",
-    "column_scores",
+    "block_scores",
 ]
 
 
@@ -53,17 +53,29 @@ def _window_index(cols: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     return (cols[:, None] * geo.stride[1] + taps[None, :]).reshape(-1)
 
 
-def column_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
-    """``‖dY[:, :, :, wo]‖ · ‖the input columns wo's windows read‖`` per output column
-    ``[Wo]`` (zero padding included; an upper bound of the column's term's norm)."""
+def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
+    """One score per unit ``2n + q`` ``[2N]``: ``‖dY[n, :, :, q::2]‖`` times the norm of the
+    (zero-padded) input columns those output columns' windows read — an upper bound of the
+    norm of the block's term (Cauchy-Schwarz)."""
     dtype = _work_dtype(x)
-    pw = geo.padding[1]
-    col2 = torch.linalg.vector_norm(x, dim=(0, 1, 2), dtype=dtype).square()
-    col2 = F.pad(col2, (pw, pw))
-    wo = dy.shape[3]
-    window = col2[_window_index(torch.arange(wo, device=x.device), kw, geo)].reshape(wo, kw)
-    dy_norm = torch.linalg.vector_norm(dy, dim=(0, 1, 2), dtype=dtype)
-    return dy_norm * window.sum(1).sqrt()
+    n, pw, wo = x.shape[0], geo.padding[1], dy.shape[3]
+    col2 = F.pad(_column_sq_sums(x, dtype), (pw, pw))  # [N, W + 2·pw]
+    window = col2[:, _window_index(torch.arange(wo, device=x.device), kw, geo)]
+    window = window.view(n, wo, kw).sum(2)  # [N, Wo]
+    dy2 = _column_sq_sums(dy, dtype)  # [N, Wo]
+    parts = [(dy2[:, q::2].sum(1) * window[:, q::2].sum(1)).sqrt() for q in (0, 1)]
+    return torch.stack(parts, 1).reshape(-1)
+
+
+def _column_sq_sums(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ t²`` per sample and column ``[N, W]`` of ``[N, C, H, W]``."""
+    return t.square().sum((1, 2), dtype=dtype)
+
+
+def _units_in_columns(units: Tensor, wo: int) -> int:
+    """How many output columns (of one sample) the units ``2n + q`` hold together."""
+    odd = int((units % 2).sum())
+    return (units.numel() - odd) * ((wo + 1) // 2) + odd * (wo // 2)
 
 
 # --------------------------------------------------------------------------- Linear
@@ -134,10 +146,11 @@ def _channels_like(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _half_columns_product(
-    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, phase: int
+    x: Tensor, dy_half: Tensor, weight: Tensor, geo: ConvGeometry, phase: int
 ) -> Tensor:
-    """``Σ`` over the output columns ``phase, phase+2, …`` of their terms (unscaled)."""
-    dy_half = _channels_like(dy[..., phase::2].contiguous(), x)
+    """``Σ`` over the output columns ``phase, phase+2, …`` of their terms, given as
+    ``dy_half = dY[..., phase::2]`` (any scaling already applied)."""
+    dy_half = _channels_like(dy_half.contiguous(), x)
     if dy_half.shape[3] == 0:
         return torch.zeros_like(weight)
     half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
@@ -151,18 +164,22 @@ def _half_columns_product(
     return conv_backward(dy_half, shifted, weight, geo1, "weight")
 
 
-def _gathered_columns_product(
-    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, cols: Tensor, scale: Tensor
+def _blocks_product(
+    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
 ) -> Tensor:
-    """``Σ_j scale_j · term(cols_j)``: the columns' windows gathered side by side, then one
-    convolution of stride ``kw`` (dilation 1 along the width) over them."""
-    kw, pw = weight.shape[3], geo.padding[1]
-    padded = F.pad(x, (pw, pw)) if pw else x
-    gathered = _channels_like(padded.index_select(3, _window_index(cols, kw, geo)), x)
-    dy_kept = dy.index_select(3, cols).mul_(scale.to(dy.dtype))
-    dy_kept = _channels_like(dy_kept, x)
-    geo_g = ConvGeometry((geo.stride[0], kw), (geo.padding[0], 0), (geo.dilation[0], 1), geo.groups)
-    return conv_backward(dy_kept, gathered, weight, geo_g, "weight")
+    """``Σ`` over the kept units ``2n + q`` of ``scale ×`` the term of sample n's columns of
+    parity q: one strided half-size product per parity, over that parity's samples."""
+    grad = None
+    for parity in (0, 1):
+        chosen = (units % 2) == parity
+        if not bool(chosen.any()):
+            continue
+        samples = units[chosen] // 2
+        dy_q = dy[..., parity::2].index_select(0, samples)  # one half-size copy
+        dy_q.mul_(scale[chosen].to(dy.dtype)[:, None, None, None])
+        part = _half_columns_product(x.index_select(0, samples), dy_q, weight, geo, parity)
+        grad = part if grad is None else grad.add_(part)
+    return torch.zeros_like(weight) if grad is None else grad
 
 
 def conv_sampled_grad_weight(
@@ -228,22 +245,22 @@ def _conv_impl(
     if mode == "rand_half":
         phase = random_phase(x.device)
         AdaptiveState.count(state, half_count(wo, phase), wo)
-        return _half_columns_product(x, dy, weight, geo, phase).mul_(2)
-    scores = column_scores(x, dy, weight.shape[3], geo)
+        return _half_columns_product(x, dy[..., phase::2], weight, geo, phase).mul_(2)
+    n = x.shape[0]
+    scores = block_scores(x, dy, weight.shape[3], geo)
     keep = 2
     if mode == "is_adaptive" and state is not None:
-        n = x.shape[0]
         if AdaptiveState.due(state, interval) and n >= 2:
             h = n // 2
             g_a = conv_backward(dy[:h], x[:h], weight, geo, "weight")
             g_b = conv_backward(dy[h:], x[h:], weight, geo, "weight")
             noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
             AdaptiveState.measure(state, scores, noise, budget)
-            AdaptiveState.count(state, wo, wo)
+            AdaptiveState.count(state, n * wo, n * wo)
             return g_a.add_(g_b)
         keep = AdaptiveState.keep(state)
-    cols, scale = sample_units(scores, keep)
-    AdaptiveState.count(state, cols.numel(), wo)
-    if cols.numel() == wo:
+    units, scale = sample_units(scores, keep)
+    AdaptiveState.count(state, _units_in_columns(units, wo), n * wo)
+    if units.numel() == 2 * n:
         return conv_backward(_channels_like(dy, x), x, weight, geo, "weight")
-    return _gathered_columns_product(x, dy, weight, geo, cols, scale)
+    return _blocks_product(x, dy, weight, geo, units, scale)
