@@ -108,7 +108,16 @@ STEP_TARGETS = {
 
 
 # --------------------------------------------------------------------------- one case
-def _build(case: StepCase, name: str, device: torch.device) -> nn.Module:
+def _config(name: str, mask_interval: int) -> Any:
+    """Recipe ``name`` with the masks recomputed every ``mask_interval`` steps (recipes with
+    an S_K forward; the others ignore the interval)."""
+    base = recipe(name)
+    if mask_interval == 1 or base.operands.output_weight != "S_K(W)":
+        return base
+    return recipe(name, mask_interval=mask_interval)
+
+
+def _build(case: StepCase, name: str, device: torch.device, mask_interval: int = 1) -> nn.Module:
     from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
 
@@ -121,7 +130,7 @@ def _build(case: StepCase, name: str, device: torch.device) -> nn.Module:
         )
     model = model.to(device)
     if name != "dense":
-        sparsify_(model, name)
+        sparsify_(model, _config(name, mask_interval))
     return model
 
 
@@ -156,28 +165,39 @@ def _step_fn(case: StepCase, model: nn.Module, device: torch.device) -> Callable
     return step
 
 
-def _weight_side_fn(model: nn.Module) -> tuple[int, Callable[[int], None]]:
-    """(sparse layers, a callable doing every sparse layer's weight-side work once)."""
+def _weight_side_fn(
+    model: nn.Module, cached_masks: bool = False
+) -> tuple[int, Callable[[int], None]]:
+    """(sparse layers, a callable doing every sparse layer's weight-side work once).
+
+    ``cached_masks``: the work of a step between two mask recomputations (``mask_interval >
+    1``): the module's cached S_K and S_Co masks are applied, not recomputed."""
     from fullsparse.nn import sparse_modules
 
     layers = []
     for _, m in sparse_modules(model):
         cfg = m.config  # type: ignore[attr-defined]
-        cached = m.tsm_mask if cfg.uses_transposable_mask else None  # type: ignore[attr-defined]
-        layers.append((m.weight.detach(), cfg, int(getattr(m, "groups", 1)), cached))
+        cached = m.tsm_mask if cfg.uses_transposable_mask or cached_masks else None  # type: ignore
+        gi = m.gi_mask if cached_masks else None  # type: ignore[attr-defined]
+        layers.append((m.weight.detach(), cfg, int(getattr(m, "groups", 1)), cached, gi))
 
     def work(_: int) -> None:
         with torch.no_grad():
-            for w, cfg, groups, cached in layers:
-                weight_side_work(w, cfg, groups, cached)
+            for w, cfg, groups, cached, gi in layers:
+                weight_side_work(w, cfg, groups, cached, gi)
 
     return len(layers), work
 
 
 def _bench_case(
-    case: StepCase, names: Sequence[str], warmup: int, repeats: int, device: torch.device
+    case: StepCase,
+    names: Sequence[str],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    mask_interval: int = 1,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    models = {name: _build(case, name, device) for name in names}
+    models = {name: _build(case, name, device, mask_interval) for name in names}
     steps = {name: _step_fn(case, models[name], device) for name in names}
     ms = interleaved_ms(steps, warmup, repeats, device)
     work = {name: _weight_side_fn(models[name]) for name in names}
@@ -199,6 +219,11 @@ def _bench_case(
         if not layers:
             continue
         work_ms = interleaved_ms({"work": fn}, warmup, repeats, device)["work"]
+        if _config(name, mask_interval).mask_interval > 1:
+            # one step in mask_interval recomputes the masks; the others apply cached ones
+            _, cached_fn = _weight_side_fn(models[name], cached_masks=True)
+            cached_ms = interleaved_ms({"work": cached_fn}, warmup, repeats, device)["work"]
+            work_ms = cached_ms + (work_ms - cached_ms) / mask_interval
         side.append(
             {
                 "case": case.name,
@@ -250,6 +275,7 @@ def bench_steps(
     device: str | torch.device = "cpu",
     grad_weight_shape: ConvShape | None = GRAD_WEIGHT_SHAPE,
     progress: Callable[[str], None] | None = None,
+    mask_interval: int = 1,
 ) -> dict[str, Any]:
     """Time whole training steps of every recipe (``dense`` always included, first) for
     every case of :data:`STEP_CASES` named in ``cases``.
@@ -257,6 +283,8 @@ def bench_steps(
     Returns a JSON-ready dict: ``machine``, ``settings``, ``steps`` (one row per case ×
     recipe), ``weight_side`` (one row per case × sparse recipe), ``grad_weight`` (None
     when ``grad_weight_shape`` is None) and ``targets`` (:data:`STEP_TARGETS`, judged).
+    ``mask_interval``: every recipe with an S_K forward recomputes its weight masks every
+    this-many steps (its weight-side work is then the amortized cost per step).
 
     Raises:
         ValueError: an unknown case or recipe name.
@@ -278,7 +306,9 @@ def bench_steps(
     side: list[dict[str, Any]] = []
     for case_name in cases:
         report(f"steps {case_name}: {', '.join(names)}")
-        rows, work = _bench_case(STEP_CASES[case_name], names, warmup, repeats, device)
+        rows, work = _bench_case(
+            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval
+        )
         steps += rows
         side += work
     grad_weight = None
@@ -293,6 +323,7 @@ def bench_steps(
             "recipes": names,
             "warmup": warmup,
             "repeats": repeats,
+            "mask_interval": mask_interval,
             "device": str(device),
             "peak_memory": "bytes held at once above what was live before the step "
             + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else

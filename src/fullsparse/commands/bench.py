@@ -122,6 +122,12 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         default=",".join(DEFAULT_RECIPES),
         help=f"comma-separated recipes (default: {','.join(DEFAULT_RECIPES)}; dense always runs)",
     )
+    steps.add_argument(
+        "--mask-interval",
+        type=int,
+        default=1,
+        help="recipes with an S_K forward recompute their weight masks every N steps (1)",
+    )
     steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (2; at least 1)")
     steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median (10)")
     steps.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -232,6 +238,8 @@ def run_steps(args: argparse.Namespace) -> int:
         raise UserError("--repeats must be >= 1")
     if args.grad_weight_batch < 0:
         raise UserError("--grad-weight-batch must be >= 0")
+    if args.mask_interval < 1:
+        raise UserError(f"--mask-interval must be >= 1, got {args.mask_interval}")
     if args.device == "cuda":
         import torch
 
@@ -252,6 +260,7 @@ def run_steps(args: argparse.Namespace) -> int:
         recipes,
         warmup=args.warmup,
         repeats=args.repeats,
+        mask_interval=args.mask_interval,
         threads=args.threads,
         device=args.device,
         grad_weight_shape=shape,
