@@ -165,8 +165,13 @@ def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
     assert err.count("\n") == 1
     out = tmp_path / "s.json"
     out.write_text("{}")
-    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--json", str(out)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
+    # the old spelling --out still names the JSON file, with a deprecation warning
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: --out is deprecated; use --json"
+    assert err[1] == f"error: {out} already exists; pass --force to overwrite it"
     assert out.read_text() == "{}"
 
 

@@ -94,6 +94,8 @@ def _cases() -> dict[str, StepCase]:
 STEP_CASES: dict[str, StepCase] = _cases()
 DEFAULT_CASES = ("resnet20", "resnet18-b8", "resnet18-b32", "vit", "gpt")
 DEFAULT_RECIPES = ("dense", "fst", "fst2", "srste")
+#: Where ``bench steps`` runs.
+STEP_DEVICES = ("cpu", "cuda")
 GRAD_WEIGHT_SHAPE = ConvShape("layer1 3x3 64-64 @56", 64, 64, 3, 1, 56, 32)
 #: What the step benchmark is meant to show; reported with each result, never asserted.
 STEP_TARGETS = {

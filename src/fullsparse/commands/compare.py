@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fullsparse.commands.train import add_train_arguments, overrides_from_args
+from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
 from fullsparse.errors import ConfigError
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse compare --help``.
@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--recipes needs a comma-separated list, e.g. dense,fst")
     overrides = overrides_from_args(args)
     out = overrides.pop("out", None)
-    overrides.pop("recipe", None)
     config = config_from_sources(args.config_file, overrides)
     result = compare(config, recipes, out=out if out is not None else config.out)
     if config.quiet:
@@ -46,5 +45,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--recipes", default="dense,fst", help="comma-separated recipes (default dense,fst)"
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, skip=("recipe",))
+    refuse_flags(parser, {"recipe": "compare trains each of --recipes"})
     parser.set_defaults(func=run)

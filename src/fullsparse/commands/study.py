@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from fullsparse.commands.train import add_train_arguments, overrides_from_args
+from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
 from fullsparse.errors import ConfigError
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse study --help``.
@@ -24,6 +24,15 @@ DESCRIPTION = (
     " study.json and curves.png. Takes every train flag for the shared settings; --out is the"
     " study folder (default runs/study-<dataset>-<model>)."
 )
+
+
+#: Train flags the study sets per run, refused on its command line (with what to use).
+SET_PER_RUN = {
+    "recipe": "the study sets it per run: use --recipes",
+    "seed": "the study sets it per run: use --seeds",
+    "resume": "interrupted runs are resumed automatically",
+    "force": "delete a run's folder to rerun it",
+}
 
 
 def _parse_value(text: str) -> Any:
@@ -57,15 +66,6 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     spec = load_study_spec(args.spec) if args.spec else StudySpec()
     overrides = overrides_from_args(args, skip=("threads",))
     out = overrides.pop("out", None)
-    instead = {
-        "recipe": "use --recipes",
-        "seed": "use --seeds",
-        "resume": "interrupted runs are resumed automatically",
-        "force": "delete a run's folder to rerun it",
-    }
-    for key, hint in instead.items():
-        if key in overrides:
-            raise ConfigError(f"--{key} is set per run by the study; {hint}")
     base: dict[str, Any] = {}
     if args.config_file:
         base.update(
@@ -166,5 +166,6 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--quiet-study", action="store_true", help="no study progress lines (runs still log)"
     )
-    add_train_arguments(parser, skip=("threads",))
+    add_train_arguments(parser, skip=("threads", *SET_PER_RUN))
+    refuse_flags(parser, SET_PER_RUN)
     parser.set_defaults(func=run)

@@ -31,6 +31,18 @@ DESCRIPTION = (
 )
 
 
+#: ``train --help`` in groups: a field starts the group named here, and the fields declared
+#: after it (in :class:`~fullsparse.train.config.TrainConfig`) join it until the next one.
+GROUPS = {
+    "task": "what is trained",
+    "recipe": "sparsity (recipe and overrides)",
+    "mask_interval": "schedules",
+    "optimizer": "optimisation",
+    "device": "execution",
+    "out": "run folder and output",
+}
+
+
 def _shown(value: Any) -> str:
     """A default as the help shows it (booleans as on/off)."""
     if isinstance(value, bool):
@@ -39,24 +51,25 @@ def _shown(value: Any) -> str:
 
 
 def _help(f: dataclasses.Field) -> str:
-    """The field's help with its default: the field's own, or each task's."""
+    """The field's help with its default — the field's own, or each task's — written the
+    one way every command writes it (``(default: VALUE)``, as :class:`fullsparse.cli.
+    HelpFormatter` does; the formatter lists a name field's values after it)."""
     text = f.metadata["help"]
-    if "default" in text:
-        return text
-    if f.default is None:
-        from fullsparse.train.config import TASKS, task_defaults
+    if "default" not in text:
+        if f.default is None:
+            from fullsparse.train.config import TASKS, task_defaults
 
-        by_task = {
-            task: task_defaults(
-                SimpleNamespace(task=task, dataset=None, data_dir=None, epochs=2)
-            ).get(f.name)
-            for task in TASKS
-        }
-        shown = [f"{task} {_shown(v)}" for task, v in by_task.items() if v is not None]
-        return f"{text} (default: {', '.join(shown)})" if shown else text
-    if f.default is dataclasses.MISSING or f.metadata["cli"] == "flag":
-        return text
-    return f"{text} (default {_shown(f.default)})"
+            by_task = {
+                task: task_defaults(
+                    SimpleNamespace(task=task, dataset=None, data_dir=None, epochs=2)
+                ).get(f.name)
+                for task in TASKS
+            }
+            shown = [f"{task} {_shown(v)}" for task, v in by_task.items() if v is not None]
+            text = f"{text} (default: {', '.join(shown)})" if shown else text
+        elif f.default is not dataclasses.MISSING:
+            text = f"{text} (default: {_shown(f.default)})"
+    return text
 
 
 def cli_options() -> Iterator[tuple[str, str, str, str | None]]:
@@ -68,37 +81,82 @@ def cli_options() -> Iterator[tuple[str, str, str, str | None]]:
         yield f.name, field_spec(f)[0], _help(f), f.metadata["cli"]
 
 
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The canonical tuple of every TrainConfig name field that has one (``recipe``:
+    :data:`fullsparse.RECIPES`, ...)."""
+    from fullsparse.train.config import TrainConfig
+
+    return {
+        f.name: f.metadata["choices"]
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata.get("choices")
+    }
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field (``--name-with-dashes``), built from the field's
-    declaration (:func:`fullsparse.train.config.cli_options`); ``skip`` names fields the
-    command sets its own way. Shared by ``train``, ``compare`` and ``study``."""
+    declaration (:func:`cli_options`), in the argument groups of :data:`GROUPS`; ``skip``
+    names fields the command sets its own way. Shared by ``train``, ``compare`` and
+    ``study``. Name fields take only their canonical values (``choices``); a bool field
+    ``no_<x>`` is the pair ``--no-<x>`` (true) / ``--<x>`` (false)."""
     parser.add_argument(
         "--config",
         dest="config_file",
         metavar="FILE",
         default=None,
-        help="run config (.yaml needs PyYAML, or .json); flags override it",
+        help="run config (.json, or .yaml with the yaml extra); flags override it",
     )
+    choices = field_choices()
+    group: Any = parser
     for name, kind, help_text, cli in cli_options():
+        if name in GROUPS:
+            group = parser.add_argument_group(GROUPS[name])
         if name in skip:
             continue
-        common = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if cli == "flag":
-            parser.add_argument(_flag(name), action="store_true", **common)
+        common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if name in choices:
+            common.update(choices=choices[name], metavar=name.upper())
+        if kind == _BOOL and name.startswith("no_"):
+            group.add_argument(_flag(name), action="store_const", const=True, **common)
+            positive = _flag(name.removeprefix("no_"))
+            common["help"] = f"the opposite of {_flag(name)}"
+            group.add_argument(positive, action="store_const", const=False, **common)
         elif cli is not None and cli.startswith("optional:"):
             const: Any = cli.removeprefix("optional:")
             const = True if const == "True" else const
-            metavar = "CHECKPOINT" if name == "resume" else "MODE"
-            parser.add_argument(_flag(name), nargs="?", const=const, metavar=metavar, **common)
+            common.setdefault("metavar", "CHECKPOINT" if name == "resume" else "MODE")
+            group.add_argument(_flag(name), nargs="?", const=const, **common)
         elif kind == _BOOL:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **common)
+            group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **common)
         else:
-            metavar = {"dict": "JSON", "str": None}.get(kind, kind.upper())
-            parser.add_argument(_flag(name), metavar=metavar, **common)
+            common.setdefault("metavar", {"dict": "JSON", "str": None}.get(kind, kind.upper()))
+            group.add_argument(_flag(name), **common)
+
+
+class _Refused(argparse.Action):
+    """A flag a command does not take (hidden from its help): one ``error:`` line, exit 2,
+    with what to use instead — never accepted and dropped."""
+
+    def __init__(self, option_strings: list[str], dest: str, hint: str = "", **kw: Any) -> None:
+        self.hint = hint
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        parser.error(f"{option} is not taken by this command; {self.hint}")
+
+
+def refuse_flags(parser: argparse.ArgumentParser, hints: dict[str, str]) -> None:
+    """Make each train flag of ``hints`` (field name -> what to use instead) a refused one:
+    for the fields a command sets its own way and skips in :func:`add_train_arguments`."""
+    for name, hint in hints.items():
+        parser.add_argument(
+            _flag(name), dest=f"_refused_{name}", action=_Refused, hint=hint,
+            default=argparse.SUPPRESS,
+        )  # fmt: skip
 
 
 def _convert(name: str, kind: str, text: str) -> Any:
