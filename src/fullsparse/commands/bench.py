@@ -91,7 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--step-batch",
         type=int,
         default=None,
-        help="batch of the whole-model steps (default 128, 64 with --quick)",
+        help="batch of the whole-model steps (default: 128, 64 with --quick)",
     )
     add_json_argument(gpu, Path("bench-gpu.json"))
     gpu.add_argument("--markdown", type=Path, default=None, help="also write the tables here")

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION)
     parser.add_argument(
-        "--recipes", default="dense,fst", help="comma-separated recipes (default dense,fst)"
+        "--recipes", metavar="RECIPES", default="dense,fst", help="comma-separated recipes"
     )
     add_train_arguments(parser, skip=("recipe",))
     refuse_flags(parser, {"recipe": "compare trains each of --recipes"})

@@ -142,8 +142,8 @@ def add_parser(subparsers: Any) -> None:
         help="study spec (.yaml needs PyYAML, or .json) with keys out, recipes, seeds, grid, "
         "base; flags override it",
     )
-    g.add_argument("--recipes", default=None, help="comma-separated recipes (default dense,fst)")
-    g.add_argument("--seeds", default=None, help="comma-separated seeds (default 0)")
+    g.add_argument("--recipes", default=None, help="comma-separated recipes (default: dense,fst)")
+    g.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0)")
     g.add_argument(
         "--grid",
         action="append",

@@ -152,11 +152,16 @@ class _Refused(argparse.Action):
 def refuse_flags(parser: argparse.ArgumentParser, hints: dict[str, str]) -> None:
     """Make each train flag of ``hints`` (field name -> what to use instead) a refused one:
     for the fields a command sets its own way and skips in :func:`add_train_arguments`."""
+    kinds = {name: (kind, cli) for name, kind, _, cli in cli_options()}
     for name, hint in hints.items():
-        parser.add_argument(
-            _flag(name), dest=f"_refused_{name}", action=_Refused, hint=hint,
-            default=argparse.SUPPRESS,
-        )  # fmt: skip
+        flags = [_flag(name)]
+        if kinds[name] == (_BOOL, None):  # an on/off pair: both spellings
+            flags.append("--no-" + name.replace("_", "-"))
+        for flag in flags:
+            parser.add_argument(
+                flag, dest=f"_refused_{name}", action=_Refused, hint=hint,
+                default=argparse.SUPPRESS,
+            )  # fmt: skip
 
 
 def _convert(name: str, kind: str, text: str) -> Any:
