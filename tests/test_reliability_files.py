@@ -171,6 +171,7 @@ def test_more_malformed_configs_are_one_line(tmp_path, capsys, name, content, ne
         (["export", "--force=yes"], "ignored explicit argument"),
         (["train", "--recipe", "fast"], "argument --recipe: invalid choice: 'fast'"),
         (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+        (["train", "--task", "lm", "--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
         (["train", "--grad-input-source", "sideways"], "--grad-input-source: invalid choice"),
         (["eval"], "the following arguments are required: --checkpoint"),
         (["export", "--checkpoint", "x.pt"], "the following arguments are required: --out"),

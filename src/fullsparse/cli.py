@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from fullsparse.errors import UserError
-from fullsparse.limits import one_line, worker_message
+from fullsparse.limits import MESSAGE_CHARS, one_line, worker_message
 
 #: Subcommand modules, in the order ``fullsparse --help`` lists them.
 COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
@@ -60,8 +60,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        message = " ".join(message.split())  # argparse wraps long choice lists
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        suffix = f" (see `{self.prog} --help`)"
+        # argparse wraps long choice lists; a huge value (a 5 MB --recipe) is cut in the middle
+        message = one_line(" ".join(message.split()), MESSAGE_CHARS - len(suffix))
+        self.exit(2, f"error: {message}{suffix}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
