@@ -139,8 +139,8 @@ def add_parser(subparsers: Any) -> None:
         "--spec",
         metavar="FILE",
         default=None,
-        help="study spec (.yaml needs PyYAML, or .json) with keys out, recipes, seeds, grid, "
-        "base; flags override it",
+        help="study spec (.json, or .yaml with the yaml extra) with keys out, recipes, seeds, "
+        "grid, base; flags override it",
     )
     g.add_argument("--recipes", default=None, help="comma-separated recipes (default: dense,fst)")
     g.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0)")
