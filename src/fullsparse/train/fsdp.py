@@ -77,7 +77,7 @@ def _fully_shard() -> Any:
     if not hasattr(_fsdp_module(), "set_reshard_after_forward"):  # used by unsharded()
         raise UserError(
             f"--fsdp needs FSDPModule.set_reshard_after_forward, which torch "
-            f"{torch.__version__} lacks (it came in 2025, torch 2.7 or later): upgrade torch"
+            f"{torch.__version__} lacks (added in 2025, torch 2.7 at the earliest): upgrade torch"
         )
     return fully_shard
 
