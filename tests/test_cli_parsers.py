@@ -83,9 +83,6 @@ OTHER_ENUMS = {
 }
 #: Commands that write a JSON result file (or print JSON): they take ``--json PATH``.
 JSON_COMMANDS = {("eval",), ("bench", "layers"), ("bench", "steps"), ("bench", "gpu")}
-#: Options whose help lists names without choices: open-ended (tv:<name>, timm:<name>,
-#: dataset folders), so the parser cannot check them; the config does.
-FREE_NAMES = {"model", "dataset"}
 
 
 def _walk(
@@ -144,7 +141,7 @@ def test_every_name_option_takes_exactly_its_canonical_tuple(path):
             found[action.dest] = tuple(action.choices)
             assert action.metavar is not None, action.dest
             assert text.endswith("one of: " + ", ".join(action.choices)), text
-        elif action.dest not in FREE_NAMES:
+        else:
             # a|b alternatives written into a help are choices the parser does not check
             assert not re.search(r"\w\|\w", text), f"{action.option_strings}: {text}"
     assert found == expected
@@ -160,6 +157,23 @@ def test_every_recipe_and_weight_gradient_mode_is_in_train_help():
     mode = next(a for a in PARSERS[("train",)]._actions if a.dest == "grad_weight_mode")
     assert _help_of(PARSERS[("train",)], recipe).endswith(", ".join(RECIPES))
     assert _help_of(PARSERS[("train",)], mode).endswith(", ".join(GRAD_WEIGHT_MODE))
+
+
+def test_model_and_dataset_help_lists_the_names_of_the_code():
+    """--model and --dataset also take free names (tv:<name>, timm:<name>), so they have no
+    choices; their help lists the built-in names from the code's tuples."""
+    from fullsparse.data import DATASETS
+    from fullsparse.models import LM_MODELS, MODELS
+    from fullsparse.models.detection import DETECTION_MODELS
+    from fullsparse.train.config import DETECTION_DATASETS, LM_DATASETS
+
+    parser = PARSERS[("train",)]
+    helps = {a.dest: _help_of(parser, a) for a in _options(parser)}
+    for name in (*MODELS, *LM_MODELS, *DETECTION_MODELS):
+        assert re.search(rf"[ :]{name}[ ,;]", helps["model"]), name
+    for name in (*DATASETS, *LM_DATASETS, *DETECTION_DATASETS):
+        assert re.search(rf"[ :]{name}[ ,;]", helps["dataset"]), name
+    assert "{" not in helps["model"] + helps["dataset"]  # every placeholder replaced
 
 
 def test_train_help_is_in_argument_groups():

@@ -50,11 +50,34 @@ def _shown(value: Any) -> str:
     return f"{value:,}".replace(",", "") if isinstance(value, int) else f"{value}"
 
 
+#: Placeholders a field's help may hold, each the names of a canonical tuple (for the
+#: fields that also take free names, so they have no ``choices``), as (module, name).
+NAME_LISTS = {
+    "MODELS": ("fullsparse.models", "MODELS"),
+    "LM_MODELS": ("fullsparse.models", "LM_MODELS"),
+    "DETECTION_MODELS": ("fullsparse.models.detection", "DETECTION_MODELS"),
+    "DATASETS": ("fullsparse.data", "DATASETS"),
+    "LM_DATASETS": ("fullsparse.train.config", "LM_DATASETS"),
+    "DETECTION_DATASETS": ("fullsparse.train.config", "DETECTION_DATASETS"),
+}
+
+
+def _names(text: str) -> str:
+    """``text`` with each ``{NAME}`` of :data:`NAME_LISTS` replaced by the tuple's names."""
+    import importlib
+
+    for key, (module, attr) in NAME_LISTS.items():
+        if "{" + key + "}" in text:
+            names = getattr(importlib.import_module(module), attr)
+            text = text.replace("{" + key + "}", ", ".join(names))
+    return text
+
+
 def _help(f: dataclasses.Field) -> str:
     """The field's help with its default — the field's own, or each task's — written the
     one way every command writes it (``(default: VALUE)``, as :class:`fullsparse.cli.
     HelpFormatter` does; the formatter lists a name field's values after it)."""
-    text = f.metadata["help"]
+    text = _names(f.metadata["help"])
     if "default" not in text:
         if f.default is None:
             from fullsparse.train.config import TASKS, task_defaults

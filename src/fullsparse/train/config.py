@@ -85,7 +85,9 @@ def option(
     """A TrainConfig field with what the command line and the validation need to know.
 
     ``help``: the flag's help (the default is appended from the field, or for fields the
-    task fills, from the task defaults, unless the text already says it); ``minimum``: the
+    task fills, from the task defaults, unless the text already says it; ``{MODELS}`` and
+    the other names of ``fullsparse.commands.train.NAME_LISTS`` are replaced by the
+    tuple's names, for fields that also take free names); ``minimum``: the
     smallest valid value; ``choices``: the canonical tuple of the values a name field takes
     (the flag's ``choices`` and the list its help shows are read from it, never retyped);
     ``cli``: ``"optional:<const>"`` (the flag's value may be left out: ``--amp`` means
@@ -124,9 +126,8 @@ class TrainConfig:
     #: ``fcos_tiny``.
     model: str | None = option(
         None,
-        "classify: resnet20|resnet32|resnet56|resnet18|resnet50|vit_tiny|tv:<name>|"
-        "timm:<name>; lm: gpt_tiny; detection: "
-        "fcos_tiny|fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
+        "classify: {MODELS}, tv:<torchvision name> or timm:<timm name>; lm: {LM_MODELS}; "
+        "detection: {DETECTION_MODELS}",
     )
     #: Extra keyword arguments for the model builder (e.g. a shrunk ViT: ``{"depth": 2}``;
     #: a GPT's ``context``, ``depth``, ``embed_dim``, ``num_heads``).
@@ -140,9 +141,9 @@ class TrainConfig:
     #: (``text`` when ``data_dir`` is given) / ``synthetic-det``.
     dataset: str | None = option(
         None,
-        "classify: fashion-mnist|cifar10|cifar100|imagefolder|synthetic; lm: pystdlib "
-        "(Python's standard library) | text (--data-dir folder); detection: synthetic-det "
-        "(generated shapes) | coco | voc (--data-dir)",
+        "classify: {DATASETS}; lm: {LM_DATASETS} (pystdlib: Python's standard library, "
+        "text: the --data-dir folder); detection: {DETECTION_DATASETS} (synthetic-det: "
+        "generated shapes)",
     )
     #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations); for
     #: the lm ``text`` dataset, the folder of text files.
