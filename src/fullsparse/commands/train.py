@@ -1,8 +1,10 @@
 """``fullsparse train``: parse flags, layer them over ``--config``, call fullsparse.train.
 
-Every flag maps to a TrainConfig field of the same name (dashes for underscores). Flags are
-parsed as text and converted here, so a bad value is one ``error:`` line (exit 2) naming
-the field, like a bad config-file value — not an argparse usage dump.
+Every flag maps to a TrainConfig field of the same name (dashes for underscores), and its
+type, ``choices``, help, default and argument group are read from the field's declaration.
+Numbers are parsed as text and converted here, so a bad value is one ``error:`` line (exit
+2) naming the field, like a bad config-file value; a name outside a field's canonical tuple
+is refused by the parser, in one line too (``fullsparse.cli``).
 """
 
 from __future__ import annotations
