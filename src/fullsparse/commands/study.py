@@ -151,7 +151,7 @@ def add_parser(subparsers: Any) -> None:
         help="a TrainConfig field and its values, e.g. ir_alpha=1.0,0.03 (repeatable; "
         "a cartesian product)",
     )
-    g = parser.add_argument_group("execution")
+    g = parser.add_argument_group("running the study")
     g.add_argument("--parallel", type=int, default=1, help="runs at once (subprocesses if > 1)")
     g.add_argument(
         "--threads",
