@@ -120,7 +120,7 @@ def test_bench_cli_rejects_unknown_recipe(capsys):
 def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path, capsys):
     out, md = tmp_path / "s.json", tmp_path / "s.md"
     args = ["bench", "steps", "--cases", "tiny", "--recipes", "fst,tsm", "--repeats", "1"]
-    args += ["--warmup", "0", "--grad-weight-batch", "1", "--out", str(out)]
+    args += ["--warmup", "0", "--grad-weight-batch", "1", "--json", str(out)]
     assert main([*args, "--markdown", str(md), "--quiet"]) == 0
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "settings", "steps", "weight_side", "grad_weight", "targets"}

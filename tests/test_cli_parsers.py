@@ -149,7 +149,7 @@ def test_every_name_option_takes_exactly_its_canonical_tuple(path):
 
 def test_every_recipe_and_weight_gradient_mode_is_in_train_help():
     text = " ".join(PARSERS[("train",)].format_help().split())
-    assert len(RECIPES) == 13 and "fst_mvue" in RECIPES
+    assert "fst_mvue" in RECIPES
     for name in RECIPES:
         assert re.search(rf"[ ,]{re.escape(name)}[ ,]", text), name
     assert "topk_grad_output" in GRAD_WEIGHT_MODE

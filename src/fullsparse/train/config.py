@@ -65,6 +65,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
+SPARSITY_OVERRIDES += ("variance_budget", "variance_interval")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -226,6 +227,17 @@ class TrainConfig:
         choices=GRAD_WEIGHT_MODE,
     )
     ir_alpha_linear: float | None = option(None, "override: Linear layers' IR α", minimum=0)
+    # is_adaptive (fst_adaptive): the variance budget of the sampled weight gradient
+    variance_budget: float | None = option(
+        None,
+        "override: is_adaptive's largest sampling/minibatch variance ratio (default: the "
+        "recipe's, 0.2)",
+    )
+    variance_interval: int | None = option(
+        None,
+        "override: is_adaptive's calls between variance measurements (default: the recipe's, 10)",
+        minimum=1,
+    )
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
     # -- schedules over the run (fullsparse.train.schedule) --------------------------------
     #: Steps between recomputations of the S_K / S_Co weight masks (None: the recipe's, 1).
