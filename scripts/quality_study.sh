@@ -56,6 +56,9 @@ jobs() {  # task variant seed flags...
   for r in $SAMPLED; do echo "gpt $r 0 $GPT --recipe=$r"; done
   echo "resnet20 fst_adaptive 0 $R20 --recipe=fst_adaptive"
   for r in $SAMPLED; do echo "gpt $r 1 $GPT --recipe=$r"; done
+  # the adaptive budget's frontier: fewer measurements, a looser budget
+  echo "gpt fst_adaptive-b0.5-i50 0 $GPT --recipe=fst_adaptive --variance-budget 0.5 --variance-interval 50"
+  echo "gpt fst_adaptive-b0.3-i50 0 $GPT --recipe=fst_adaptive --variance-budget 0.3 --variance-interval 50"
   for r in $SAMPLED; do echo "vit $r 0 $VIT --recipe=$r"; done
   for r in fst_adaptive fst_is; do echo "vit $r 1 $VIT --recipe=$r"; done
   echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
