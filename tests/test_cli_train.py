@@ -95,6 +95,17 @@ def test_eval_reports_the_runs_final_accuracy(finished_run, capsys):
     assert "top-1" in capsys.readouterr().out
 
 
+def test_eval_json_path_saves_the_result_that_eval_json_prints(finished_run, tmp_path, capsys):
+    ckpt = str(finished_run / "last.pt")
+    assert main(["eval", "--checkpoint", ckpt, "--json", "-"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    path = tmp_path / "r" / "eval.json"
+    assert main(["eval", "--checkpoint", ckpt, "--amp", "none", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"saved {path}" in out and "top-1" in out  # the summary line too
+    assert json.loads(path.read_text()) == printed
+
+
 @pytest.mark.parametrize(
     "model, recipe",
     [("resnet20", "fst"), ("resnet20", "tsm"), ("vit_tiny", "srste")],
