@@ -22,7 +22,7 @@ DESCRIPTION = (
     "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming interrupted"
     " ones, then write OUT/study.md (mean ± std over seeds of best and final top-1, s/epoch),"
     " study.json and curves.png. Takes every train flag for the shared settings; --out is the"
-    " study folder (default runs/study-<dataset>-<model>)."
+    " study folder (default: runs/study-<dataset>-<model>)."
 )
 
 
