@@ -232,6 +232,7 @@ def _effective_default(path: tuple[str, ...], action: argparse.Action) -> object
 @pytest.mark.parametrize("path", sorted(LEAVES), ids="-".join)
 def test_every_default_is_shown_one_way(path):
     parser = LEAVES[path]
+    assert not re.search(r"\(default [^:]", parser.description or ""), parser.description
     for action in _options(parser):
         text = _help_of(parser, action)
         # one way of writing: "(default: VALUE)", never "(VALUE)" or "(default VALUE)"
