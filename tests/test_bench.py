@@ -121,7 +121,7 @@ def test_bench_cli_rejects_unknown_recipe(capsys):
 def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path, capsys):
     out, md = tmp_path / "s.json", tmp_path / "s.md"
     args = ["bench", "steps", "--cases", "tiny", "--recipes", "fst,tsm", "--repeats", "1"]
-    args += ["--warmup", "0", "--grad-weight-batch", "1", "--out", str(out)]
+    args += ["--warmup", "0", "--grad-weight-batch", "1", "--json", str(out)]
     assert main([*args, "--markdown", str(md), "--quiet"]) == 0
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "settings", "steps", "weight_side", "grad_weight", "targets"}
@@ -174,8 +174,13 @@ def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
     assert err.count("\n") == 1
     out = tmp_path / "s.json"
     out.write_text("{}")
-    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--json", str(out)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
+    # the old spelling --out still names the JSON file, with a deprecation warning
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: --out is deprecated; use --json"
+    assert err[1] == f"error: {out} already exists; pass --force to overwrite it"
     assert out.read_text() == "{}"
 
 

@@ -2,7 +2,7 @@
 
 A :class:`SparsityConfig` is a frozen description; the autograd functions in
 :mod:`fullsparse.functional` read it and never ask which recipe they are running. The table
-:data:`RECIPE_TABLE` is the spec's recipe table (``fst-spec.md``, "Recipes") written as data.
+:data:`RECIPE_TABLE` is the spec's recipe table (``docs/spec.md``, "Recipes") written as data.
 """
 
 from __future__ import annotations

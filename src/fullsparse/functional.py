@@ -1,4 +1,4 @@
-"""Sparse Conv2d and Linear as custom autograd functions (``fst-spec.md``, recipes table).
+"""Sparse Conv2d and Linear as custom autograd functions (``docs/spec.md``, "Recipes").
 
 Each layer is three GEMMs, written out in labelled sections of one ``backward`` per layer
 kind:
