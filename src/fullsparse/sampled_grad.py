@@ -78,6 +78,17 @@ def _units_in_columns(units: Tensor, wo: int) -> int:
     return (units.numel() - odd) * ((wo + 1) // 2) + odd * (wo // 2)
 
 
+def _measured(
+    state: Tensor, scores: Tensor, g_a: Tensor, g_b: Tensor, budget: float, units: int
+) -> Tensor:
+    """A measuring call of ``is_adaptive``: the exact gradient ``G_A + G_B`` of the two half
+    batches, whose difference estimates the minibatch noise ``V_b = ‖G_A − G_B‖²``."""
+    noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
+    AdaptiveState.measure(state, scores, noise, budget)
+    AdaptiveState.count(state, units, units)
+    return g_a.add_(g_b)
+
+
 # --------------------------------------------------------------------------- Linear
 def _linear_impl(
     x2: Tensor, dy2: Tensor, mode: str, state: Tensor | None, budget: float, interval: int
@@ -93,10 +104,7 @@ def _linear_impl(
         if AdaptiveState.due(state, interval) and m >= 2:
             h = m // 2
             g_a, g_b = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
-            noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
-            AdaptiveState.measure(state, scores, noise, budget)
-            AdaptiveState.count(state, m, m)
-            return g_a.add_(g_b)
+            return _measured(state, scores, g_a, g_b, budget, m)
         keep = AdaptiveState.keep(state)
     index, weight = sample_units(scores, keep)
     AdaptiveState.count(state, index.numel(), m)
@@ -254,10 +262,7 @@ def _conv_impl(
             h = n // 2
             g_a = conv_backward(dy[:h], x[:h], weight, geo, "weight")
             g_b = conv_backward(dy[h:], x[h:], weight, geo, "weight")
-            noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
-            AdaptiveState.measure(state, scores, noise, budget)
-            AdaptiveState.count(state, n * wo, n * wo)
-            return g_a.add_(g_b)
+            return _measured(state, scores, g_a, g_b, budget, n * wo)
         keep = AdaptiveState.keep(state)
     units, scale = sample_units(scores, keep)
     AdaptiveState.count(state, _units_in_columns(units, wo), n * wo)
