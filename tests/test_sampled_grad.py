@@ -342,3 +342,22 @@ def test_bad_variance_fields_are_refused(fields):
 def test_variance_fields_clash_with_other_modes():
     with pytest.raises(ValueError, match="only steer grad_weight_mode='is_adaptive'"):
         recipe("fst_is", variance_budget=0.5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--recipe", "fst_adaptive", "--variance-budget", "-1"], "variance_budget"),
+        (["--recipe", "fst_adaptive", "--variance-budget", "nan"], "variance_budget"),
+        (["--recipe", "fst_adaptive", "--variance-interval", "0"], "variance_interval"),
+        (["--recipe", "fst_is", "--variance-budget", "0.5"], "only steer"),
+    ],
+)
+def test_bad_variance_flags_get_one_line_and_exit_2(flags, says, tmp_path, capsys):
+    from fullsparse.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert not out.exists()  # nothing written
