@@ -284,28 +284,41 @@ def test_the_keep_count_follows_the_budget(budget, keep):
         layer(x).square().sum().backward()
     state = layer.gw_state
     assert int(state[0]) == keep and int(state[6]) == 1  # measured at the first call only
-    # the first call was exact (all 64 tokens), the next two kept k of every 4
-    assert float(state[4]) == 64 + 2 * 64 * keep / 4 and float(state[5]) == 3 * 64
+    # the first call was exact (all 64 tokens) and drew one estimate at 2 and one at 3 of 4;
+    # the next two kept k of every 4
+    assert float(state[4]) == 64 * (1 + 2 / 4 + 3 / 4) + 2 * 64 * keep / 4
+    assert float(state[5]) == 3 * 64
 
 
-def test_measured_variances_match_their_definitions():
-    """V_s(k) closed form = Σ s²(1/p − 1); V_b = ‖G_A − G_B‖² of the two half batches."""
+def test_measured_variances_match_their_definitions(monkeypatch):
+    """V_s(k) = ‖Ĝ_k − G‖² of the draw made; V_b = ‖G_A − G_B‖² of the two half batches."""
     gen = torch.Generator().manual_seed(3)
     x2 = torch.randn(32, 6, generator=gen, dtype=torch.float64)
     dy2 = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    u = 0.3
+    monkeypatch.setattr(sampling, "uniforms", lambda n, device: torch.full((n,), u))
     state = AdaptiveState.new()
     grad = linear_grad_weight(x2, dy2, "is_adaptive", state=state, budget=1.0, interval=4)
-    torch.testing.assert_close(grad, dy2.t() @ x2, **TOL)  # a measuring call is exact
+    exact = dy2.t() @ x2
+    torch.testing.assert_close(grad, exact, **TOL)  # a measuring call is exact
     noise = float((dy2[:16].t() @ x2[:16] - dy2[16:].t() @ x2[16:]).square().sum())
     scores = [float(dy2[r].norm() * x2[r].norm()) for r in range(32)]
+    kept_units = 32
     for slot, k in ((2, 2), (3, 3)):
-        v_s = 0.0
-        for g in range(8):
+        weights = []
+        for g in range(8):  # the reference's systematic sample at u, group by group
             p = ref_keep_probabilities(scores[4 * g : 4 * g + 4], k)
-            v_s += sum(
-                s * s * (1 / pj - 1) for s, pj in zip(scores[4 * g : 4 * g + 4], p, strict=True)
-            )
+            start = 0.0
+            for j in range(4):
+                end = start + p[j] if j < 3 else float(k)
+                kept = any(start <= u + i < end for i in range(k))
+                weights.append(1.0 / p[j] if kept else 0.0)
+                start = end
+        kept_units += sum(w > 0 for w in weights)
+        estimate = dy2.t() @ (torch.tensor(weights, dtype=torch.float64)[:, None] * x2)
+        v_s = float((estimate - exact).square().sum())
         assert float(state[slot]) == pytest.approx(v_s / noise, rel=1e-9)
+    assert float(state[4]) == kept_units and float(state[5]) == 32  # the draws' units counted
 
 
 def test_flop_account_counts_the_kept_share():
@@ -315,7 +328,7 @@ def test_flop_account_counts_the_kept_share():
     for _ in range(4):
         model(x).square().sum().backward()
     shares = grad_weight_shares(model)
-    kept = (32 + 3 * 16) / (4 * 32)  # one exact call, three at 2 of 4
+    kept = (32 + 16 + 24 + 3 * 16) / (4 * 32)  # one exact call with its two draws, three at 2 of 4
     assert shares == {"0": pytest.approx(2 * (1 - kept))}
     layers = [LayerFlops("0", 100, model[0].config)]
     account = flop_account(layers, {"sparse": 4}, "backward", shares)

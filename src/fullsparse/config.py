@@ -89,7 +89,7 @@ DEFAULT_TSM_INTERVAL = 40
 #: add (``V_s(k) / V_b``, :class:`fullsparse.sampling.AdaptiveState`), and how often (in
 #: calls of the layer's backward) it measures both. docs/results/quality.md measures them.
 DEFAULT_VARIANCE_BUDGET = 0.2
-DEFAULT_VARIANCE_INTERVAL = 10
+DEFAULT_VARIANCE_INTERVAL = 50
 
 # --- meProp (Sun et al. 2017): unstructured top-k of the output gradient.
 #: Fraction of each dY row that TopK(dY) keeps: per output position (conv: each (n, h, w);

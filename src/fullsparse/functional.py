@@ -112,7 +112,7 @@ def conv_grad_weight(
     *,
     state: Tensor | None = None,
     budget: float = 0.2,
-    interval: int = 10,
+    interval: int = 50,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a convolution in one of the config's modes.
 
@@ -182,7 +182,7 @@ def linear_grad_weight(
     *,
     state: Tensor | None = None,
     budget: float = 0.2,
-    interval: int = 10,
+    interval: int = 50,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer: ``[d_out, d_in]``.
 

@@ -19,6 +19,8 @@ they update are opaque to ``torch.compile``, which sees one op of a known output
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,14 +81,27 @@ def _units_in_columns(units: Tensor, wo: int) -> int:
 
 
 def _measured(
-    state: Tensor, scores: Tensor, g_a: Tensor, g_b: Tensor, budget: float, units: int
+    state: Tensor,
+    halves: tuple[Tensor, Tensor],
+    estimate: Callable[[int], tuple[Tensor, int]],
+    budget: float,
+    units: int,
 ) -> Tensor:
-    """A measuring call of ``is_adaptive``: the exact gradient ``G_A + G_B`` of the two half
-    batches, whose difference estimates the minibatch noise ``V_b = ‖G_A − G_B‖²``."""
+    """A measuring call of ``is_adaptive``: returns the exact gradient ``G = G_A + G_B`` of
+    the two half batches. Their difference estimates the minibatch noise
+    ``V_b = ‖G_A − G_B‖²``; one draw of the estimator per keep count k ∈ {2, 3},
+    ``‖Ĝ_k − G‖²``, its variance ``V_s(k)`` (the sampler's own, covariances included)."""
+    g_a, g_b = halves
     noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
-    AdaptiveState.measure(state, scores, noise, budget)
-    AdaptiveState.count(state, units, units)
-    return g_a.add_(g_b)
+    grad = g_a.add_(g_b)
+    variances, kept = {}, units
+    for k in (2, 3):
+        g_k, kept_k = estimate(k)
+        variances[k] = float(torch.linalg.vector_norm(g_k - grad, dtype=torch.float64).square())
+        kept += kept_k
+    AdaptiveState.measure(state, variances, noise, budget)
+    AdaptiveState.count(state, kept, units)
+    return grad
 
 
 # --------------------------------------------------------------------------- Linear
@@ -99,19 +114,24 @@ def _linear_impl(
         AdaptiveState.count(state, half_count(m, phase), m)
         return dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
     scores = token_scores(x2, dy2)
+
+    def estimate(keep: int) -> tuple[Tensor, int]:
+        index, weight = sample_units(scores, keep)
+        if index.numel() == m:
+            return dy2.t().mm(x2), m
+        dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
+        return dy_kept.t().mm(x2.index_select(0, index)), index.numel()
+
     keep = 2
     if mode == "is_adaptive" and state is not None:
         if AdaptiveState.due(state, interval) and m >= 2:
             h = m // 2
-            g_a, g_b = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
-            return _measured(state, scores, g_a, g_b, budget, m)
+            halves = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
+            return _measured(state, halves, estimate, budget, m)
         keep = AdaptiveState.keep(state)
-    index, weight = sample_units(scores, keep)
-    AdaptiveState.count(state, index.numel(), m)
-    if index.numel() == m:
-        return dy2.t().mm(x2)
-    dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
-    return dy_kept.t().mm(x2.index_select(0, index))
+    grad, kept = estimate(keep)
+    AdaptiveState.count(state, kept, m)
+    return grad
 
 
 _LINEAR_SCHEMA = (
@@ -140,7 +160,7 @@ def linear_sampled_grad_weight(
     mode: str,
     state: Tensor | None = None,
     budget: float = 0.2,
-    interval: int = 10,
+    interval: int = 50,
 ) -> Tensor:
     """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
     return _linear_op(x2, dy2, mode, state, float(budget), int(interval))
@@ -198,7 +218,7 @@ def conv_sampled_grad_weight(
     mode: str,
     state: Tensor | None = None,
     budget: float = 0.2,
-    interval: int = 10,
+    interval: int = 50,
 ) -> Tensor:
     """``dW`` (``weight``'s shape; its values are not read) of a convolution from
     ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``."""
@@ -256,16 +276,24 @@ def _conv_impl(
         return _half_columns_product(x, dy[..., phase::2], weight, geo, phase).mul_(2)
     n = x.shape[0]
     scores = block_scores(x, dy, weight.shape[3], geo)
+
+    def estimate(keep: int) -> tuple[Tensor, int]:
+        units, scale = sample_units(scores, keep)
+        if units.numel() == 2 * n:
+            return conv_backward(_channels_like(dy, x), x, weight, geo, "weight"), n * wo
+        product = _blocks_product(x, dy, weight, geo, units, scale)
+        return product, _units_in_columns(units, wo)
+
     keep = 2
     if mode == "is_adaptive" and state is not None:
         if AdaptiveState.due(state, interval) and n >= 2:
             h = n // 2
-            g_a = conv_backward(dy[:h], x[:h], weight, geo, "weight")
-            g_b = conv_backward(dy[h:], x[h:], weight, geo, "weight")
-            return _measured(state, scores, g_a, g_b, budget, n * wo)
+            halves = (
+                conv_backward(dy[:h], x[:h], weight, geo, "weight"),
+                conv_backward(dy[h:], x[h:], weight, geo, "weight"),
+            )
+            return _measured(state, halves, estimate, budget, n * wo)
         keep = AdaptiveState.keep(state)
-    units, scale = sample_units(scores, keep)
-    AdaptiveState.count(state, _units_in_columns(units, wo), n * wo)
-    if units.numel() == 2 * n:
-        return conv_backward(_channels_like(dy, x), x, weight, geo, "weight")
-    return _blocks_product(x, dy, weight, geo, units, scale)
+    grad, kept = estimate(keep)
+    AdaptiveState.count(state, kept, n * wo)
+    return grad

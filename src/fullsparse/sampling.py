@@ -34,7 +34,6 @@ __all__ = [
     "keep_probabilities",
     "select_units",
     "sample_units",
-    "sampling_variance",
     "AdaptiveState",
 ]
 
@@ -110,20 +109,6 @@ def random_phase(device: torch.device) -> int:
     return int(uniforms(1, device)[0] >= 0.5)
 
 
-def sampling_variance(scores: Tensor, k: int) -> float:
-    """``Σ_u s_u²·(1/p_u − 1)``: the variance ``E‖Ĝ − G‖²`` that keeping k of every 4 units
-    with :func:`keep_probabilities` adds, were the units kept independently (systematic
-    sampling's negative covariances make the true value a little smaller). Exact per unit for
-    a Linear layer, where ``s_u = ‖dY_u‖·‖X_u‖ = ‖dY_u X_uᵀ‖``; an upper bound per unit for a
-    convolution column."""
-    full = scores.shape[0] // 4 * 4
-    if k >= 4 or full == 0:
-        return 0.0
-    s = scores[:full].reshape(-1, 4).double()
-    p = keep_probabilities(s, k)
-    return float((s * s * (1.0 / p - 1.0)).sum())
-
-
 class AdaptiveState:
     """A layer's ``is_adaptive`` state, in one float64 CPU tensor (saved in checkpoints by
     :func:`fullsparse.sparse_state_dict`): the keep count, a call counter, the smoothed ratios
@@ -132,8 +117,10 @@ class AdaptiveState:
 
     Every ``interval`` calls (the first included) the layer computes its exact weight gradient
     as two half-batch products ``G = G_A + G_B``; ``‖G_A − G_B‖²`` estimates the minibatch
-    noise ``V_b`` (the variance of G over batches of i.i.d. samples), and
-    :func:`sampling_variance` gives ``V_s(k)`` for the same batch. The keep count becomes the
+    noise ``V_b`` (the variance of G over batches of i.i.d. samples), and one draw of the
+    estimator per k, ``‖Ĝ_k − G‖²``, its variance ``V_s(k)`` on the same batch (the
+    sampler's own variance, covariances included: on convolutions the closed form
+    ``Σ s²(1/p − 1)`` from the block scores overstates it many times). The keep count becomes the
     smallest k whose smoothed ``V_s(k)/V_b`` is within ``budget`` (4, the exact product, if
     none is).
     """
@@ -167,12 +154,12 @@ class AdaptiveState:
         state[5] += total
 
     @staticmethod
-    def measure(state: Tensor, scores: Tensor, noise: float, budget: float) -> None:
-        """Fold one measurement in and choose the keep count."""
+    def measure(state: Tensor, variances: dict[int, float], noise: float, budget: float) -> None:
+        """Fold one measurement in (``variances``: ``V_s(k)`` for k = 2 and 3; ``noise``:
+        ``V_b``) and choose the keep count."""
         new = state[6] == 0
         for slot, k in ((2, 2), (3, 3)):
-            ratio = sampling_variance(scores, k) / max(noise, 1e-300)
-            ratio = min(ratio, 1e6)
+            ratio = min(variances[k] / max(noise, 1e-300), 1e6)
             a = 1.0 if new else AdaptiveState.SMOOTHING
             state[slot] = a * ratio + (1 - a) * float(state[slot])
         state[6] += 1

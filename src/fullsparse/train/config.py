@@ -235,7 +235,7 @@ class TrainConfig:
     )
     variance_interval: int | None = option(
         None,
-        "override: is_adaptive's calls between variance measurements (default: the recipe's, 10)",
+        "override: is_adaptive's calls between variance measurements (default: the recipe's, 50)",
         minimum=1,
     )
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
