@@ -29,7 +29,6 @@ from torch import Tensor
 
 __all__ = [
     "SAMPLED_MODES",
-    "KEEP_CHOICES",
     "uniforms",
     "keep_probabilities",
     "select_units",
@@ -39,8 +38,6 @@ __all__ = [
 
 #: The ``grad_weight_mode`` values that sample units (see the module doc).
 SAMPLED_MODES = ("rand_half", "is_half", "is_adaptive")
-#: The keep counts (of every 4 units) ``is_adaptive`` chooses from.
-KEEP_CHOICES = (2, 3, 4)
 
 
 def uniforms(n: int, device: torch.device) -> Tensor:
@@ -175,15 +172,6 @@ class AdaptiveState:
         """The share of units that went into the weight-gradient products so far."""
         total = float(state[5])
         return float(state[4]) / total if total else None
-
-
-def groups_of_4_share(n_units: int, k: int) -> float:
-    """The share of ``n_units`` units a keep count of k of 4 puts into the product."""
-    if n_units == 0:
-        return 1.0
-    full = n_units // 4 * 4
-    kept = (full // 4) * min(k, 4) + (n_units - full)
-    return kept / n_units
 
 
 def half_count(n_units: int, phase: int) -> int:
