@@ -224,3 +224,17 @@ def test_bench_steps_mask_interval_amortizes_the_weight_side_work(monkeypatch):
     _, side = steps._bench_case(STEP_CASES["tiny-gpt"], ["dense", "fst"], 1, 1,
                                 torch.device("cpu"), 40)  # fmt: skip
     assert side[0]["ms"] == pytest.approx(2.0 + (10.0 - 2.0) / 40)
+
+
+def test_bench_steps_times_the_weight_gradient_sampling_of_sampling_recipes():
+    from fullsparse.bench.steps import bench_steps
+
+    result = bench_steps(["tiny-gpt"], ["fst", "fst_is", "fst_mvue"], warmup=1, repeats=1,
+                         grad_weight_shape=None)  # fmt: skip
+    rows = {r["recipe"]: r for r in result["weight_side"]}
+    assert "sampling_ms" not in rows["fst"]  # fst's weight gradient samples nothing
+    for name in ("fst_is", "fst_mvue"):
+        assert rows[name]["sampling_layers"] == rows[name]["layers"] == 4
+        assert rows[name]["sampling_ms"] > 0
+    worst = max(rows[n]["sampling_percent_of_dense_step"] for n in ("fst_is", "fst_mvue"))
+    assert result["targets"]["sampling_percent_max"]["value"] == worst

@@ -374,3 +374,26 @@ def test_bad_variance_flags_get_one_line_and_exit_2(flags, says, tmp_path, capsy
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
     assert not out.exists()  # nothing written
+
+
+def test_sampling_work_is_the_products_own_operands():
+    """The benchmark's sampling work (``sampling_work``) prepares exactly the operands the
+    product then multiplies: the same draw gives the same gradient."""
+    gen = torch.Generator().manual_seed(8)
+    x2, dy2 = torch.randn(40, 6, generator=gen), torch.randn(40, 5, generator=gen)
+    w2 = torch.zeros(5, 6)
+    for mode in ("rand_half", "is_half"):
+        torch.manual_seed(1)
+        dy_kept, x_kept = sampled_grad.sampling_work(mode, x2, dy2, w2)
+        scale = 2.0 if mode == "rand_half" else 1.0
+        torch.manual_seed(1)
+        torch.testing.assert_close(
+            scale * dy_kept.t() @ x_kept, linear_grad_weight(x2, dy2, mode), rtol=1e-6, atol=1e-6
+        )
+    x, weight, dy = torch.randn(4, 3, 6, 9), torch.randn(4, 3, 3, 3), torch.randn(4, 4, 6, 9)
+    geo = ConvGeometry.make(1, 1, 1, 1)
+    torch.manual_seed(2)
+    parts = sampled_grad.sampling_work("is_half", x, dy, weight, geo)
+    torch.manual_seed(2)
+    want = conv_grad_weight(x, dy, weight, geo, "is_half")
+    torch.testing.assert_close(sampled_grad._products(weight, parts), want, rtol=1e-6, atol=1e-6)

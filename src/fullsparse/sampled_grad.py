@@ -34,6 +34,7 @@ __all__ = [
     "conv_sampled_grad_weight",
     "token_scores",
     "block_scores",
+    "sampling_work",
 ]
 
 
@@ -105,6 +106,15 @@ def _measured(
 
 
 # --------------------------------------------------------------------------- Linear
+def _kept_rows(x2: Tensor, dy2: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``."""
+    index, weight = sample_units(scores, keep)
+    if index.numel() == x2.shape[0]:
+        return dy2, x2
+    dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
+    return dy_kept, x2.index_select(0, index)
+
+
 def _linear_impl(
     x2: Tensor, dy2: Tensor, mode: str, state: Tensor | None, budget: float, interval: int
 ) -> Tensor:
@@ -116,11 +126,8 @@ def _linear_impl(
     scores = token_scores(x2, dy2)
 
     def estimate(keep: int) -> tuple[Tensor, int]:
-        index, weight = sample_units(scores, keep)
-        if index.numel() == m:
-            return dy2.t().mm(x2), m
-        dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
-        return dy_kept.t().mm(x2.index_select(0, index)), index.numel()
+        dy_kept, x_kept = _kept_rows(x2, dy2, scores, keep)
+        return dy_kept.t().mm(x_kept), x_kept.shape[0]
 
     keep = 2
     if mode == "is_adaptive" and state is not None:
@@ -173,31 +180,32 @@ def _channels_like(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
-def _half_columns_product(
-    x: Tensor, dy_half: Tensor, weight: Tensor, geo: ConvGeometry, phase: int
-) -> Tensor:
-    """``Σ`` over the output columns ``phase, phase+2, …`` of their terms, given as
-    ``dy_half = dY[..., phase::2]`` (any scaling already applied)."""
+def _half_operands(
+    x: Tensor, dy_half: Tensor, geo: ConvGeometry, phase: int
+) -> tuple[Tensor, Tensor, ConvGeometry]:
+    """``(input, dY, geometry)`` of the strided half-size product over the output columns
+    ``phase, phase+2, …``, given ``dy_half = dY[..., phase::2]`` (any scaling applied)."""
     dy_half = _channels_like(dy_half.contiguous(), x)
-    if dy_half.shape[3] == 0:
-        return torch.zeros_like(weight)
     half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
     if phase == 0:
-        return conv_backward(dy_half, x, weight, half, "weight")
+        return x, dy_half, half
     # column 1's window starts sw columns into the padded input: pad (crop where negative)
     # the width by hand, then no width padding in the product
     sw, pw = geo.stride[1], geo.padding[1]
     shifted = _channels_like(F.pad(x, (pw - sw, pw)), x)
-    geo1 = ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
-    return conv_backward(dy_half, shifted, weight, geo1, "weight")
+    return (
+        shifted,
+        dy_half,
+        ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups),
+    )
 
 
-def _blocks_product(
-    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
-) -> Tensor:
-    """``Σ`` over the kept units ``2n + q`` of ``scale ×`` the term of sample n's columns of
-    parity q: one strided half-size product per parity, over that parity's samples."""
-    grad = None
+def _block_operands(
+    x: Tensor, dy: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
+) -> list[tuple[Tensor, Tensor, ConvGeometry]]:
+    """The strided half-size products of the kept units ``2n + q`` (one per parity, over
+    that parity's samples, their dY columns divided by p)."""
+    parts = []
     for parity in (0, 1):
         chosen = (units % 2) == parity
         if not bool(chosen.any()):
@@ -205,7 +213,17 @@ def _blocks_product(
         samples = units[chosen] // 2
         dy_q = dy[..., parity::2].index_select(0, samples)  # one half-size copy
         dy_q.mul_(scale[chosen].to(dy.dtype)[:, None, None, None])
-        part = _half_columns_product(x.index_select(0, samples), dy_q, weight, geo, parity)
+        parts.append(_half_operands(x.index_select(0, samples), dy_q, geo, parity))
+    return parts
+
+
+def _products(weight: Tensor, parts: list[tuple[Tensor, Tensor, ConvGeometry]]) -> Tensor:
+    """``Σ`` of the weight gradients of ``parts`` (``(input, dY, geometry)`` each)."""
+    grad = None
+    for x_p, dy_p, geo_p in parts:
+        if dy_p.shape[3] == 0:  # no column of this parity
+            continue
+        part = conv_backward(dy_p, x_p, weight, geo_p, "weight")
         grad = part if grad is None else grad.add_(part)
     return torch.zeros_like(weight) if grad is None else grad
 
@@ -273,7 +291,7 @@ def _conv_impl(
     if mode == "rand_half":
         phase = random_phase(x.device)
         AdaptiveState.count(state, half_count(wo, phase), wo)
-        return _half_columns_product(x, dy[..., phase::2], weight, geo, phase).mul_(2)
+        return _products(weight, [_half_operands(x, dy[..., phase::2], geo, phase)]).mul_(2)
     n = x.shape[0]
     scores = block_scores(x, dy, weight.shape[3], geo)
 
@@ -281,7 +299,7 @@ def _conv_impl(
         units, scale = sample_units(scores, keep)
         if units.numel() == 2 * n:
             return conv_backward(_channels_like(dy, x), x, weight, geo, "weight"), n * wo
-        product = _blocks_product(x, dy, weight, geo, units, scale)
+        product = _products(weight, _block_operands(x, dy, geo, units, scale))
         return product, _units_in_columns(units, wo)
 
     keep = 2
@@ -297,3 +315,23 @@ def _conv_impl(
     grad, kept = estimate(keep)
     AdaptiveState.count(state, kept, n * wo)
     return grad
+
+
+# --------------------------------------------------------------------------- benchmarks
+def sampling_work(
+    mode: str, x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry | None = None
+) -> object:
+    """What a sampled weight gradient does besides its product, as one call makes it: the
+    scores, the draw and the operands (copies) of the product. ``geo`` None: a Linear layer
+    (``x [M, d_in]``, ``dy [M, d_out]``); else a convolution. For the benchmark of the
+    per-step overhead (:mod:`fullsparse.bench.steps`)."""
+    if geo is None:
+        if mode == "rand_half":
+            phase = random_phase(x.device)
+            return dy[phase::2], x[phase::2]
+        return _kept_rows(x, dy, token_scores(x, dy), 2)
+    if mode == "rand_half":
+        phase = random_phase(x.device)
+        return _half_operands(x, dy[..., phase::2], geo, phase)
+    units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), 2)
+    return _block_operands(x, dy, geo, units, scale)

@@ -170,11 +170,13 @@ def format_steps(result: dict[str, Any]) -> str:
         ),
     )
     lines += _table(
-        "weight-side work: case | recipe | layers | ms per step | % of dense step",
-        "llrrr",
+        "weight-side work: case | recipe | layers | ms per step | % of dense step "
+        "| sampling ms | sampling % of dense step",
+        "llrrrrr",
         (
             f"| {w['case']} | {w['recipe']} | {w['layers']} | {_f(w['ms'], 3)} | "
-            f"{_f(w['percent_of_dense_step'])} |"
+            f"{_f(w['percent_of_dense_step'])} | {_f(w.get('sampling_ms'), 3)} | "
+            f"{_f(w.get('sampling_percent_of_dense_step'))} |"
             for w in result["weight_side"]
         ),
     )
@@ -199,6 +201,7 @@ def format_steps(result: dict[str, Any]) -> str:
             "fst_step_speedup_min": ("fst step speed-up vs dense (min over cases)", ">="),
             "best_step_speedup_min": (_best_label(result), ">="),
             "weight_side_percent_max": ("weight-side work, % of dense step (max)", "<"),
+            "sampling_percent_max": ("weight-gradient sampling, % of dense step (max)", "<"),
             "fst_grad_weight_speedup": ("fst grad_weight alone vs dense at 56x56", ">="),
         },
     )

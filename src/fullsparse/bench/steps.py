@@ -14,7 +14,9 @@ Reported per case and recipe:
 - ``weight_side``: the per-step work sparse layers do on their weights alone (the 2:4
   masks S_K(W) and S_Co(W) or the TSM mask, the ``grad_input`` weight operand, the SR-STE
   decay term; :func:`~fullsparse.bench.ops.weight_side_work`), summed over every sparse
-  layer, timed alone, as a percentage of the dense step.
+  layer, timed alone, as a percentage of the dense step; and for recipes whose weight
+  gradient samples (``fst_mvue``'s MVUE, the sampled recipes) the sampling alone on one
+  step's operands (``sampling_ms``, ``sampling_percent_of_dense_step``).
 
 Plus ``grad_weight``: the ``fst`` weight gradient alone against the dense one at a 56×56
 conv shape (batch 32, 64→64 channels, 3×3 by default), the half-FLOP product on its own.
@@ -105,6 +107,7 @@ STEP_TARGETS = {
     "fst_step_speedup_min": 1.0,  # fst step >= 1.0x dense in every case (aim: 1.1x)
     "best_step_speedup_min": 1.0,  # some recipe >= 1.0x dense in every case
     "weight_side_percent_max": 5.0,  # weight-side work < 5 % of a dense step
+    "sampling_percent_max": 5.0,  # weight-gradient sampling (MVUE, sampled units) < 5 %
     "fst_grad_weight_speedup": 1.8,  # fst grad_weight alone >= 1.8x dense at 56x56
 }
 
@@ -191,6 +194,56 @@ def _weight_side_fn(
     return len(layers), work
 
 
+def _sampling_fn(
+    case: StepCase, model: nn.Module, device: torch.device
+) -> tuple[int, Callable[[int], None]]:
+    """(layers, a callable doing every sparse layer's weight-gradient *sampling* once: the
+    MVUE of dY, or a sampled gradient's scores, draw and operand copies), on the operands of
+    one training step of ``model``."""
+    from fullsparse.geometry import ConvGeometry
+    from fullsparse.nn import sparse_modules
+    from fullsparse.operands import mvue_spatial_conv, mvue_tokens
+    from fullsparse.sampled_grad import sampling_work
+
+    captured: list[tuple[str, Any, torch.Tensor, list[torch.Tensor]]] = []
+    hooks = []
+    for _, m in sparse_modules(model):
+        conv = isinstance(m, nn.Conv2d)
+        mode = m.config.for_kind("conv" if conv else "linear").grad_weight_mode  # type: ignore
+        if mode not in (*SAMPLED_MODES, "mvue"):
+            continue
+
+        def keep(mod: nn.Module, args: Any, out: torch.Tensor, mode: str = mode) -> None:
+            grads: list[torch.Tensor] = []
+            out.register_hook(lambda g: grads.append(g.detach()))
+            captured.append((mode, mod, args[0].detach(), grads))
+
+        hooks.append(m.register_forward_hook(keep))
+    _step_fn(case, model, device)(0)
+    for h in hooks:
+        h.remove()
+    layers = []
+    for mode, mod, x, grads in captured:
+        if not grads:
+            continue
+        dy, w = grads[0], mod.weight.detach()
+        if isinstance(mod, nn.Conv2d):
+            geo = ConvGeometry.make(mod.stride, mod.padding, mod.dilation, mod.groups)
+            layers.append((mode, x, dy, w, geo))
+        else:
+            layers.append((mode, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), w, None))
+
+    def work(_: int) -> None:
+        with torch.no_grad():
+            for mode, x, dy, w, geo in layers:
+                if mode == "mvue":
+                    mvue_tokens(dy) if geo is None else mvue_spatial_conv(dy)
+                else:
+                    sampling_work(mode, x, dy, w, geo)
+
+    return len(layers), work
+
+
 def _bench_case(
     case: StepCase,
     names: Sequence[str],
@@ -226,16 +279,21 @@ def _bench_case(
             _, cached_fn = _weight_side_fn(models[name], cached_masks=True)
             cached_ms = interleaved_ms({"work": cached_fn}, warmup, repeats, device)["work"]
             work_ms = cached_ms + (work_ms - cached_ms) / mask_interval
-        side.append(
-            {
-                "case": case.name,
-                "recipe": name,
-                "layers": layers,
-                "ms": work_ms,
-                "dense_step_ms": ms["dense"],
-                "percent_of_dense_step": 100.0 * work_ms / ms["dense"],
-            }
-        )
+        row = {
+            "case": case.name,
+            "recipe": name,
+            "layers": layers,
+            "ms": work_ms,
+            "dense_step_ms": ms["dense"],
+            "percent_of_dense_step": 100.0 * work_ms / ms["dense"],
+        }
+        sampled, sample_fn = _sampling_fn(case, models[name], device)
+        if sampled:
+            sample_ms = interleaved_ms({"sampling": sample_fn}, warmup, repeats, device)
+            row["sampling_layers"] = sampled
+            row["sampling_ms"] = sample_ms["sampling"]
+            row["sampling_percent_of_dense_step"] = 100.0 * sample_ms["sampling"] / ms["dense"]
+        side.append(row)
     return rows, side
 
 
@@ -342,6 +400,11 @@ def bench_steps(
 def _targets(result: dict[str, Any]) -> dict[str, Any]:
     fst = [r["speedup_vs_dense"] for r in result["steps"] if r["recipe"] == "fst"]
     side = [r["percent_of_dense_step"] for r in result["weight_side"]]
+    sampling = [
+        r["sampling_percent_of_dense_step"]
+        for r in result["weight_side"]
+        if "sampling_percent_of_dense_step" in r
+    ]
     gw = result["grad_weight"]
 
     def judge(value: float | None, target: float, higher: bool) -> dict[str, Any]:
@@ -364,6 +427,9 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         },
         "weight_side_percent_max": judge(
             max(side) if side else None, t["weight_side_percent_max"], False
+        ),
+        "sampling_percent_max": judge(
+            max(sampling) if sampling else None, t["sampling_percent_max"], False
         ),
         "fst_grad_weight_speedup": judge(
             gw["speedup"] if gw else None, t["fst_grad_weight_speedup"], True
