@@ -152,8 +152,10 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
         "fst_step_speedup_min",
         "best_step_speedup_min",
         "weight_side_percent_max",
+        "sampling_percent_max",
         "fst_grad_weight_speedup",
     }
+    assert data["targets"]["sampling_percent_max"]["value"] is None  # fst, tsm sample nothing
     best = data["targets"]["best_step_speedup_min"]
     per_recipe = {
         name: min(r["speedup_vs_dense"] for r in data["steps"] if r["recipe"] == name)
