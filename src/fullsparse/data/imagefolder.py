@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,12 @@ def open_rgb(path: Path, what: str) -> Any:
     Image = _import_pil()
     cap = limit("image_pixels")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns from 89.5 Mpx; the image_pixels limit is the rule here, and a
+            # raw two-line warning would break the one-line output.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > cap:
                 raise UserError(
