@@ -43,6 +43,7 @@ __all__ = [
     "center_crop_box",
     "find_imagefolder",
     "open_rgb",
+    "image_header_size",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -91,6 +92,34 @@ def open_rgb(path: Path, what: str) -> Any:
         ) from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
         raise UserError(f"{what}: cannot decode {path}: {exc}") from None
+
+
+def image_header_size(path: Path, what: str) -> tuple[int, int]:
+    """``(width, height)`` from the header of image file ``path``, without decoding its
+    pixels: a file Pillow cannot identify, or one over the ``image_pixels`` limit, is
+    refused (UserError naming ``what`` and the file). Datasets call it for every image when
+    they are built, so such a file stops the run before its folder is written."""
+    Image = _import_pil()
+    cap = limit("image_pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{what}: {path}: Pillow refuses it as a decompression bomb; if the image is "
+            f"real, raise {LIMITS['image_pixels'].env('image_pixels')}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
+        raise UserError(f"{what}: cannot read the image header of {path}: {exc}") from None
+    if width * height > cap:
+        raise UserError(
+            f"{what}: {path}: {width}x{height} {exceeded('pixels', width * height, 'image_pixels')}"
+        )
+    if width < 1 or height < 1:
+        raise UserError(f"{what}: {path}: the image is {width}x{height}")
+    return width, height
 
 
 def random_resized_crop_box(
@@ -208,6 +237,8 @@ class ImageFolderDataset(Dataset):
                     f"imagefolder: class folder {folder} holds no images "
                     f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
                 )
+            for file in files:
+                image_header_size(file, "imagefolder")  # header and size, before the run starts
             self.samples += [(p, label) for p in files]
         if not self.samples:
             raise UserError(
