@@ -198,15 +198,32 @@ def worker_message(text: str, exc_name: str) -> str:
 
 
 def read_capped(path: Any, cap: int, what: str, name: str) -> bytes:
-    """The bytes of ``path``, refused (UserError) if the file is larger than ``cap``."""
+    """The bytes of ``path``, refused (UserError) if the file is larger than ``cap``.
+
+    Reads the file's size plus one byte, never ``cap`` bytes at once: ``read(n)``
+    allocates ``n`` bytes up front, so ``read(2 GiB)`` of a 1 kB file needed 2 GiB of
+    address space (a MemoryError under ``ulimit -v``). A file that grows while it is read
+    is read on in 1 MiB chunks, up to the cap."""
     try:
         size = os.path.getsize(path)
         if size > cap:
             raise UserError(f"{what} {path}: {exceeded('its size in bytes', size, name)}")
         with open(path, "rb") as f:
-            return f.read(cap + 1)
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew since its size was read
+                parts, total = [data], len(data)
+                while total <= cap:
+                    chunk = f.read(min(1 << 20, cap + 1 - total))
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    total += len(chunk)
+                data = b"".join(parts)
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise UserError(f"{what} {path}: {exceeded('its size in bytes', len(data), name)}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------

@@ -97,7 +97,9 @@ def build_text_corpus(
             continue
         try:  # only the bytes still needed: a huge file costs no more than the cap
             with open(path, "rb") as f:
-                data = f.read(caps[split] - sizes[split])
+                # read(n) allocates n bytes up front: ask for no more than the file holds
+                size = os.fstat(f.fileno()).st_size
+                data = f.read(min(caps[split] - sizes[split], size))
         except OSError as exc:
             raise UserError(f"cannot read text file {path}: {exc.strerror or exc}") from None
         parts[split].append(data)
