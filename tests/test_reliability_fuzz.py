@@ -39,6 +39,21 @@ def test_a_short_fuzz_run_of_every_reader_reads_or_refuses_in_one_line():
     assert {o.target for o in outcomes} == set(TARGETS)
 
 
+@pytest.mark.parametrize(
+    "name, index, needle",
+    [
+        ("config-yaml", 150, "lr must be a finite number >= 0, got a number of 401 digits"),
+        ("config-json", 164, "lr must be a finite number >= 0, got a number of 401 digits"),
+        ("ckpt-export", 160, "its zip archive is damaged"),
+    ],
+)
+def test_the_cases_the_long_run_found_are_refused_in_one_line(name, index, needle):
+    """Seed 1 found these: an OverflowError for a 401-digit lr, and zipfile's
+    NotImplementedError for a checkpoint whose zip declares version 25.5."""
+    (outcome,) = fuzz([name], cases=1, seed=1, budget=60.0, only=index, check_valid=False)
+    assert outcome.kind.startswith("refused") and needle in outcome.kind, outcome.kind
+
+
 def test_the_harness_reports_a_hang_and_an_unexpected_exception(tmp_path, monkeypatch):
     """The harness can fail: a reader that loops or raises TypeError is reported."""
     import fuzzing

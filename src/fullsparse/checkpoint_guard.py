@@ -44,7 +44,7 @@ def check_zip_entries(path: Path) -> None:
             return  # the legacy single-pickle format; torch.load judges it
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):  # version, method
         return  # torch.load reports an unreadable file in its own words
     ratio = limit("compression_ratio")
     for info in infos:
@@ -66,7 +66,7 @@ def _pickle_bytes(path: Path) -> bytes:
                     return f.read(cap)
         with open(path, "rb") as f:
             return f.read(cap)
-    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
+    except (OSError, StopIteration, zipfile.BadZipFile, ValueError, NotImplementedError):
         return b""
 
 
