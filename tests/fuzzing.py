@@ -543,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(outcomes))
     for o in outcomes:
         if o.kind.startswith("FAIL") or args.show:
+            what = "; ".join(o.mutations)
             print(
-                f"{o.target} case {o.index} (seed {args.seed}): {'; '.join(o.mutations)}: {o.kind}"
+                f"{o.target} case {o.index} (seed {args.seed}, {o.seconds:.1f} s): {what}: {o.kind}"
             )
     print(f"{len(outcomes)} cases in {time.perf_counter() - start:.0f} s")
     return 1 if any(o.kind.startswith("FAIL") for o in outcomes) else 0
