@@ -76,6 +76,24 @@ def test_a_member_ending_exactly_where_a_read_stops_then_an_empty_member(tmp_pat
         assert torch.equal(_read(tmp_path, gzip.compress(raw) + tail), images)
 
 
+def _bgzf_member(data: bytes) -> bytes:
+    """A BGZF block as bgzip writes it: a gzip member with an FEXTRA 'BC' field."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = c.compress(data) + c.flush()
+    size = 12 + 6 + len(body) + 8 - 1  # the whole block's size minus one
+    header = b"\x1f\x8b\x08\x04" + bytes(4) + b"\x00\xff" + struct.pack("<H", 6)
+    header += b"BC" + struct.pack("<HH", 2, size)
+    return header + body + struct.pack("<II", zlib.crc32(data), len(data))
+
+
+def test_a_bgzip_file_of_blocks_and_its_empty_end_block(tmp_path):
+    images, raw = _raw()
+    blocks = b"".join(_bgzf_member(raw[i : i + 1000]) for i in range(0, len(raw), 1000))
+    data = blocks + _bgzf_member(b"")  # bgzip's 28-byte end-of-file block
+    assert len(_bgzf_member(b"")) == 28
+    assert torch.equal(_read(tmp_path, data), images)
+
+
 def test_a_60_byte_file_of_a_header_member_and_a_data_member(tmp_path):
     header = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 4)
     data = gzip.compress(header) + gzip.compress(bytes([1, 2, 3, 4]))
