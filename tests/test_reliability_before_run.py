@@ -209,7 +209,9 @@ def test_coco_problems_stop_the_cli_before_the_run_folder(tmp_path, capsys, monk
 
 def test_a_missing_pillow_stops_the_run_before_its_folder(tmp_path, capsys, monkeypatch):
     root = _imagefolder(tmp_path / "imgs")
+    coco = _coco(tmp_path / "coco", _coco_data())
     monkeypatch.setitem(sys.modules, "PIL", None)
+    _refused(coco, "coco", "decode images with Pillow: pip install pillow")
     out = tmp_path / "run"
     one_line_error(capsys, [*_TRAIN, "--data-dir", str(root), "--out", str(out)],
                    "pip install pillow")  # fmt: skip

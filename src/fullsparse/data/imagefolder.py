@@ -57,7 +57,7 @@ def _import_pil() -> Any:
         from PIL import Image
     except ImportError as exc:
         raise UserError(
-            "the imagefolder dataset decodes images with Pillow: pip install pillow "
+            "the imagefolder, coco and voc datasets decode images with Pillow: pip install pillow "
             "(or pip install 'fullsparse[vision]')"
         ) from exc
     return Image
