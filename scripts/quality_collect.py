@@ -67,16 +67,21 @@ def _runs(runs: Path, docs: Path) -> dict[tuple[str, str], list[dict[str, Any]]]
     """(task, variant) -> runs ({seed, summary, path}), copying new runs into docs."""
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for task in TASKS:
-        for folder in sorted((runs / task).glob("*-seed*")):
+        fresh = sorted((runs / task).glob("*-seed*"))
+        names = {f.name for f in fresh}
+        # runs collected before (committed under docs/), whose run folders are gone
+        kept = [f for f in sorted((docs / "quality" / task).glob("*-seed*")) if f.name not in names]
+        for folder in fresh + kept:
             summary = _completed(folder)
             if summary is None:
                 continue
             variant, seed = folder.name.rsplit("-seed", 1)
             target = docs / "quality" / task / folder.name
-            target.mkdir(parents=True, exist_ok=True)
-            for name in SMALL_FILES:
-                if (folder / name).exists():
-                    shutil.copyfile(folder / name, target / name)
+            if folder.resolve() != target.resolve():
+                target.mkdir(parents=True, exist_ok=True)
+                for name in SMALL_FILES:
+                    if (folder / name).exists():
+                        shutil.copyfile(folder / name, target / name)
             run = {"seed": int(seed), "summary": summary, "path": str(target / "summary.json")}
             found.setdefault((task, variant), []).append(run)
     for (task, variant, seed), folder in EARLIER.items():

@@ -50,6 +50,26 @@ jobs() {  # task variant seed flags...
   for v in srste:--recipe=srste fst2:--recipe=fst2 fst:--recipe=fst; do
     echo "vit ${v%%:*} 1 $VIT ${v#*:}"
   done
+  # The sampled weight gradients (fullsparse.sampling): GPT and ViT first (short runs),
+  # ResNet-20 with three seeds, then the third seeds of dense and fst_mvue there.
+  SAMPLED='fst_adaptive fst_is fst_rand'
+  for r in $SAMPLED; do echo "gpt $r 0 $GPT --recipe=$r"; done
+  echo "resnet20 fst_adaptive 0 $R20 --recipe=fst_adaptive"
+  for r in $SAMPLED; do echo "gpt $r 1 $GPT --recipe=$r"; done
+  # the adaptive budget's frontier: fewer measurements, a looser budget
+  echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
+  # a fully sparse sampled weight gradient with the dense finish of the last 8 % of steps
+  echo "gpt fst_is-finish0.08 0 $GPT --recipe=fst_is --dense-finish 0.08"
+  echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
+  for r in $SAMPLED; do echo "vit $r 0 $VIT --recipe=$r"; done
+  for r in fst_adaptive fst_is; do echo "vit $r 1 $VIT --recipe=$r"; done
+  echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
+  echo "resnet20 fst_adaptive 1 $R20 --recipe=fst_adaptive"
+  echo "resnet20 fst_adaptive 2 $R20 --recipe=fst_adaptive"
+  echo "resnet20 dense 2 $R20 --recipe=dense"
+  echo "resnet20 fst2-mvue 2 $R20 $MVUE"
+  echo "vit fst_rand 1 $VIT --recipe=fst_rand"
+  echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
 }
 
 run_job() {  # task variant seed flags...

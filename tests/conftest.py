@@ -17,6 +17,10 @@ import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("FULLSPARSE_TEST_THREADS", "1")))
+# Fused (compiled) kernels compile for tens of seconds at their first call: tests run the
+# eager reference, and tests/test_fused_kernels.py turns the fused path on where it checks
+# it against the reference.
+os.environ.setdefault("FULLSPARSE_FUSED", "off")
 
 
 @pytest.fixture(scope="module")

@@ -230,6 +230,70 @@ def draw_mvue_uniforms(rows: int, size: int) -> Tensor:
     return torch.rand(rows, (size + 3) // 4, 1, dtype=torch.float32)[..., 0].double()
 
 
+# --------------------------------------------------------------------------- sampled units
+
+
+def ref_keep_probabilities(scores: list[float], k: int) -> list[float]:
+    """Water-filling by bisection: p_i = min(1, c·s'_i) with Σp = k, where every score is
+    first raised by 1e-6 of its group's mean plus the smallest normal float64."""
+    mean = sum(scores) / 4
+    s = [x + mean * 1e-6 + 2.2250738585072014e-308 for x in scores]
+    lo, hi = 0.0, 1.0
+    while sum(min(1.0, hi * x) for x in s) < k:
+        hi *= 2
+    for _ in range(300):
+        c = (lo + hi) / 2
+        if sum(min(1.0, c * x) for x in s) < k:
+            lo = c
+        else:
+            hi = c
+    return [min(1.0, hi * x) for x in s]
+
+
+def ref_sampled_weights(scores: list[float], mode: str, k: int = 2) -> list[float]:
+    """The weight (0 = dropped, else 1/p) of each unit, drawing from torch's default
+    generator as fullsparse does: ``rand``: one uniform, phase = [u >= 1/2], every second
+    unit from the phase ×2; ``is``: one uniform per full group of 4, the units whose
+    cumulative-probability interval holds u, u+1, …, u+k−1; a partial group kept ×1."""
+    n = len(scores)
+    if mode == "rand":
+        phase = int(float(torch.rand(1, dtype=torch.float32)[0]) >= 0.5)
+        return [2.0 if i % 2 == phase else 0.0 for i in range(n)]
+    full = n // 4 * 4
+    weights = [1.0] * n
+    if full == 0 or k >= 4:
+        return weights
+    u = torch.rand(full // 4, dtype=torch.float32).double().tolist()
+    for g in range(full // 4):
+        p = ref_keep_probabilities(scores[4 * g : 4 * g + 4], k)
+        start = 0.0
+        for j in range(4):
+            end = start + p[j] if j < 3 else float(k)
+            kept = any(start <= u[g] + i < end for i in range(k))
+            weights[4 * g + j] = 1.0 / p[j] if kept else 0.0
+            start = end
+    return weights
+
+
+def ref_block_scores(x: Tensor, gy: Tensor, kw: int, g: Geo) -> list[float]:
+    """Per unit 2n + q (sample n's output columns of parity q): the norm of dY over those
+    columns times the norm of the (zero-padded) input columns their windows read, each
+    window counted once per output column."""
+    n, c, h, w = x.shape
+    xp = torch.zeros(n, c, h, w + 2 * g.padding[1], dtype=torch.float64)
+    xp[..., g.padding[1] : g.padding[1] + w] = x
+    scores = []
+    for i in range(n):
+        for q in (0, 1):
+            dy_sq = x_sq = 0.0
+            for wo in range(q, gy.shape[3], 2):
+                dy_sq += float(gy[i, :, :, wo].square().sum())
+                for t in range(kw):
+                    x_sq += float(xp[i, :, :, wo * g.stride[1] + t * g.dilation[1]].square().sum())
+            scores.append((dy_sq * x_sq) ** 0.5)
+    return scores
+
+
 # --------------------------------------------------------------------------- recipes
 
 _RECIPES = {
@@ -254,7 +318,20 @@ _RECIPES = {
     "fst_mvue": ("2:4", "co", "dense", "mvue", 0.0, 2e-4),
     "asp": ("2:4", "forward", "dense", "dense", 0.0, 0.0),
     "meprop": ("dense", "dense", "topk", "topk", 0.0, 0.0),
+    # sampled units (tokens / output columns); without a module's state the adaptive mode
+    # keeps 2 of 4 like is_half
+    "fst_rand": ("2:4", "co", "dense", "rand", 0.0, 2e-4),
+    "fst_is": ("2:4", "co", "dense", "is", 0.0, 2e-4),
+    "fst_adaptive": ("2:4", "co", "dense", "is", 0.0, 2e-4),
+    # a module's first is_adaptive call measures: its weight gradient is the exact product
+    "fst_adaptive_measuring": ("2:4", "co", "dense", "dense", 0.0, 2e-4),
 }
+
+
+def module_reference_name(name: str) -> str:
+    """The reference row of a sparse *module*'s first training step under recipe ``name``
+    (a functional call has no state; a module's first ``is_adaptive`` call is exact)."""
+    return "fst_adaptive_measuring" if name == "fst_adaptive" else name
 
 
 def ref_weight_operands(
@@ -316,6 +393,17 @@ def ref_conv(
     y_parts, dx_parts, dw_parts = [], [], []
     # drawn before the loop, for all Co rows at once, as fullsparse draws them
     u = draw_mvue_uniforms(co, dy2.shape[1]) if _RECIPES[name][3] == "mvue" else None
+    # sampled output columns, the same for every channel: rand = one phase for the layer;
+    # is = units 2n + q, sample n's columns of parity q
+    if _RECIPES[name][3] == "rand":
+        col_w = ref_sampled_weights([0.0] * wo, "rand")
+        pos_w = torch.tensor([col_w[p % wo] for p in range(n * ho * wo)], dtype=torch.float64)
+    elif _RECIPES[name][3] == "is":
+        unit_w = ref_sampled_weights(ref_block_scores(x, gy, kw, g), "is")
+        pos_w = torch.tensor(
+            [unit_w[2 * (p // (ho * wo)) + (p % wo) % 2] for p in range(n * ho * wo)],
+            dtype=torch.float64,
+        )
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]
@@ -338,6 +426,8 @@ def ref_conv(
             dwg = ref_mvue_rows(dyg, u[gi * cog : (gi + 1) * cog]) @ xg.t()
         elif gw == "topk":
             dwg = dyg_top @ xg.t()
+        elif gw in ("rand", "is"):
+            dwg = dyg @ (pos_w[:, None] * xg.t())
         else:  # wx
             dwg = dyg @ (xg * ref_mask_rows(xg)).t()
         dwg = dwg + decay * (w2 - w_out)
@@ -393,6 +483,10 @@ def ref_linear(
         dw = ref_mvue_rows(dy2.t(), draw_mvue_uniforms(d_out, dy2.shape[0])) @ x2
     elif gw == "topk":
         dw = dy_top.t() @ x2
+    elif gw in ("rand", "is"):  # rows of the flattened leading axes
+        scores = [float(dy2[r].norm() * x2[r].norm()) for r in range(x2.shape[0])]
+        weights = torch.tensor(ref_sampled_weights(scores, gw), dtype=torch.float64)
+        dw = dy2.t() @ (weights[:, None] * x2)
     else:
         dw = dy2.t() @ (x2 * ref_mask_cols(x2))
     dw = dw + decay * (w - w_out)

@@ -141,7 +141,6 @@ def test_analyze_from_a_checkpoint(tmp_path, capsys):
         (["fidelity", *DATA, "--modes", "global"], "unknown mode(s) global"),
         (["neighbors", *DATA, "--image-index", "9", "--images", "2"], "--image-index 9 is outside"),
         (["similarity", *DATA, "--images", "2", "--layers", "conv9"], "no Conv2d named conv9"),
-        (["overhead", "--recipe", "fastest"], "unknown recipe 'fastest'"),
         (["similarity", "--checkpoint", "/nonexistent/last.pt"], "does not exist"),
     ],
 )
@@ -149,3 +148,12 @@ def test_analyze_user_errors_are_one_line(tmp_path, capsys, args, message):
     assert main(["analyze", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_analyze_overhead_takes_only_a_known_recipe(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:  # argparse choices, from fullsparse.RECIPES
+        main(["analyze", "overhead", "--recipe", "fastest", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --recipe: invalid choice: 'fastest'")
+    assert err.count("\n") == 1 and "fst_mvue" in err

@@ -13,6 +13,7 @@ from fullsparse.bench.harness import interleaved_ms, median_ms, peak_memory_byte
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.bench.steps import STEP_CASES
 from fullsparse.cli import main
+from fullsparse.nn import sparse_modules
 from reference import ref_weight_operands
 
 TINY = [ConvShape("tiny 3x3 8-8 @8", 8, 8, 3, 1, 8, 2), ConvShape("tiny 3x3/2", 4, 8, 3, 2, 9, 2)]
@@ -120,7 +121,7 @@ def test_bench_cli_rejects_unknown_recipe(capsys):
 def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path, capsys):
     out, md = tmp_path / "s.json", tmp_path / "s.md"
     args = ["bench", "steps", "--cases", "tiny", "--recipes", "fst,tsm", "--repeats", "1"]
-    args += ["--warmup", "0", "--grad-weight-batch", "1", "--out", str(out)]
+    args += ["--warmup", "0", "--grad-weight-batch", "1", "--json", str(out)]
     assert main([*args, "--markdown", str(md), "--quiet"]) == 0
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "settings", "steps", "weight_side", "grad_weight", "targets"}
@@ -149,9 +150,17 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
     assert gw["shape"]["batch"] == 1 and gw["shape"]["size"] == 56 and gw["dense_ms"] > 0
     assert set(data["targets"]) == {
         "fst_step_speedup_min",
+        "best_step_speedup_min",
         "weight_side_percent_max",
         "fst_grad_weight_speedup",
     }
+    best = data["targets"]["best_step_speedup_min"]
+    per_recipe = {
+        name: min(r["speedup_vs_dense"] for r in data["steps"] if r["recipe"] == name)
+        for name in ("fst", "tsm")
+    }
+    assert best["per_recipe"] == per_recipe
+    assert best["value"] == max(per_recipe.values()) and best["recipe"] in per_recipe
     printed = capsys.readouterr().out
     assert "| tiny-gpt | tsm | 2 |" in printed and "| weight-side work: case |" in printed
     assert "grad_weight alone, 1x64x56x56" in printed and f"saved {out}" in printed
@@ -165,8 +174,13 @@ def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
     assert err.count("\n") == 1
     out = tmp_path / "s.json"
     out.write_text("{}")
-    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--json", str(out)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
+    # the old spelling --out still names the JSON file, with a deprecation warning
+    assert main(["bench", "steps", "--cases", "tiny-gpt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "warning: --out is deprecated; use --json"
+    assert err[1] == f"error: {out} already exists; pass --force to overwrite it"
     assert out.read_text() == "{}"
 
 
@@ -191,3 +205,22 @@ def test_gpu_suite_cases_fit_the_2to4_tile_rule_and_quick_keeps_the_largest():
             case.out_size**2
         )
     assert all(c.batch == 2 for c in convs) and all(c.batch == 4 for c in linears[:8])  # ViT rows
+
+
+def test_bench_steps_mask_interval_amortizes_the_weight_side_work(monkeypatch):
+    """Weight-side work with masks every N steps = the cached step's work + (full − cached)/N;
+    the recipes without an S_K forward ignore the interval."""
+    from fullsparse.bench import steps
+
+    assert steps._config("fst", 40).mask_interval == 40
+    assert (
+        steps._config("tsm", 40).mask_interval == 1 and steps._config("dense", 40).name == "dense"
+    )
+    model = steps._build(STEP_CASES["tiny-gpt"], "fst", torch.device("cpu"), 40)
+    assert {m.config.mask_interval for _, m in sparse_modules(model)} == {40}
+    timings = iter([{"fst": 5.0, "dense": 5.0}, {"work": 10.0}, {"work": 2.0}])
+    monkeypatch.setattr(steps, "interleaved_ms", lambda *a, **k: next(timings))
+    monkeypatch.setattr(steps, "peak_memory_bytes", lambda *a, **k: 0)
+    _, side = steps._bench_case(STEP_CASES["tiny-gpt"], ["dense", "fst"], 1, 1,
+                                torch.device("cpu"), 40)  # fmt: skip
+    assert side[0]["ms"] == pytest.approx(2.0 + (10.0 - 2.0) / 40)

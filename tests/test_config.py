@@ -41,6 +41,9 @@ def test_recipes_are_the_spec_table_in_order():
         "asp",
         "meprop",
         "fst_mvue",
+        "fst_rand",
+        "fst_is",
+        "fst_adaptive",
     )
 
 

@@ -172,6 +172,14 @@ def test_more_malformed_configs_are_one_line(tmp_path, capsys, name, content, ne
         (["eval", "--checkpoint"], "argument --checkpoint: expected one argument"),
         (["bench"], "the following arguments are required"),
         (["export", "--force=yes"], "ignored explicit argument"),
+        (["train", "--recipe", "fast"], "argument --recipe: invalid choice: 'fast'"),
+        (["train", "--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+        (["train", "--task", "lm", "--optimizer", "adam"], "--optimizer: invalid choice: 'adam'"),
+        (["train", "--grad-input-source", "sideways"], "--grad-input-source: invalid choice"),
+        (["eval"], "the following arguments are required: --checkpoint"),
+        (["export", "--checkpoint", "x.pt"], "the following arguments are required: --out"),
+        (["compare", "--recipe", "fst"], "--recipe is not taken by this command"),
+        (["study", "--seed", "3"], "--seed is not taken by this command; the study sets it"),
     ],
 )
 def test_command_line_mistakes_are_one_line_and_exit_2(capsys, argv, needle):

@@ -250,7 +250,17 @@ def test_config_values_out_of_range_are_one_line(tmp_path, capsys, field, value,
 
 
 def test_a_5_mb_recipe_string_is_a_short_line(tmp_path, capsys):
-    one_line_error(capsys, ["train", "--recipe", "x" * 5_000_000], "length of recipe is 5,000,000")
+    with pytest.raises(SystemExit) as info:  # the flag's choices refuse it
+        main(["train", "--recipe", "x" * 5_000_000])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: argument --recipe: invalid choice")
+    assert len(lines[0]) <= len("error: ") + limits.MESSAGE_CHARS
+    assert lines[0].endswith("(see `fullsparse train --help`)")
+    # from a config file (under its 1 MB cap), the config's own range check says it
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"recipe": "x" * 500_000}))
+    one_line_error(capsys, ["train", "--config", str(config)], "length of recipe is 500,000")
 
 
 def test_config_ranges_can_be_raised(monkeypatch):

@@ -113,5 +113,6 @@ def test_missing_config_file_and_yaml_without_pyyaml(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_yaml)
-    with pytest.raises(ConfigError, match="pip install pyyaml"):
+    extra = r"needs PyYAML, the yaml extra: pip install 'fullsparse\[yaml\]'"
+    with pytest.raises(ConfigError, match=extra):
         load_config_file(path)

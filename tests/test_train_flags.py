@@ -53,6 +53,9 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--momentum", "0.8"], {"momentum": 0.8}, {}),
     (["--weight-decay", "0.01"], {"weight_decay": 0.01}, {}),
     (["--no-wd-bn-bias"], {"no_wd_bn_bias": True}, {}),
+    (["--wd-bn-bias"], {"no_wd_bn_bias": False}, {}),
+    (["--no-wd-bn-bias", "--wd-bn-bias"], {"no_wd_bn_bias": False}, {}),
+    (["--wd-bn-bias", "--no-wd-bn-bias"], {"no_wd_bn_bias": True}, {}),
     (["--label-smoothing", "0.2"], {"label_smoothing": 0.2}, {}),
     (["--warmup-epochs", "0.5"], {"warmup_epochs": 0.5}, {}),
     (["--grad-clip", "2.5"], {"grad_clip": 2.5}, {}),
@@ -134,6 +137,11 @@ KEY_CONTEXT = {
 @pytest.mark.parametrize("command", ["train", "compare"])
 @pytest.mark.parametrize(("argv", "expected", "context"), FLAGS, ids=lambda v: str(v))
 def test_every_flag_parses_to_its_field_value(command, argv, expected, context):
+    if command == "compare" and "recipe" in expected:  # compare takes --recipes instead
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args([command, *argv])
+        assert info.value.code == 2
+        return
     args = build_parser().parse_args([command, *argv])
     overrides = overrides_from_args(args)
     assert overrides == expected

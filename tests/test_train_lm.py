@@ -342,7 +342,6 @@ def _one_line_error(capsys, argv, needle):
         (["--model-kwargs", '{"wings": 2}'], "model 'gpt_tiny'"),
         (["--model-kwargs", '{"context": 60000}'], "shorter than one window of context"),
         (["--model-kwargs", '{"context": 100000}'], "context is 100,000, over the limit 65,536"),
-        (["--optimizer", "adam"], "optimizer='adam'"),
         (["--steps-per-epoch", "zero"], "--steps-per-epoch expects int"),
         (["--channels-last"], "--channels-last is for convolutional image models"),
         (["--resume", "{tmp}/nowhere.pt"], "nothing to resume"),

@@ -7,13 +7,14 @@ The public face::
     report = fullsparse.sparsify_(model, cfg)    # swap Conv2d/Linear for sparse twins
     print(report)
 
-See ``fst-spec.md`` (the contract) and README.md.
+See ``docs/spec.md`` (the contract) and README.md.
 """
 
 from fullsparse.config import RECIPES, SparsityConfig, recipe
 from fullsparse.nn import SparseConv2d, SparseLinear, SparsifyReport, densify_, sparsify_
 
-__version__ = "0.1.0"
+#: The release, kept equal to ``version`` in pyproject.toml (a test checks it).
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "RECIPES",

@@ -15,27 +15,55 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from fullsparse.errors import UserError
-from fullsparse.limits import one_line, worker_message
+from fullsparse.limits import MESSAGE_CHARS, one_line, worker_message
 
 #: Subcommand modules, in the order ``fullsparse --help`` lists them.
 COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """The one way every command's help shows a default: ``(default: VALUE)`` at the end,
+    appended here from the option's own default (so it cannot drift from the code) unless
+    the help already says what the default is. On/off flags and options without a default
+    (None) show none. An option with ``choices`` and a metavar gets its values listed after
+    (``; one of: a, b``), read from its canonical tuple."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shows_default = action.default is not None and action.default is not argparse.SUPPRESS
+        if action.option_strings and "default" not in text and action.nargs != 0 and shows_default:
+            text = f"{text} (default: %(default)s)"
+        if action.choices is not None and action.metavar is not None:
+            text = f"{text}; {one_of(action.choices)}"
+        return text
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """The values a name option takes, as every help writes them."""
+    return "one of: " + ", ".join(choices)
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one ``error:`` line and exit status 2, like every
     other error of the command line (argparse prints the whole usage first). Subparsers are
-    made with the parent's class, so every subcommand inherits this; ``--help`` still
-    prints the usage."""
+    made with the parent's class, so every subcommand inherits this (and the one
+    :class:`HelpFormatter`); ``--help`` still prints the usage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        message = " ".join(message.split())  # argparse wraps long choice lists
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        suffix = f" (see `{self.prog} --help`)"
+        # argparse wraps long choice lists; a huge value (a 5 MB --recipe) is cut in the middle
+        message = one_line(" ".join(message.split()), MESSAGE_CHARS - len(suffix))
+        self.exit(2, f"error: {message}{suffix}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

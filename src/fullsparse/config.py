@@ -2,7 +2,7 @@
 
 A :class:`SparsityConfig` is a frozen description; the autograd functions in
 :mod:`fullsparse.functional` read it and never ask which recipe they are running. The table
-:data:`RECIPE_TABLE` is the spec's recipe table (``fst-spec.md``, "Recipes") written as data.
+:data:`RECIPE_TABLE` is the spec's recipe table (``docs/spec.md``, "Recipes") written as data.
 """
 
 from __future__ import annotations
@@ -53,8 +53,13 @@ GRAD_INPUT_DY = ("dense", "2:4_co", "topk")
 #: strided product); ``2:4_grad_output`` = S_T(dY)·Xᵀ (WG); ``2:4_input`` = dY·S_T(Xᵀ) (WX);
 #: ``mvue`` = MVUE_T(dY)·Xᵀ, the minimum-variance unbiased random 2:4 sparsification of dY
 #: along the token / spatial axis (:func:`fullsparse.estimators.mvue_2to4`);
-#: ``topk_grad_output`` = TopK(dY)·Xᵀ (meProp).
+#: ``topk_grad_output`` = TopK(dY)·Xᵀ (meProp);
+#: ``rand_half`` / ``is_half`` / ``is_adaptive`` = unbiased reduced-size products over a
+#: sample of the tokens (Linear) or output columns (conv), the same for every channel
+#: (:mod:`fullsparse.sampling`): every second unit from a random phase ×2; 2 of every 4
+#: importance-sampled ×1/p; 2, 3 or 4 of every 4, chosen per layer against a variance budget.
 GRAD_WEIGHT_MODE = ("dense", "ir", "2:4_grad_output", "2:4_input", "mvue", "topk_grad_output")
+GRAD_WEIGHT_MODE += ("rand_half", "is_half", "is_adaptive")
 #: Layer kinds a config can set apart (:meth:`SparsityConfig.for_kind`).
 LAYER_KINDS = ("conv", "linear")
 #: Which weight the separate backward mask S_Co is taken from.
@@ -80,6 +85,11 @@ DECAY_KIND = ("srste", "masked_grad")
 DEFAULT_DECAY = 2e-4
 #: TSM's default recomputation interval in training steps (Hubara et al. 2021).
 DEFAULT_TSM_INTERVAL = 40
+#: ``is_adaptive``: the largest ratio of sampling variance to minibatch noise a layer may
+#: add (``V_s(k) / V_b``, :class:`fullsparse.sampling.AdaptiveState`), and how often (in
+#: calls of the layer's backward) it measures both. docs/results/quality.md measures them.
+DEFAULT_VARIANCE_BUDGET = 0.2
+DEFAULT_VARIANCE_INTERVAL = 50
 
 # --- meProp (Sun et al. 2017): unstructured top-k of the output gradient.
 #: Fraction of each dY row that TopK(dY) keeps: per output position (conv: each (n, h, w);
@@ -141,6 +151,18 @@ _CLASHES: tuple[tuple[Callable[[SparsityConfig], bool], Callable[[SparsityConfig
             f"conv_layout={c.conv_layout!r} clashes with output_weight="
             f"{c.output_weight!r}: the layout only changes the magnitude mask S_K of "
             "output_weight='2:4'"
+        ),
+    ),
+    (
+        lambda c: (
+            (c.variance_budget, c.variance_interval)
+            != (DEFAULT_VARIANCE_BUDGET, DEFAULT_VARIANCE_INTERVAL)
+            and "is_adaptive" not in (c.grad_weight_mode, c._linear_mode)
+        ),
+        lambda c: (
+            f"variance_budget={c.variance_budget} / variance_interval={c.variance_interval} "
+            f"clash with grad_weight_mode={c.grad_weight_mode!r}: they only steer "
+            "grad_weight_mode='is_adaptive'"
         ),
     ),
     (
@@ -210,6 +232,14 @@ class SparsityConfig:
     #: S_Co (grad_input); in between, a sparse module reuses its cached masks. 1 = every
     #: step (the masks follow the weight exactly). The TSM mask keeps ``tsm_interval``.
     mask_interval: int = 1
+    # -- is_adaptive: the variance budget -------------------------------------------------
+    #: Largest ratio of sampling variance to minibatch noise (``V_s(k) / V_b``) a layer
+    #: with grad_weight_mode='is_adaptive' may add; it keeps the fewest units of every 4
+    #: (2, 3 or all) within it. Only with 'is_adaptive'.
+    variance_budget: float = DEFAULT_VARIANCE_BUDGET
+    #: Backward calls between two measurements of ``V_s`` and ``V_b`` (each one an exact
+    #: weight gradient, computed as two half-batch products). Only with 'is_adaptive'.
+    variance_interval: int = DEFAULT_VARIANCE_INTERVAL
 
     def __post_init__(self) -> None:
         choices = {
@@ -238,7 +268,16 @@ class SparsityConfig:
                 raise ValueError(f"SparsityConfig.{field} must be a number, got {value!r}")
             if not (value >= 0.0 and value != float("inf")):
                 raise ValueError(f"SparsityConfig.{field} must be finite and >= 0, got {value}")
-        for field in ("tsm_interval", "mask_interval"):
+        budget = self.variance_budget
+        if (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not (0.0 < budget < float("inf"))
+        ):
+            raise ValueError(
+                f"SparsityConfig.variance_budget must be a finite number > 0, got {budget!r}"
+            )
+        for field in ("tsm_interval", "mask_interval", "variance_interval"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
@@ -359,6 +398,19 @@ OPERAND_TABLE: dict[tuple[str, str], dict[str, str]] = {
         "grad_weight.dy": "TopK(dY)",
         "grad_weight.input": "X",
     },
+    # sampled units: the same tokens / columns of dY and X, survivors divided by p
+    ("grad_weight_mode", "rand_half"): {
+        "grad_weight.dy": "2·H_T(dY)",
+        "grad_weight.input": "H_T(X)",
+    },
+    ("grad_weight_mode", "is_half"): {
+        "grad_weight.dy": "IS_T(dY)/p",
+        "grad_weight.input": "IS_T(X)",
+    },
+    ("grad_weight_mode", "is_adaptive"): {
+        "grad_weight.dy": "ISk_T(dY)/p",
+        "grad_weight.input": "ISk_T(X)",
+    },
 }
 
 #: The axis along which each operand symbol is 2:4 ("" = dense): what a sparse tensor core
@@ -380,6 +432,13 @@ SPARSE_ALONG: dict[str, str] = {
     "X": "",
     "F(X)": "T",
     "S_T(X)": "T",
+    # a product over a sample of the T units: halved (k of 4 kept: see the FLOP account)
+    "2·H_T(dY)": "T",
+    "H_T(X)": "T",
+    "IS_T(dY)/p": "T",
+    "IS_T(X)": "T",
+    "ISk_T(dY)/p": "T",
+    "ISk_T(X)": "T",
 }
 
 
@@ -513,6 +572,11 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
     # fst's forward and grad_input masks with the unbiased random 2:4 (MVUE) weight
     # gradient: fully sparse; docs/results/quality.md measures it on the three tasks
     "fst_mvue": dict(_COMMON_FST, grad_weight_mode="mvue"),
+    # fst's forward and grad_input masks with an unbiased weight gradient over a sample of
+    # the tokens / columns (fullsparse.sampling): a smaller dense product on any hardware
+    "fst_rand": dict(_COMMON_FST, grad_weight_mode="rand_half"),
+    "fst_is": dict(_COMMON_FST, grad_weight_mode="is_half"),
+    "fst_adaptive": dict(_COMMON_FST, grad_weight_mode="is_adaptive"),
 }
 
 #: Recipe names, in the order of the spec's table.

@@ -25,7 +25,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["mvue_2to4", "mvue_keep_probabilities", "topk_rows"]
+from fullsparse.fused import fused_or_eager
+
+__all__ = ["mvue_2to4", "mvue_keep_probabilities", "mvue_planes", "topk_rows"]
 
 
 def _groups_of_4(t: Tensor, dim: int) -> tuple[Tensor, int]:
@@ -122,26 +124,37 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
         planes = v.view(pre, g, 4).permute(2, 0, 1).contiguous().unsqueeze(-1)
     else:
         planes = v.permute(2, 0, 1, 3)
-    x = planes.unbind(0)
-    p = _planar_probabilities([c.abs() for c in x])
     # one uniform per group, drawn in the order (pre, post, group) and in float32 whatever
     # t's dtype, so that a float64 and a float32 tensor get the same draws
     u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=torch.float32)
     u = u.view(pre, post, g).transpose(1, 2).to(v.dtype).contiguous()
+    out = fused_or_eager(mvue_planes, planes)(planes, u)
+    out = out.permute(1, 2, 0, 3).reshape(pre, g * 4, post)[:, :size]
+    return out.reshape(work.shape).to(t.dtype)
+
+
+def mvue_planes(planes: Tensor, u: Tensor) -> Tensor:
+    """The MVUE of groups given as four planes ``planes [4, ...]`` (entry k of every group
+    in plane k) with one uniform per group ``u [...]``: ``[4, ...]``, survivors ``t/p``.
+
+    Pure elementwise arithmetic, so :mod:`fullsparse.fused` may run it compiled; this eager
+    form is the reference.
+    """
+    x = planes.unbind(0)
+    p = _planar_probabilities([c.abs() for c in x])
     u1 = u + 1
-    tiny = torch.finfo(v.dtype).tiny
-    out = torch.empty((4, pre, g, post), dtype=v.dtype, device=v.device)
+    tiny = torch.finfo(planes.dtype).tiny
     end = torch.zeros_like(u)
     below_u = below_u1 = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
+    out = []
     for k in range(4):  # entry k's interval is [end_{k-1}, end_k): kept if u or u+1 is in it
         end = end + p[k]
         now_u, now_u1 = u < end, u1 < end
         keep = (now_u ^ below_u) | (now_u1 ^ below_u1)
         below_u, below_u1 = now_u, now_u1
         # t_k / p_k where kept, 0 elsewhere (finite: p_k is 0 only where t_k is)
-        out[k] = (x[k] / p[k].clamp_min(tiny)).mul_(keep.to(v.dtype))
-    out = out.permute(1, 2, 0, 3).reshape(pre, g * 4, post)[:, :size]
-    return out.reshape(work.shape).to(t.dtype)
+        out.append((x[k] / p[k].clamp_min(tiny)) * keep.to(planes.dtype))
+    return torch.stack(out)
 
 
 def topk_rows(t: Tensor, keep_fraction: float = 0.5) -> Tensor:

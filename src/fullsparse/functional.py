@@ -1,4 +1,4 @@
-"""Sparse Conv2d and Linear as custom autograd functions (``fst-spec.md``, recipes table).
+"""Sparse Conv2d and Linear as custom autograd functions (``docs/spec.md``, "Recipes").
 
 Each layer is three GEMMs, written out in labelled sections of one ``backward`` per layer
 kind:
@@ -67,6 +67,8 @@ from fullsparse.operands import (
     transposable_mask,
     weight_operands,
 )
+from fullsparse.sampled_grad import conv_sampled_grad_weight, linear_sampled_grad_weight
+from fullsparse.sampling import SAMPLED_MODES
 
 # Re-exported from their own modules (older import paths keep working).
 __all__ = [
@@ -107,6 +109,10 @@ def conv_grad_weight(
     geo: ConvGeometry,
     mode: str = "dense",
     alpha: float = 0.0,
+    *,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 50,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a convolution in one of the config's modes.
 
@@ -120,9 +126,16 @@ def conv_grad_weight(
     - ``mvue``: ``MVUE_T(dY) · Xᵀ``, dY sparsified at random, 2:4 along N·Ho·Wo per output
       channel and unbiased (one draw from torch's default generator per call).
     - ``topk_grad_output``: ``TopK(dY) · Xᵀ`` (meProp; top-k along Co at each position).
+    - ``rand_half`` / ``is_half`` / ``is_adaptive``: the product over a random sample of the
+      output columns, unbiased (:mod:`fullsparse.sampled_grad`; ``state``, ``budget`` and
+      ``interval``: the layer's adaptive state and its config's variance budget).
 
     ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
+    if mode in SAMPLED_MODES:
+        return conv_sampled_grad_weight(
+            input, grad_output, weight, geo, mode, state, budget, interval
+        )
     if mode == "dense":
         return conv_backward(grad_output, input, weight, geo, "weight")
     if mode == "ir":
@@ -162,7 +175,14 @@ def _conv_grad_weight_pruned_input(
 
 
 def linear_grad_weight(
-    input: Tensor, grad_output: Tensor, mode: str = "dense", alpha: float = 0.0
+    input: Tensor,
+    grad_output: Tensor,
+    mode: str = "dense",
+    alpha: float = 0.0,
+    *,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 50,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer: ``[d_out, d_in]``.
 
@@ -170,11 +190,15 @@ def linear_grad_weight(
     ``[..., T, d]`` input and multiplies by the even tokens only; a 2-D ``[B, d]`` input has
     no token axis, so its weight gradient stays dense. ``2:4_grad_output`` / ``2:4_input``
     apply S_T, and ``mvue`` its random unbiased counterpart, along the flattened leading axes
-    (batch × tokens; the batch axis of a 2-D input).
-    apply S_T along the flattened leading axes (batch × tokens); ``topk_grad_output`` keeps
-    the top-k of each token's dY along d_out (meProp).
+    (batch × tokens; the batch axis of a 2-D input); ``topk_grad_output`` keeps
+    the top-k of each token's dY along d_out (meProp). The sampled modes
+    (:data:`~fullsparse.sampling.SAMPLED_MODES`) keep a random sample of the rows of the
+    flattened leading axes, unbiased (:mod:`fullsparse.sampled_grad`).
     """
     d_in, d_out = input.shape[-1], grad_output.shape[-1]
+    if mode in SAMPLED_MODES:
+        x2, dy2 = input.reshape(-1, d_in), grad_output.reshape(-1, d_out)
+        return linear_sampled_grad_weight(x2, dy2, mode, state, budget, interval)
     if mode == "ir" and input.ndim >= 3:
         dy = ir_grad_output(grad_output, alpha, dim=-2)
         x = input[..., 0::2, :]
@@ -224,11 +248,15 @@ def conv_grad_weight_for(
     weight: Tensor,
     out_mask: Tensor | None,
     geo: ConvGeometry,
+    gw_state: Tensor | None = None,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a conv in the config's mode, plus the SR-STE decay; in the
     weight's dtype."""
     mode, alpha = config.grad_weight_mode, config.ir_alpha
-    grad = conv_grad_weight(input, grad_output, weight.to(grad_output.dtype), geo, mode, alpha)
+    w = weight.to(grad_output.dtype)
+    grad = conv_grad_weight(
+        input, grad_output, w, geo, mode, alpha, **sampling_args(config, gw_state)
+    )
     grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
     return grad if decay is None else grad + decay
@@ -255,13 +283,25 @@ def linear_grad_weight_for(
     grad_output: Tensor,
     weight: Tensor,
     out_mask: Tensor | None,
+    gw_state: Tensor | None = None,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer plus the SR-STE decay, in the weight's dtype."""
     config = config.for_kind("linear")
-    grad = linear_grad_weight(input, grad_output, config.grad_weight_mode, config.ir_alpha)
+    mode, alpha = config.grad_weight_mode, config.ir_alpha
+    grad = linear_grad_weight(input, grad_output, mode, alpha, **sampling_args(config, gw_state))
     grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
     return grad if decay is None else grad + decay
+
+
+def sampling_args(config: SparsityConfig, state: Tensor | None) -> dict[str, Any]:
+    """The sampled weight gradients' keyword arguments: a layer's adaptive state and its
+    config's variance budget."""
+    return {
+        "state": state,
+        "budget": config.variance_budget,
+        "interval": config.variance_interval,
+    }
 
 
 def _conv_dy_gi(config: SparsityConfig, grad_output: Tensor, geo: ConvGeometry) -> Tensor:
@@ -296,9 +336,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         kernel: Any,
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
+        gw_state: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.gw_state = gw_state
         ops = weight_operands(
             weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
             soft_scale=soft_scale, grad_input_mask=grad_input_mask,
@@ -335,11 +377,12 @@ class _SparseConv2dFn(torch.autograd.Function):
                 # ---- grad_weight (Eq. 3): dW = dY_gw · X_gwᵀ, + λ·(W − W_out) (Eq. 6)
                 if needs_dw:
                     mode, alpha = config.grad_weight_mode, config.ir_alpha
-                    dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha).to(weight_dtype)
-                    grad_weight = _plus(dw, decay)
+                    sampling = sampling_args(config, ctx.gw_state)
+                    dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha, **sampling)
+                    grad_weight = _plus(dw.to(weight_dtype), decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -375,6 +418,7 @@ def sparse_conv2d(
     backend: str = "auto",
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
+    gw_state: Tensor | None = None,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
@@ -385,7 +429,8 @@ def sparse_conv2d(
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of an ``output_weight='soft_2:4'`` operand (a module's fixed β);
-    computed from ``weight`` if omitted.
+    computed from ``weight`` if omitted. ``gw_state``: a module's state of the sampled weight
+    gradients (:class:`fullsparse.sampling.AdaptiveState`; None = count nothing).
 
     Raises:
         ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry,
@@ -445,8 +490,9 @@ def sparse_conv2d(
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
     return _SparseConv2dFn.apply(
-        input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask
-    )
+        input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask,
+        gw_state,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- linear
@@ -462,8 +508,10 @@ class _SparseLinearFn(torch.autograd.Function):
         kernel: Any,
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
+        gw_state: Tensor | None = None,
     ) -> Tensor:
         config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
+        ctx.gw_state = gw_state
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
@@ -491,11 +539,12 @@ class _SparseLinearFn(torch.autograd.Function):
             # ---- grad_weight (Eq. 3): dW = dY_gwᵀ · X_gw, + λ·(W − W_out) (Eq. 6)
             if ctx.needs_input_grad[1]:
                 mode, alpha = config.grad_weight_mode, config.ir_alpha
-                dw = linear_grad_weight(x, dy, mode, alpha).to(weight_dtype)
+                sampling = sampling_args(config, ctx.gw_state)
+                dw = linear_grad_weight(x, dy, mode, alpha, **sampling).to(weight_dtype)
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def sparse_linear(
@@ -508,6 +557,7 @@ def sparse_linear(
     backend: str = "auto",
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
+    gw_state: Tensor | None = None,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
@@ -517,6 +567,7 @@ def sparse_linear(
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
+    ``gw_state``: as for :func:`sparse_conv2d`.
 
     Raises ``ValueError`` (wrong ndim, mismatched features, non-float dtype, unknown
     backend) and ``BackendUnavailableError`` as :func:`sparse_conv2d` does.
@@ -551,7 +602,8 @@ def sparse_linear(
             kernel,
             soft_scale,
             grad_input_mask,
+            gw_state,
         )[0]
     return _SparseLinearFn.apply(
-        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask
+        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, gw_state
     )

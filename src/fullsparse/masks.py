@@ -1,4 +1,4 @@
-"""2:4 sparsity operators (``fst-spec.md``, "Sparsity operators").
+"""2:4 sparsity operators (``docs/spec.md``, "Operators").
 
 - :func:`mask_2to4` — magnitude 2:4 along one axis (S_K, S_Co and S_T are this along K,
   Co and the spatial/token axis).

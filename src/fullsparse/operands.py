@@ -1,5 +1,5 @@
 """The operands of a sparse layer's three GEMMs, built as :data:`~fullsparse.config.OPERAND_TABLE`
-says (``fst-spec.md``, "Sparsity operators").
+says (``docs/spec.md``, "Operators").
 
 Two ways to build the weight-side operands, always equal bit for bit (a test holds them to
 it):

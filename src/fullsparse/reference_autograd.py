@@ -56,8 +56,10 @@ class ReferenceConv2dFn(torch.autograd.Function):
         forward_mask: Tensor | None,
         kernel: Any,
         soft_scale: Tensor | None = None,
+        gw_state: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
+        ctx.gw_state = gw_state
         out_mask, w_out = _output_operand(
             weight, config, geo.groups, forward_mask, compute, soft_scale
         )
@@ -90,10 +92,12 @@ class ReferenceConv2dFn(torch.autograd.Function):
                 ).to(ctx.dtypes[0])
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
-                grad_weight = conv_grad_weight_for(config, x, dy, weight, out_mask, geo)
+                grad_weight = conv_grad_weight_for(
+                    config, x, dy, weight, out_mask, geo, ctx.gw_state
+                )
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(ctx.dtypes[2])
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class ReferenceLinearFn(torch.autograd.Function):
@@ -107,8 +111,10 @@ class ReferenceLinearFn(torch.autograd.Function):
         forward_mask: Tensor | None,
         kernel: Any,
         soft_scale: Tensor | None = None,
+        gw_state: Tensor | None = None,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
+        ctx.gw_state = gw_state
         out_mask, w_out = _output_operand(weight, config, 1, forward_mask, compute, soft_scale)
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         ctx.soft_scale = soft_scale
@@ -131,7 +137,7 @@ class ReferenceLinearFn(torch.autograd.Function):
                 ).to(ctx.dtypes[0])
             # ---- grad_weight (Eq. 3) + SR-STE decay (Eq. 6)
             if ctx.needs_input_grad[1]:
-                grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask)
+                grad_weight = linear_grad_weight_for(config, x, dy, weight, out_mask, ctx.gw_state)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.dtypes[2])
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None

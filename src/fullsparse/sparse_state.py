@@ -29,6 +29,7 @@ from fullsparse.operands import (
     soft_scale,
     transposable_mask,
 )
+from fullsparse.sampling import SAMPLED_MODES, AdaptiveState
 
 __all__ = [
     "sparse_modules",
@@ -117,6 +118,10 @@ class _SparseMixin:
         self.register_buffer("gi_mask", None, persistent=False)  # type: ignore[attr-defined]
         # ASP: a 2:4 forward mask set once (fullsparse.train.asp) and used at every step
         self.register_buffer("fixed_mask", None, persistent=False)  # type: ignore[attr-defined]
+        # the sampled weight gradients' state (fullsparse.sampling.AdaptiveState): a CPU
+        # tensor, not a buffer, so reading the keep count never waits for a GPU; made here,
+        # not at first use, so that torch.compile sees it as an input of the graph
+        self.gw_state: Tensor = AdaptiveState.new()
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -159,7 +164,13 @@ class _SparseMixin:
             "grad_input_mask": self._grad_input_mask(),
             "backend": self.backend,
             "soft_scale": self._soft_scale(),
+            "gw_state": self._gw_state(),
         }
+
+    def _gw_state(self) -> Tensor | None:
+        """The state of a sampled weight gradient, or None when the config samples none."""
+        modes = {self.config.grad_weight_mode, self.config.for_kind("linear").grad_weight_mode}
+        return self.gw_state if modes & set(SAMPLED_MODES) else None
 
     def _forward_mask(self) -> Tensor | None:
         """The cached forward mask, recomputed every ``interval`` training steps.
@@ -273,6 +284,10 @@ class _SparseMixin:
         return f"recipe={self.config.name}, backend={self.backend}"
 
 
+#: The optional per-module state :func:`sparse_state_dict` saves (besides ``tsm_step``).
+_STATE_ATTRS = ("tsm_mask", "gi_mask", "soft_scale", "fixed_mask", "gw_state")
+
+
 def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every SparseConv2d / SparseLinear in ``model``."""
     for name, module in model.named_modules():
@@ -289,7 +304,9 @@ def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for name, module in sparse_modules(model):
         state[f"{name}.tsm_step"] = module.tsm_step.detach().cpu().clone()  # type: ignore
-        for attr in ("tsm_mask", "gi_mask", "soft_scale", "fixed_mask"):  # masks, S-STE's β
+        for attr in _STATE_ATTRS:  # masks, S-STE's β, the sampled weight gradient's state
+            if attr == "gw_state" and int(module.gw_state[1]) == 0:  # type: ignore[index]
+                continue  # never used (the recipe samples nothing): nothing to save
             if getattr(module, attr, None) is not None:
                 state[f"{name}.{attr}"] = getattr(module, attr).detach().cpu().clone()
     return state
@@ -300,8 +317,7 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
     modules = dict(sparse_modules(model))
     for key, value in state.items():
         name, _, attr = key.rpartition(".")
-        known = ("tsm_step", "tsm_mask", "gi_mask", "soft_scale", "fixed_mask")
-        if name not in modules or attr not in known:
+        if name not in modules or attr not in ("tsm_step", *_STATE_ATTRS):
             raise KeyError(f"sparse state key {key!r} matches no sparse module of the model")
         module = modules[name]
         device = module.weight.device
@@ -311,9 +327,16 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
                 f"sparse state {key!r} has shape {tuple(value.shape)}, but the layer's weight "
                 f"is {gemm_shape}"
             )
+        if attr == "gw_state":  # a CPU tensor, whatever the layer's device
+            if tuple(value.shape) != (len(AdaptiveState.SLOTS),):
+                raise ValueError(f"sparse state {key!r} has shape {tuple(value.shape)}")
+            module.gw_state = value.to(torch.float64).clone()
+            continue
         setattr(module, attr, value.to(device=device))
     for name, module in modules.items():
-        for attr in ("tsm_mask", "gi_mask", "soft_scale", "fixed_mask"):  # not saved: unset
+        if f"{name}.gw_state" not in state:
+            module.gw_state = AdaptiveState.new()
+        for attr in _STATE_ATTRS[:-1]:  # not saved: unset
             if f"{name}.{attr}" not in state:
                 setattr(module, attr, None)
 

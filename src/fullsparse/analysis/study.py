@@ -136,7 +136,7 @@ class StudySpec:
 
 
 def load_study_spec(path: str | Path) -> StudySpec:
-    """Read a study spec from ``.yaml``/``.yml`` (needs PyYAML) or ``.json``."""
+    """Read a study spec from ``.yaml``/``.yml`` (the yaml extra: PyYAML) or ``.json``."""
     from fullsparse.train.config import load_config_file
 
     data = load_config_file(path)  # same file handling and messages as train --config

@@ -50,6 +50,10 @@ class ConvShape:
         return 2 * self.cout * self.cin * self.kernel**2 * self.batch * self.out_size**2
 
 
+#: Which input size's ResNet-18 shapes ``bench layers --inputs`` times.
+INPUT_SETS = ("cifar", "imagenet", "all")
+
+
 def resnet18_shapes(cifar_batch: int = 128, imagenet_batch: int = 16) -> list[ConvShape]:
     """The distinct conv shapes of ResNet-18 on CIFAR (32×32, 3×3 stem, no max-pool) and on
     ImageNet (224×224, 7×7 stride-2 stem + max-pool), one per stage (3×3 and the stride-2

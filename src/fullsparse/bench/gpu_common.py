@@ -22,6 +22,8 @@ __all__ = ["LAYER_RECIPES", "TOLERANCE", "TARGETS", "GpuContext", "gpu_info"]
 LAYER_RECIPES = ("dense", "srste", "fst2", "fst")
 #: Relative Frobenius error allowed against the float32 reference (one rounding of the
 #: inputs and of the result dominates: bf16 has 8 mantissa bits, fp16 11).
+#: Compute dtypes of ``bench gpu --dtype``, by name.
+GPU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 #: The issue's targets; reported in the table, not asserted anywhere.
 TARGETS = {

@@ -49,17 +49,23 @@ __all__ = [
 
 
 def weight_side_work(
-    weight: Tensor, config: SparsityConfig, groups: int = 1, forward_mask: Tensor | None = None
+    weight: Tensor,
+    config: SparsityConfig,
+    groups: int = 1,
+    forward_mask: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """The per-step operands a sparse layer derives from its weight alone, computed as one
     training step computes them: the ``output`` mask (S_K(W), or the TSM mask, which a
     module passes in as ``forward_mask`` between its recomputations), the ``grad_input``
     weight operand (S_Co(W_src)·W_src, the forward operand, or W) and the SR-STE decay
-    term λ·(W − S(W)).
+    term λ·(W − S(W)). ``grad_input_mask``: a cached S_Co mask (``mask_interval > 1``).
 
     Returns ``(output mask or None, grad_input weight, decay or None)``. What is timed is
     exactly this function over every sparse layer of a model, so it must stay the same work
     the autograd functions do per step.
     """
-    ops = weight_operands(weight, config, groups, weight.dtype, forward_mask)
+    ops = weight_operands(
+        weight, config, groups, weight.dtype, forward_mask, grad_input_mask=grad_input_mask
+    )
     return ops.out_mask, ops.grad_input, ops.decay

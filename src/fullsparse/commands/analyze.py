@@ -16,7 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fullsparse.config import RECIPES
 from fullsparse.errors import UserError
+
+#: The splits the images of an analysis come from.
+SPLITS = ("train", "test")
 
 _DEFAULT_OUT = "runs/analysis"
 
@@ -39,32 +43,37 @@ def _add_model_args(p: argparse.ArgumentParser, images: int | None, split: str =
         help="a run's last.pt/best.pt: its trained model, dataset and image size "
         "(default: --model at random init)",
     )
-    g.add_argument("--model", default="resnet20", help="model at random init (resnet20)")
-    g.add_argument(
-        "--dataset", default="fashion-mnist", help="dataset of the images (fashion-mnist)"
-    )
+    g.add_argument("--model", default="resnet20", help="model at random init")
+    g.add_argument("--dataset", default="fashion-mnist", help="dataset of the images")
     g.add_argument("--data-dir", default=None, help="dataset folder")
-    g.add_argument("--image-size", type=int, default=None, help="input size (dataset's own)")
+    g.add_argument(
+        "--image-size", type=int, default=None, help="input size (default: the dataset's own)"
+    )
     if images is not None:
-        g.add_argument("--images", type=int, default=images, help=f"images to use ({images})")
+        g.add_argument("--images", type=int, default=images, help="images to use")
     g.add_argument(
         "--split",
-        choices=("train", "test"),
+        choices=SPLITS,
+        metavar="SPLIT",
         default=split,
-        help=f"split the first --images images come from ({split})",
+        help="split the first --images images come from",
     )
-    g.add_argument("--seed", type=int, default=0, help="init and noise seed (0)")
+    g.add_argument("--seed", type=int, default=0, help="init and noise seed")
 
 
 def _add_run_args(p: argparse.ArgumentParser, name: str, plot: bool = True) -> None:
+    from fullsparse.train.config import DEVICES
+
     g = p.add_argument_group("execution and output")
-    g.add_argument("--device", default="auto", help="auto|cpu|cuda (auto)")
+    g.add_argument(
+        "--device", choices=DEVICES, metavar="DEVICE", default="auto", help="where to run"
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     g.add_argument(
         "--out",
         type=Path,
         default=Path(_DEFAULT_OUT),
-        help=f"folder for {name}.json/.md{'/.png' if plot else ''} ({_DEFAULT_OUT})",
+        help=f"folder for {name}.json/.md{'/.png' if plot else ''}",
     )
     if plot:
         g.add_argument("--no-plot", dest="plot", action="store_false", help=f"skip {name}.png")
@@ -342,7 +351,6 @@ def run_neighbors(args: argparse.Namespace) -> int:
 def run_fidelity(args: argparse.Namespace) -> int:
     from fullsparse.analysis.fidelity import format_fidelity, grad_fidelity
     from fullsparse.analysis.plots import plot_fidelity
-    from fullsparse.config import RECIPES
 
     device = _setup(args)
     recipes = list(RECIPES) if args.recipes == "all" else _names(args.recipes) or []
@@ -412,12 +420,9 @@ def run_overhead(args: argparse.Namespace) -> int:
     import torch
 
     from fullsparse.analysis.overhead import format_overhead, measure_overhead
-    from fullsparse.config import RECIPES
     from fullsparse.models import build_model
 
     device = _setup(args)
-    if args.recipe not in RECIPES:
-        raise UserError(f"unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}")
     for flag in ("batch_size", "image_size", "in_channels", "num_classes", "repeats"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -459,6 +464,8 @@ def run_overhead(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 def add_parser(subparsers: Any) -> None:
+    from fullsparse.analysis.fidelity import REFERENCES
+
     parser = subparsers.add_parser("analyze", help=HELP, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="analyze_command", metavar="ANALYSIS", required=True)
 
@@ -470,12 +477,12 @@ def add_parser(subparsers: Any) -> None:
         "and white noise.",
     )
     _add_model_args(p, images=1000)
-    p.add_argument("--batch-size", type=int, default=100, help="images per forward (100)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per forward")
     p.add_argument("--bins", type=int, default=256, help="quantisation levels (256 = 8 bits)")
     p.add_argument(
         "--inputs",
         default="natural,noise",
-        help="natural and/or noise, comma-separated (natural,noise)",
+        help="natural and/or noise, comma-separated",
     )
     p.add_argument("--layers", default=None, help="comma-separated conv names (default: all)")
     _add_run_args(p, "similarity")
@@ -489,11 +496,13 @@ def add_parser(subparsers: Any) -> None:
         "error over --images images.",
     )
     _add_model_args(p, images=256)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (64)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward")
     p.add_argument("--layers", default=None, help="comma-separated conv names")
-    p.add_argument("--count", type=int, default=5, help="layers when --layers is not given (5)")
-    p.add_argument("--image-index", type=int, default=0, help="image shown (0)")
-    p.add_argument("--channel", type=int, default=None, help="channel shown (largest variance)")
+    p.add_argument("--count", type=int, default=5, help="layers when --layers is not given")
+    p.add_argument("--image-index", type=int, default=0, help="image shown")
+    p.add_argument(
+        "--channel", type=int, default=None, help="channel shown (default: the largest variance)"
+    )
     _add_run_args(p, "neighbors")
     p.set_defaults(func=run_neighbors, _parser=p)
 
@@ -509,13 +518,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--modes", default="local,accumulated", help="local and/or accumulated")
     p.add_argument(
         "--reference",
-        choices=("dense", "forward"),
+        choices=REFERENCES,
+        metavar="REFERENCE",
         default="dense",
         help="dense: the plain dense model; forward: the exact gradient of the recipe's own "
         "sparse forward (dense)",
     )
-    p.add_argument("--batches", type=int, default=2, help="batches averaged over (2)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    p.add_argument("--batches", type=int, default=2, help="batches averaged over")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument(
         "--include-decay", action="store_true", help="keep the SR-STE decay in grad_weight"
     )
@@ -528,15 +538,18 @@ def add_parser(subparsers: Any) -> None:
         description="Per training iteration of a model: time spent on FST's masks and shift, "
         "and on sorting-based activation masks, against the iteration time.",
     )
-    p.add_argument("--model", default="resnet18", help="model (resnet18)")
-    p.add_argument("--image-size", type=int, default=32, help="input size (32)")
-    p.add_argument("--in-channels", type=int, default=3, help="input channels (3)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes (10)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch (64; the paper: 256)")
-    p.add_argument("--recipe", default="fst", help="recipe of the timed iteration (fst)")
-    p.add_argument("--ir-alpha", type=float, default=1.0, help="α of the timed shift (1.0)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs (2)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs, median (10)")
-    p.add_argument("--seed", type=int, default=0, help="init and input seed (0)")
+    p.add_argument("--model", default="resnet18", help="model")
+    p.add_argument("--image-size", type=int, default=32, help="input size")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels")
+    p.add_argument("--num-classes", type=int, default=10, help="classes")
+    p.add_argument("--batch-size", type=int, default=64, help="batch (the paper: 256)")
+    p.add_argument(
+        "--recipe", choices=RECIPES, metavar="RECIPE", default="fst",
+        help="recipe of the timed iteration",
+    )  # fmt: skip
+    p.add_argument("--ir-alpha", type=float, default=1.0, help="α of the timed shift")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs, median")
+    p.add_argument("--seed", type=int, default=0, help="init and input seed")
     _add_run_args(p, "overhead", plot=False)
     p.set_defaults(func=run_overhead, _parser=p)

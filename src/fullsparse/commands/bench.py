@@ -9,12 +9,16 @@ import json
 import sys
 from pathlib import Path
 
+from fullsparse.commands.output import add_json_argument, save_text
 from fullsparse.errors import UserError
 
 _FORCE_HELP = "overwrite existing output files"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from fullsparse.bench.cases import INPUT_SETS
+    from fullsparse.bench.gpu_common import GPU_DTYPES
+
     parser = subparsers.add_parser("bench", help="benchmarks (prints a table, saves JSON)")
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     layers = sub.add_parser(
@@ -30,26 +34,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     layers.add_argument(
         "--inputs",
-        choices=("cifar", "imagenet", "all"),
+        choices=INPUT_SETS,
+        metavar="INPUTS",
         default="all",
-        help="which input size's shapes to time (default: all)",
+        help="which input size's shapes to time",
     )
-    layers.add_argument("--cifar-batch", type=int, default=128, help="batch at 32x32 (128)")
-    layers.add_argument("--imagenet-batch", type=int, default=16, help="batch at 224x224 (16)")
+    layers.add_argument("--cifar-batch", type=int, default=128, help="batch at 32x32")
+    layers.add_argument("--imagenet-batch", type=int, default=16, help="batch at 224x224")
     layers.add_argument(
         "--warmup",
         type=int,
         default=1,
-        help="untimed rounds per role before timing (1; at least 1 always runs)",
+        help="untimed rounds per role before timing (at least 1 always runs)",
     )
-    layers.add_argument("--repeats", type=int, default=5, help="timed runs, median (5)")
+    layers.add_argument("--repeats", type=int, default=5, help="timed runs, median")
     layers.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    layers.add_argument(
-        "--json",
-        type=Path,
-        default=Path("bench-layers.json"),
-        help="where to save the JSON (default: bench-layers.json)",
-    )
+    add_json_argument(layers, Path("bench-layers.json"))
     layers.add_argument(
         "--markdown", type=Path, default=None, help="also write the markdown table here"
     )
@@ -73,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--budget-s",
         type=float,
         default=540.0,
-        help="stop starting new items after this many seconds (540)",
+        help="stop starting new items after this many seconds",
     )
     gpu.add_argument(
         "--dry-run",
@@ -81,18 +81,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run the whole suite's logic at tiny sizes on CPU (emulation backend); "
         "numbers mean nothing",
     )
-    gpu.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="compute dtype")
+    gpu.add_argument(
+        "--dtype", choices=tuple(GPU_DTYPES), metavar="DTYPE", default="bf16",
+        help="compute dtype",
+    )  # fmt: skip
     gpu.add_argument("--vit-batch", type=int, default=64, help="ViT layer batch (x197 tokens)")
-    gpu.add_argument("--conv-batch", type=int, default=64, help="ResNet-50 layer batch (64)")
+    gpu.add_argument("--conv-batch", type=int, default=64, help="ResNet-50 layer batch")
     gpu.add_argument(
         "--step-batch",
         type=int,
         default=None,
-        help="batch of the whole-model steps (default 128, 64 with --quick)",
+        help="batch of the whole-model steps (default: 128, 64 with --quick)",
     )
-    gpu.add_argument(
-        "--json", type=Path, default=Path("bench-gpu.json"), help="JSON output (bench-gpu.json)"
-    )
+    add_json_argument(gpu, Path("bench-gpu.json"))
     gpu.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
     gpu.add_argument("--quiet", action="store_true", help="no progress lines")
     gpu.add_argument("--force", action="store_true", help=_FORCE_HELP)
@@ -100,7 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
-    from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES
+    from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES, STEP_DEVICES
 
     steps = sub.add_parser(
         "steps",
@@ -114,32 +115,32 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
     steps.add_argument(
         "--cases",
         default=",".join(DEFAULT_CASES),
-        help=f"comma-separated case names (default: {','.join(DEFAULT_CASES)}); 'tiny' "
-        "means the three tiny-* cases",
+        help="comma-separated case names; 'tiny' means the three tiny-* cases",
     )
     steps.add_argument(
         "--recipes",
         default=",".join(DEFAULT_RECIPES),
-        help=f"comma-separated recipes (default: {','.join(DEFAULT_RECIPES)}; dense always runs)",
+        help="comma-separated recipes (dense always runs)",
     )
-    steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (2; at least 1)")
-    steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median (10)")
+    steps.add_argument(
+        "--mask-interval",
+        type=int,
+        default=1,
+        help="recipes with an S_K forward recompute their weight masks every N steps",
+    )
+    steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (at least 1 runs)")
+    steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median")
     steps.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     steps.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="where to run (cpu)"
+        "--device", choices=STEP_DEVICES, metavar="DEVICE", default="cpu", help="where to run"
     )
     steps.add_argument(
         "--grad-weight-batch",
         type=int,
         default=32,
-        help="batch of the fst-vs-dense grad_weight comparison at 64x56x56 3x3 (32; 0: skip)",
+        help="batch of the fst-vs-dense grad_weight comparison at 64x56x56 3x3 (0: skip)",
     )
-    steps.add_argument(
-        "--out",
-        type=Path,
-        default=Path("bench-steps.json"),
-        help="where to save the JSON (default: bench-steps.json)",
-    )
+    add_json_argument(steps, Path("bench-steps.json"), old=("--out",))
     steps.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     steps.add_argument("--quiet", action="store_true", help="no progress lines")
     steps.add_argument("--force", action="store_true", help=_FORCE_HELP)
@@ -154,9 +155,7 @@ def _refuse_overwrite(args: argparse.Namespace, *paths: Path | None) -> None:
 
 
 def _save(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(f"saved {path}")
+    save_text(path, text)  # any text: the markdown tables too
 
 
 def run_layers(args: argparse.Namespace) -> int:
@@ -232,12 +231,14 @@ def run_steps(args: argparse.Namespace) -> int:
         raise UserError("--repeats must be >= 1")
     if args.grad_weight_batch < 0:
         raise UserError("--grad-weight-batch must be >= 0")
+    if args.mask_interval < 1:
+        raise UserError(f"--mask-interval must be >= 1, got {args.mask_interval}")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
-    _refuse_overwrite(args, args.out, args.markdown)
+    _refuse_overwrite(args, args.json, args.markdown)
     shape = None
     if args.grad_weight_batch:
         g = GRAD_WEIGHT_SHAPE
@@ -252,6 +253,7 @@ def run_steps(args: argparse.Namespace) -> int:
         recipes,
         warmup=args.warmup,
         repeats=args.repeats,
+        mask_interval=args.mask_interval,
         threads=args.threads,
         device=args.device,
         grad_weight_shape=shape,
@@ -259,16 +261,15 @@ def run_steps(args: argparse.Namespace) -> int:
     )
     table = format_steps(result)
     print(table)
-    _save(args.out, json.dumps(result, indent=2))
+    _save(args.json, json.dumps(result, indent=2))
     if args.markdown:
         _save(args.markdown, table + "\n")
     return 0
 
 
 def run_gpu(args: argparse.Namespace) -> int:
-    import torch
-
     from fullsparse.bench.gpu import run_gpu_suite
+    from fullsparse.bench.gpu_common import GPU_DTYPES
     from fullsparse.bench.report import format_gpu
 
     for flag in ("vit_batch", "conv_batch", "step_batch"):
@@ -287,7 +288,7 @@ def run_gpu(args: argparse.Namespace) -> int:
         quick=args.quick,
         budget_s=args.budget_s,
         dry_run=args.dry_run,
-        dtype=torch.float16 if args.dtype == "fp16" else torch.bfloat16,
+        dtype=GPU_DTYPES[args.dtype],
         vit_batch=args.vit_batch,
         conv_batch=args.conv_batch,
         step_batch=args.step_batch,

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fullsparse.commands.train import add_train_arguments, overrides_from_args
+from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
 from fullsparse.errors import ConfigError
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse compare --help``.
 HELP = "train several recipes with identical settings and print one table"
 DESCRIPTION = (
-    "Train the same model/data/schedule once per recipe (default dense and fst) into "
+    "Train the same model/data/schedule once per recipe (default: dense and fst) into "
     "OUT/<recipe>/ and print best/final top-1 (with --task lm: validation loss, perplexity, "
     "bits per byte) and time per epoch side by side; the table is also written to "
     "OUT/compare.md and OUT/compare.json. Takes every train flag; --out is the comparison "
-    "folder (default runs/compare-<dataset>-<model>-seed<seed>)."
+    "folder (default: runs/compare-<dataset>-<model>-seed<seed>)."
 )
 
 
@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--recipes needs a comma-separated list, e.g. dense,fst")
     overrides = overrides_from_args(args)
     out = overrides.pop("out", None)
-    overrides.pop("recipe", None)
     config = config_from_sources(args.config_file, overrides)
     result = compare(config, recipes, out=out if out is not None else config.out)
     if config.quiet:
@@ -44,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION)
     parser.add_argument(
-        "--recipes", default="dense,fst", help="comma-separated recipes (default dense,fst)"
+        "--recipes", metavar="RECIPES", default="dense,fst", help="comma-separated recipes"
     )
-    add_train_arguments(parser)
+    add_train_arguments(parser, skip=("recipe",))
+    refuse_flags(parser, {"recipe": "compare trains each of --recipes"})
     parser.set_defaults(func=run)

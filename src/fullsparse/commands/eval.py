@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from fullsparse.errors import ConfigError, UserError
+from fullsparse.commands.output import STDOUT, add_json_argument, save_text
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse eval --help``.
 HELP = "evaluate a checkpoint on its dataset's test split"
@@ -22,25 +22,20 @@ DESCRIPTION = (
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import evaluate_checkpoint
 
-    if not args.checkpoint:
-        raise UserError("fullsparse eval needs --checkpoint PATH (a run's last.pt or best.pt)")
-    batch_size = None
-    if args.batch_size is not None:
-        try:
-            batch_size = int(args.batch_size)
-        except ValueError:
-            raise ConfigError(f"--batch-size expects int, got {args.batch_size!r}") from None
     result = evaluate_checkpoint(
         args.checkpoint,
         data_dir=args.data_dir,
-        batch_size=batch_size,
+        batch_size=args.batch_size,
         device=args.device,
         amp=args.amp,
         allow_nonfinite=args.allow_nonfinite,
     )
-    if args.json:
+    if args.json == STDOUT:
         print(json.dumps(result, indent=2))
-    elif result.get("task") == "detection":
+        return 0
+    if args.json is not None:
+        save_text(args.json, json.dumps(result, indent=2))
+    if result.get("task") == "detection":
         print(
             f"{result['model']} / {result['dataset']} / {result['recipe']} "
             f"(epoch {result['epoch']}): mAP {result['map']:.2f}  mAP@0.5 "
@@ -64,13 +59,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    from fullsparse.train.config import AMP_MODES, DEVICES
+
     parser = subparsers.add_parser("eval", help=HELP, description=DESCRIPTION)
-    parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
+    required = parser.add_argument_group("required arguments")
+    required.add_argument(
+        "--checkpoint", metavar="PATH", required=True, help="a run's last.pt or best.pt"
+    )
     parser.add_argument("--data-dir", default=None, help="dataset folder, if it moved")
-    parser.add_argument("--batch-size", default=None, help="evaluation batch size")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    parser.add_argument("--amp", default="none", help="none|bf16|fp16 autocast")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--batch-size", type=int, metavar="INT", default=None,
+        help="evaluation batch size (default: the run's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=DEVICES, metavar="DEVICE", default="auto",
+        help="where to evaluate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        choices=AMP_MODES,
+        metavar="AMP",
+        default="none",
+        help="autocast, as train's --amp (alone: bf16)",
+    )
+    add_json_argument(parser, stdout=True)
     parser.add_argument(
         "--allow-nonfinite",
         action="store_true",

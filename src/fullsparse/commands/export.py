@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fullsparse.errors import UserError
-
 #: The line of ``fullsparse --help`` and the text of ``fullsparse export --help``.
 HELP = "write a checkpoint's 2:4-pruned weights as a plain state_dict"
 DESCRIPTION = (
@@ -21,8 +19,6 @@ DESCRIPTION = (
 def run(args: argparse.Namespace) -> int:
     from fullsparse.train import export_checkpoint
 
-    if not args.checkpoint or not args.out:
-        raise UserError("fullsparse export needs --checkpoint PATH and --out FILE")
     report = export_checkpoint(
         args.checkpoint, args.out, force=args.force, layout=args.layout, fmt=args.format
     )
@@ -32,22 +28,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
+    from fullsparse.config import CONV_LAYOUT
+    from fullsparse.train.inference import EXPORT_FORMATS
+
     parser = subparsers.add_parser("export", help=HELP, description=DESCRIPTION)
-    parser.add_argument("--checkpoint", metavar="PATH", default=None, help="a last.pt/best.pt")
-    parser.add_argument("--out", metavar="FILE", default=None, help="output .pt file")
+    required = parser.add_argument_group("required arguments")
+    required.add_argument(
+        "--checkpoint", metavar="PATH", required=True, help="a run's last.pt or best.pt"
+    )
+    required.add_argument("--out", metavar="FILE", required=True, help="the file to write")
     parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     parser.add_argument(
         "--layout",
-        choices=("im2col", "channel"),
+        choices=CONV_LAYOUT,
+        metavar="LAYOUT",
         default=None,
         help="conv layout the weights must be 2:4 in: im2col (groups of 4 along Ci*kh*kw) or "
-        "channel (4 input channels at each kernel tap: ASP/TensorRT); default: the one the "
-        "run trained with (--conv-layout); another one is refused",
+        "channel (4 input channels at each kernel tap: ASP/TensorRT) (default: the one the "
+        "run trained with, --conv-layout; another one is refused)",
     )
     parser.add_argument(
         "--format",
-        choices=("pt", "safetensors"),
+        choices=EXPORT_FORMATS,
+        metavar="FORMAT",
         default="pt",
-        help="pt (torch.save state_dict, default) or safetensors (needs the export extra)",
+        help="pt (torch.save state_dict) or safetensors (needs the export extra)",
     )
     parser.set_defaults(func=run)

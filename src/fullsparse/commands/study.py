@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from fullsparse.commands.train import add_train_arguments, overrides_from_args
+from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
 from fullsparse.errors import ConfigError
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse study --help``.
@@ -22,8 +22,17 @@ DESCRIPTION = (
     "OUT/<recipe>[-<key><value>]-seed<seed>/, skipping complete runs and resuming interrupted"
     " ones, then write OUT/study.md (mean ± std over seeds of best and final top-1, s/epoch),"
     " study.json and curves.png. Takes every train flag for the shared settings; --out is the"
-    " study folder (default runs/study-<dataset>-<model>)."
+    " study folder (default: runs/study-<dataset>-<model>)."
 )
+
+
+#: Train flags the study sets per run, refused on its command line (with what to use).
+SET_PER_RUN = {
+    "recipe": "the study sets it per run: use --recipes",
+    "seed": "the study sets it per run: use --seeds",
+    "resume": "interrupted runs are resumed automatically",
+    "force": "delete a run's folder to rerun it",
+}
 
 
 def _parse_value(text: str) -> Any:
@@ -57,15 +66,6 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     spec = load_study_spec(args.spec) if args.spec else StudySpec()
     overrides = overrides_from_args(args, skip=("threads",))
     out = overrides.pop("out", None)
-    instead = {
-        "recipe": "use --recipes",
-        "seed": "use --seeds",
-        "resume": "interrupted runs are resumed automatically",
-        "force": "delete a run's folder to rerun it",
-    }
-    for key, hint in instead.items():
-        if key in overrides:
-            raise ConfigError(f"--{key} is set per run by the study; {hint}")
     base: dict[str, Any] = {}
     if args.config_file:
         base.update(
@@ -139,11 +139,11 @@ def add_parser(subparsers: Any) -> None:
         "--spec",
         metavar="FILE",
         default=None,
-        help="study spec (.yaml needs PyYAML, or .json) with keys out, recipes, seeds, grid, "
-        "base; flags override it",
+        help="study spec (.json, or .yaml with the yaml extra) with keys out, recipes, seeds, "
+        "grid, base; flags override it",
     )
-    g.add_argument("--recipes", default=None, help="comma-separated recipes (default dense,fst)")
-    g.add_argument("--seeds", default=None, help="comma-separated seeds (default 0)")
+    g.add_argument("--recipes", default=None, help="comma-separated recipes (default: dense,fst)")
+    g.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0)")
     g.add_argument(
         "--grid",
         action="append",
@@ -151,7 +151,7 @@ def add_parser(subparsers: Any) -> None:
         help="a TrainConfig field and its values, e.g. ir_alpha=1.0,0.03 (repeatable; "
         "a cartesian product)",
     )
-    g = parser.add_argument_group("execution")
+    g = parser.add_argument_group("running the study")
     g.add_argument("--parallel", type=int, default=1, help="runs at once (subprocesses if > 1)")
     g.add_argument(
         "--threads",
@@ -166,5 +166,6 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument(
         "--quiet-study", action="store_true", help="no study progress lines (runs still log)"
     )
-    add_train_arguments(parser, skip=("threads",))
+    add_train_arguments(parser, skip=("threads", *SET_PER_RUN))
+    refuse_flags(parser, SET_PER_RUN)
     parser.set_defaults(func=run)

@@ -3,7 +3,7 @@
 Written with explicit ``nn.Linear`` layers so the sparsifier can swap each for its sparse
 twin: attention is ``qkv`` (D → 3D) then ``proj`` (D → D), the MLP is ``fc1``/``fc2``, and
 all four are called on 3-D ``[B, T, D]`` tensors — the token axis T is dim -2, which is
-the axis the ``grad_weight`` fixed mask pairs along (``fst-spec.md``, FST recipe step 3).
+the axis the ``grad_weight`` fixed mask pairs along (``docs/spec.md``, "FST, step by step", step 3).
 ``nn.MultiheadAttention`` is deliberately avoided: its fused kernel reads
 ``out_proj.weight`` directly, bypassing a replaced module.
 """

@@ -256,6 +256,15 @@ def _with_defaults(sparsity: Any) -> Any:
 # RNG states as tensors and plain values (weights_only-loadable).
 
 
+def _numpy() -> Any:
+    """NumPy if installed (not a core dependency: the extras' packages bring it), else None."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
 def capture_rng() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -286,9 +295,8 @@ def restore_rng(state: dict[str, Any]) -> None:
         for i in range(n):
             torch.cuda.set_rng_state(cuda_states[i], i)
     np_state = state.get("numpy")
-    if np_state is not None:
-        import numpy as np
-
+    np = _numpy() if np_state is not None else None
+    if np is not None:  # without NumPy installed nothing here can draw from its generator
         np.random.set_state(
             (
                 np_state["kind"],

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fullsparse.config import SparsityConfig, recipe
+from fullsparse.config import (
+    CONV_LAYOUT,
+    DECAY_KIND,
+    GRAD_INPUT_SOURCE,
+    GRAD_WEIGHT_MODE,
+    OUTPUT_WEIGHT,
+    RECIPES,
+    SparsityConfig,
+    recipe,
+)
 from fullsparse.errors import ConfigError
 from fullsparse.limits import check_config_ranges
 from fullsparse.train.config_checks import (
@@ -32,7 +41,7 @@ from fullsparse.train.config_checks import (
     task_defaults,
 )
 from fullsparse.train.config_file import load_config_file
-from fullsparse.train.schedule import check_schedule_fields
+from fullsparse.train.schedule import DENSE_FINISH_MODES, check_schedule_fields
 
 __all__ = [
     "TrainConfig",
@@ -56,6 +65,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
+SPARSITY_OVERRIDES += ("variance_budget", "variance_interval")
 TASKS = ("classify", "lm", "detection")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -70,17 +80,23 @@ def option(
     *,
     factory: Callable[[], Any] | None = None,
     minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
     cli: str | None = None,
 ) -> Any:
     """A TrainConfig field with what the command line and the validation need to know.
 
     ``help``: the flag's help (the default is appended from the field, or for fields the
-    task fills, from the task defaults, unless the text already says it); ``minimum``: the
-    smallest valid value; ``cli``: ``"flag"`` (store-true only) or ``"optional:<const>"``
-    (the flag's value may be left out: ``--amp`` means ``--amp bf16``). The value's kind
-    (int, float, ...) and whether it may be None come from the field's type.
+    task fills, from the task defaults, unless the text already says it; ``{MODELS}`` and
+    the other names of ``fullsparse.commands.train.NAME_LISTS`` are replaced by the
+    tuple's names, for fields that also take free names); ``minimum``: the
+    smallest valid value; ``choices``: the canonical tuple of the values a name field takes
+    (the flag's ``choices`` and the list its help shows are read from it, never retyped);
+    ``cli``: ``"optional:<const>"`` (the flag's value may be left out: ``--amp`` means
+    ``--amp bf16``). A bool field named ``no_<x>`` gets the pair ``--no-<x>`` / ``--<x>``.
+    The value's kind (int, float, ...) and whether it may be None come from the field's
+    type.
     """
-    metadata = {"help": help, "minimum": minimum, "cli": cli}
+    metadata = {"help": help, "minimum": minimum, "choices": choices, "cli": cli}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -100,8 +116,9 @@ class TrainConfig:
     #: (images -> boxes). The None-defaults below are filled from this (``task_defaults``).
     task: str = option(
         "classify",
-        "classify (images) | lm (byte-level language model) | detection (torchvision "
-        "detectors; the vision extra)",
+        "what is trained: classify = images, lm = a byte-level language model, detection = "
+        "torchvision detectors (the vision extra)",
+        choices=TASKS,
     )
     #: classify: a name from ``fullsparse.models.MODELS``, ``tv:<torchvision name>`` or
     #: ``timm:<timm name>``;
@@ -110,9 +127,8 @@ class TrainConfig:
     #: ``fcos_tiny``.
     model: str | None = option(
         None,
-        "classify: resnet20|resnet32|resnet56|resnet18|resnet50|vit_tiny|tv:<name>|"
-        "timm:<name>; lm: gpt_tiny; detection: "
-        "fcos_tiny|fasterrcnn_resnet50_fpn|retinanet_resnet50_fpn|ssd300_vgg16",
+        "classify: {MODELS}, tv:<torchvision name> or timm:<timm name>; lm: {LM_MODELS}; "
+        "detection: {DETECTION_MODELS}",
     )
     #: Extra keyword arguments for the model builder (e.g. a shrunk ViT: ``{"depth": 2}``;
     #: a GPT's ``context``, ``depth``, ``embed_dim``, ``num_heads``).
@@ -126,9 +142,9 @@ class TrainConfig:
     #: (``text`` when ``data_dir`` is given) / ``synthetic-det``.
     dataset: str | None = option(
         None,
-        "classify: fashion-mnist|cifar10|cifar100|imagefolder|synthetic; lm: pystdlib "
-        "(Python's standard library) | text (--data-dir folder); detection: synthetic-det "
-        "(generated shapes) | coco | voc (--data-dir)",
+        "classify: {DATASETS}; lm: {LM_DATASETS} (pystdlib: Python's standard library, "
+        "text: the --data-dir folder); detection: {DETECTION_DATASETS} (synthetic-det: "
+        "generated shapes)",
     )
     #: Where the dataset lives (None: ``$FULLSPARSE_DATA`` and the system locations); for
     #: the lm ``text`` dataset, the folder of text files.
@@ -154,7 +170,9 @@ class TrainConfig:
     #: Evaluate on the first this-many test images — for lm, the first this-many
     #: non-overlapping validation windows of ``context`` bytes (None: all).
     test_subset: int | None = option(
-        None, "evaluate on the first N test images (lm: validation windows; default all)", minimum=1
+        None,
+        "evaluate on the first N test images, lm: validation windows (default: all)",
+        minimum=1,
     )
     #: Size of the ``synthetic`` / ``synthetic-det`` datasets (used only by them).
     synthetic_train: int = option(512, "synthetic dataset: train images", minimum=1)
@@ -170,7 +188,7 @@ class TrainConfig:
 
     # -- sparsity -------------------------------------------------------------------------
     #: A recipe name from ``fullsparse.RECIPES``.
-    recipe: str = option("fst", "dense|srste|tsm|fst2|fst_noir|fst|wg|wx|gg|gx|meprop|asp")
+    recipe: str = option("fst", "sparsity recipe (fullsparse.RECIPES)", choices=RECIPES)
     # -- ASP (fullsparse.train.asp): the trained dense model that recipe asp prunes once
     init_from: str | None = option(None, "asp: dense run folder or checkpoint to prune, fine-tune")
     #: Overrides of the recipe's fields; None keeps the recipe's value.
@@ -181,33 +199,64 @@ class TrainConfig:
         None, "override: SR-STE decay λ (default: the recipe's)", minimum=0
     )
     grad_input_source: str | None = option(
-        None, "override: dense|pruned source of the backward mask (default: the recipe's)"
+        None,
+        "override: source of the backward mask (default: the recipe's)",
+        choices=GRAD_INPUT_SOURCE,
     )
     tsm_interval: int | None = option(
         None, "override: steps between TSM mask recomputations (default: the recipe's)", minimum=1
     )
     conv_layout: str | None = option(
-        None, "override: im2col|channel grouping of conv weights for 2:4 (default: the recipe's)"
+        None,
+        "override: grouping of conv weights for 2:4 (default: the recipe's)",
+        choices=CONV_LAYOUT,
     )
     # decay and forward variants (None: the recipe's)
-    decay_kind: str | None = option(None, "override: srste|masked_grad (where λ enters)")
-    output_weight: str | None = option(None, "override: dense|2:4|transposable|soft_2:4")
-    grad_weight_mode: str | None = option(None, "override: dense|ir|2:4_grad_output|2:4_input|mvue")
-    grad_weight_mode_linear: str | None = option(None, "override: Linear layers' grad_weight mode")
+    decay_kind: str | None = option(
+        None, "override: where λ enters (default: the recipe's)", choices=DECAY_KIND
+    )
+    output_weight: str | None = option(
+        None, "override: the forward weight (default: the recipe's)", choices=OUTPUT_WEIGHT
+    )
+    grad_weight_mode: str | None = option(
+        None, "override: the weight gradient (default: the recipe's)", choices=GRAD_WEIGHT_MODE
+    )
+    grad_weight_mode_linear: str | None = option(
+        None,
+        "override: Linear layers' grad_weight mode (default: --grad-weight-mode)",
+        choices=GRAD_WEIGHT_MODE,
+    )
     ir_alpha_linear: float | None = option(None, "override: Linear layers' IR α", minimum=0)
+    # is_adaptive (fst_adaptive): the variance budget of the sampled weight gradient
+    variance_budget: float | None = option(
+        None,
+        "override: is_adaptive's largest sampling/minibatch variance ratio (default: the "
+        "recipe's, 0.2)",
+    )
+    variance_interval: int | None = option(
+        None,
+        "override: is_adaptive's calls between variance measurements (default: the recipe's, 50)",
+        minimum=1,
+    )
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
     # -- schedules over the run (fullsparse.train.schedule) --------------------------------
     #: Steps between recomputations of the S_K / S_Co weight masks (None: the recipe's, 1).
-    mask_interval: int | None = option(None, "steps between weight-mask updates (1)", minimum=1)
+    mask_interval: int | None = option(
+        None, "steps between weight-mask updates (default: the recipe's, 1)", minimum=1
+    )
     dense_warmup_steps: int = option(0, "first N steps with every GEMM dense", minimum=0)
     #: The last fraction of the steps trains with dense GEMMs (``dense_finish_mode``).
     dense_finish: float = option(0.0, "last fraction of the steps dense (0 = off)", minimum=0)
-    dense_finish_mode: str = option("backward", "backward (the forward stays 2:4) | all")
+    dense_finish_mode: str = option(
+        "backward",
+        "what the dense finish makes dense: backward (the forward stays 2:4) or all",
+        choices=DENSE_FINISH_MODES,
+    )
 
     # -- optimisation (classify: paper §7.1; lm: the usual AdamW recipe of small GPTs) ------
     #: ``sgd`` (with momentum, the paper's) or ``adamw`` (the standard for transformers).
     #: None: sgd for classify, adamw for lm.
-    optimizer: str | None = option(None, "sgd|adamw")
+    optimizer: str | None = option(None, "optimizer", choices=OPTIMIZERS)
     epochs: int = option(2, "epochs", minimum=1)
     #: lm only: optimizer steps per epoch. An lm "epoch" is a fixed number of random
     #: windows, so a run's length does not depend on the corpus size; each epoch ends with a
@@ -228,7 +277,7 @@ class TrainConfig:
     #: No weight decay on 1-D parameters (BatchNorm/LayerNorm scales and shifts, biases).
     #: None: off for classify (the paper decays everything), on for lm (GPT practice).
     no_wd_bn_bias: bool | None = option(
-        None, "no weight decay on norm layers and biases", cli="flag"
+        None, "no weight decay on norm layers and biases (--wd-bn-bias: decay them)"
     )
     #: None: 0.1 for classify (the paper's); 0 for lm, whose train loss should be the same
     #: cross-entropy as the validation loss that perplexity is computed from.
@@ -249,11 +298,12 @@ class TrainConfig:
     workers: int = option(0, "data loader worker processes (image folders)", minimum=0)
 
     # -- execution ------------------------------------------------------------------------
-    device: str = option("auto", "auto|cpu|cuda")
+    device: str = option("auto", "where to train", choices=DEVICES)
     amp: str = option(
         "none",
-        "autocast: bf16 (the default when given alone; CPU and CUDA) or fp16 (CUDA, with a "
+        "autocast: bf16 (what --amp alone means; CPU and CUDA) or fp16 (CUDA, with a "
         "GradScaler); none to turn off a config file's setting",
+        choices=AMP_MODES,
         cli="optional:bf16",
     )
     channels_last: bool = option(False, "channels-last memory format")
@@ -281,7 +331,7 @@ class TrainConfig:
     # -- run folder -----------------------------------------------------------------------
     #: Run folder (None: ``runs/<dataset>-<model>-<recipe>-seed<seed>``).
     out: str | None = option(
-        None, "run folder (default runs/<dataset>-<model>-<recipe>-seed<seed>)"
+        None, "run folder (default: runs/<dataset>-<model>-<recipe>-seed<seed>)"
     )
     #: Continue from ``<out>/last.pt`` (True) or from the checkpoint at this path.
     resume: bool | str = option(

@@ -16,7 +16,8 @@ __all__ = ["load_config_file"]
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a ``.json`` or ``.yaml``/``.yml`` run config into a dict (not yet validated).
 
-    YAML needs PyYAML, imported only here; every problem is one ConfigError line.
+    YAML needs PyYAML (the ``yaml`` extra), imported only here; every problem is one
+    ConfigError line.
     """
     path = Path(path)
     if not path.is_file():
@@ -37,7 +38,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             import yaml
         except ImportError:
             raise ConfigError(
-                f"reading {path} needs PyYAML: pip install pyyaml (or use a .json config)"
+                f"reading {path} needs PyYAML, the yaml extra: pip install 'fullsparse[yaml]' "
+                "(or pip install pyyaml, or use a .json config)"
             ) from None
         try:
             data = yaml.safe_load(text)

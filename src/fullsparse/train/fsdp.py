@@ -74,7 +74,21 @@ def _fully_shard() -> Any:
             raise UserError(
                 f"FSDP2 (fully_shard) needs torch >= 2.4; this is torch {torch.__version__}"
             ) from None
+    if not hasattr(_fsdp_module(), "set_reshard_after_forward"):  # used by unsharded()
+        raise UserError(
+            f"--fsdp needs FSDPModule.set_reshard_after_forward, which torch "
+            f"{torch.__version__} lacks (added in 2025, torch 2.7 at the earliest): upgrade torch"
+        )
     return fully_shard
+
+
+def _fsdp_module() -> type:
+    """FSDP2's module class (public in torch 2.6; before, in ``_composable.fsdp``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+    return FSDPModule
 
 
 def shard_model_(model: nn.Module, *, reshard_after_forward: bool = True) -> nn.Module:
@@ -180,9 +194,7 @@ def checkpoint_states(
 def _sharded(model: nn.Module) -> bool:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False  # no process group, no sharding (and no FSDP import)
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    return isinstance(model, _fsdp_module())
 
 
 def load_model_state_(model: nn.Module, state: dict[str, Any]) -> None:
@@ -233,9 +245,7 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     if not _sharded(model):
         yield
         return
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in model.modules() if isinstance(m, _fsdp_module())]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from fullsparse.config import SPARSE_ALONG, SparsityConfig
 from fullsparse.errors import ConfigError
+from fullsparse.sampling import AdaptiveState
 from fullsparse.sparse_state import sparse_modules
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
     "PAIRED",
     "gemm_is_sparse",
     "flop_account",
+    "grad_weight_shares",
     "RunSchedule",
     "mean_account",
     "fraction_text",
@@ -96,6 +98,7 @@ def phase_of(step: int, total: int, warmup_steps: int, finish: float) -> str:
 #: them to their (dense) defaults, with grad_input on the forward operand.
 BACKWARD_FIELDS = ("grad_input_dy", "grad_weight_mode", "ir_alpha", "grad_input_source")
 BACKWARD_FIELDS += ("grad_weight_mode_linear", "ir_alpha_linear")  # per layer kind
+BACKWARD_FIELDS += ("variance_budget", "variance_interval")  # the sampled weight gradient
 #: Fields that are not operands: a dense phase keeps them.
 KEPT_FIELDS = ("name", "tsm_interval", "mask_interval")
 
@@ -153,10 +156,20 @@ def gemm_is_sparse(config: SparsityConfig | None, role: str, token_axis: bool = 
 
 
 def flop_account(
-    layers: list[LayerFlops], phase_steps: dict[str, int], mode: str
+    layers: list[LayerFlops],
+    phase_steps: dict[str, int],
+    mode: str,
+    grad_weight_share: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """``{"output", "grad_input", "grad_weight", "total": fraction, "fully_sparse": bool}``
-    over ``phase_steps`` (steps run in each phase)."""
+    over ``phase_steps`` (steps run in each phase).
+
+    ``grad_weight_share``: for layers whose weight gradient is a product over a sampled
+    share r of its tokens / columns (:mod:`fullsparse.sampling`), the share of its sparse-phase
+    grad_weight FLOPs that counts as sparse, ``2·(1 − r)`` (2 of 4 kept: all of it, 3 of 4:
+    half, all: none) — a 2:4 operand halves a product's FLOPs, as keeping half the units does.
+    """
+    shares = grad_weight_share or {}
     dense = dict.fromkeys(ROLES, 0.0)
     sparse = dict.fromkeys(ROLES, 0.0)
     for phase, steps in phase_steps.items():
@@ -166,7 +179,9 @@ def flop_account(
                 if role == "grad_input" and not layer.grad_input:
                     continue
                 dense[role] += steps * layer.flops
-                ran_sparse = gemm_is_sparse(config, role, layer.token_axis)
+                ran_sparse: float = gemm_is_sparse(config, role, layer.token_axis)
+                if ran_sparse and role == "grad_weight" and layer.name in shares:
+                    ran_sparse = shares[layer.name]
                 sparse[role] += steps * layer.flops * ran_sparse
     account: dict[str, Any] = {
         role: sparse[role] / dense[role] if dense[role] else 0.0 for role in ROLES
@@ -264,14 +279,30 @@ class RunSchedule:
         finish = max(0, steps_run - start)
         return {"warmup": warm, "sparse": steps_run - warm - finish, "finish": finish}
 
-    def account(self, steps_run: int, total: int) -> dict[str, Any] | None:
+    def account(
+        self, steps_run: int, total: int, model: nn.Module | None = None
+    ) -> dict[str, Any] | None:
         """The FLOP account over the first ``steps_run`` steps of ``total`` (None when no
-        step ran in this process, so no shapes were seen)."""
+        step ran in this process, so no shapes were seen). ``model``: where the sampled
+        weight gradients' kept shares are read (:func:`grad_weight_shares`)."""
         if self.layers is None and self._hooks:
             self._measure_done()
         if not self.layers:
             return None
-        return flop_account(self.layers, self.phase_steps(steps_run, total), self.mode)
+        shares = grad_weight_shares(model) if model is not None else None
+        return flop_account(self.layers, self.phase_steps(steps_run, total), self.mode, shares)
+
+
+def grad_weight_shares(model: nn.Module) -> dict[str, float]:
+    """``{layer name: sparse share of its grad_weight FLOPs}`` for every sparse layer whose
+    sampled weight gradient has run (``2·(1 − kept share)``, clamped to [0, 1])."""
+    shares = {}
+    for name, module in sparse_modules(model):
+        state = getattr(module, "gw_state", None)
+        kept = None if state is None else AdaptiveState.kept_share(state)
+        if kept is not None:
+            shares[name] = min(1.0, max(0.0, 2.0 * (1.0 - kept)))
+    return shares
 
 
 # --------------------------------------------------------------------------- tables

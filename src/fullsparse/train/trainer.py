@@ -413,7 +413,7 @@ class Trainer:
             "sparsity": self.identity["sparsity"],
             # steps per phase (warm-up / sparse / finish) and the FLOP account over them
             "schedule_steps": self.schedule.phase_steps(steps_run, total_steps),
-            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps),
+            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps, self.raw_model),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "torch": str(torch.__version__),

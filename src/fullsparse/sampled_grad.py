@@ -1,0 +1,299 @@
+"""The sampled weight gradients of :mod:`fullsparse.sampling` as products.
+
+- Linear: units are the rows of the flattened ``X [M, d_in]`` / ``dY [M, d_out]`` (batch ×
+  tokens); ``dW = dY_Sᵀ·diag(1/p)·X_S`` over the kept rows S.
+- Conv2d: ``rand_half`` keeps every second output column from a random phase: a
+  convolution of stride ``(sh, 2·sw)``, as the FST half-size product. The importance-sampled
+  modes sample *blocks*: unit ``2n + q`` is sample n's output columns of parity q (q = 0:
+  even, 1: odd), and each kept unit goes into one of two such strided half-size products
+  (the even blocks of their samples, the odd blocks of theirs) — any 2 or 3 of every 4
+  units, at the kept share of the dense product's FLOPs, with no gather along the width.
+
+``state``: a layer's :class:`~fullsparse.sampling.AdaptiveState` tensor, or None (a functional
+call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
+
+Both products are registered as custom operators (``fullsparse::linear_sampled_grad_weight``,
+``fullsparse::conv_sampled_grad_weight``): their draws, data-dependent sizes and the state
+they update are opaque to ``torch.compile``, which sees one op of a known output shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fullsparse.geometry import ConvGeometry
+from fullsparse.kernels.reference import conv_backward
+from fullsparse.sampling import AdaptiveState, half_count, random_phase, sample_units
+
+__all__ = [
+    "linear_sampled_grad_weight",
+    "conv_sampled_grad_weight",
+    "token_scores",
+    "block_scores",
+]
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """Scores and probabilities in float32 at least (float64 stays float64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_scores(x2: Tensor, dy2: Tensor) -> Tensor:
+    """``‖dY_t‖·‖X_t‖`` per row ``[M]``: the Frobenius norm of row t's term ``dY_tᵀ X_t``."""
+    dtype = _work_dtype(x2)
+    dy_norm = torch.linalg.vector_norm(dy2, dim=1, dtype=dtype)
+    return dy_norm * torch.linalg.vector_norm(x2, dim=1, dtype=dtype)
+
+
+def _window_index(cols: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
+    """Padded-input column of each tap of each output column ``[len(cols)·kw]``."""
+    taps = torch.arange(kw, device=cols.device) * geo.dilation[1]
+    return (cols[:, None] * geo.stride[1] + taps[None, :]).reshape(-1)
+
+
+def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
+    """One score per unit ``2n + q`` ``[2N]``: ``‖dY[n, :, :, q::2]‖`` times the norm of the
+    (zero-padded) input columns those output columns' windows read — an upper bound of the
+    norm of the block's term (Cauchy-Schwarz)."""
+    dtype = _work_dtype(x)
+    n, pw, wo = x.shape[0], geo.padding[1], dy.shape[3]
+    col2 = F.pad(_column_sq_sums(x, dtype), (pw, pw))  # [N, W + 2·pw]
+    window = col2[:, _window_index(torch.arange(wo, device=x.device), kw, geo)]
+    window = window.view(n, wo, kw).sum(2)  # [N, Wo]
+    dy2 = _column_sq_sums(dy, dtype)  # [N, Wo]
+    parts = [(dy2[:, q::2].sum(1) * window[:, q::2].sum(1)).sqrt() for q in (0, 1)]
+    return torch.stack(parts, 1).reshape(-1)
+
+
+def _column_sq_sums(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ t²`` per sample and column ``[N, W]`` of ``[N, C, H, W]``."""
+    return t.square().sum((1, 2), dtype=dtype)
+
+
+def _units_in_columns(units: Tensor, wo: int) -> int:
+    """How many output columns (of one sample) the units ``2n + q`` hold together."""
+    odd = int((units % 2).sum())
+    return (units.numel() - odd) * ((wo + 1) // 2) + odd * (wo // 2)
+
+
+def _measured(
+    state: Tensor,
+    halves: tuple[Tensor, Tensor],
+    estimate: Callable[[int], tuple[Tensor, int]],
+    budget: float,
+    units: int,
+) -> Tensor:
+    """A measuring call of ``is_adaptive``: returns the exact gradient ``G = G_A + G_B`` of
+    the two half batches. Their difference estimates the minibatch noise
+    ``V_b = ‖G_A − G_B‖²``; one draw of the estimator per keep count k ∈ {2, 3},
+    ``‖Ĝ_k − G‖²``, its variance ``V_s(k)`` (the sampler's own, covariances included)."""
+    g_a, g_b = halves
+    noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
+    grad = g_a.add_(g_b)
+    variances, kept = {}, units
+    for k in (2, 3):
+        g_k, kept_k = estimate(k)
+        variances[k] = float(torch.linalg.vector_norm(g_k - grad, dtype=torch.float64).square())
+        kept += kept_k
+    AdaptiveState.measure(state, variances, noise, budget)
+    AdaptiveState.count(state, kept, units)
+    return grad
+
+
+# --------------------------------------------------------------------------- Linear
+def _linear_impl(
+    x2: Tensor, dy2: Tensor, mode: str, state: Tensor | None, budget: float, interval: int
+) -> Tensor:
+    m = x2.shape[0]
+    if mode == "rand_half":
+        phase = random_phase(x2.device)
+        AdaptiveState.count(state, half_count(m, phase), m)
+        return dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
+    scores = token_scores(x2, dy2)
+
+    def estimate(keep: int) -> tuple[Tensor, int]:
+        index, weight = sample_units(scores, keep)
+        if index.numel() == m:
+            return dy2.t().mm(x2), m
+        dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
+        return dy_kept.t().mm(x2.index_select(0, index)), index.numel()
+
+    keep = 2
+    if mode == "is_adaptive" and state is not None:
+        if AdaptiveState.due(state, interval) and m >= 2:
+            h = m // 2
+            halves = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
+            return _measured(state, halves, estimate, budget, m)
+        keep = AdaptiveState.keep(state)
+    grad, kept = estimate(keep)
+    AdaptiveState.count(state, kept, m)
+    return grad
+
+
+_LINEAR_SCHEMA = (
+    "(Tensor x2, Tensor dy2, str estimator, Tensor(a!)? state, float budget, int interval)"
+    " -> Tensor"
+)
+
+
+@torch.library.custom_op(
+    "fullsparse::linear_sampled_grad_weight", mutates_args=("state",), schema=_LINEAR_SCHEMA
+)
+def _linear_op(
+    x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int
+) -> Tensor:
+    return _linear_impl(x2, dy2, estimator, state, budget, interval)
+
+
+@_linear_op.register_fake
+def _(x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int):
+    return dy2.new_empty(dy2.shape[1], x2.shape[1])
+
+
+def linear_sampled_grad_weight(
+    x2: Tensor,
+    dy2: Tensor,
+    mode: str,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 50,
+) -> Tensor:
+    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
+    return _linear_op(x2, dy2, mode, state, float(budget), int(interval))
+
+
+# --------------------------------------------------------------------------- Conv2d
+def _channels_like(t: Tensor, like: Tensor) -> Tensor:
+    if like.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _half_columns_product(
+    x: Tensor, dy_half: Tensor, weight: Tensor, geo: ConvGeometry, phase: int
+) -> Tensor:
+    """``Σ`` over the output columns ``phase, phase+2, …`` of their terms, given as
+    ``dy_half = dY[..., phase::2]`` (any scaling already applied)."""
+    dy_half = _channels_like(dy_half.contiguous(), x)
+    if dy_half.shape[3] == 0:
+        return torch.zeros_like(weight)
+    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
+    if phase == 0:
+        return conv_backward(dy_half, x, weight, half, "weight")
+    # column 1's window starts sw columns into the padded input: pad (crop where negative)
+    # the width by hand, then no width padding in the product
+    sw, pw = geo.stride[1], geo.padding[1]
+    shifted = _channels_like(F.pad(x, (pw - sw, pw)), x)
+    geo1 = ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
+    return conv_backward(dy_half, shifted, weight, geo1, "weight")
+
+
+def _blocks_product(
+    x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
+) -> Tensor:
+    """``Σ`` over the kept units ``2n + q`` of ``scale ×`` the term of sample n's columns of
+    parity q: one strided half-size product per parity, over that parity's samples."""
+    grad = None
+    for parity in (0, 1):
+        chosen = (units % 2) == parity
+        if not bool(chosen.any()):
+            continue
+        samples = units[chosen] // 2
+        dy_q = dy[..., parity::2].index_select(0, samples)  # one half-size copy
+        dy_q.mul_(scale[chosen].to(dy.dtype)[:, None, None, None])
+        part = _half_columns_product(x.index_select(0, samples), dy_q, weight, geo, parity)
+        grad = part if grad is None else grad.add_(part)
+    return torch.zeros_like(weight) if grad is None else grad
+
+
+def conv_sampled_grad_weight(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry,
+    mode: str,
+    state: Tensor | None = None,
+    budget: float = 0.2,
+    interval: int = 50,
+) -> Tensor:
+    """``dW`` (``weight``'s shape; its values are not read) of a convolution from
+    ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``."""
+    return _conv_op(
+        x, dy, weight, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
+        mode, state, float(budget), int(interval),
+    )  # fmt: skip
+
+
+_CONV_SCHEMA = (
+    "(Tensor x, Tensor dy, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+    "int groups, str estimator, Tensor(a!)? state, float budget, int interval) -> Tensor"
+)
+
+
+@torch.library.custom_op(
+    "fullsparse::conv_sampled_grad_weight", mutates_args=("state",), schema=_CONV_SCHEMA
+)
+def _conv_op(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    estimator: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+) -> Tensor:
+    geo = ConvGeometry.make(tuple(stride), tuple(padding), tuple(dilation), groups)
+    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval)
+
+
+@_conv_op.register_fake
+def _(x, dy, weight, stride, padding, dilation, groups, estimator, state, budget, interval):  # type: ignore[no-untyped-def]
+    return torch.empty_like(weight)
+
+
+def _conv_impl(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry,
+    mode: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+) -> Tensor:
+    wo = dy.shape[3]
+    if mode == "rand_half":
+        phase = random_phase(x.device)
+        AdaptiveState.count(state, half_count(wo, phase), wo)
+        return _half_columns_product(x, dy[..., phase::2], weight, geo, phase).mul_(2)
+    n = x.shape[0]
+    scores = block_scores(x, dy, weight.shape[3], geo)
+
+    def estimate(keep: int) -> tuple[Tensor, int]:
+        units, scale = sample_units(scores, keep)
+        if units.numel() == 2 * n:
+            return conv_backward(_channels_like(dy, x), x, weight, geo, "weight"), n * wo
+        product = _blocks_product(x, dy, weight, geo, units, scale)
+        return product, _units_in_columns(units, wo)
+
+    keep = 2
+    if mode == "is_adaptive" and state is not None:
+        if AdaptiveState.due(state, interval) and n >= 2:
+            h = n // 2
+            halves = (
+                conv_backward(dy[:h], x[:h], weight, geo, "weight"),
+                conv_backward(dy[h:], x[h:], weight, geo, "weight"),
+            )
+            return _measured(state, halves, estimate, budget, n * wo)
+        keep = AdaptiveState.keep(state)
+    grad, kept = estimate(keep)
+    AdaptiveState.count(state, kept, n * wo)
+    return grad

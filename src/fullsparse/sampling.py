@@ -1,0 +1,179 @@
+"""Unbiased reduced-size weight gradients: sample *units*, not entries.
+
+``dW = dYᵀ · X`` is a sum over units — tokens of a Linear layer (rows of the flattened
+``[M, d]`` operands), output columns of a convolution (every ``(n, ho)`` of one ``wo``). Keeping
+a share of the units, the *same* ones for every output channel, and dividing each kept unit
+by its keep probability gives an unbiased estimate that is a smaller *dense* product: half
+the FLOPs at 2 of every 4 units, on any hardware, no sparse kernel needed.
+
+Three ``grad_weight_mode`` values use it (:data:`SAMPLED_MODES`):
+
+- ``rand_half``: FST's keep pattern (every second unit) with a random phase drawn per call,
+  survivors ×2 — the strided half-size product of ``ir`` without its bias;
+- ``is_half``: in every group of 4 consecutive units keep 2, with probabilities ∝
+  ``‖dY_u‖·‖X_u‖`` water-filled as the MVUE does (capped at 1, Σp = 2), survivors ×1/p;
+- ``is_adaptive``: the same with a keep count k ∈ {2, 3, 4} per layer, chosen every
+  ``variance_interval`` calls against a variance budget (:class:`AdaptiveState`).
+
+Units that do not fill a last group of 4 are always kept (p = 1). Draws come from torch's
+default generator (:func:`uniforms`: one float32 uniform per group), whose state training
+checkpoints save, so a resumed run draws the same units.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SAMPLED_MODES",
+    "uniforms",
+    "keep_probabilities",
+    "select_units",
+    "sample_units",
+    "AdaptiveState",
+]
+
+#: The ``grad_weight_mode`` values that sample units (see the module doc).
+SAMPLED_MODES = ("rand_half", "is_half", "is_adaptive")
+
+
+def uniforms(n: int, device: torch.device) -> Tensor:
+    """``n`` uniforms in [0, 1) from torch's default generator, drawn in float32 (the one
+    place this module draws: tests replace it to enumerate the draws)."""
+    return torch.rand(n, device=device, dtype=torch.float32)
+
+
+def keep_probabilities(scores: Tensor, k: int) -> Tensor:
+    """Keep probabilities ``[G, 4]`` of the units of each group for keeping ``k`` of 4.
+
+    ``p_i = min(1, c·s_i)`` with ``Σ p = k``: the variance ``Σ s_i²/p_i`` is smallest there
+    (the MVUE's water-filling, for any k). Every score is raised by a tiny share of its
+    group's mean first, so every p is positive and Σp = k exactly even in a group with fewer
+    than k nonzero scores: the estimator stays unbiased whatever the scores are.
+    """
+    s = scores.clamp_min(0)
+    tiny = torch.finfo(s.dtype).tiny
+    s = s + (s.mean(-1, keepdim=True) * 1e-6 + tiny)
+    capped = torch.zeros_like(s, dtype=torch.bool)
+    p = s
+    for _ in range(4):  # each pass caps at least one more unit, or changes nothing
+        free = torch.where(capped, torch.zeros_like(s), s)
+        budget = k - capped.sum(-1, keepdim=True).to(s.dtype)
+        p = torch.where(capped, torch.ones_like(s), budget * s / free.sum(-1, keepdim=True))
+        capped = capped | (p >= 1)
+    return p.clamp_max(1.0)
+
+
+def select_units(p: Tensor, u: Tensor, k: int) -> Tensor:
+    """Systematic sampling: unit i of a group is kept when one of ``u, u+1, …, u+k−1`` falls
+    in its interval ``[p_0 + … + p_{i−1}, p_0 + … + p_i)``. Exactly k per group, each unit
+    with probability ``p_i``. ``p [G, 4]`` (Σ = k), ``u [G]``; returns bool ``[G, 4]``."""
+    ends = p.cumsum(-1)
+    ends[:, -1] = k  # Σp = k up to rounding: the last interval closes the group exactly
+    count = torch.ceil(ends - u.to(p.dtype)[:, None]).clamp_(0, k)
+    return torch.diff(count, dim=-1, prepend=torch.zeros_like(count[:, :1])) > 0
+
+
+def sample_units(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Which units to keep, and their weights 1/p: ``(index [m] long, weight [m])``.
+
+    ``scores [U]``: one per unit (for ``rand_half`` the scores are not read). Units are
+    grouped by 4 in order; a last, partial group is kept whole with weight 1. Draws one
+    uniform per full group (:func:`uniforms`).
+    """
+    n_units = scores.shape[0]
+    full = n_units // 4 * 4
+    device = scores.device
+    if k >= 4 or full == 0:
+        index = torch.arange(n_units, device=device)
+        return index, torch.ones(n_units, dtype=scores.dtype, device=device)
+    p = keep_probabilities(scores[:full].reshape(-1, 4), k)
+    keep = select_units(p, uniforms(full // 4, device), k)
+    index = torch.arange(full, device=device).reshape(-1, 4)[keep]
+    weight = 1.0 / p[keep]
+    if full < n_units:  # the partial group: kept whole
+        rest = torch.arange(full, n_units, device=device)
+        index = torch.cat([index, rest])
+        weight = torch.cat([weight, weight.new_ones(n_units - full)])
+    return index, weight
+
+
+def random_phase(device: torch.device) -> int:
+    """``rand_half``'s phase, 0 or 1 with probability 1/2 each (one uniform)."""
+    return int(uniforms(1, device)[0] >= 0.5)
+
+
+class AdaptiveState:
+    """A layer's ``is_adaptive`` state, in one float64 CPU tensor (saved in checkpoints by
+    :func:`fullsparse.sparse_state_dict`): the keep count, a call counter, the smoothed ratios
+    of sampling variance to minibatch noise for k = 2 and 3, and the kept / total units of
+    every sampled call (the run's FLOP account).
+
+    Every ``interval`` calls (the first included) the layer computes its exact weight gradient
+    as two half-batch products ``G = G_A + G_B``; ``‖G_A − G_B‖²`` estimates the minibatch
+    noise ``V_b`` (the variance of G over batches of i.i.d. samples), and one draw of the
+    estimator per k, ``‖Ĝ_k − G‖²``, its variance ``V_s(k)`` on the same batch (the
+    sampler's own variance, covariances included: on convolutions the closed form
+    ``Σ s²(1/p − 1)`` from the block scores overstates it many times). The keep count becomes the
+    smallest k whose smoothed ``V_s(k)/V_b`` is within ``budget`` (4, the exact product, if
+    none is).
+    """
+
+    SLOTS = ("keep", "calls", "ratio2", "ratio3", "kept_units", "total_units", "measured")
+    #: weight of the newest measurement in the smoothed ratios
+    SMOOTHING = 0.5
+
+    @staticmethod
+    def new() -> Tensor:
+        state = torch.zeros(len(AdaptiveState.SLOTS), dtype=torch.float64, device="cpu")
+        state[0] = 2
+        return state
+
+    @staticmethod
+    def keep(state: Tensor) -> int:
+        return int(state[0])
+
+    @staticmethod
+    def due(state: Tensor, interval: int) -> bool:
+        """Whether this call measures (the first one, then every ``interval``)."""
+        return int(state[1]) % interval == 0
+
+    @staticmethod
+    def count(state: Tensor | None, kept: int, total: int) -> None:
+        """Count one call: ``kept`` of ``total`` units went into the product."""
+        if state is None:
+            return
+        state[1] += 1
+        state[4] += kept
+        state[5] += total
+
+    @staticmethod
+    def measure(state: Tensor, variances: dict[int, float], noise: float, budget: float) -> None:
+        """Fold one measurement in (``variances``: ``V_s(k)`` for k = 2 and 3; ``noise``:
+        ``V_b``) and choose the keep count."""
+        new = state[6] == 0
+        for slot, k in ((2, 2), (3, 3)):
+            ratio = min(variances[k] / max(noise, 1e-300), 1e6)
+            a = 1.0 if new else AdaptiveState.SMOOTHING
+            state[slot] = a * ratio + (1 - a) * float(state[slot])
+        state[6] += 1
+        keep = 4
+        for slot, k in ((2, 2), (3, 3)):
+            if float(state[slot]) <= budget:
+                keep = k
+                break
+        state[0] = keep
+
+    @staticmethod
+    def kept_share(state: Tensor) -> float | None:
+        """The share of units that went into the weight-gradient products so far."""
+        total = float(state[5])
+        return float(state[4]) / total if total else None
+
+
+def half_count(n_units: int, phase: int) -> int:
+    """How many units ``rand_half`` keeps at ``phase`` (every second, from ``phase``)."""
+    return math.ceil((n_units - phase) / 2)
