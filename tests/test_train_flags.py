@@ -103,6 +103,8 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--keep-dense", "stem,first_linear"], {"keep_dense": "stem,first_linear"}, {}),
     (["--threads", "2"], {"threads": 2}, {}),
     (["--init-from", "runs/dense"], {"init_from": "runs/dense"}, {"recipe": "asp"}),
+    (["--variance-budget", "0.5"], {"variance_budget": 0.5}, {"recipe": "fst_adaptive"}),
+    (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
 ]
 
 # Every key a run config (YAML/JSON, and so config.json) accepts, with a value to try.
@@ -123,6 +125,7 @@ KEYS: dict[str, object] = {
     "dense_warmup_steps": 7, "mask_interval": 3, "grad_weight_mode": "mvue",
     "grad_weight_mode_linear": "dense", "ir_alpha_linear": 0.25,
     "keep_dense": "stem,first_linear", "threads": 2, "init_from": "runs/dense",
+    "variance_budget": 0.5, "variance_interval": 7,
 }  # fmt: skip
 #: The extra fields a key's value needs to make a valid config.
 KEY_CONTEXT = {
@@ -130,7 +133,8 @@ KEY_CONTEXT = {
     "text_train_bytes": LM, "text_val_bytes": LM, "steps_per_epoch": LM,
     "decay": {"recipe": "srste"}, "tsm_interval": {"recipe": "tsm"},
     "decay_kind": {"recipe": "srste"}, "dense_finish_mode": {"dense_finish": 0.25},
-    "init_from": {"recipe": "asp"},
+    "init_from": {"recipe": "asp"}, "variance_budget": {"recipe": "fst_adaptive"},
+    "variance_interval": {"recipe": "fst_adaptive"},
 }  # fmt: skip
 
 
