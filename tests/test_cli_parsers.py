@@ -307,7 +307,7 @@ def test_study_passes_every_train_flag_into_the_runs_or_refuses_it(
     monkeypatch, capsys, argv, expected, context
 ):
     def fake_run_study(spec, **kwargs):
-        raise _Captured(spec)
+        raise _Captured(spec, kwargs)
 
     monkeypatch.setattr("fullsparse.analysis.study.run_study", fake_run_study)
     if "task" in expected:  # refused: a study tabulates classification runs
@@ -322,8 +322,11 @@ def test_study_passes_every_train_flag_into_the_runs_or_refuses_it(
         return
     with pytest.raises(_Captured) as info:
         main(["study", *argv])
-    spec = info.value.args[0]
+    spec, kwargs = info.value.args
     for name, value in expected.items():
+        if name == "threads":  # study's own --threads: the whole study's CPU threads
+            assert kwargs["threads"] == value and "threads" not in spec.base
+            continue
         assert (str(spec.out) if name == "out" else spec.base[name]) == value, name
 
 

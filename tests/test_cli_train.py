@@ -328,8 +328,10 @@ def test_resume_across_processes_equals_a_straight_run(tmp_path):
 def test_fashion_mnist_short_run_with_the_real_data(tmp_path, capsys):
     # Needs the dataset (Debian: apt install dataset-fashion-mnist, or --data-dir).
     out = tmp_path / "fm"
-    argv = ["train", "--train-subset", "512", "--test-subset", "512", "--epochs", "1",
-            "--no-progress", "--out", str(out)]  # fmt: skip
+    argv = ["train", "--train-subset", "4096", "--test-subset", "1000", "--epochs", "1",
+            "--batch-size", "64", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dataset"] == "fashion-mnist" and summary["final_top1"] > 10.0
+    # 64 steps of fst from scratch reached 54.8 % on 2026-12-06 (1 thread, seed 0); chance
+    # is 10 %, so 40 % says the model learned, with room for another thread count.
+    assert summary["dataset"] == "fashion-mnist" and summary["final_top1"] > 40.0

@@ -3,6 +3,8 @@ both gradients where it can) equals the plain reference path bit for bit."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -44,6 +46,12 @@ def _run(fn, args, inputs, gy, autocast):
     return [y.detach()] + [t.grad for t in inputs if t is not None]
 
 
+def _seed(name: str, case: str) -> int:
+    """A seed per (recipe, case) that is the same in every process: ``hash()`` of a str
+    changes with PYTHONHASHSEED, so a failure seeded from it could not be reproduced."""
+    return zlib.crc32(f"{name}/{case}".encode()) % 1000
+
+
 def _assert_bit_identical(got, want):
     names = ("output", "grad_input", "grad_weight", "grad_bias")
     for name, a, b in zip(names, got, want, strict=True):
@@ -56,7 +64,7 @@ def _assert_bit_identical(got, want):
 def test_conv_fused_path_equals_reference_path_bit_for_bit(name, case, dtype):
     xs, ws, stride, padding, groups, channels_last = CONV[case]
     torch_dtype, autocast = DTYPES[dtype]
-    gen = torch.Generator().manual_seed(hash((name, case)) % 1000)
+    gen = torch.Generator().manual_seed(_seed(name, case))
     x = torch.randn(xs, generator=gen).to(torch_dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -75,7 +83,7 @@ def test_conv_fused_path_equals_reference_path_bit_for_bit(name, case, dtype):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_linear_fused_path_equals_reference_path_bit_for_bit(name, case, dtype):
     torch_dtype, autocast = DTYPES[dtype]
-    gen = torch.Generator().manual_seed(hash((name, case)) % 1000)
+    gen = torch.Generator().manual_seed(_seed(name, case))
     x = torch.randn(LINEAR[case], generator=gen).to(torch_dtype)
     w = torch.randn(12, 16, generator=gen).to(torch_dtype)
     b = torch.randn(12, generator=gen).to(torch_dtype)

@@ -13,7 +13,7 @@ from fullsparse.estimators import mvue_keep_probabilities
 from fullsparse.functional import sparse_linear
 from fullsparse.masks import is_2to4
 from fullsparse.operands import mvue_spatial_conv, mvue_tokens
-from reference import ref_conv, ref_linear, ref_mask_rows
+from reference import draw_mvue_uniforms, ref_conv, ref_linear, ref_mask_rows, ref_mvue_rows
 from test_functional import (
     TOL64,
     _assert_all_close,
@@ -211,9 +211,13 @@ def test_mvue_under_bf16_autocast_is_the_float64_draw_of_the_bf16_operands():
     torch.manual_seed(2)
     y.backward(gy.bfloat16())
     assert w.grad is not None and w.grad.dtype == torch.float32
+    # The expectation comes from the float64 reference (per-group water-filling by
+    # bisection, the kept entries picked from the same uniforms), not from mvue_tokens.
     torch.manual_seed(2)
-    dy = gy.bfloat16().reshape(-1, 8)
-    want = mvue_tokens(dy).float().t() @ x.bfloat16().float().reshape(-1, 16)
+    dy = gy.bfloat16().double().reshape(-1, 8)  # [M = 16 tokens, d_out = 8]
+    kept = ref_mvue_rows(dy.t(), draw_mvue_uniforms(8, dy.shape[0]))  # [d_out, M]
+    want = (kept @ x.bfloat16().double().reshape(-1, 16)).float()
+    assert int((kept != 0).sum()) == 8 * 16 // 2  # 2 of every 4 tokens per feature
     torch.testing.assert_close(w.grad, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y.float(), F.linear(x, w).detach(), rtol=2e-2, atol=5e-2)
 

@@ -65,8 +65,11 @@ def cifar_resnet_param_formula(depth: int, num_classes: int, in_channels: int = 
 def test_resnet20_has_272474_parameters() -> None:
     model = build_model("resnet20", 10)
     assert n_params(model) == 272_474 == cifar_resnet_param_formula(20, 10)
-    # He et al. report 0.27M for option-A shortcuts; the projections add 2,752.
-    assert 272_474 - 2_752 == 269_722
+    # He et al. report 0.27M for option-A shortcuts (no parameters); the model's two
+    # projection shortcuts (1x1 conv + BN, 16->32 and 32->64) hold the difference.
+    projections = [m for name, m in model.named_modules() if name.endswith(".shortcut")]
+    assert sum(n_params(m) for m in projections) == 2_752 == (16 * 32 + 64) + (32 * 64 + 128)
+    assert n_params(model) - 2_752 == 269_722
 
 
 @pytest.mark.parametrize(("name", "depth", "blocks"), [("resnet32", 32, 5), ("resnet56", 56, 9)])

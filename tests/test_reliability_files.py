@@ -127,10 +127,13 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_one_line(
     state["identity"]["model"] = "resnet32"  # claims another model; the weights are resnet20's
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
-    _one_line_error(capsys, ["eval", "--checkpoint", str(bad)], "does not rebuild its model")
+    line = _one_line_error(
+        capsys, ["eval", "--checkpoint", str(bad)], "weights do not fit its model 'resnet32'"
+    )
+    assert "missing keys: layer1.3.conv1.weight" in line, line  # resnet32 has 5 blocks
     out = tmp_path / "w.pt"
     _one_line_error(
-        capsys, ["export", "--checkpoint", str(bad), "--out", str(out)], "does not rebuild"
+        capsys, ["export", "--checkpoint", str(bad), "--out", str(out)], "missing keys: layer1.3"
     )
     assert not out.exists()
 

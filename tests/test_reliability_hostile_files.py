@@ -230,14 +230,17 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def test_a_decompression_bomb_png_is_one_line(tmp_path, monkeypatch):
     root = _coco(tmp_path / "coco", _coco_data())
     _png_header_only(root / "train2017" / "a.png", 40_000, 40_000)
-    bundle = build_detection_datasets("coco", root)
+    # refused from the header when the dataset is built, before any run file is written
     with pytest.raises(UserError, match="decompression bomb; if the image is real, raise"):
-        bundle.train[0]
+        build_detection_datasets("coco", root)
     # Under Pillow's own guard, our limit (checked before decoding) decides.
     _png(root / "train2017" / "a.png", 20, 20)
+    bundle = build_detection_datasets("coco", root)
     monkeypatch.setenv("FULLSPARSE_MAX_IMAGE_PIXELS", "100")
     with pytest.raises(UserError, match="pixels is 400, over the limit 100"):
-        bundle.train[0]
+        build_detection_datasets("coco", root)
+    with pytest.raises(UserError, match="pixels is 400, over the limit 100"):
+        bundle.train[0]  # and again when it is decoded
 
 
 # ------------------------------------------------------------------ VOC
@@ -258,9 +261,8 @@ def _voc(root: Path, difficult: str = "0", ids: str = "a") -> Path:
 
 
 def test_voc_difficult_must_be_0_or_1(tmp_path):
-    bundle = build_detection_datasets("voc", _voc(tmp_path / "voc", difficult="maybe"))
     with pytest.raises(UserError, match=r"<difficult> must be 0 or 1, got 'maybe'"):
-        bundle.train[0]
+        build_detection_datasets("voc", _voc(tmp_path / "voc", difficult="maybe"))
 
 
 def test_voc_ids_cannot_leave_the_dataset_folder(tmp_path):
@@ -295,7 +297,10 @@ def test_an_empty_class_folder_is_an_error(tmp_path):
 def test_a_truncated_jpeg_in_a_worker_is_the_same_one_line(tmp_path, capsys):
     root = _imagefolder(tmp_path / "imgs")
     bad = root / "train" / "b" / "1.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])
+    noise = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(0))
+    Image.frombytes("RGB", (64, 64), bytes(noise.flatten().tolist())).save(bad, quality=90)
+    bad.write_bytes(bad.read_bytes()[:2000])  # the header is whole, the scan is cut
+    assert Image.open(bad).size == (64, 64)
     line = one_line_error(
         capsys,
         ["train", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "8",

@@ -1,13 +1,15 @@
 """Every ``train``/``compare`` flag and every run-config key that has ever worked keeps
 working, and parses to the same value.
 
-The tables below are the complete list of flags and keys as they stood when the config
-became declared once; they are written out by hand (not derived from the code under test)
-so that a renamed or dropped flag fails here.
+The tables below list the flags and keys with the values they must give; they are written
+out by hand (not derived from the code under test) so that a renamed or dropped flag fails
+here. Their coverage is checked against the code: every config field and every ``train``
+option must appear in them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -88,6 +90,25 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--no-quiet"], {"quiet": False}, {}),
     (["--plot"], {"plot": True}, {}),
     (["--no-plot"], {"plot": False}, {}),
+    (["--conv-layout", "channel"], {"conv_layout": "channel"}, {}),
+    (["--output-weight", "soft_2:4"], {"output_weight": "soft_2:4"}, {}),
+    (["--decay-kind", "masked_grad"], {"decay_kind": "masked_grad"}, {"recipe": "srste"}),
+    (["--dense-finish", "0.25"], {"dense_finish": 0.25}, {}),
+    (
+        ["--dense-finish-mode", "all", "--dense-finish", "0.25"],
+        {"dense_finish_mode": "all", "dense_finish": 0.25},
+        {},
+    ),  # fmt: skip
+    (["--dense-warmup-steps", "7"], {"dense_warmup_steps": 7}, {}),
+    (["--mask-interval", "3"], {"mask_interval": 3}, {}),
+    (["--grad-weight-mode", "mvue"], {"grad_weight_mode": "mvue"}, {}),
+    (["--grad-weight-mode-linear", "dense"], {"grad_weight_mode_linear": "dense"}, {}),
+    (["--ir-alpha-linear", "0.25"], {"ir_alpha_linear": 0.25}, {}),
+    (["--keep-dense", "stem,first_linear"], {"keep_dense": "stem,first_linear"}, {}),
+    (["--threads", "2"], {"threads": 2}, {}),
+    (["--init-from", "runs/dense"], {"init_from": "runs/dense"}, {"recipe": "asp"}),
+    (["--variance-budget", "0.5"], {"variance_budget": 0.5}, {"recipe": "fst_adaptive"}),
+    (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
 ]
 
 # Every key a run config (YAML/JSON, and so config.json) accepts, with a value to try.
@@ -103,13 +124,21 @@ KEYS: dict[str, object] = {
     "amp": "bf16", "channels_last": True, "compile": True, "sync_bn": True,
     "fsdp": True, "deterministic": True, "skip_nonfinite": True, "out": "runs/x", "resume": True,
     "force": True, "stop_after": 1, "checkpoint_every": 10, "progress": False,
-    "quiet": True, "plot": False,
+    "quiet": True, "plot": False, "conv_layout": "channel", "output_weight": "soft_2:4",
+    "decay_kind": "masked_grad", "dense_finish": 0.25, "dense_finish_mode": "all",
+    "dense_warmup_steps": 7, "mask_interval": 3, "grad_weight_mode": "mvue",
+    "grad_weight_mode_linear": "dense", "ir_alpha_linear": 0.25,
+    "keep_dense": "stem,first_linear", "threads": 2, "init_from": "runs/dense",
+    "variance_budget": 0.5, "variance_interval": 7,
 }  # fmt: skip
 #: The extra fields a key's value needs to make a valid config.
 KEY_CONTEXT = {
     "task": {"model": "gpt_tiny", "dataset": "pystdlib"},
     "text_train_bytes": LM, "text_val_bytes": LM, "steps_per_epoch": LM,
     "decay": {"recipe": "srste"}, "tsm_interval": {"recipe": "tsm"},
+    "decay_kind": {"recipe": "srste"}, "dense_finish_mode": {"dense_finish": 0.25},
+    "init_from": {"recipe": "asp"}, "variance_budget": {"recipe": "fst_adaptive"},
+    "variance_interval": {"recipe": "fst_adaptive"},
 }  # fmt: skip
 
 
@@ -131,9 +160,30 @@ def test_every_flag_parses_to_its_field_value(command, argv, expected, context):
         assert getattr(config, name) == value, name
 
 
-def test_the_flag_table_covers_every_config_key():
+def _train_options() -> dict[str, str]:
+    """The ``train`` parser's options as the code defines them: option string -> dest."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        option: action.dest
+        for action in sub.choices["train"]._actions
+        for option in action.option_strings
+        if action.dest not in ("help", "config_file")
+    }
+
+
+def test_every_config_field_has_a_key_and_a_flag_tried_here():
+    """Derived from the code: every TrainConfig field is a key of the table (so its YAML /
+    JSON round trip runs) and the dest of a train option whose every spelling the flag
+    table tries (so its flag round trip runs)."""
+    fields = set(TrainConfig().to_dict())
+    assert set(KEYS) == fields, sorted(fields ^ set(KEYS))
+    options = _train_options()
+    assert set(options.values()) == fields, sorted(fields ^ set(options.values()))
+    tried = {token for argv, _, _ in FLAGS for token in argv if token.startswith("--")}
+    assert set(options) <= tried, sorted(set(options) - tried)
     flagged = {name for _, expected, _ in FLAGS for name in expected}
-    assert flagged == set(KEYS)
+    assert flagged == fields, sorted(fields ^ flagged)
 
 
 @pytest.mark.parametrize("spelling", ["snake", "dash"])

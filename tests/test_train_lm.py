@@ -21,7 +21,7 @@ from fullsparse.train import trainer as trainer_mod
 from fullsparse.train.common import build_optimizer
 from fullsparse.train.guard import clip_gradients
 from fullsparse.train.lm import loss_metrics, validation_windows
-from tinyruns import quiet_config, tiny_classify
+from tinyruns import quiet_config, record_linear_dtypes, tiny_classify
 
 GPT_SMALL = {"context": 16, "depth": 1, "embed_dim": 32, "num_heads": 2}
 CLI_GPT = json.dumps(GPT_SMALL)
@@ -191,9 +191,12 @@ def test_lm_resume_equals_a_straight_run_bit_for_bit(tmp_path, corpus):
     assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
 
 
-def test_lm_trains_under_bf16_autocast(tmp_path, corpus):
+def test_lm_trains_under_bf16_autocast(tmp_path, corpus, monkeypatch):
+    dtypes = record_linear_dtypes(monkeypatch)
     summary = train(tiny_lm(tmp_path, corpus, amp="bf16", recipe="fst"))
     assert math.isfinite(summary["final_val_loss"])
+    # --amp bf16 really ran: every Linear of the GPT computed in bfloat16.
+    assert len(dtypes) >= 4 and all(d == {torch.bfloat16} for d in dtypes.values()), dtypes
 
 
 def test_nan_in_an_lm_layer_stops_naming_the_step_and_the_layer(tmp_path, corpus, monkeypatch):

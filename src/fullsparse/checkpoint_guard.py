@@ -25,7 +25,13 @@ import torch
 from fullsparse.errors import CheckpointError
 from fullsparse.limits import check_structure, escape, exceeded, limit
 
-__all__ = ["check_zip_entries", "refused_globals", "check_contents", "nonfinite_weights"]
+__all__ = [
+    "check_zip_entries",
+    "refused_globals",
+    "check_contents",
+    "nonfinite_weights",
+    "state_dict_mismatch",
+]
 
 _SLACK = 1 << 20  # entries this small may compress any amount: they cannot hurt
 
@@ -38,7 +44,7 @@ def check_zip_entries(path: Path) -> None:
             return  # the legacy single-pickle format; torch.load judges it
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError):  # version, method
         return  # torch.load reports an unreadable file in its own words
     ratio = limit("compression_ratio")
     for info in infos:
@@ -60,7 +66,7 @@ def _pickle_bytes(path: Path) -> bytes:
                     return f.read(cap)
         with open(path, "rb") as f:
             return f.read(cap)
-    except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
+    except (OSError, StopIteration, zipfile.BadZipFile, ValueError, NotImplementedError):
         return b""
 
 
@@ -151,3 +157,37 @@ def nonfinite_weights(state: dict[str, Any]) -> tuple[str, int] | None:
             if count:
                 return name, count
     return None
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def state_dict_mismatch(model: torch.nn.Module, saved: Any) -> str:
+    """What keeps ``saved`` (a checkpoint's weights) from loading into ``model``: the
+    missing and unexpected keys and the shape mismatches, each listed by name (first
+    three and a count), on one line; ``""`` if it fits. Torch's own error puts the keys
+    on the lines after its first, which a one-line message would lose."""
+    if not isinstance(saved, dict):
+        return f"the weights are a {type(saved).__name__}, not a dict of tensors"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [str(k) for k in saved if k not in expected]
+    shapes = [
+        f"{k} {list(saved[k].shape)} != {list(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape
+    ]
+    not_tensors = [k for k in expected if k in saved and not isinstance(saved[k], torch.Tensor)]
+    parts = [
+        f"{what}: {_listed(names)}"
+        for what, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+            ("not tensors", not_tensors),
+        )
+        if names
+    ]
+    return escape("; ".join(parts), width=1 << 12)

@@ -35,6 +35,8 @@ __all__ = [
     "check_config_file",
     "check_config_ranges",
     "load_json_text",
+    "json_memory_estimate",
+    "check_json_memory",
     "load_yaml_text",
 ]
 
@@ -85,6 +87,17 @@ LIMITS: dict[str, Limit] = {
     "annotation_bytes": Limit(
         2 * _GIB, "size of a COCO json / VOC xml annotation file", "oversized annotations"
     ),
+    "json_expansion": Limit(
+        16,
+        "memory of a parsed COCO json, estimated from its brackets and separators before "
+        "parsing, as a multiple of the file's size",
+        "100 MB of empty lists (3.3 GB parsed)",
+    ),  # fmt: skip
+    "boxes_per_image": Limit(
+        10_000,
+        "boxes of one image in a COCO or VOC annotation file",
+        "1.3 M boxes on one image (gigabytes in the detector's loss)",
+    ),  # fmt: skip
     "compression_ratio": Limit(
         50,
         "uncompressed / stored size of an entry of a checkpoint (zip)",
@@ -185,15 +198,32 @@ def worker_message(text: str, exc_name: str) -> str:
 
 
 def read_capped(path: Any, cap: int, what: str, name: str) -> bytes:
-    """The bytes of ``path``, refused (UserError) if the file is larger than ``cap``."""
+    """The bytes of ``path``, refused (UserError) if the file is larger than ``cap``.
+
+    Reads the file's size plus one byte, never ``cap`` bytes at once: ``read(n)``
+    allocates ``n`` bytes up front, so ``read(2 GiB)`` of a 1 kB file needed 2 GiB of
+    address space (a MemoryError under ``ulimit -v``). A file that grows while it is read
+    is read on in 1 MiB chunks, up to the cap."""
     try:
         size = os.path.getsize(path)
         if size > cap:
             raise UserError(f"{what} {path}: {exceeded('its size in bytes', size, name)}")
         with open(path, "rb") as f:
-            return f.read(cap + 1)
+            data = f.read(size + 1)
+            if len(data) > size:  # it grew since its size was read
+                parts, total = [data], len(data)
+                while total <= cap:
+                    chunk = f.read(min(1 << 20, cap + 1 - total))
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    total += len(chunk)
+                data = b"".join(parts)
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise UserError(f"{what} {path}: {exceeded('its size in bytes', len(data), name)}")
+    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +276,53 @@ def _json_depth(text: str) -> int:
         elif c in "]}":
             depth -= 1
     return deepest
+
+
+#: Upper bounds (bytes, CPython 3.10-3.13) of what json.loads builds, by what the text
+#: holds. A container: an empty dict 64 or list 56, plus growth slack. An element (one per
+#: ``,`` or ``:``, plus one): its pointer and a float (24) or int (28), a dict entry's
+#: share, list slack. A string (two quotes) adds its header (49 ASCII, up to 76 for
+#: non-BMP text). The characters of strings and numbers: at most 2 bytes each (a 4-byte
+#: UTF-8 character becomes 4 bytes; ``\ud83d\ude00`` 12 becomes 4). Measured worst cases, per
+#: item: 64 bytes for ``[]``, 72 for ``{}``, 248 for ``{"a":[]}``, 104 for
+#: ``"\ud83d\ude00"``, 144 for a ``"k1":0`` dict entry (``tests/test_reliability_before_run.py``).
+_JSON_PER_CONTAINER = 96
+_JSON_PER_ELEMENT = 48
+_JSON_PER_QUOTE = 28
+
+
+def json_memory_estimate(raw: bytes) -> int:
+    """An upper bound of the bytes ``json.loads`` needs for ``raw``, from counts of its
+    brackets, separators and quotes (a few C-speed passes, no parsing; see the constants
+    above). Those inside strings are counted too, so it only errs high."""
+    containers = raw.count(b"[") + raw.count(b"{")
+    elements = raw.count(b",") + raw.count(b":") + 1
+    quotes = raw.count(b'"')
+    return (
+        _JSON_PER_CONTAINER * containers
+        + _JSON_PER_ELEMENT * elements
+        + _JSON_PER_QUOTE * quotes
+        + 2 * len(raw)
+    )
+
+
+#: Parsed JSON up to this size (estimated) is never refused: a small file of many small
+#: objects cannot hurt, whatever its ratio.
+_JSON_SLACK = 64 << 20
+
+
+def check_json_memory(raw: bytes, where: str, error: type[UserError] = UserError) -> None:
+    """Refuse JSON whose parsed form could take more than ``json_expansion`` times its size
+    and more than 64 MiB (:func:`json_memory_estimate`), before it is parsed."""
+    need = json_memory_estimate(raw)
+    ratio = limit("json_expansion")
+    if need > ratio * max(len(raw), 1) and need > _JSON_SLACK:
+        times = need // max(len(raw), 1)
+        raise error(
+            f"{where}: parsing it could take {need:,} bytes, {times} times its size "
+            f"({len(raw):,} bytes; mostly empty lists or objects?): "
+            f"{exceeded('that multiple', times, 'json_expansion')}"
+        )
 
 
 def load_json_text(text: str, where: str, error: type[UserError] = UserError) -> Any:

@@ -11,13 +11,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
+from xml.parsers import expat
 
 from fullsparse.errors import UserError
-from fullsparse.limits import escape, limit, read_capped
+from fullsparse.limits import check_json_memory, escape, exceeded, limit, read_capped
 
-__all__ = ["read_coco", "inside", "voc_id", "voc_flag"]
+__all__ = [
+    "read_coco",
+    "read_voc_xml",
+    "check_boxes",
+    "check_box_count",
+    "inside",
+    "voc_id",
+    "voc_flag",
+]
 
 
 def _show(value: Any) -> str:
@@ -83,6 +94,64 @@ def _bbox(value: Any, where: str) -> list[float]:
     return [float(v) for v in value]
 
 
+def check_box_count(counts: Counter[Any], where: str) -> None:
+    """Refuse an image with more boxes than the ``boxes_per_image`` limit (``counts``:
+    image id -> boxes)."""
+    if not counts:
+        return
+    image, most = counts.most_common(1)[0]
+    if most > limit("boxes_per_image"):
+        raise UserError(
+            f"{where}: image {_show(image)} has "
+            f"{exceeded('the number of boxes', most, 'boxes_per_image')}"
+        )
+
+
+def check_boxes(boxes: list[list[float]], width: int, height: int, where: str) -> None:
+    """Refuse a box ``[x0, y0, x1, y1]`` (pixels) whose corners lie more than one image
+    side outside the ``width`` x ``height`` image, or whose x1 < x0 or y1 < y0. Boxes
+    within that range are clipped to the image later (a box drawn a little past the edge
+    is common); beyond it the numbers are not a box of this image."""
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        if x1 < x0 or y1 < y0:
+            raise UserError(f"{where}: box {i} {_show([x0, y0, x1, y1])} has a negative size")
+        if (
+            min(x0, x1) < -width
+            or max(x0, x1) > 2 * width
+            or min(y0, y1) < -height
+            or max(y0, y1) > 2 * height
+        ):
+            raise UserError(
+                f"{where}: box {i} {_show([x0, y0, x1, y1])} lies more than one image side "
+                f"outside the {width}x{height} image"
+            )
+
+
+def _refuse_declaration(*args: Any) -> None:
+    raise ValueError("it declares a DOCTYPE or entities, which VOC annotations never do")
+
+
+def read_voc_xml(path: Path) -> ET.Element:
+    """The root element of VOC annotation ``path``, within the ``annotation_bytes`` limit.
+
+    A document type declaration, an entity declaration (internal ones expand, "billion
+    laughs"; external ones point at other files) or malformed markup is refused with one
+    line naming the file: an expat pass with handlers that raise comes first, then
+    ElementTree builds the tree from the same bytes."""
+    raw = read_capped(path, limit("annotation_bytes"), "VOC annotation", "annotation_bytes")
+    check = expat.ParserCreate()
+    check.StartDoctypeDeclHandler = _refuse_declaration
+    check.EntityDeclHandler = _refuse_declaration
+    check.ExternalEntityRefHandler = _refuse_declaration
+    try:
+        check.Parse(raw, True)
+        return ET.fromstring(raw)
+    except ValueError as exc:
+        raise UserError(f"VOC annotation {path}: {exc}") from None
+    except (expat.ExpatError, ET.ParseError) as exc:
+        raise UserError(f"VOC annotation {path} is not well-formed XML: {exc}") from None
+
+
 def read_coco(
     path: Path, image_dir: Path
 ) -> tuple[list[tuple[int, str]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -96,6 +165,7 @@ def read_coco(
         raise UserError(
             f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a COCO file is JSON"
         ) from None
+    check_json_memory(raw, f"COCO file {path}")
     try:
         data = json.loads(text)
     except RecursionError:
@@ -131,4 +201,15 @@ def read_coco(
                 "iscrowd": int(crowd),
             }
         )
+    for what, ids in (("categories", [c[0] for c in categories]),
+                      ("images", [im["id"] for im in images])):  # fmt: skip
+        twice = [i for i, n in Counter(ids).items() if n > 1]
+        if twice:
+            raise UserError(f"{path}: '{what}' has the id {twice[0]} more than once")
+    for i, a in enumerate(annotations):
+        if a["bbox"][2] < 0 or a["bbox"][3] < 0:
+            raise UserError(
+                f"{path}: annotations[{i}].bbox {_show(a['bbox'])} has a negative width or height"
+            )
+    check_box_count(Counter(a["image_id"] for a in annotations), f"COCO file {path}")
     return sorted(categories), sorted(images, key=lambda im: im["id"]), annotations

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fullsparse.data.safe_pickle import safe_load
 from fullsparse.errors import DataNotFoundError, UserError
+from fullsparse.limits import escape
 
 __all__ = ["CifarSpec", "CIFAR10", "CIFAR100", "find_cifar", "load_cifar", "ENV_VAR"]
 
@@ -126,10 +127,21 @@ def _load_batch(path: Path, spec: CifarSpec) -> tuple[Tensor, Tensor]:
     data, labels = batch["data"], batch[spec.label_key]
     if not isinstance(data, Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
         raise UserError(f"{path}: 'data' must be a uint8 [N, 3072] array, got {data!r:.80}")
+    if data.shape[0] == 0:
+        raise UserError(f"{path}: the batch holds no images ('data' has 0 rows)")
     if data.shape[1] != 3 * 32 * 32:
         raise UserError(f"{path}: 'data' has shape {tuple(data.shape)}, expected [N, 3072]")
-    if not isinstance(labels, (list, tuple)) or not all(isinstance(v, int) for v in labels):
-        raise UserError(f"{path}: '{spec.label_key}' must be a list of ints")
+    if not isinstance(labels, (list, tuple)):
+        raise UserError(
+            f"{path}: '{spec.label_key}' must be a list of ints, got {type(labels).__name__}"
+        )
+    odd = next((v for v in labels if not isinstance(v, int) or isinstance(v, bool)), None)
+    if odd is not None:
+        shown = escape(repr(odd), 40)
+        raise UserError(
+            f"{path}: '{spec.label_key}' must be a list of ints, it holds {shown} "
+            f"({type(odd).__name__})"
+        )
     bad = next((v for v in labels if not 0 <= v < spec.num_classes), None)
     if bad is not None:  # before torch.tensor: 10**20 does not fit an int64
         shown = bad if abs(bad) < 10**12 else f"a number of {len(str(bad))} digits"

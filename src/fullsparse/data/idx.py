@@ -15,6 +15,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,7 +41,14 @@ _CHUNK = 1 << 16
 
 class _Stream:
     """Reads an IDX file plain or through gunzip, ``n`` bytes at a time, so that no more
-    is ever decompressed than the header has promised (and the header is checked first)."""
+    is ever decompressed than the header has promised (and the header is checked first).
+
+    A gzip file may hold several members (``cat a.gz b.gz``, ``pigz``, ``bgzip``, an
+    empty trailing member): their data is read as one stream, as gzip(1) does. NUL bytes
+    after the last member are padding and ignored; anything else there is refused. Every
+    step of the loop either consumes compressed input or produces output, so the reader
+    ends on any file: at most one pass over its bytes plus what the caller asked for.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -51,28 +59,65 @@ class _Stream:
             self.file.seek(0)
         except OSError as exc:
             raise UserError(f"cannot read IDX file {path}: {exc.strerror or exc}") from None
-        self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if self.gzip else None
+        #: The inflater of the member being read; None between members.
+        self.inflate: Any = None
+        #: Compressed bytes read from the file and not yet consumed by an inflater.
+        self.pending = b""
+        #: Only NUL padding may follow (a NUL byte was seen after a member).
+        self.padding = False
+        self.members = 0
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes (fewer only at the end of the data)."""
-        if self.inflate is None:
+        if not self.gzip:
             return self.file.read(n)
-        out = bytearray()
         try:
-            while len(out) < n:
-                if self.inflate.unconsumed_tail:
-                    src = self.inflate.unconsumed_tail
-                elif self.inflate.eof:
-                    break
-                else:
-                    src = self.file.read(_CHUNK)
-                    if not src:
-                        raise EOFError("compressed stream ended before its end marker")
-                out += self.inflate.decompress(src, n - len(out))
+            return self._inflate(n)
         except (OSError, EOFError, zlib.error) as exc:
             raise UserError(
                 f"IDX file {self.path} is a corrupt or truncated gzip file: {exc}"
             ) from None
+
+    def _inflate(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            if not self.pending:
+                self.pending = self.file.read(_CHUNK)
+                if not self.pending:
+                    if self.inflate is not None:
+                        raise EOFError(
+                            f"member {self.members} of the compressed stream ended "
+                            "before its end marker"
+                        )
+                    break  # the end of the last member: the end of the data
+                continue
+            if self.inflate is None:
+                if self.padding or self.pending[0] == 0:
+                    rest = self.pending.lstrip(b"\0")
+                    if rest:
+                        raise zlib.error(
+                            f"bytes after gzip member {self.members} are neither a gzip "
+                            "member nor NUL padding"
+                        )
+                    self.padding, self.pending = True, b""
+                    continue
+                if not _GZIP_MAGIC.startswith(self.pending[:2]):
+                    raise zlib.error(
+                        f"bytes after gzip member {self.members} are neither a gzip "
+                        "member nor NUL padding"
+                    )
+                self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self.members += 1
+            before = len(self.pending)
+            chunk = self.inflate.decompress(self.pending, n - len(out))
+            if self.inflate.eof:
+                # unused_data: what follows the member; the tail would repeat part of it
+                self.pending, self.inflate = self.inflate.unused_data, None
+            else:
+                self.pending = self.inflate.unconsumed_tail
+            if not chunk and len(self.pending) >= before:
+                raise zlib.error("the inflater consumed no input and produced no output")
+            out += chunk
         return bytes(out)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "center_crop_box",
     "find_imagefolder",
     "open_rgb",
+    "image_header_size",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -55,7 +57,7 @@ def _import_pil() -> Any:
         from PIL import Image
     except ImportError as exc:
         raise UserError(
-            "the imagefolder dataset decodes images with Pillow: pip install pillow "
+            "the imagefolder, coco and voc datasets decode images with Pillow: pip install pillow "
             "(or pip install 'fullsparse[vision]')"
         ) from exc
     return Image
@@ -68,7 +70,12 @@ def open_rgb(path: Path, what: str) -> Any:
     Image = _import_pil()
     cap = limit("image_pixels")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns from 89.5 Mpx; the image_pixels limit is the rule here, and a
+            # raw two-line warning would break the one-line output.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size
             if width * height > cap:
                 raise UserError(
@@ -85,6 +92,34 @@ def open_rgb(path: Path, what: str) -> Any:
         ) from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
         raise UserError(f"{what}: cannot decode {path}: {exc}") from None
+
+
+def image_header_size(path: Path, what: str) -> tuple[int, int]:
+    """``(width, height)`` from the header of image file ``path``, without decoding its
+    pixels: a file Pillow cannot identify, or one over the ``image_pixels`` limit, is
+    refused (UserError naming ``what`` and the file). Datasets call it for every image when
+    they are built, so such a file stops the run before its folder is written."""
+    Image = _import_pil()
+    cap = limit("image_pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{what}: {path}: Pillow refuses it as a decompression bomb; if the image is "
+            f"real, raise {LIMITS['image_pixels'].env('image_pixels')}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for a bad file
+        raise UserError(f"{what}: cannot read the image header of {path}: {exc}") from None
+    if width * height > cap:
+        raise UserError(
+            f"{what}: {path}: {width}x{height} {exceeded('pixels', width * height, 'image_pixels')}"
+        )
+    if width < 1 or height < 1:
+        raise UserError(f"{what}: {path}: the image is {width}x{height}")
+    return width, height
 
 
 def random_resized_crop_box(
@@ -202,6 +237,8 @@ class ImageFolderDataset(Dataset):
                     f"imagefolder: class folder {folder} holds no images "
                     f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
                 )
+            for file in files:
+                image_header_size(file, "imagefolder")  # header and size, before the run starts
             self.samples += [(p, label) for p in files]
         if not self.samples:
             raise UserError(

@@ -96,8 +96,10 @@ def build_text_corpus(
                 break
             continue
         try:  # only the bytes still needed: a huge file costs no more than the cap
+            # read(n) allocates n bytes up front: ask for no more than the file holds
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
-                data = f.read(caps[split] - sizes[split])
+                data = f.read(min(caps[split] - sizes[split], size))
         except OSError as exc:
             raise UserError(f"cannot read text file {path}: {exc.strerror or exc}") from None
         parts[split].append(data)

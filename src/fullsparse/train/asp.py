@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, ConfigError
 from fullsparse.operands import mask_k
 from fullsparse.sparse_state import sparse_modules
@@ -60,6 +61,9 @@ def load_init_weights_(model: nn.Module, init_from: str) -> None:
 
     path = init_checkpoint(init_from)
     state = ckpt.load_checkpoint(path)
+    mismatch = state_dict_mismatch(model, state["model"])
+    if mismatch:
+        raise CheckpointError(f"--init-from {path}: its weights do not fit this model: {mismatch}")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

@@ -467,6 +467,20 @@ _SPEC: dict[str, tuple[str, bool, float | None]] = {
 _FIELDS = tuple(_SPEC)
 
 
+def _finite(value: float) -> bool:
+    """A finite float; an integer too large for a float (a 401-digit ``lr``) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**24:
+        return f"a number of {len(str(abs(value)))} digits"
+    return repr(value)
+
+
 def _check(name: str, value: Any) -> str | None:
     kind, optional, minimum = _SPEC[name]
     if value is None:
@@ -479,7 +493,7 @@ def _check(name: str, value: Any) -> str | None:
         want = "an integer"
     elif kind == _FLOAT:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value)
+        ok = ok and _finite(value)
         want = "a finite number"
     elif kind == _STR:
         ok = isinstance(value, str) and value != ""
@@ -495,7 +509,7 @@ def _check(name: str, value: Any) -> str | None:
         want = f"{want} >= {minimum:g}"
     elif not ok and minimum is not None:
         want = f"{want} >= {minimum:g}"
-    return None if ok else f"{name} must be {want}, got {value!r}"
+    return None if ok else f"{name} must be {want}, got {_shown(value)}"
 
 
 def _reject_unknown(values: dict[str, Any], source: str) -> None:

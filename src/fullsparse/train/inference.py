@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, UserError
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.config import TrainConfig
@@ -45,6 +46,17 @@ def load_trained_model(
     identity = state["identity"]
     try:
         model, _ = build_sparse_model(identity)
+    except UserError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: its identity does not build a model: {exc}"
+        ) from None
+    mismatch = state_dict_mismatch(model, state["model"])
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit its model "
+            f"{identity.get('model')!r}: {mismatch}"
+        )
+    try:
         model.load_state_dict(state["model"])
         load_sparse_state_(model, state["sparse_state"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:

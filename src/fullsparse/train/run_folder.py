@@ -262,10 +262,18 @@ class Checkpointer:
         The RNG state is restored last: nothing after this call may draw random numbers
         before the first step, or a resumed run would differ from an uninterrupted one.
         """
+        from fullsparse.checkpoint_guard import state_dict_mismatch
         from fullsparse.nn import load_sparse_state_
-        from fullsparse.train.fsdp import load_model_state_, load_optimizer_state_
+        from fullsparse.train.fsdp import _sharded, load_model_state_, load_optimizer_state_
 
         t, run = self.trainer, self.trainer.state
+        if not _sharded(t.raw_model):
+            mismatch = state_dict_mismatch(t.raw_model, state["model"])
+            if mismatch:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit this run: its model weights do not "
+                    f"match this model: {mismatch}"
+                )
         parts = (
             ("model weights", lambda: load_model_state_(t.raw_model, state["model"])),
             ("sparsity state", lambda: load_sparse_state_(t.raw_model, state["sparse_state"])),
