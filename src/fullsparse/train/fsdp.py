@@ -48,9 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fullsparse.errors import UserError
+from fullsparse.errors import CheckpointError, UserError
 from fullsparse.nn import sparse_modules
-from fullsparse.train.sharded_checkpoint import check_metadata, new_folder_name
+from fullsparse.train.sharded_checkpoint import check_metadata, dcp_reason, new_folder_name
 
 __all__ = [
     "check_fsdp",
@@ -285,12 +285,18 @@ def load_sharded_states_(
         RuntimeError, KeyError, ValueError: the states do not fit this model.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     check_metadata(folder, path)
     model_state, optim_state = get_state_dict(model, optimizer)
     states = {"model": model_state, "optimizer": optim_state}
-    dcp.load(states, storage_reader=dcp.FileSystemReader(str(folder)))
+    try:
+        dcp.load(states, storage_reader=dcp.FileSystemReader(str(folder)))
+    except CheckpointException as exc:  # a damaged shard file; every rank raises it
+        raise CheckpointError(
+            f"cannot read the sharded states of checkpoint {path} in {folder}: {dcp_reason(exc)}"
+        ) from None
     set_state_dict(
         model,
         optimizer,

@@ -37,6 +37,7 @@ from fullsparse.limits import escape, one_line
 
 __all__ = [
     "SHARDS",
+    "dcp_reason",
     "SHARDED_VERSION",
     "new_folder_name",
     "shards_folder",
@@ -74,9 +75,8 @@ def shards_folder(path: str | Path, state: dict[str, Any]) -> Path:
     folder = path.parent / name
     if not (folder / ".metadata").is_file():
         raise CheckpointError(
-            f"checkpoint {path} keeps its model and optimizer state in {folder}, which is "
-            f"missing or incomplete (copy the run folder with its {SHARDS}/ folder, or a "
-            "file made by `fullsparse convert`)"
+            f"checkpoint {path}: its shards folder {name} (model and optimizer state) is "
+            "missing or incomplete; copy the whole run folder, or use `fullsparse convert`"
         )
     return folder
 
@@ -157,6 +157,16 @@ def optimizer_by_ids(by_name: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def dcp_reason(exc: BaseException) -> str:
+    """One line on why DCP failed: the first rank's error, not DCP's per-rank tracebacks."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        exc = first[0] if isinstance(first, tuple) and first else first
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return one_line(" ".join(text.split()), 160)
+
+
 def read_full_states(path: str | Path, state: dict[str, Any]) -> tuple[dict, dict]:
     """``(model state, optimizer state)`` of sharded checkpoint ``path`` (loaded: ``state``),
     whole, on CPU, in this process: the single-file format's ``model`` and ``optimizer``.
@@ -166,6 +176,7 @@ def read_full_states(path: str | Path, state: dict[str, Any]) -> tuple[dict, dic
             unreadable, or it does not hold a model and an optimizer state.
     """
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     folder = shards_folder(path, state)
@@ -179,9 +190,8 @@ def read_full_states(path: str | Path, state: dict[str, Any]) -> tuple[dict, dic
             no_dist=True,
         )
         model, optimizer = full["model"], optimizer_by_ids(full["optimizer"])
-    except Exception as exc:  # a damaged shard file, a foreign folder
-        text = one_line(" ".join(str(exc).split()) or type(exc).__name__, 160)
+    except (Exception, CheckpointException) as exc:  # a damaged shard file, a foreign folder
         raise CheckpointError(
-            f"cannot read the sharded states of checkpoint {path} in {folder}: {text}"
+            f"cannot read the sharded states of checkpoint {path} in {folder}: {dcp_reason(exc)}"
         ) from None
     return dict(model), optimizer
