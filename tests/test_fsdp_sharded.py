@@ -29,7 +29,12 @@ from fullsparse.train.fsdp import (
     shard_model_,
 )
 from fullsparse.train.sharded_checkpoint import read_full_states, shards_folder
-from test_fsdp import RUN, SAVE_AT, _batches, _free_port, _model, _optimizer, _sharded_steps
+from test_fsdp import RUN, SAVE_AT, _batches, _free_port, _model, _sharded_steps
+
+
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # AdamW: two moments and a step count per parameter (the CLI test covers SGD's momentum)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -81,7 +86,9 @@ def _assert_equal(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
     assert optim["param_groups"] == want_optim["param_groups"]
     assert optim["state"].keys() == want_optim["state"].keys() and want_optim["state"]
     for i, state in want_optim["state"].items():
-        assert torch.equal(optim["state"][i]["momentum_buffer"], state["momentum_buffer"]), i
+        assert optim["state"][i].keys() == state.keys() and state, i
+        for key, value in state.items():
+            assert torch.equal(optim["state"][i][key], value), (i, key)
 
 
 def test_shards_reload_bit_exactly_on_two_and_three_processes_and_whole_in_one(tmp_path):
@@ -219,3 +226,12 @@ def test_a_missing_damaged_or_hostile_shards_folder_is_refused_in_one_line(
     with pytest.raises(UserError, match="missing or incomplete"):
         train(TrainConfig(out=str(tmp_path / "r"), resume=str(sharded), **RUN | {"epochs": 2}))
     assert not (tmp_path / "r").exists()
+
+
+def test_force_replaces_a_sharded_run_with_its_shards_folder(single, tmp_path):
+    run = tmp_path / "run"
+    _shard(single, run)
+    assert (run / "shards").is_dir()
+    train(TrainConfig(out=str(run), force=True, **RUN | {"epochs": 1}))  # one process
+    assert not (run / "shards").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["version"] == 1

@@ -9,10 +9,10 @@ is the whole, unsharded weight, the same on every rank: the masks are those of o
 training on the global batch. The TSM mask cache and its clock are buffers, which FSDP does
 not shard; every rank computes the same mask.
 
-Outside a forward the parameters are sharded ``DTensor``s. Checkpoints therefore go through
-:func:`full_state_dicts` / :func:`load_full_state_dicts_`: collectives that every rank calls,
-which gather plain CPU tensors under the usual keys (the file a single process writes, and
-loads) and scatter them back.
+Outside a forward the parameters are sharded ``DTensor``s. :func:`full_state_dicts` /
+:func:`load_full_state_dicts_` are collectives that every rank calls, which gather plain CPU
+tensors under the usual keys (the file a single process writes, and loads) and scatter them
+back.
 
 One caveat comes with a unit per layer: a sparse Linear given ``[..., T, d_in]`` returns a
 view, and an in-place op on a unit's output (``y = layer(x); y += r``) drops FSDP's
@@ -24,11 +24,11 @@ Works with the process group that :func:`fullsparse.train.distributed.init_distr
 starts: gloo on CPU, nccl on CUDA.
 
 ``fullsparse train --fsdp`` (under ``torchrun``) calls :func:`shard_model_` before it
-builds the optimizer; :func:`checkpoint_states`, :func:`load_model_state_` and
-:func:`load_optimizer_state_` for ``last.pt``, which is the file a single-process run
-writes, so a checkpoint resumes with or without ``--fsdp`` and on any number of processes;
-and :func:`unsharded` for evaluation, where the ranks may run different numbers of test
-batches.
+builds the optimizer; :func:`save_sharded_states` for its checkpoints and
+:func:`load_sharded_states_` to resume one under ``--fsdp``; :func:`load_model_state_` and
+:func:`load_optimizer_state_` to resume a single-file checkpoint (of a run without
+``--fsdp``) under it; and :func:`unsharded` for evaluation, where the ranks may run
+different numbers of test batches.
 
 Sharded checkpoints: :func:`save_sharded_states` has every rank write its own shards of the
 model and optimizer state (``torch.distributed.checkpoint``) into a new folder of the run,

@@ -208,7 +208,8 @@ class Checkpointer:
 
     def states(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The model's and optimizer's state dicts (unsharded) on rank 0, None elsewhere.
-        Every rank calls it: under FSDP gathering the shards is a collective."""
+        Every rank calls it. Under FSDP it writes every rank's shards instead (a
+        collective) and gives rank 0 empty dicts: ``last.pt`` names the shards folder."""
         t = self.trainer
         if t.config.fsdp:
             from fullsparse.train.fsdp import save_sharded_states
