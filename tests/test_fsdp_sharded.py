@@ -58,22 +58,32 @@ def _save_worker(rank: int, port: int, run: str) -> None:
         opt = _optimizer(model)
         load_sharded_states_(model, opt, Path(run) / name, "last.pt")
         got = checkpoint_states(model, opt)
+        with torch.no_grad():  # one NaN, in rank 1's shard only
+            weight = dict(model.named_parameters())["blocks.0.attn.qkv.weight"]
+            weight.to_local().view(-1)[0] = float("nan") if rank == 1 else 0.0
+        nan = save_sharded_states(model, opt, run)
         if rank == 0:
-            torch.save({"name": name, "want": want, "got": got}, f"{run}/two.pt")
+            torch.save({"name": name, "nan": nan, "want": want, "got": got}, f"{run}/two.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _load_worker(rank: int, port: int, run: str, name: str) -> None:
-    """3 processes load what 2 wrote (DCP reshards; 32 columns do not split evenly in 3)."""
+def _load_worker(rank: int, port: int, run: str, name: str, nan: str) -> None:
+    """3 processes load what 2 wrote (DCP reshards; 32 columns do not split evenly in 3),
+    then refuse the states with a NaN weight."""
     _init(rank, 3, port)
     try:
         model = shard_model_(_model("tsm"))
         opt = _optimizer(model)
         load_sharded_states_(model, opt, Path(run) / name, "last.pt")
         got = checkpoint_states(model, opt)
+        try:
+            load_sharded_states_(model, opt, Path(run) / nan, "last.pt")
+            refused = ""
+        except CheckpointError as exc:
+            refused = str(exc)
         if rank == 0:
-            torch.save(got, f"{run}/three.pt")
+            torch.save({"got": got, "refused": refused}, f"{run}/three.pt")
     finally:
         dist.destroy_process_group()
 
@@ -110,8 +120,12 @@ def test_shards_reload_bit_exactly_on_two_and_three_processes_and_whole_in_one(t
     assert len(meta.state_dict_metadata[weight].chunks) == 2
     assert files[weight] == {"__0_0.distcp", "__1_0.distcp"}
 
-    mp.start_processes(_load_worker, args=(_free_port(), run, name), nprocs=3, start_method="spawn")
-    _assert_equal(torch.load(tmp_path / "three.pt", weights_only=True), want)
+    args = (_free_port(), run, name, saved["nan"])
+    mp.start_processes(_load_worker, args=args, nprocs=3, start_method="spawn")
+    three = torch.load(tmp_path / "three.pt", weights_only=True)
+    _assert_equal(three["got"], want)
+    # rank 0 (rows 0-31 of 96) refuses the NaN of row 48, in rank 1's shard
+    assert "a weight (in another process's shard) holds NaN/Inf" in three["refused"]
     # one process, no process group: the single-file format's states
     _assert_equal(read_full_states(tmp_path / "last.pt", {"shards": name}), want)
 

@@ -281,7 +281,8 @@ def load_sharded_states_(
 
     Raises:
         CheckpointError: ``folder``'s metadata is refused (see
-            :func:`fullsparse.train.sharded_checkpoint.check_metadata`).
+            :func:`fullsparse.train.sharded_checkpoint.check_metadata`), a shard file is
+            unreadable, or a weight holds NaN/Inf.
         RuntimeError, KeyError, ValueError: the states do not fit this model.
     """
     import torch.distributed.checkpoint as dcp
@@ -303,6 +304,26 @@ def load_sharded_states_(
         model_state_dict=states["model"],
         optim_state_dict=states["optimizer"],
     )
+    _refuse_nonfinite(model, path)
+
+
+def _refuse_nonfinite(model: nn.Module, path: str | Path) -> None:
+    """Refuse (CheckpointError, on every rank) weights that hold NaN/Inf in some rank's
+    shard, as a single-file checkpoint's load does."""
+    bad, device = "", None
+    for name, value in model.state_dict().items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        device = device or local.device
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = bad or name
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() > 0:
+        where = f"weight {bad}" if bad else "a weight (in another process's shard)"
+        raise CheckpointError(
+            f"checkpoint {path}: {where} holds NaN/Inf values; a resume would train from "
+            "meaningless weights"
+        )
 
 
 @contextlib.contextmanager
