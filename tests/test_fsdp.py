@@ -267,7 +267,13 @@ def test_train_fsdp_matches_one_process_and_resumes_with_or_without_fsdp(tmp_pat
     # the FSDP checkpoint resumes in one process without --fsdp (the shards read whole)
     single = train(TrainConfig(out=str(tmp_path / "single"), resume=True, **RUN | {"fsdp": False}))
     assert single["epochs_done"] == 2
-    assert torch.load(tmp_path / "single" / "last.pt", weights_only=True)["version"] == 1
+    raw = {
+        f: torch.load(tmp_path / "single" / f, weights_only=True) for f in ("last.pt", "best.pt")
+    }
+    assert raw["last.pt"]["version"] == 1 and "shards" not in raw["last.pt"]
+    # what stays of the FSDP epoch's shards is what best.pt still names (nothing, if epoch 2 won)
+    left = {f"shards/{p.name}" for p in (tmp_path / "single" / "shards").iterdir()}
+    assert left == {r["shards"] for r in raw.values() if "shards" in r}
     assert _metrics(tmp_path / "single")[1]["train_loss"] == pytest.approx(
         m1[1]["train_loss"], rel=1e-5
     )

@@ -211,6 +211,7 @@ class Checkpointer:
         Every rank calls it. Under FSDP it writes every rank's shards instead (a
         collective) and gives rank 0 empty dicts: ``last.pt`` names the shards folder."""
         t = self.trainer
+        self.shards["last.pt"] = None
         if t.config.fsdp:
             from fullsparse.train.fsdp import save_sharded_states
 
@@ -251,7 +252,7 @@ class Checkpointer:
                 **t.task.checkpoint_extra(),
                 "torch_version": str(torch.__version__),
                 "threads": torch.get_num_threads(),
-                **({"shards": self.shards["last.pt"]} if t.config.fsdp else {}),
+                **({"shards": self.shards["last.pt"]} if self.shards["last.pt"] else {}),
             },
         )
         self.remove_unused_shards()
@@ -266,18 +267,18 @@ class Checkpointer:
         self.save_last()
         if main and is_best:
             ckpt.copy_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
-            if self.trainer.config.fsdp:
-                self.shards["best.pt"] = self.shards.get("last.pt")
-                self.remove_unused_shards()
+            self.shards["best.pt"] = self.shards["last.pt"]
+            self.remove_unused_shards()
 
     def remove_unused_shards(self) -> None:
         """Delete the shards folders that neither ``last.pt`` nor ``best.pt`` names (those
-        of older checkpoints, or of a save that was interrupted before its ``last.pt``).
-        Rank 0, after every rank has written its shards."""
+        of older checkpoints, of a save that was interrupted before its ``last.pt``, or of
+        an FSDP run's checkpoints that a resume without ``--fsdp`` replaced). Rank 0, after
+        every rank has written its shards."""
         from fullsparse.train.sharded_checkpoint import SHARDS
 
         folder = self.run_dir / SHARDS
-        if not self.trainer.config.fsdp or not folder.is_dir():
+        if not folder.is_dir():
             return
         for name in ("last.pt", "best.pt"):
             if name not in self.shards:
