@@ -3,7 +3,7 @@
     from fullsparse.train import TrainConfig, train
     summary = train(TrainConfig(model="resnet20", dataset="fashion-mnist", recipe="fst"))
 
-The command line (``fullsparse train|compare|eval|export``) is a thin front end over the
+The command line (``fullsparse train|compare|eval|export|convert``) is a thin front end over the
 functions exported here.
 """
 
