@@ -20,7 +20,13 @@ import torch.multiprocessing as mp
 
 from fullsparse.cli import main
 from fullsparse.errors import CheckpointError, UserError
-from fullsparse.train import TrainConfig, convert_checkpoint, load_checkpoint, train
+from fullsparse.train import (
+    TrainConfig,
+    convert_checkpoint,
+    load_checkpoint,
+    load_trained_model,
+    train,
+)
 from fullsparse.train.checkpoint import save_checkpoint
 from fullsparse.train.fsdp import (
     checkpoint_states,
@@ -173,6 +179,10 @@ def test_a_sharded_checkpoint_reads_as_its_single_file_and_converts_to_one(singl
         assert got["sparse_state"].keys() == want["sparse_state"].keys()
     assert torch.load(tmp_path / "one.pt", weights_only=True)["version"] == 1
     assert load_checkpoint(sharded, shards=False)["model"] == {}  # a resume under --fsdp
+    # the model that eval, export and analyze --checkpoint build from it
+    built, _ = load_trained_model(sharded)
+    for key, value in load_trained_model(single)[0].state_dict().items():
+        assert torch.equal(built.state_dict()[key], value), key
 
 
 def _converted(sharded: Path, tmp_path: Path) -> Path:
