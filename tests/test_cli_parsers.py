@@ -116,7 +116,7 @@ def _help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 def test_the_walk_reaches_every_command_and_nested_subcommand():
     assert set(LEAVES) == {
-        ("train",), ("compare",), ("eval",), ("export",), ("study",),
+        ("train",), ("compare",), ("eval",), ("export",), ("convert",), ("study",),
         ("bench", "layers"), ("bench", "steps"), ("bench", "gpu"),
         ("analyze", "similarity"), ("analyze", "neighbors"), ("analyze", "fidelity"),
         ("analyze", "overhead"),

@@ -26,7 +26,13 @@ import fullsparse
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.models import build_model
 from fullsparse.nn import load_sparse_state_, sparse_modules, sparse_state_dict
-from fullsparse.train import TrainConfig, load_checkpoint, train
+from fullsparse.train import (
+    TrainConfig,
+    convert_checkpoint,
+    evaluate_checkpoint,
+    load_checkpoint,
+    train,
+)
 from fullsparse.train.fsdp import full_state_dicts, load_full_state_dicts_, shard_model_
 
 WORLD = 2
@@ -236,9 +242,38 @@ def test_train_fsdp_matches_one_process_and_resumes_with_or_without_fsdp(tmp_pat
             assert torch.equal(mask, want["sparse_state"][key]), key
         assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
 
-    # the FSDP checkpoint holds unsharded states: one process resumes it without --fsdp
+    # sharded: each rank wrote its shards; only the folders that last.pt and best.pt name stay
+    for run in (two, three):
+        raw = {f: torch.load(run / f, weights_only=True) for f in ("last.pt", "best.pt")}
+        assert all(r["model"] == {} and r["optimizer"] == {} for r in raw.values())
+        assert {f"shards/{p.name}" for p in (run / "shards").iterdir()} == {
+            r["shards"] for r in raw.values()
+        }
+    # resumed under FSDP = uninterrupted, bit for bit: weights, optimizer and sparse state
+    a, b = load_checkpoint(two / "last.pt"), load_checkpoint(three / "last.pt")
+    for key in ("model", "sparse_state"):
+        assert a[key].keys() == b[key].keys()
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), name
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(b["optimizer"]["state"][i]["momentum_buffer"], state["momentum_buffer"])
+    # eval reads the sharded checkpoint in place, and its one-file conversion gives the same
+    convert_checkpoint(two / "best.pt", tmp_path / "best.pt")
+    in_place, converted = (evaluate_checkpoint(p) for p in (two / "best.pt", tmp_path / "best.pt"))
+    assert in_place.pop("checkpoint") != converted.pop("checkpoint")
+    assert in_place == converted
+    assert in_place["top1"] == pytest.approx(max(m["test_top1"] for m in m2))  # best epoch's
+
+    # the FSDP checkpoint resumes in one process without --fsdp (the shards read whole)
     single = train(TrainConfig(out=str(tmp_path / "single"), resume=True, **RUN | {"fsdp": False}))
     assert single["epochs_done"] == 2
+    raw = {
+        f: torch.load(tmp_path / "single" / f, weights_only=True) for f in ("last.pt", "best.pt")
+    }
+    assert raw["last.pt"]["version"] == 1 and "shards" not in raw["last.pt"]
+    # what stays of the FSDP epoch's shards is what best.pt still names (nothing, if epoch 2 won)
+    left = {f"shards/{p.name}" for p in (tmp_path / "single" / "shards").iterdir()}
+    assert left == {r["shards"] for r in raw.values() if "shards" in r}
     assert _metrics(tmp_path / "single")[1]["train_loss"] == pytest.approx(
         m1[1]["train_loss"], rel=1e-5
     )

@@ -24,7 +24,7 @@ from fullsparse.errors import UserError
 from fullsparse.limits import MESSAGE_CHARS, one_line, worker_message
 
 #: Subcommand modules, in the order ``fullsparse --help`` lists them.
-COMMANDS = ("train", "compare", "eval", "export", "bench", "analyze", "study")
+COMMANDS = ("train", "compare", "eval", "export", "convert", "bench", "analyze", "study")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -3,11 +3,11 @@
     from fullsparse.train import TrainConfig, train
     summary = train(TrainConfig(model="resnet20", dataset="fashion-mnist", recipe="fst"))
 
-The command line (``fullsparse train|compare|eval|export``) is a thin front end over the
+The command line (``fullsparse train|compare|eval|export|convert``) is a thin front end over the
 functions exported here.
 """
 
-from fullsparse.train.checkpoint import load_checkpoint
+from fullsparse.train.checkpoint import convert_checkpoint, load_checkpoint
 from fullsparse.train.classify import evaluate
 from fullsparse.train.compare import CompareResult, compare
 from fullsparse.train.config import TrainConfig, config_from_sources, load_config_file
@@ -32,6 +32,7 @@ __all__ = [
     "ExportReport",
     "load_trained_model",
     "load_checkpoint",
+    "convert_checkpoint",
     "config_from_sources",
     "load_config_file",
     "NonFiniteLossError",

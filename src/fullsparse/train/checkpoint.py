@@ -18,6 +18,10 @@ Layout (``FORMAT``, version ``VERSION``)::
     rng                      torch CPU, CUDA (per device), Python random, NumPy states
     history                  per-epoch metrics so far (rewrites metrics.jsonl on resume)
     best_top1, best_epoch
+    shards                   only in a sharded checkpoint (``fullsparse train --fsdp``, format
+                             version 2): the folder beside the file that holds the model
+                             and optimizer state, which are then empty here
+                             (:mod:`fullsparse.train.sharded_checkpoint`)
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from fullsparse.checkpoint_guard import (
     refused_globals,
 )
 from fullsparse.config import upgrade_config_dict
-from fullsparse.errors import CheckpointError
+from fullsparse.errors import CheckpointError, UserError
+from fullsparse.train.sharded_checkpoint import SHARDED_VERSION, read_full_states
 
 __all__ = [
     "FORMAT",
@@ -54,12 +59,14 @@ __all__ = [
     "save_checkpoint",
     "copy_checkpoint",
     "load_checkpoint",
+    "convert_checkpoint",
     "check_identity",
     "capture_rng",
     "restore_rng",
 ]
 
 FORMAT = "fullsparse-checkpoint"
+#: The format version of a single-file checkpoint (a sharded one is ``SHARDED_VERSION``).
 VERSION = 1
 #: Identity fields: a checkpoint is only usable by a run/model that agrees on all of them.
 IDENTITY_KEYS = (
@@ -142,8 +149,10 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically ``torch.save`` ``state`` (with format and version stamped in)."""
-    state = {"format": FORMAT, "version": VERSION, **state}
+    """Atomically ``torch.save`` ``state`` (with format and version stamped in: a state with
+    a ``shards`` field is a sharded checkpoint's)."""
+    version = SHARDED_VERSION if "shards" in state else VERSION
+    state = {"format": FORMAT, "version": version, **state}
     _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
@@ -178,8 +187,16 @@ def _reason(exc: BaseException, path: Path) -> str:
     return "the file is not a torch checkpoint"
 
 
-def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, *, allow_nonfinite: bool = False, shards: bool = True
+) -> dict[str, Any]:
     """Read a fullsparse checkpoint on CPU with ``weights_only=True``.
+
+    A sharded checkpoint (of ``fullsparse train --fsdp``) comes back whole, its model and
+    optimizer state read from its shards folder in this process, without its ``shards``
+    field: the single-file format. ``shards=False`` leaves them in the folder (empty
+    ``model``/``optimizer``, the ``shards`` field kept) for a resume under FSDP, where each
+    rank loads only its own shards.
 
     A missing, truncated, corrupt, foreign or newer-format file raises CheckpointError with
     one line saying which and where; so does one that breaks a limit of
@@ -206,15 +223,17 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fullsparse checkpoint (no '{FORMAT}' stamp)")
     version = state.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or version > SHARDED_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {version!r:.40}; this fullsparse reads "
-            f"versions up to {VERSION} (upgrade fullsparse)"
+            f"versions up to {SHARDED_VERSION} (upgrade fullsparse)"
         )
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     check_contents(path, state)
+    if "shards" in state and shards:
+        _read_shards_(path, state)
     bad = None if allow_nonfinite else nonfinite_weights(state)
     if bad is not None:
         raise CheckpointError(
@@ -222,6 +241,38 @@ def load_checkpoint(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
             "would be meaningless (`fullsparse eval --allow-nonfinite` evaluates it anyway)"
         )
     return state
+
+
+def _read_shards_(path: Path, state: dict[str, Any]) -> None:
+    """Fill a sharded checkpoint's ``model`` and ``optimizer`` from its shards folder, in
+    place, and drop its ``shards`` field: the single-file form."""
+    state["model"], state["optimizer"] = read_full_states(path, state)
+    del state["shards"]
+    check_contents(path, state)
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, *, force: bool = False) -> Path:
+    """Write sharded checkpoint ``src`` (``fullsparse train --fsdp``: a ``last.pt``/``best.pt``
+    with its ``shards/`` folder) as one single-file checkpoint ``out``, which
+    ``eval``/``export``/``--resume``/``--init-from`` read without the folder. Reads the
+    whole model in this process. Returns ``out``.
+
+    Raises:
+        CheckpointError: ``src`` is unreadable, or not sharded (it already is one file).
+        UserError: ``out`` exists (without ``force``) or is ``src``.
+    """
+    src, out = Path(src), Path(out)
+    if out.exists() and (not force or out.resolve() == src.resolve()):
+        why = "is the checkpoint itself" if out.resolve() == src.resolve() else "exists"
+        raise UserError(f"--out {out} {why}; choose another file (or --force to overwrite)")
+    state = load_checkpoint(src, allow_nonfinite=True, shards=False)
+    if "shards" not in state:
+        raise CheckpointError(
+            f"checkpoint {src} is already a single file: eval, export and --resume read it as it is"
+        )
+    _read_shards_(src, state)
+    save_checkpoint(out, {k: v for k, v in state.items() if k not in ("format", "version")})
+    return out
 
 
 def check_identity(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:

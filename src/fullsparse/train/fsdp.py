@@ -9,10 +9,10 @@ is the whole, unsharded weight, the same on every rank: the masks are those of o
 training on the global batch. The TSM mask cache and its clock are buffers, which FSDP does
 not shard; every rank computes the same mask.
 
-Outside a forward the parameters are sharded ``DTensor``s. Checkpoints therefore go through
-:func:`full_state_dicts` / :func:`load_full_state_dicts_`: collectives that every rank calls,
-which gather plain CPU tensors under the usual keys (the file a single process writes, and
-loads) and scatter them back.
+Outside a forward the parameters are sharded ``DTensor``s. :func:`full_state_dicts` /
+:func:`load_full_state_dicts_` are collectives that every rank calls, which gather plain CPU
+tensors under the usual keys (the file a single process writes, and loads) and scatter them
+back.
 
 One caveat comes with a unit per layer: a sparse Linear given ``[..., T, d_in]`` returns a
 view, and an in-place op on a unit's output (``y = layer(x); y += r``) drops FSDP's
@@ -24,24 +24,33 @@ Works with the process group that :func:`fullsparse.train.distributed.init_distr
 starts: gloo on CPU, nccl on CUDA.
 
 ``fullsparse train --fsdp`` (under ``torchrun``) calls :func:`shard_model_` before it
-builds the optimizer; :func:`checkpoint_states`, :func:`load_model_state_` and
-:func:`load_optimizer_state_` for ``last.pt``, which is the file a single-process run
-writes, so a checkpoint resumes with or without ``--fsdp`` and on any number of processes;
-and :func:`unsharded` for evaluation, where the ranks may run different numbers of test
-batches.
+builds the optimizer; :func:`save_sharded_states` for its checkpoints and
+:func:`load_sharded_states_` to resume one under ``--fsdp``; :func:`load_model_state_` and
+:func:`load_optimizer_state_` to resume a single-file checkpoint (of a run without
+``--fsdp``) under it; and :func:`unsharded` for evaluation, where the ranks may run
+different numbers of test batches.
+
+Sharded checkpoints: :func:`save_sharded_states` has every rank write its own shards of the
+model and optimizer state (``torch.distributed.checkpoint``) into a new folder of the run,
+so no rank ever holds the whole model; :func:`load_sharded_states_` loads such a folder
+into a sharded model and its optimizer on any number of processes (DCP reshards). The
+folder and the file that names it: :mod:`fullsparse.train.sharded_checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fullsparse.errors import UserError
+from fullsparse.errors import CheckpointError, UserError
 from fullsparse.nn import sparse_modules
+from fullsparse.train.sharded_checkpoint import check_metadata, dcp_reason, new_folder_name
 
 __all__ = [
     "check_fsdp",
@@ -51,6 +60,9 @@ __all__ = [
     "checkpoint_states",
     "load_model_state_",
     "load_optimizer_state_",
+    "save_sharded_states",
+    "load_sharded_states_",
+    "is_sharded",
     "unsharded",
 ]
 
@@ -191,7 +203,8 @@ def checkpoint_states(
     return model_state, {"state": state, "param_groups": groups}
 
 
-def _sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by :func:`shard_model_` (in a process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return False  # no process group, no sharding (and no FSDP import)
     return isinstance(model, _fsdp_module())
@@ -201,7 +214,7 @@ def load_model_state_(model: nn.Module, state: dict[str, Any]) -> None:
     """Load an unsharded ``model.state_dict()`` (of :func:`checkpoint_states`, or of a
     single-process run) into ``model``, sharded or not. Sharded: a collective, every rank
     calls it with the same dict and keeps its shard."""
-    if not _sharded(model):
+    if not is_sharded(model):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -218,7 +231,7 @@ def load_optimizer_state_(
     Raises:
         ValueError: the state's parameter groups do not fit this optimizer.
     """
-    if not _sharded(model):
+    if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -234,6 +247,85 @@ def load_optimizer_state_(
     set_optimizer_state_dict(model, optimizer, by_name, options=_options())
 
 
+def save_sharded_states(
+    model: nn.Module, optimizer: torch.optim.Optimizer, run_dir: str | Path
+) -> str:
+    """Write the model's and optimizer's states into a new folder of ``run_dir``, each rank
+    its own shards (DCP); returns the folder's name relative to ``run_dir`` (the
+    checkpoint's ``shards`` field). A collective: every rank calls it.
+
+    On a multi-node run ``run_dir`` must be one shared folder that every node sees.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    token = [uuid.uuid4().hex[:16] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)  # one folder name for every rank
+    name = new_folder_name(str(token[0]))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save(
+        {"model": model_state, "optimizer": optim_state},
+        storage_writer=dcp.FileSystemWriter(str(Path(run_dir) / name)),
+    )
+    return name
+
+
+def load_sharded_states_(
+    model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, path: str | Path
+) -> None:
+    """Load the states :func:`save_sharded_states` wrote into ``folder`` (of checkpoint
+    ``path``) into a sharded model and its optimizer, in place: each rank reads the parts of
+    the shards it holds now, whatever the number of processes that wrote them. A
+    collective: every rank calls it.
+
+    Raises:
+        CheckpointError: ``folder``'s metadata is refused (see
+            :func:`fullsparse.train.sharded_checkpoint.check_metadata`), a shard file is
+            unreadable, or a weight holds NaN/Inf.
+        RuntimeError, KeyError, ValueError: the states do not fit this model.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    check_metadata(folder, path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    states = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(states, storage_reader=dcp.FileSystemReader(str(folder)))
+    except CheckpointException as exc:  # a damaged shard file; every rank raises it
+        raise CheckpointError(
+            f"cannot read the sharded states of checkpoint {path} in {folder}: {dcp_reason(exc)}"
+        ) from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=states["model"],
+        optim_state_dict=states["optimizer"],
+    )
+    _refuse_nonfinite(model, path)
+
+
+def _refuse_nonfinite(model: nn.Module, path: str | Path) -> None:
+    """Refuse (CheckpointError, on every rank) weights that hold NaN/Inf in some rank's
+    shard, as a single-file checkpoint's load does."""
+    bad, device = "", None
+    for name, value in model.state_dict().items():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        device = device or local.device
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = bad or name
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() > 0:
+        where = f"weight {bad}" if bad else "a weight (in another process's shard)"
+        raise CheckpointError(
+            f"checkpoint {path}: {where} holds NaN/Inf values; a resume would train from "
+            "meaningless weights"
+        )
+
+
 @contextlib.contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
     """Every FSDP unit of ``model`` gathered whole, and kept whole through its forwards,
@@ -242,7 +334,7 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     For evaluation: with no all-gather left inside a forward, the ranks may run different
     numbers of batches (the last test batches of an uneven split).
     """
-    if not _sharded(model):
+    if not is_sharded(model):
         yield
         return
     units = [m for m in model.modules() if isinstance(m, _fsdp_module())]

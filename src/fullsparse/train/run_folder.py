@@ -6,6 +6,7 @@ A run folder holds::
     train.log       everything printed, plus the sparsify report
     metrics.jsonl   one JSON object per epoch
     last.pt         checkpoint after the latest epoch (atomic), best.pt: the best epoch's
+    shards/         under --fsdp: the model and optimizer shards that last.pt/best.pt name
     summary.json    the run's outcome (also ``train``'s return value)
     curves.png      loss/accuracy/lr curves (when matplotlib is installed)
 
@@ -17,6 +18,7 @@ nothing a rerun could lose, so a rerun replaces it without ``--force``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ RESULT_FILES = (
     "metrics.jsonl",
     "last.pt",
     "best.pt",
+    "shards",
     "summary.json",
     "curves.png",
 )
@@ -173,7 +176,9 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
     keep_log = replace and not config.force  # an unfinished start's log tells its story
     if replace:
         for name in RESULT_FILES:
-            if not (keep_log and name == "train.log"):
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
+            elif not (keep_log and name == "train.log"):
                 (run_dir / name).unlink(missing_ok=True)
     ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
     log.open(run_dir / "train.log", append=history is not None or keep_log)
@@ -198,16 +203,21 @@ class Checkpointer:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.run_dir = trainer.config.run_dir
+        #: Under --fsdp: the shards folder that last.pt / best.pt name (read when unknown).
+        self.shards: dict[str, str | None] = {}
 
     def states(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The model's and optimizer's state dicts (unsharded) on rank 0, None elsewhere.
-        Every rank calls it: under FSDP gathering the shards is a collective."""
+        Every rank calls it. Under FSDP it writes every rank's shards instead (a
+        collective) and gives rank 0 empty dicts: ``last.pt`` names the shards folder."""
         t = self.trainer
+        self.shards["last.pt"] = None
         if t.config.fsdp:
-            from fullsparse.train.fsdp import checkpoint_states
+            from fullsparse.train.fsdp import save_sharded_states
 
-            states = checkpoint_states(t.raw_model, t.optimizer)
-            return states if t.dist.is_main else None
+            # no gather: every rank writes its shards; last.pt names their folder
+            self.shards["last.pt"] = save_sharded_states(t.raw_model, t.optimizer, self.run_dir)
+            return ({}, {}) if t.dist.is_main else None
         return (t.raw_model.state_dict(), t.optimizer.state_dict()) if t.dist.is_main else None
 
     def save_last(self) -> None:
@@ -242,8 +252,10 @@ class Checkpointer:
                 **t.task.checkpoint_extra(),
                 "torch_version": str(torch.__version__),
                 "threads": torch.get_num_threads(),
+                **({"shards": self.shards["last.pt"]} if self.shards["last.pt"] else {}),
             },
         )
+        self.remove_unused_shards()
 
     def save_epoch(self, metrics: dict[str, Any], is_best: bool) -> None:
         """Append the epoch's metrics line, write ``last.pt``, copy it to ``best.pt``.
@@ -255,6 +267,50 @@ class Checkpointer:
         self.save_last()
         if main and is_best:
             ckpt.copy_checkpoint(self.run_dir / "last.pt", self.run_dir / "best.pt")
+            self.shards["best.pt"] = self.shards["last.pt"]
+            self.remove_unused_shards()
+
+    def remove_unused_shards(self) -> None:
+        """Delete the shards folders that neither ``last.pt`` nor ``best.pt`` names (those
+        of older checkpoints, of a save that was interrupted before its ``last.pt``, or of
+        an FSDP run's checkpoints that a resume without ``--fsdp`` replaced). Rank 0, after
+        every rank has written its shards."""
+        from fullsparse.train.sharded_checkpoint import SHARDS
+
+        folder = self.run_dir / SHARDS
+        if not folder.is_dir():
+            return
+        for name in ("last.pt", "best.pt"):
+            if name not in self.shards:
+                self.shards[name] = _shards_named(self.run_dir / name)
+        keep = {n for n in self.shards.values() if n is not None}
+        for sub in folder.iterdir():
+            if f"{SHARDS}/{sub.name}" not in keep:
+                shutil.rmtree(sub, ignore_errors=True)
+
+    def _shards_loader(self, state: dict[str, Any], path: Path) -> Any:
+        """The function that loads the model and optimizer state of sharded checkpoint
+        ``path``: each rank its own shards under --fsdp, else the whole states (read in this
+        process). Refuses a missing or unsafe folder now (CheckpointError)."""
+        from fullsparse.train.fsdp import (
+            is_sharded,
+            load_model_state_,
+            load_optimizer_state_,
+            load_sharded_states_,
+        )
+        from fullsparse.train.sharded_checkpoint import read_full_states, shards_folder
+
+        t = self.trainer
+        folder = shards_folder(path, state)
+        if is_sharded(t.raw_model):
+            return lambda: load_sharded_states_(t.raw_model, t.optimizer, folder, path)
+        model_state, optim_state = read_full_states(path, state)
+
+        def load() -> None:
+            load_model_state_(t.raw_model, model_state)
+            load_optimizer_state_(t.raw_model, t.optimizer, optim_state)
+
+        return load
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load a checkpoint's model, masks, optimiser and schedule, then the run's counters.
@@ -267,22 +323,38 @@ class Checkpointer:
         from fullsparse.train.fsdp import _sharded, load_model_state_, load_optimizer_state_
 
         t, run = self.trainer, self.trainer.state
-        if not _sharded(t.raw_model):
-            mismatch = state_dict_mismatch(t.raw_model, state["model"])
-            if mismatch:
-                raise CheckpointError(
-                    f"checkpoint {path} does not fit this run: its model weights do not "
-                    f"match this model: {mismatch}"
-                )
-        parts = (
-            ("model weights", lambda: load_model_state_(t.raw_model, state["model"])),
-            ("sparsity state", lambda: load_sparse_state_(t.raw_model, state["sparse_state"])),
-            (
-                "optimizer state",
-                lambda: load_optimizer_state_(t.raw_model, t.optimizer, state["optimizer"]),
-            ),
-            ("learning-rate schedule", lambda: t.scheduler.load_state_dict(state["scheduler"])),
+        sparsity = (
+            "sparsity state",
+            lambda: load_sparse_state_(t.raw_model, state["sparse_state"]),
         )
+        schedule = (
+            "learning-rate schedule",
+            lambda: t.scheduler.load_state_dict(state["scheduler"]),
+        )
+        if "shards" in state:  # sharded (loaded with shards=False): each rank reads its part
+            load_shards = self._shards_loader(state, path)
+            parts: tuple[tuple[str, Any], ...] = (
+                ("model weights and optimizer state", load_shards),
+                sparsity,
+                schedule,
+            )
+        else:
+            if not _sharded(t.raw_model):
+                mismatch = state_dict_mismatch(t.raw_model, state["model"])
+                if mismatch:
+                    raise CheckpointError(
+                        f"checkpoint {path} does not fit this run: its model weights do not "
+                        f"match this model: {mismatch}"
+                    )
+            parts = (
+                ("model weights", lambda: load_model_state_(t.raw_model, state["model"])),
+                sparsity,
+                (
+                    "optimizer state",
+                    lambda: load_optimizer_state_(t.raw_model, t.optimizer, state["optimizer"]),
+                ),
+                schedule,
+            )
         if t.scaler is not None and state.get("scaler"):
             parts += (("gradient scaler", lambda: t.scaler.load_state_dict(state["scaler"])),)
         for part, load in parts:
@@ -302,6 +374,15 @@ class Checkpointer:
             run.step = int(state["step"])
             run.partial = {k: float(v) for k, v in state.get("partial", {}).items()}
         ckpt.restore_rng(state["rng"])
+
+
+def _shards_named(path: Path) -> str | None:
+    """The ``shards`` field of checkpoint ``path``; None for a single file, a missing or an
+    unreadable one."""
+    try:
+        return ckpt.load_checkpoint(path, shards=False).get("shards")
+    except CheckpointError:
+        return None
 
 
 def _first_clash(exc: BaseException) -> str:

@@ -149,7 +149,7 @@ class Trainer:
             model, self.report = build_model(self.identity)
             task.attach(model, self)
             if config.resume and self.resume_from is not None:
-                self.saved = ckpt.load_checkpoint(self.resume_from)
+                self.saved = ckpt.load_checkpoint(self.resume_from, shards=not config.fsdp)
                 ckpt.check_identity(self.resume_from, self.saved["identity"], self.identity)
         except Exception as exc:  # synchronised below so no rank waits for a failed one
             error = exc
