@@ -320,7 +320,7 @@ class Checkpointer:
         """
         from fullsparse.checkpoint_guard import state_dict_mismatch
         from fullsparse.nn import load_sparse_state_
-        from fullsparse.train.fsdp import _sharded, load_model_state_, load_optimizer_state_
+        from fullsparse.train.fsdp import is_sharded, load_model_state_, load_optimizer_state_
 
         t, run = self.trainer, self.trainer.state
         sparsity = (
@@ -339,7 +339,7 @@ class Checkpointer:
                 schedule,
             )
         else:
-            if not _sharded(t.raw_model):
+            if not is_sharded(t.raw_model):
                 mismatch = state_dict_mismatch(t.raw_model, state["model"])
                 if mismatch:
                     raise CheckpointError(
