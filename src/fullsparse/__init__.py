@@ -11,7 +11,15 @@ See ``fst-spec.md`` (the contract) and README.md.
 """
 
 from fullsparse.config import RECIPES, SparsityConfig, recipe
-from fullsparse.nn import SparseConv2d, SparseLinear, SparsifyReport, densify_, sparsify_
+from fullsparse.nn import (
+    SparseConv2d,
+    SparseLinear,
+    SparsifyReport,
+    count_optimizer_steps,
+    densify_,
+    end_optimizer_step,
+    sparsify_,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +29,8 @@ __all__ = [
     "recipe",
     "sparsify_",
     "densify_",
+    "count_optimizer_steps",
+    "end_optimizer_step",
     "SparsifyReport",
     "SparseConv2d",
     "SparseLinear",

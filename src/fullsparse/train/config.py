@@ -218,6 +218,12 @@ class TrainConfig:
     batch_size: int = option(
         128, "global batch size over all processes (lm: sequences of context bytes)", minimum=1
     )
+    #: Gradient accumulation: each optimizer step runs ``batch_size`` as this many equal
+    #: micro-batches (forward and backward each), so it takes 1/N of the activation memory.
+    #: The step, its lr, its masks and its decay are those of the whole batch.
+    grad_accum_steps: int = option(
+        1, "micro-batches per optimizer step; --batch-size stays the batch per step", minimum=1
+    )
     #: Peak learning rate; None = 0.1 × batch_size / 256 for SGD (the linear scaling the
     #: paper uses), ``ADAMW_LR`` for AdamW.
     lr: float | None = option(None, "peak lr (default: sgd 0.1 x batch/256, adamw 3e-3)", minimum=0)
@@ -341,6 +347,11 @@ class TrainConfig:
                 "warm-up must fit in the run"
             )
         check_schedule_fields(self.dense_warmup_steps, self.dense_finish, self.dense_finish_mode)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size={self.batch_size} clashes with grad_accum_steps="
+                f"{self.grad_accum_steps}: the batch must split into equal micro-batches"
+            )
         self.sparsity()  # an unknown recipe or a clashing override fails here, early
 
     # -- derived values -------------------------------------------------------------------

@@ -195,6 +195,11 @@ def check_detection_fields(config: Any) -> None:
             f"synthetic_classes={config.synthetic_classes} clashes with task='detection': "
             "synthetic-det has 5 shape classes at most"
         )
+    if config.grad_accum_steps > 1:
+        raise ConfigError(
+            f"grad_accum_steps={config.grad_accum_steps} clashes with task='detection': "
+            "gradient accumulation is for classify and lm"
+        )
     if config.steps_per_epoch is not None:
         raise ConfigError(
             f"steps_per_epoch={config.steps_per_epoch} clashes with task='detection': an "

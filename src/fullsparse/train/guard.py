@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.sparse_state import masked_grad_decay_, sparse_modules
+from fullsparse.sparse_state import end_optimizer_step, masked_grad_decay_, sparse_modules
 from fullsparse.train.distributed import any_rank
 
 if TYPE_CHECKING:
@@ -154,18 +154,28 @@ class StepGuard:
         if self._buffers:
             self._saved = [b.detach().clone() for b in self._buffers]
 
-    def backward(self, loss: Tensor, value: float) -> str:
+    def backward(
+        self, loss: Tensor, value: float, *, first: bool = True, last: bool = True,
+        weight: float = 1.0,
+    ) -> str:  # fmt: skip
         """Check the loss (``value``, already on the host), run backward, check the
         gradients. fp16's GradScaler skips inf/NaN gradients itself, so with a scaler only
-        the loss is checked."""
+        the loss is checked. Under gradient accumulation each micro-batch comes here:
+        ``first`` zeroes the gradients, ``weight`` is its share of the batch (the loss is
+        scaled by it) and ``last`` checks the accumulated gradients."""
         self.bad_grad = ""
         if any_rank(not math.isfinite(value), self.dist_info, self.device):
             return "loss"
-        self.optimizer.zero_grad(set_to_none=True)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        if weight != 1.0:
+            loss = loss * weight
         if self.trainer.scaler is not None:
             self.trainer.scaler.scale(loss).backward()
             return ""
         loss.backward()
+        if not last:
+            return ""
         self.bad_grad = first_nonfinite_gradient(self.raw_model)
         return "gradient" if any_rank(bool(self.bad_grad), self.dist_info, self.device) else ""
 
@@ -181,6 +191,7 @@ class StepGuard:
             for b, v in zip(self._buffers, self._saved, strict=True):
                 b.copy_(v)
         self.optimizer.zero_grad(set_to_none=True)
+        end_optimizer_step(self.raw_model)
         with warnings.catch_warnings():
             # A skipped step still uses up its place in the schedule, on purpose; when it
             # is the run's first step PyTorch warns that the optimizer has not stepped yet.
@@ -242,6 +253,7 @@ class StepGuard:
             if masked:
                 masked_grad_decay_(self.raw_model)
             self.optimizer.step()
+        end_optimizer_step(self.raw_model)  # the sparse layers' next forward opens a step
         self.trainer.scheduler.step()
         if norm is not None and math.isfinite(norm):
             self.norm_sum += norm

@@ -24,7 +24,27 @@ from fullsparse.train.guard import diagnose_nonfinite
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
 
-__all__ = ["Task", "StepOutput"]
+__all__ = ["Task", "StepOutput", "split_batch"]
+
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """A tensor, or a tuple/list of them (nested), split into ``n`` parts along dim 0."""
+    if isinstance(batch, Tensor):
+        return list(batch.tensor_split(n))
+    if isinstance(batch, (tuple, list)):
+        columns = [split_batch(item, n) for item in batch]
+        return [type(batch)(row) for row in zip(*columns, strict=True)]
+    raise TypeError(
+        f"cannot split a batch of type {type(batch).__name__} into micro-batches; a task "
+        "with such batches overrides Task.micro_batches"
+    )
+
+
+def _batch_len(batch: Any) -> int:
+    """The number of examples of a split batch: its first tensor's first dimension."""
+    while not isinstance(batch, Tensor):
+        batch = batch[0]
+    return int(batch.shape[0]) if batch.ndim else 1
 
 
 @dataclass
@@ -96,6 +116,17 @@ class Task:
 
     def to_device(self, batch: Any) -> Any:
         raise NotImplementedError
+
+    def micro_batches(self, batch: Any, n: int) -> list[tuple[Any, float]]:
+        """``batch`` as ``n`` micro-batches (``--grad-accum-steps``), each with its share of
+        the batch (its loss is weighted by it, so the micro-batches' gradients add up to the
+        batch's). By default a tensor, or a tuple/list of tensors, is split along dim 0."""
+        if n == 1:
+            return [(batch, 1.0)]
+        parts = split_batch(batch, n)
+        sizes = [_batch_len(p) for p in parts]
+        total = sum(sizes)
+        return [(p, size / total) for p, size in zip(parts, sizes, strict=True)]
 
     def forward(self, model: nn.Module, batch: Any) -> StepOutput:
         """Run ``model`` on ``batch`` (under the trainer's autocast) and return the loss."""

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.sparse_state import count_optimizer_steps
 from fullsparse.train import asp, tasks
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.common import (
@@ -134,6 +135,12 @@ class Trainer:
                 f"over {self.world} processes"
             )
         self.local_batch = config.batch_size // self.world
+        if self.local_batch % config.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size={config.batch_size} is {self.local_batch} per process over "
+                f"{self.world} processes, which does not split into grad_accum_steps="
+                f"{config.grad_accum_steps} equal micro-batches"
+            )
         task.check(self.world, self.device)
         if config.fsdp:
             check_fsdp(self.world)
@@ -169,6 +176,9 @@ class Trainer:
             shard_model_(raw_model)
         self.raw_model = raw_model
         self.optimizer = build_optimizer(raw_model, config)
+        # the sparse layers' masks, clocks and SR-STE decay follow optimizer steps, so the
+        # micro-batches of --grad-accum-steps are one step (the guard also ends skipped ones)
+        count_optimizer_steps(raw_model, self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
 
@@ -198,7 +208,7 @@ class Trainer:
         risky = config.deterministic and self.device.type == "cuda"
         if not (config.compile or config.amp != "none" or config.channels_last or risky):
             return
-        batch = self.task.probe_batch(self.local_batch)
+        batch = self.task.probe_batch(self.local_batch // config.grad_accum_steps)
         if batch is None:
             return
         batch = self.task.to_device(batch)
@@ -276,23 +286,18 @@ class Trainer:
                 for callback in self.step_callbacks:
                     callback(epoch * steps + step, config.epochs * steps, self)
                 guard.snapshot()
-                with self.amp():
-                    out = task.forward(model, batch)
-                values = torch.stack(
-                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
-                ).tolist()
-                problem = guard.backward(out.loss, values[0])
-                if problem:
-                    detail = task.explain_nonfinite(self, batch, out, values)
-                    guard.resolve(problem, step, values[0], detail)
+                step_sums = self._accumulate(batch, guard, step)
+                if step_sums is None:  # a skipped step (--skip-nonfinite)
                     continue
                 guard.step()
-                step_sums = dict(zip(out.sums, values[1:], strict=True))
-                sums["loss_sum"] += values[0] * out.count
-                sums[task.count_key] += out.count
+                count = step_sums.pop(task.count_key)
+                loss = step_sums.pop("loss_sum")
+                sums["loss_sum"] += loss
+                sums[task.count_key] += count
                 for key, value in step_sums.items():
                     sums[key] = sums.get(key, 0.0) + value
-                bar.update(out.count, values[0], int(step_sums.get("correct", 0)))
+                mean_loss = loss / count if count else float("nan")
+                bar.update(count, mean_loss, int(step_sums.get("correct", 0)))
                 due = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
                 if due and step + 1 < steps:
                     self._save_step(step, epoch, guard, sums, before + time.perf_counter() - start)
@@ -314,6 +319,37 @@ class Trainer:
             f"train_{unit}": int(count),
             "skipped_steps": guard.skipped,
         }
+
+    def _accumulate(self, batch: Any, guard: StepGuard, step: int) -> dict[str, float] | None:
+        """Forward and backward of one optimizer step's batch, as ``grad_accum_steps``
+        micro-batches (each loss weighted by its share, so the gradients add up to the
+        batch's); the step's sums (``loss_sum``, the count, the task's), or None when the
+        step was skipped. Under DDP only the last micro-batch's backward all-reduces."""
+        task, model = self.task, self.model
+        parts = task.micro_batches(batch, self.config.grad_accum_steps)
+        sums: dict[str, float] = {"loss_sum": 0.0, task.count_key: 0.0}
+        for index, (micro, weight) in enumerate(parts):
+            last = index == len(parts) - 1
+            no_sync = getattr(model, "no_sync", None)
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            with sync:
+                with self.amp():
+                    out = task.forward(model, micro)
+                values = torch.stack(
+                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
+                ).tolist()
+                problem = guard.backward(
+                    out.loss, values[0], first=index == 0, last=last, weight=weight
+                )
+            if problem:
+                detail = task.explain_nonfinite(self, micro, out, values)
+                guard.resolve(problem, step, values[0], detail)
+                return None
+            sums["loss_sum"] += values[0] * out.count
+            sums[task.count_key] += out.count
+            for key, value in zip(out.sums, values[1:], strict=True):
+                sums[key] = sums.get(key, 0.0) + value
+        return sums
 
     def _save_step(
         self, step: int, epoch: int, guard: StepGuard, sums: dict[str, float], seconds: float
