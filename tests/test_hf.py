@@ -331,3 +331,30 @@ def test_docs_huggingface_md_runs(tmp_path, monkeypatch) -> None:
     for block in blocks:
         exec(compile(block, str(doc), "exec"), namespace)
     assert (tmp_path / "gpt2-fst-2to4" / "model.safetensors").is_file()
+
+
+def test_trainer_gradient_accumulation_counts_optimizer_steps(tmp_path) -> None:
+    """gradient_accumulation_steps=2 under ``count_optimizer_steps``: the cached-mask clock
+    of every sparse layer ends at the Trainer's optimizer steps (3), not at its 6 forwards."""
+    from transformers import Trainer, TrainingArguments
+
+    model = _gpt2()
+    sparsify_(model, fullsparse.recipe("fst", mask_interval=2))
+    handle = fullsparse.count_optimizer_steps(model)  # before the Trainer builds its optimizer
+    data = [{"input_ids": t, "labels": t} for t in torch.randint(0, 128, (12, 16))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    handle.remove()
+    assert result.global_step == 3
+    assert {int(m.tsm_step) for _, m in sparse_modules(model)} == {3}
