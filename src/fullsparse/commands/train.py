@@ -89,6 +89,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         common = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if cli == "flag":
             parser.add_argument(_flag(name), action="store_true", **common)
+        elif cli == "append":  # repeated or comma-separated: a list the config joins
+            parser.add_argument(_flag(name), action="append", metavar="NAMES", **common)
         elif cli is not None and cli.startswith("optional:"):
             const: Any = cli.removeprefix("optional:")
             const = True if const == "True" else const

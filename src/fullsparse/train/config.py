@@ -33,6 +33,7 @@ from fullsparse.train.config_checks import (
 )
 from fullsparse.train.config_file import load_config_file
 from fullsparse.train.schedule import check_schedule_fields
+from fullsparse.train.trackers import REPORTERS, parse_report_to
 
 __all__ = [
     "TrainConfig",
@@ -42,6 +43,8 @@ __all__ = [
     "DETECTION_DATASETS",
     "AMP_MODES",
     "DEVICES",
+    "LOG_LEVELS",
+    "REPORTERS",
     "SPARSITY_OVERRIDES",
     "load_config_file",
     "config_from_sources",
@@ -52,6 +55,8 @@ __all__ = [
 #: ``fp16``: float16 autocast + GradScaler (CUDA only: fp16 needs loss scaling).
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--log-level``: the console's and train.log's (Python logging levels).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
@@ -76,8 +81,9 @@ def option(
 
     ``help``: the flag's help (the default is appended from the field, or for fields the
     task fills, from the task defaults, unless the text already says it); ``minimum``: the
-    smallest valid value; ``cli``: ``"flag"`` (store-true only) or ``"optional:<const>"``
-    (the flag's value may be left out: ``--amp`` means ``--amp bf16``). The value's kind
+    smallest valid value; ``cli``: ``"flag"`` (store-true only), ``"optional:<const>"``
+    (the flag's value may be left out: ``--amp`` means ``--amp bf16``) or ``"append"`` (the
+    flag may be repeated; the config joins its values with commas). The value's kind
     (int, float, ...) and whether it may be None come from the field's type.
     """
     metadata = {"help": help, "minimum": minimum, "cli": cli}
@@ -314,8 +320,24 @@ class TrainConfig:
     quiet: bool = option(False, "print nothing but errors (train.log still gets everything)")
     #: Write ``curves.png`` when matplotlib is installed.
     plot: bool = option(True, "draw curves.png when matplotlib is installed")
+    #: Metrics trackers (``fullsparse.train.trackers``), comma-separated (a list in Python
+    #: or YAML): tensorboard, wandb, mlflow (each its extra), csv; ``none``: no tracker.
+    report_to: str = option(
+        "none",
+        "metrics trackers: tensorboard, wandb, mlflow, csv or none (comma-separated or "
+        "repeated; tensorboard, wandb, mlflow need the extra of that name)",
+        cli="append",
+    )
+    #: Every N optimizer steps, log the step's scalars (mean loss since the last, lr,
+    #: throughput, gradient norm, skipped steps, sparse GEMM fraction) to train.log and the
+    #: trackers (0: per-epoch metrics only).
+    log_every: int = option(0, "log per-step scalars every N optimizer steps (0 = off)", minimum=0)
+    #: Level of the console and train.log (the ``fullsparse.train`` logger).
+    log_level: str = option("info", "console and train.log level: debug|info|warning|error")
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, (list, tuple)):  # several trackers, as a list
+            object.__setattr__(self, "report_to", ",".join(map(str, self.report_to)))
         problems = [p for p in (_check(name, getattr(self, name)) for name in _SPEC) if p]
         if problems:
             raise ConfigError("; ".join(problems))
@@ -330,6 +352,9 @@ class TrainConfig:
         check_task_fields(self)
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        parse_report_to(self.report_to)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp={self.amp!r} is not one of {', '.join(AMP_MODES)}")
         if self.stop_after is not None and self.stop_after > self.epochs:

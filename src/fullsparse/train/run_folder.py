@@ -5,6 +5,7 @@ A run folder holds::
     config.json     the resolved TrainConfig (``--config`` and ``--resume`` read it back)
     train.log       everything printed, plus the sparsify report
     metrics.jsonl   one JSON object per epoch
+    scalars.csv     per-step and per-epoch scalars (--report-to csv); tensorboard/: events
     last.pt         checkpoint after the latest epoch (atomic), best.pt: the best epoch's
     summary.json    the run's outcome (also ``train``'s return value)
     curves.png      loss/accuracy/lr curves (when matplotlib is installed)
@@ -17,7 +18,9 @@ nothing a rerun could lose, so a rerun replaces it without ``--force``.
 from __future__ import annotations
 
 import json
-import time
+import logging
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -49,48 +52,104 @@ RESULT_FILES = (
     "best.pt",
     "summary.json",
     "curves.png",
+    "scalars.csv",
 )
+#: Tracker folders a replaced run removes with its files (--report-to tensorboard).
+RESULT_DIRS = ("tensorboard",)
 #: The files that make a folder a run worth keeping: a checkpoint or a finished summary.
 _KEPT_FILES = ("last.pt", "best.pt", "summary.json")
 
 
-class RunLog:
-    """stdout (rank 0, unless quiet) and the run folder's ``train.log``; lines logged before
-    the folder exists are kept and written when it opens."""
+#: The logger of every run's console and train.log lines; attach a handler to it to get them.
+LOGGER = "fullsparse.train"
 
-    def __init__(self, enabled: bool, quiet: bool) -> None:
+
+class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+    """stdout as it is when a line is written (a test or a notebook may replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+class RunLog:
+    """The run's lines through the ``fullsparse.train`` logger: to stdout (rank 0, unless
+    quiet) and to the run folder's ``train.log``, at ``level`` and above; lines logged
+    before the folder exists are kept and written when it opens. ``console=False`` lines go
+    to train.log only."""
+
+    def __init__(self, enabled: bool, quiet: bool, level: str = "info") -> None:
         self.enabled = enabled
         self.quiet = quiet
+        self.level = getattr(logging, level.upper())
         self.file: TextIO | None = None
-        self._pending: list[str] = []
+        self._pending: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(LOGGER)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False  # one copy of each line, whatever the root logger has
+        self._handlers: list[logging.Handler] = []
+        if enabled and not quiet:
+            console = _Console()
+            console.setLevel(self.level)
+            console.addFilter(lambda record: getattr(record, "console", True))
+            self._add(console)
+        if enabled:
+            self._add(_Buffer(self))
+
+    def _add(self, handler: logging.Handler) -> None:
+        self.logger.addHandler(handler)
+        self._handlers.append(handler)
 
     def open(self, path: Path, append: bool) -> None:
         if not self.enabled:
             return
-        self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-        for line in self._pending:
-            self.file.write(line + "\n")
+        handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(self.level)
+        self.file = handler.stream
+        for record in self._pending:
+            if record.levelno >= self.level:
+                handler.handle(record)
         self._pending.clear()
-        self.file.flush()
+        for old in [h for h in self._handlers if isinstance(h, _Buffer)]:
+            self.logger.removeHandler(old)
+            self._handlers.remove(old)
+        self._add(handler)
+
+    def log(self, level: int, message: str, *, console: bool = True) -> None:
+        if self.enabled:
+            self.logger.log(level, message, extra={"console": console})
 
     def info(self, message: str, *, console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if console and not self.quiet:
-            print(message, flush=True)
-        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        for line in stamped.splitlines() if "\n" in message else [stamped]:
-            if self.file is not None:
-                self.file.write(line + "\n")
-            else:
-                self._pending.append(line)
-        if self.file is not None:
-            self.file.flush()
+        self.log(logging.INFO, message, console=console)
+
+    def debug(self, message: str, *, console: bool = True) -> None:
+        self.log(logging.DEBUG, message, console=console)
+
+    def warning(self, message: str, *, console: bool = True) -> None:
+        self.log(logging.WARNING, message, console=console)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for handler in self._handlers:
+            self.logger.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+        self.file = None
+
+
+class _Buffer(logging.Handler):
+    """Keeps the records logged before the run folder exists (written when it opens)."""
+
+    def __init__(self, log: RunLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.run_log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_log._pending.append(record)
 
 
 @dataclass
@@ -175,6 +234,9 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
         for name in RESULT_FILES:
             if not (keep_log and name == "train.log"):
                 (run_dir / name).unlink(missing_ok=True)
+        for name in RESULT_DIRS:
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
     ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
     log.open(run_dir / "train.log", append=history is not None or keep_log)
     write_json(run_dir / "config.json", config.to_dict())
@@ -183,8 +245,10 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
 
 
 def written_files(run_dir: Path) -> list[str]:
-    """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`."""
-    return [name for name in RESULT_FILES if (run_dir / name).exists()]
+    """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`, then
+    the tracker folders (``tensorboard/``)."""
+    files = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    return files + [f"{name}/" for name in RESULT_DIRS if (run_dir / name).is_dir()]
 
 
 class Checkpointer:
@@ -312,7 +376,7 @@ def _first_clash(exc: BaseException) -> str:
 #: Config fields that may change between a run and its resume without changing the maths.
 RUN_CONTROL = (
     "resume", "force", "out", "stop_after", "checkpoint_every", "progress", "quiet", "plot",
-    "workers", "threads",
+    "workers", "threads", "report_to", "log_every", "log_level",
 )  # fmt: skip
 
 

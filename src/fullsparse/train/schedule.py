@@ -264,6 +264,15 @@ class RunSchedule:
         finish = max(0, steps_run - start)
         return {"warmup": warm, "sparse": steps_run - warm - finish, "finish": finish}
 
+    def step_fraction(self) -> float | None:
+        """The fraction of one step's GEMM FLOPs that runs sparse in the current phase
+        (None before a training step's shapes were seen)."""
+        if self.layers is None and self._hooks:
+            self._measure_done()
+        if not self.layers:
+            return None
+        return float(flop_account(self.layers, {self.phase: 1}, self.mode)["total"])
+
     def account(self, steps_run: int, total: int) -> dict[str, Any] | None:
         """The FLOP account over the first ``steps_run`` steps of ``total`` (None when no
         step ran in this process, so no shapes were seen)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +72,9 @@ from fullsparse.train.run_folder import (
     written_files,
 )
 from fullsparse.train.schedule import RunSchedule
+from fullsparse.train.step_log import StepLog
+from fullsparse.train.summary import run_summary
+from fullsparse.train.trackers import Trackers, check_trackers, open_trackers, parse_report_to
 
 __all__ = ["Trainer", "StepCallback", "train", "build_model"]
 
@@ -102,6 +104,7 @@ class Trainer:
         self.world = dist.world_size
         self.state = RunState(self.task.best_key, self.task.higher_is_better)
         self.checkpoints = Checkpointer(self)
+        self.step_log = StepLog(self)  # --log-every
         # schedules over the run (dense warm-up / finish) and the FLOP account
         self.schedule = RunSchedule(
             config.dense_warmup_steps, config.dense_finish, config.dense_finish_mode
@@ -113,6 +116,8 @@ class Trainer:
         self.scaler: Any = None
         self.status = "completed"
         self.asp_hooks: list[Any] = []  # recipe asp: optimiser hooks keeping pruned weights 0
+        self.report_to = parse_report_to(config.report_to)
+        self.trackers = Trackers([])  # opened with the run folder (rank 0)
 
     # -- the run, start to end --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -134,6 +139,7 @@ class Trainer:
                 f"batch_size={config.batch_size} is the global batch and must divide evenly "
                 f"over {self.world} processes"
             )
+        check_trackers(self.report_to)  # a missing extra: one line, before any file
         self.local_batch = config.batch_size // self.world
         if self.local_batch % config.grad_accum_steps:
             raise ConfigError(
@@ -229,6 +235,12 @@ class Trainer:
         if self.dist.is_main:
             history = self.state.history if self.saved is not None else None
             open_run_folder(config, self.log, self.replace_folder or config.force, history)
+        if self.dist.is_main and self.report_to:
+            resumed = self.state.epoch * self.steps_per_epoch + self.state.step
+            self.trackers = open_trackers(
+                self.report_to, config.run_dir, resumed if self.saved is not None else None
+            )
+            self.trackers.hparams(config.to_dict())
         barrier(self.dist)
         if config.resume and self.saved is None:
             self.log.info(
@@ -280,6 +292,7 @@ class Trainer:
         sums = {k: float(carried.get(k, 0.0)) for k in keys}
         before = prior.get("seconds", 0.0)
         start = time.perf_counter()
+        self.step_log.start_epoch()
         with bar:
             for step, batch in enumerate(task.batches(epoch, first), start=first):
                 batch = task.to_device(batch)
@@ -287,11 +300,17 @@ class Trainer:
                     callback(epoch * steps + step, config.epochs * steps, self)
                 guard.snapshot()
                 step_sums = self._accumulate(batch, guard, step)
+                done = epoch * steps + step + 1  # optimizer steps done after this one
+                lr = self.optimizer.param_groups[0]["lr"]
                 if step_sums is None:  # a skipped step (--skip-nonfinite)
+                    self.step_log.after_step(done, lr, None)
                     continue
-                guard.step()
+                norm = self.step_log.norm_if_due(done)  # --log-every without --grad-clip
+                clipped = guard.step()
                 count = step_sums.pop(task.count_key)
                 loss = step_sums.pop("loss_sum")
+                self.step_log.add(loss, count)
+                self.step_log.after_step(done, lr, clipped if config.grad_clip else norm)
                 sums["loss_sum"] += loss
                 sums[task.count_key] += count
                 for key, value in step_sums.items():
@@ -389,6 +408,9 @@ class Trainer:
             run.best, run.best_epoch = score, epoch + 1
         line = self.task.epoch_format.format(**metrics)
         self.log.info(f"epoch {epoch + 1}/{self.config.epochs}: {line}")
+        step = (epoch + 1) * self.steps_per_epoch
+        scalars = {f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}
+        self.trackers.scalars(scalars, step)
         self.checkpoints.save_epoch(metrics, is_best)  # every rank; rank 0 writes
         barrier(self.dist)
 
@@ -420,46 +442,8 @@ class Trainer:
             self.log.info(f"curves.png skipped: matplotlib is not installed; {MATPLOTLIB_HINT}")
 
     def summary(self) -> dict[str, Any]:
-        """The ``summary.json`` of any task: what ran and how it ended, the task's scores,
-        timing, the task's extras, then the environment."""
-        config, run, task = self.config, self.state, self.task
-        history = run.history
-        seconds = [h["epoch_seconds"] for h in history]
-        nan = float("nan")
-        unit = task.count_key
-        steps_run = run.epoch * self.steps_per_epoch
-        total_steps = config.epochs * self.steps_per_epoch
-        summary = {
-            "status": self.status,
-            "task": config.task,
-            "recipe": config.recipe,
-            "model": config.model,
-            "dataset": config.dataset,
-            "seed": config.seed,
-            "epochs": config.epochs,
-            "epochs_done": run.epoch,
-            **task.scores(history, run.best_epoch),
-            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else nan,
-            "epoch_seconds": seconds,
-            f"{unit}_per_second": (
-                sum(h[f"train_{unit}"] for h in history) / sum(seconds) if seconds else nan
-            ),
-            "skipped_steps": run.skipped_steps,
-            **task.summary_extra(self),
-            "sparsity": self.identity["sparsity"],
-            # steps per phase (warm-up / sparse / finish) and the FLOP account over them
-            "schedule_steps": self.schedule.phase_steps(steps_run, total_steps),
-            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps),
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "run_dir": str(config.run_dir),
-            "config": config.to_dict(),
-        }
-        summary.update(task.summary_details(self))
-        summary.update(asp.summary_extra(self))  # recipe asp: the dense pre-training's cost
-        return summary
+        """The ``summary.json`` of any task (:func:`fullsparse.train.summary.run_summary`)."""
+        return run_summary(self)
 
     def interrupted(self) -> str:
         """What a Ctrl-C leaves behind, and the command that continues the run."""
@@ -505,7 +489,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
         # cuBLAS needs this before its first call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(device.type)
-    log = RunLog(enabled=dist.is_main, quiet=config.quiet)
+    log = RunLog(enabled=dist.is_main, quiet=config.quiet, level=config.log_level)
     trainer = Trainer(config, device, dist, log)
     trainer.step_callbacks.extend(step_callbacks)
     finished = False
@@ -520,6 +504,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
             print(message, file=sys.stderr, flush=True)
         raise
     finally:
+        trainer.trackers.close()
         log.close()
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         torch.set_num_threads(threads)
