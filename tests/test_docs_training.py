@@ -13,7 +13,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), fla
 
 
 def test_the_page_has_its_python_examples() -> None:
-    assert len(BLOCKS) == 1
+    assert len(BLOCKS) == 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

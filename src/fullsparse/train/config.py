@@ -61,7 +61,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
-TASKS = ("classify", "lm", "detection")
+TASKS = ("classify", "lm", "detection", "custom")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
 #: 1e-3 at 10M parameters; smaller models take a larger one). Detection uses it too: on
@@ -102,12 +102,15 @@ class TrainConfig:
     """
 
     # -- what is trained ------------------------------------------------------------------
-    #: ``classify`` (images -> class), ``lm`` (bytes -> next byte) or ``detection``
-    #: (images -> boxes). The None-defaults below are filled from this (``task_defaults``).
+    #: ``classify`` (images -> class), ``lm`` (bytes -> next byte), ``detection``
+    #: (images -> boxes) or ``custom`` (a user's model, data and loss:
+    #: ``train(config, task=UserTask(...))``, :mod:`fullsparse.train.custom`; ``model`` and
+    #: ``dataset`` are then names for the run folder and the checkpoints). The None-defaults
+    #: below are filled from this (``task_defaults``).
     task: str = option(
         "classify",
         "classify (images) | lm (byte-level language model) | detection (torchvision "
-        "detectors; the vision extra)",
+        "detectors; the vision extra) | custom (your model and data, from Python)",
     )
     #: classify: a name from ``fullsparse.models.MODELS``, ``tv:<torchvision name>`` or
     #: ``timm:<timm name>``;

@@ -2,11 +2,11 @@
 the trackers' ``train/*`` scalars.
 
 The scalars of a logged step: ``loss`` (the mean training loss of the steps since the last
-log, over all ranks), ``lr`` (the step's), ``<unit>_per_second`` (examples per second since
-the last log), ``grad_norm`` (the global gradient norm of the step, before clipping; after
-unscaling under fp16), ``skipped_steps`` (of the run so far), ``sparse_gemm_fraction`` (of
-the step's GEMM FLOPs, in the step's phase: dense warm-up and finish steps count as dense)
-and ``epoch`` (fractional).
+log or the epoch's start, over all ranks), ``lr`` (the step's), ``<unit>_per_second``
+(examples per second over those steps), ``grad_norm`` (the global gradient norm of the
+step, before clipping; after unscaling under fp16), ``skipped_steps`` (of the run so far),
+``sparse_gemm_fraction`` (of the step's GEMM FLOPs, in the step's phase: dense warm-up and
+finish steps count as dense) and ``epoch`` (fractional).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ at the end :meth:`Task.scores` and friends fill ``summary.json``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +24,16 @@ from fullsparse.train.guard import diagnose_nonfinite
 if TYPE_CHECKING:
     from fullsparse.train.trainer import Trainer
 
-__all__ = ["Task", "StepOutput", "split_batch"]
+__all__ = ["Task", "StepOutput", "split_batch", "batch_len"]
 
 
 def split_batch(batch: Any, n: int) -> list[Any]:
-    """A tensor, or a tuple/list of them (nested), split into ``n`` parts along dim 0."""
+    """A tensor, or a tuple/list/dict of them (nested), split into ``n`` parts along dim 0."""
     if isinstance(batch, Tensor):
         return list(batch.tensor_split(n))
+    if isinstance(batch, Mapping):
+        parts = {k: split_batch(v, n) for k, v in batch.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
     if isinstance(batch, (tuple, list)):
         columns = [split_batch(item, n) for item in batch]
         return [type(batch)(row) for row in zip(*columns, strict=True)]
@@ -40,10 +43,10 @@ def split_batch(batch: Any, n: int) -> list[Any]:
     )
 
 
-def _batch_len(batch: Any) -> int:
-    """The number of examples of a split batch: its first tensor's first dimension."""
+def batch_len(batch: Any) -> int:
+    """The number of examples of a batch: its first tensor's first dimension."""
     while not isinstance(batch, Tensor):
-        batch = batch[0]
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
     return int(batch.shape[0]) if batch.ndim else 1
 
 
@@ -97,6 +100,11 @@ class Task:
     def attach(self, model: nn.Module, trainer: Trainer) -> None:
         """Everything that needs the built model or the trainer's batch (loaders, windows)."""
 
+    def build_model(self, identity: dict[str, Any]) -> tuple[nn.Module, Any] | None:
+        """The sparsified model and its sparsify report; None (the default): the built-in
+        model the identity names (:func:`fullsparse.train.tasks.build_sparse_model`)."""
+        return None
+
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
 
@@ -124,7 +132,7 @@ class Task:
         if n == 1:
             return [(batch, 1.0)]
         parts = split_batch(batch, n)
-        sizes = [_batch_len(p) for p in parts]
+        sizes = [batch_len(p) for p in parts]
         total = sum(sizes)
         return [(p, size / total) for p, size in zip(parts, sizes, strict=True)]
 

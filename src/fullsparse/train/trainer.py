@@ -87,6 +87,25 @@ def build_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
     return tasks.build_sparse_model(identity)
 
 
+def make_task(config: TrainConfig, task: tasks.Task | None) -> tasks.Task:
+    """The task plug-in of ``config``: the built-in one its ``task`` names, or for
+    ``task="custom"`` the one given (a :class:`fullsparse.train.custom.UserTask`)."""
+    if config.task != "custom":
+        if task is not None:
+            raise ConfigError(
+                f"a task object needs task='custom', not task={config.task!r} (whose task "
+                "is built in)"
+            )
+        return tasks.TASKS[config.task](config)
+    if not isinstance(task, tasks.Task):
+        raise ConfigError(
+            "task='custom' trains your own model and data from Python: "
+            "fullsparse.train.train(config, task=UserTask(model, train_data, loss))"
+        )
+    task.config = config
+    return task
+
+
 class Trainer:
     """One training run of ``config`` on ``device``; :meth:`fit` runs it.
 
@@ -97,10 +116,15 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, device: torch.device, dist: DistInfo, log: RunLog
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        dist: DistInfo,
+        log: RunLog,
+        task: tasks.Task | None = None,
     ) -> None:
         self.config, self.device, self.dist, self.log = config, device, dist, log
-        self.task: tasks.Task = tasks.TASKS[config.task](config)
+        self.task: tasks.Task = task if task is not None else make_task(config, None)
         self.world = dist.world_size
         self.state = RunState(self.task.best_key, self.task.higher_is_better)
         self.checkpoints = Checkpointer(self)
@@ -159,7 +183,8 @@ class Trainer:
             if config.deterministic:
                 torch.use_deterministic_algorithms(True)
             self.identity = task.load_data()
-            model, self.report = build_model(self.identity)
+            built = task.build_model(self.identity)  # a user's own model (task custom)
+            model, self.report = build_model(self.identity) if built is None else built
             task.attach(model, self)
             if config.resume and self.resume_from is not None:
                 self.saved = ckpt.load_checkpoint(self.resume_from)
@@ -462,8 +487,15 @@ class Trainer:
         return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
 
 
-def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    step_callbacks: Sequence[StepCallback] = (),
+    task: tasks.Task | None = None,
+) -> dict[str, Any]:
     """Train ``config.model`` on ``config.dataset`` with ``config.recipe``; return the summary.
+
+    ``task``: with ``config.task="custom"``, your own model, data and loss
+    (:class:`fullsparse.train.custom.UserTask`).
 
     ``step_callbacks`` are called as ``callback(step, total_steps, trainer)`` before each
     optimizer step (see :class:`Trainer`).
@@ -478,6 +510,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
+    task = make_task(config, task)  # before anything starts: a missing task is one line
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
@@ -490,7 +523,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(device.type)
     log = RunLog(enabled=dist.is_main, quiet=config.quiet, level=config.log_level)
-    trainer = Trainer(config, device, dist, log)
+    trainer = Trainer(config, device, dist, log, task)
     trainer.step_callbacks.extend(step_callbacks)
     finished = False
     try:
