@@ -21,7 +21,7 @@ The batch's size is the first dimension of its first tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +31,8 @@ from torch.utils.data.dataloader import default_collate
 from fullsparse.errors import ConfigError
 from fullsparse.train.config_checks import keep_dense_layers
 from fullsparse.train.distributed import all_reduce_sum
+from fullsparse.train.protocol import TrainerView
 from fullsparse.train.task import StepOutput, Task, batch_len
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
 
 __all__ = ["UserTask", "LossFn"]
 
@@ -131,7 +129,7 @@ class UserTask(Task):
         report = sparsify_(self.model, sparsity, keep_dense=tuple(identity["keep_dense"]))
         return self.model, report
 
-    def _loader(self, data: Any, trainer: Trainer, train: bool) -> DataLoader:
+    def _loader(self, data: Any, trainer: TrainerView, train: bool) -> DataLoader:
         from fullsparse.data.loader import ShardedBatchSampler
 
         sampler = ShardedBatchSampler(
@@ -142,7 +140,7 @@ class UserTask(Task):
             data, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.config.workers
         )
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         self.device = trainer.device
         self.train_loader = self._loader(self.train_data, trainer, train=True)
         self.eval_loader = (
@@ -171,7 +169,7 @@ class UserTask(Task):
 
     # -- evaluation and reporting ---------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         if self.eval_loader is None:
             return {"val_loss": float("nan")}
         was_training = model.training
@@ -190,7 +188,7 @@ class UserTask(Task):
         total, count = all_reduce_sum([total, count], trainer.dist, trainer.device)
         return {"val_loss": total / count if count else float("nan")}
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         c = self.config
         n_sparse, n_layers = self.sparse_layer_counts(trainer.report)
         held = f", {len(self.eval_data)} validation" if self.eval_data is not None else ""
@@ -205,7 +203,7 @@ class UserTask(Task):
         scores = self.best_and_final(history, {"best_val_loss": self.score_metric}, final)
         return {"best_val_loss": scores.pop("best_val_loss"), "best_epoch": best_epoch, **scores}
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         return {
             "sparse_layers": self.sparse_layer_counts(trainer.report)[0],
             "world_size": trainer.world,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -16,9 +16,7 @@ from torch import Tensor, nn
 from fullsparse.errors import UserError
 from fullsparse.sparse_state import end_optimizer_step, masked_grad_decay_, sparse_modules
 from fullsparse.train.distributed import any_rank
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["NonFiniteLossError", "StepGuard", "diagnose_nonfinite", "first_nonfinite_gradient"]
 
@@ -131,7 +129,7 @@ class StepGuard:
     gradient all-reduce for a rank that skipped.
     """
 
-    def __init__(self, trainer: Trainer, epoch: int, steps: int) -> None:
+    def __init__(self, trainer: TrainerView, epoch: int, steps: int) -> None:
         self.trainer, self.config = trainer, trainer.config
         self.raw_model, self.optimizer = trainer.raw_model, trainer.optimizer
         self.dist_info, self.device, self.run = trainer.dist, trainer.device, trainer.state

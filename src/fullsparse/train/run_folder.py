@@ -23,16 +23,14 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import torch
 
 from fullsparse.errors import CheckpointError, UserError
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = [
     "RESULT_FILES",
@@ -259,7 +257,7 @@ class Checkpointer:
     its own extras (a classifier's input normalisation) through ``checkpoint_extra``.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainerView) -> None:
         self.trainer = trainer
         self.run_dir = trainer.config.run_dir
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +34,7 @@ from torch import Tensor, nn
 from fullsparse.config import SPARSE_ALONG, SparsityConfig
 from fullsparse.errors import ConfigError
 from fullsparse.sparse_state import sparse_modules
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = [
     "DENSE_FINISH_MODES",
@@ -203,7 +201,7 @@ class RunSchedule:
         self._measured: dict[str, tuple[int, bool, bool]] = {}
         self._kinds: dict[str, str] = {}  # conv | linear: a recipe may differ per kind
 
-    def __call__(self, step: int, total: int, trainer: Trainer) -> None:
+    def __call__(self, step: int, total: int, trainer: TrainerView) -> None:
         model = trainer.raw_model
         if not self.base:
             self.base = {n: m.config for n, m in sparse_modules(model)}  # type: ignore[misc]

@@ -12,15 +12,13 @@ finish steps count as dense) and ``epoch`` (fractional).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from fullsparse.train.distributed import all_reduce_sum
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["StepLog", "grad_norm"]
 
@@ -50,7 +48,7 @@ class StepLog:
     collective); rank 0 writes.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainerView) -> None:
         self.trainer = trainer
         self.every = trainer.config.log_every
         self.start_epoch()

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from fullsparse.train import asp
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["run_summary"]
 
 
-def run_summary(trainer: Trainer) -> dict[str, Any]:
+def run_summary(trainer: TrainerView) -> dict[str, Any]:
     """The ``summary.json`` of any task: what ran and how it ended, the task's scores,
     timing, the task's extras, then the environment."""
     config, run, task = trainer.config, trainer.state, trainer.task

@@ -13,16 +13,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.guard import diagnose_nonfinite
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["Task", "StepOutput", "split_batch", "batch_len"]
 
@@ -97,7 +95,7 @@ class Task:
         by :func:`fullsparse.train.tasks.build_sparse_model`)."""
         raise NotImplementedError
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         """Everything that needs the built model or the trainer's batch (loaders, windows)."""
 
     def build_model(self, identity: dict[str, Any]) -> tuple[nn.Module, Any] | None:
@@ -141,7 +139,7 @@ class Task:
         raise NotImplementedError
 
     def explain_nonfinite(
-        self, trainer: Trainer, batch: Any, out: StepOutput, values: list[float]
+        self, trainer: TrainerView, batch: Any, out: StepOutput, values: list[float]
     ) -> Callable[[], str]:
         """Where a non-finite loss came from, worked out only when called (it reruns the
         unwrapped model on the batch under the step's autocast)."""
@@ -158,11 +156,11 @@ class Task:
         return {}
 
     # -- evaluation and reporting ---------------------------------------------------------
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         """Metrics of ``model`` on the held-out data (they join the epoch's metrics)."""
         raise NotImplementedError
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         """The lines that open ``train.log``: what is trained on what, and how."""
         raise NotImplementedError
 
@@ -170,11 +168,11 @@ class Task:
         """The task's part of ``summary.json``: best and final scores."""
         raise NotImplementedError
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         """Summary fields written after the timing."""
         return {}
 
-    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_details(self, trainer: TrainerView) -> dict[str, Any]:
         """Summary fields written last (model size, data description)."""
         return {}
 
@@ -200,7 +198,7 @@ class Task:
         return len([r for r in report.rows if r.sparse]), len(report.rows)
 
     @staticmethod
-    def settings_line(trainer: Trainer, batch: str) -> str:
+    def settings_line(trainer: TrainerView, batch: str) -> str:
         """The log line of device, batch, optimiser and schedule every task prints."""
         c = trainer.config
         warmup = round(c.warmup_epochs * trainer.steps_per_epoch)
