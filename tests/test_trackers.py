@@ -88,6 +88,20 @@ def test_cli_missing_extra_exits_2_with_one_line(tmp_path, monkeypatch, capsys) 
     assert not out.exists()
 
 
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch) -> None:
+    from fullsparse.train import trackers
+
+    class Refuses(trackers.Tracker):
+        def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+            raise RuntimeError("no server at localhost:5000\ntraceback lines")
+
+    monkeypatch.setitem(trackers._CLASSES, "csv", Refuses)
+    with pytest.raises(UserError) as info:
+        train(tiny_classify(tmp_path, report_to="csv"))
+    want = "--report-to csv: the tracker did not start (RuntimeError: no server at localhost:5000)"
+    assert str(info.value) == want
+
+
 # --------------------------------------------------------------------------- CSV
 def test_csv_holds_per_step_and_per_epoch_scalars(tmp_path) -> None:
     """64 images in batches of 16, 2 epochs, --log-every 2: train/* at steps 2, 4, 6, 8
@@ -237,7 +251,10 @@ def _key(item: object) -> str:
 def test_wandb_offline_run_holds_the_config_and_the_scalars(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
     train(tiny_classify(tmp_path, report_to="wandb,csv", log_every=2))
+    wandb.teardown()  # the W&B service writes the run file; stopping it flushes the file
     run = tmp_path / "run"
     (path,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(path)

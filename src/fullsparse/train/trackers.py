@@ -248,15 +248,24 @@ class Trackers:
             tracker.close()
 
 
-def open_trackers(names: Iterable[str], run_dir: Path, resume_step: int | None) -> Trackers:
-    """The trackers ``names`` writing for ``run_dir``; ``resume_step``: the global step a
-    resumed run continues after (None: a new run)."""
+def open_trackers(
+    names: Iterable[str], run_dir: Path, resume_step: int | None, config: dict[str, Any]
+) -> Trackers:
+    """The trackers ``names`` writing for ``run_dir``, each given the run ``config`` as
+    hyperparameters; ``resume_step``: the global step a resumed run continues after (None:
+    a new run). A tracker that fails to start is one UserError line."""
     opened: list[Tracker] = []
-    try:
-        for name in TRACKERS:
-            if name in names:
-                opened.append(_CLASSES[name](run_dir, resume_step))
-    except Exception:
-        Trackers(opened).close()
-        raise
+    for name in TRACKERS:
+        if name not in names:
+            continue
+        try:
+            tracker = _CLASSES[name](run_dir, resume_step)
+            opened.append(tracker)
+            tracker.hparams(config)
+        except Exception as exc:  # a login, a server, a file: one line, the others closed
+            Trackers(opened).close()
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UserError(
+                f"--report-to {name}: the tracker did not start ({type(exc).__name__}: {first})"
+            ) from None
     return Trackers(opened)

@@ -263,9 +263,11 @@ class Trainer:
         if self.dist.is_main and self.report_to:
             resumed = self.state.epoch * self.steps_per_epoch + self.state.step
             self.trackers = open_trackers(
-                self.report_to, config.run_dir, resumed if self.saved is not None else None
+                self.report_to,
+                config.run_dir,
+                resumed if self.saved is not None else None,
+                config.to_dict(),  # the run config as hyperparameters
             )
-            self.trackers.hparams(config.to_dict())
         barrier(self.dist)
         if config.resume and self.saved is None:
             self.log.info(
