@@ -139,3 +139,29 @@ def test_cli_task_custom_is_one_line_exit_2(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "UserTask(model, train_data, loss)" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(tmp_path, monkeypatch):
+    """6 steps per epoch, last.pt every 2 steps, killed at the 9th step (epoch 2 step 3):
+    the resumed run skips the done batches and ends where 3 epochs straight end."""
+    from test_checkpoint import _kill_at_step, _Killed
+
+    fields = dict(deterministic=True, recipe="fst", checkpoint_every=2)
+    train(config(tmp_path, "straight", **fields), task=make_task())
+    cut = config(tmp_path, "cut", **fields)
+    _kill_at_step(monkeypatch, 9)
+    with pytest.raises(_Killed):
+        train(cut, task=make_task())
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 2)
+    train(cut.replace(resume=True), task=make_task())
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    lines = {
+        run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("straight", "cut")
+    }
+    assert [m["train_loss"] for m in lines["cut"]] == [m["train_loss"] for m in lines["straight"]]
