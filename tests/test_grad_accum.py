@@ -9,6 +9,7 @@ plain loop, in a loop shaped like the Hugging Face Trainer's, and through the ``
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -239,3 +240,41 @@ def test_batch_that_does_not_split_is_refused_in_one_line(tmp_path) -> None:
 def test_detection_refuses_grad_accum_steps() -> None:
     with pytest.raises(ConfigError, match="grad_accum_steps=2 clashes with task='detection'"):
         TrainConfig(task="detection", grad_accum_steps=2, batch_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_counting_optimizer_steps_compiles_in_one_graph_and_matches_eager() -> None:
+    """fullgraph torch.compile of a model counting optimizer steps, 2 micro-batches a step:
+    outputs and gradients equal eager bit for bit, no recompile after the second step (the
+    first and the later micro-batches of a step are one graph each), clocks at the steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2),  # [B, 8, 16]: tokens
+        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3),
+    )  # fmt: skip
+    fullsparse.sparsify_(model, fullsparse.recipe("srste", mask_interval=2))
+    twin = copy.deepcopy(model)
+    fullsparse.count_optimizer_steps(model)
+    fullsparse.count_optimizer_steps(twin)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="eager", fullgraph=True)
+    for step in range(4):
+        for _ in range(2):
+            x = torch.randn(2, 4, 4, 4)
+            a = model(x)
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                b = compiled(x)
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+            a.sum().backward()
+            b.sum().backward()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+                noise = torch.randn_like(p)  # a noisy step: recomputed masks change
+                p.sub_(0.01 * p.grad + noise)
+                q.sub_(0.01 * q.grad + noise)
+                p.grad = q.grad = None
+        fullsparse.end_optimizer_step(model)
+        fullsparse.end_optimizer_step(twin)
+    assert clocks(model) == clocks(twin) == {4}
+    torch._dynamo.reset()

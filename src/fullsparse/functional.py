@@ -296,12 +296,13 @@ class _SparseConv2dFn(torch.autograd.Function):
         kernel: Any,
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
+        add_decay: bool = True,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
+            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx,
+            decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
@@ -339,7 +340,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -375,6 +376,7 @@ def sparse_conv2d(
     backend: str = "auto",
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
+    add_decay: bool = True,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
@@ -385,7 +387,8 @@ def sparse_conv2d(
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of an ``output_weight='soft_2:4'`` operand (a module's fixed β);
-    computed from ``weight`` if omitted.
+    computed from ``weight`` if omitted. ``add_decay=False``: the backward leaves out the
+    SR-STE decay (a later micro-batch of an optimizer step whose first added it).
 
     Raises:
         ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry,
@@ -445,8 +448,9 @@ def sparse_conv2d(
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
     return _SparseConv2dFn.apply(
-        input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask
-    )
+        input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask,
+        add_decay,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- linear
@@ -462,13 +466,14 @@ class _SparseLinearFn(torch.autograd.Function):
         kernel: Any,
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
+        add_decay: bool = True,
     ) -> Tensor:
         config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
+            weight, config, 1, compute, forward_mask, grad_input=needs_dx,
+            decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
@@ -495,7 +500,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def sparse_linear(
@@ -508,6 +513,7 @@ def sparse_linear(
     backend: str = "auto",
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
+    add_decay: bool = True,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
@@ -517,6 +523,7 @@ def sparse_linear(
     ``backend``: how the ``output``/``grad_input`` GEMMs run — ``auto`` (default),
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
+    ``add_decay=False``: no SR-STE decay in the backward, as for :func:`sparse_conv2d`.
 
     Raises ``ValueError`` (wrong ndim, mismatched features, non-float dtype, unknown
     backend) and ``BackendUnavailableError`` as :func:`sparse_conv2d` does.
@@ -551,7 +558,8 @@ def sparse_linear(
             kernel,
             soft_scale,
             grad_input_mask,
+            add_decay,
         )[0]
     return _SparseLinearFn.apply(
-        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask
+        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, add_decay
     )

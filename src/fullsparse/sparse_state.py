@@ -135,7 +135,6 @@ class _SparseMixin:
         # whether the current optimizer step has had its first training forward
         self.counts_optimizer_steps = False
         self.step_open = False
-        self._no_decay: tuple[SparsityConfig, SparsityConfig] | None = None
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -171,13 +170,14 @@ class _SparseMixin:
         """The per-step state a sparse layer passes to its autograd function: the forward
         mask (updated first, on the module's clock), the cached S_Co mask, S-STE's β, the
         config and the backend. A training forward that does not open a step (a later
-        micro-batch under :func:`count_optimizer_steps`) keeps the step's masks and runs a
-        config without the SR-STE decay, which the step's first backward added already."""
+        micro-batch under :func:`count_optimizer_steps`) keeps the step's masks and leaves
+        out the SR-STE decay, which the step's first backward added already."""
         training = self.training and torch.is_grad_enabled()
         opens = training and self._opens_step()
         forward_mask = self._forward_mask(opens)
         return {
-            "config": self.config if opens or not training else self._config_without_decay(),
+            "config": self.config,
+            "add_decay": opens or not training,
             "forward_mask": forward_mask,
             "grad_input_mask": self._grad_input_mask(),
             "backend": self.backend,
@@ -193,16 +193,6 @@ class _SparseMixin:
             return False
         self.step_open = True
         return True
-
-    def _config_without_decay(self) -> SparsityConfig:
-        """The config with the SR-STE decay λ set to 0 (the config itself when its backward
-        adds no decay), cached per config (a schedule may swap the config)."""
-        config = self.config
-        if not config.operands.decay:
-            return config
-        if self._no_decay is None or self._no_decay[0] is not config:
-            self._no_decay = (config, config.replace(decay=0.0))
-        return self._no_decay[1]
 
     def _forward_mask(self, stepping: bool) -> Tensor | None:
         """The cached forward mask, recomputed every ``interval`` training steps.
