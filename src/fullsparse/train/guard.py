@@ -5,6 +5,7 @@ with one line that says where the NaN/Inf appeared and which checkpoint is still
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -120,7 +121,8 @@ class StepGuard:
     """The non-finite handling every training loop shares (classification, LM, detection).
 
     One instance per epoch. Each step calls :meth:`snapshot` before its forward, then
-    :meth:`backward`, which returns ``""``, ``"loss"`` or ``"gradient"``. On a problem the
+    :meth:`forward_backward`, which runs each micro-batch's forward and :meth:`backward`
+    (``""``, ``"loss"`` or ``"gradient"``). On a problem the
     step either :meth:`skip` s (``--skip-nonfinite``: buffers restored, schedule advanced)
     or :meth:`fail` s with one line naming the step, the cause and the checkpoint kept;
     otherwise :meth:`step` clips, applies the optimizer and advances the schedule.
@@ -176,6 +178,40 @@ class StepGuard:
             return ""
         self.bad_grad = first_nonfinite_gradient(self.raw_model)
         return "gradient" if any_rank(bool(self.bad_grad), self.dist_info, self.device) else ""
+
+    def forward_backward(self, batch: Any, step: int) -> dict[str, float] | None:
+        """Forward and guarded backward of one optimizer step's ``batch``, as
+        ``grad_accum_steps`` micro-batches (each loss weighted by its share, so the
+        gradients add up to the batch's); the step's sums (``loss_sum``, the task's count
+        and sums), or None when the step was skipped (a non-finite value under
+        ``--skip-nonfinite``; otherwise that raises). Under DDP only the last micro-batch's
+        backward all-reduces."""
+        trainer = self.trainer
+        task, model = trainer.task, trainer.model
+        parts = task.micro_batches(batch, self.config.grad_accum_steps)
+        sums: dict[str, float] = {"loss_sum": 0.0, task.count_key: 0.0}
+        for index, (micro, weight) in enumerate(parts):
+            last = index == len(parts) - 1
+            no_sync = getattr(model, "no_sync", None)
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            with sync:
+                with trainer.amp():
+                    out = task.forward(model, micro)
+                values = torch.stack(
+                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
+                ).tolist()
+                problem = self.backward(
+                    out.loss, values[0], first=index == 0, last=last, weight=weight
+                )
+            if problem:
+                detail = task.explain_nonfinite(trainer, micro, out, values)
+                self.resolve(problem, step, values[0], detail)
+                return None
+            sums["loss_sum"] += values[0] * out.count
+            sums[task.count_key] += out.count
+            for key, value in zip(out.sums, values[1:], strict=True):
+                sums[key] = sums.get(key, 0.0) + value
+        return sums
 
     def where(self, step: int) -> str:
         global_step = self.epoch * self.steps + step + 1

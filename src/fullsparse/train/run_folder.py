@@ -242,6 +242,21 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
         _write_metrics(run_dir / "metrics.jsonl", history)
 
 
+def interrupted_message(run_dir: Path, state: RunState) -> str:
+    """What a Ctrl-C leaves behind in ``run_dir``, and the command that continues the run."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        saved = f"no checkpoint was written yet ({run_dir} holds the run's config)"
+    else:
+        at = (
+            f"at epoch {state.epoch + 1} step {state.step}"
+            if state.step
+            else f"after epoch {state.epoch}"
+        )
+        saved = f"{last} holds the run {at}"
+    return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
+
+
 def written_files(run_dir: Path) -> list[str]:
     """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`, then
     the tracker folders (``tensorboard/``)."""

@@ -66,6 +66,7 @@ from fullsparse.train.run_folder import (
     RunLog,
     RunState,
     check_run_dir,
+    interrupted_message,
     log_resume,
     open_run_folder,
     write_json,
@@ -326,7 +327,7 @@ class Trainer:
                 for callback in self.step_callbacks:
                     callback(epoch * steps + step, config.epochs * steps, self)
                 guard.snapshot()
-                step_sums = self._accumulate(batch, guard, step)
+                step_sums = guard.forward_backward(batch, step)
                 done = epoch * steps + step + 1  # optimizer steps done after this one
                 lr = self.optimizer.param_groups[0]["lr"]
                 if step_sums is None:  # a skipped step (--skip-nonfinite)
@@ -365,37 +366,6 @@ class Trainer:
             f"train_{unit}": int(count),
             "skipped_steps": guard.skipped,
         }
-
-    def _accumulate(self, batch: Any, guard: StepGuard, step: int) -> dict[str, float] | None:
-        """Forward and backward of one optimizer step's batch, as ``grad_accum_steps``
-        micro-batches (each loss weighted by its share, so the gradients add up to the
-        batch's); the step's sums (``loss_sum``, the count, the task's), or None when the
-        step was skipped. Under DDP only the last micro-batch's backward all-reduces."""
-        task, model = self.task, self.model
-        parts = task.micro_batches(batch, self.config.grad_accum_steps)
-        sums: dict[str, float] = {"loss_sum": 0.0, task.count_key: 0.0}
-        for index, (micro, weight) in enumerate(parts):
-            last = index == len(parts) - 1
-            no_sync = getattr(model, "no_sync", None)
-            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-            with sync:
-                with self.amp():
-                    out = task.forward(model, micro)
-                values = torch.stack(
-                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
-                ).tolist()
-                problem = guard.backward(
-                    out.loss, values[0], first=index == 0, last=last, weight=weight
-                )
-            if problem:
-                detail = task.explain_nonfinite(self, micro, out, values)
-                guard.resolve(problem, step, values[0], detail)
-                return None
-            sums["loss_sum"] += values[0] * out.count
-            sums[task.count_key] += out.count
-            for key, value in zip(out.sums, values[1:], strict=True):
-                sums[key] = sums.get(key, 0.0) + value
-        return sums
 
     def _save_step(
         self, step: int, epoch: int, guard: StepGuard, sums: dict[str, float], seconds: float
@@ -474,19 +444,7 @@ class Trainer:
 
     def interrupted(self) -> str:
         """What a Ctrl-C leaves behind, and the command that continues the run."""
-        run_dir = self.config.run_dir
-        last = run_dir / "last.pt"
-        if not last.exists():
-            saved = f"no checkpoint was written yet ({run_dir} holds the run's config)"
-        else:
-            state = self.state
-            at = (
-                f"at epoch {state.epoch + 1} step {state.step}"
-                if state.step
-                else f"after epoch {state.epoch}"
-            )
-            saved = f"{last} holds the run {at}"
-        return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
+        return interrupted_message(self.config.run_dir, self.state)
 
 
 def train(
