@@ -86,6 +86,8 @@ def _kill_at_step(monkeypatch, n: int) -> None:
         ("tsm", {"tsm_interval": 4}, 5, (0, 4)),  # epoch 1: before, no checkpoint at all
         # a random weight gradient: the saved generator state makes the resumed draws equal
         ("fst2", {"grad_weight_mode": "mvue"}, 9, (1, 2)),
+        # micro-batches and masks cached on the optimizer-step clock
+        ("fst", {"grad_accum_steps": 2, "mask_interval": 3}, 9, (1, 2)),
     ],
 )
 def test_a_run_killed_mid_epoch_resumes_from_the_step_checkpoint_bit_for_bit(

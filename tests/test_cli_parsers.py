@@ -39,6 +39,7 @@ from fullsparse.config import (
 from fullsparse.train.config import (
     AMP_MODES,
     DEVICES,
+    LOG_LEVELS,
     OPTIMIZERS,
     TASKS,
     TrainConfig,
@@ -62,6 +63,7 @@ TRAIN_ENUMS = {
     "optimizer": OPTIMIZERS,
     "device": DEVICES,
     "amp": AMP_MODES,
+    "log_level": LOG_LEVELS,
 }
 TRAIN_COMMANDS = {("train",), ("compare",), ("study",)}
 #: The name options of the other commands: (command path, dest) -> canonical tuple.

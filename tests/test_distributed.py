@@ -37,6 +37,8 @@ def _env() -> dict[str, str]:
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """The two processes also accumulate (2 micro-batches of 4 per rank, the first without
+    DDP's all-reduce) and log per-step scalars: rank 0 alone writes each step once."""
     args = dict(
         model="vit_tiny",
         model_kwargs=VIT,
@@ -61,6 +63,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         "--synthetic-train", "64", "--synthetic-test", "33", "--image-size", "8",
         "--batch-size", "16", "--epochs", "2", "--lr", "0.5", "--recipe", "fst",
         "--deterministic", "--no-progress", "--no-plot", "--quiet",
+        "--grad-accum-steps", "2", "--report-to", "csv", "--log-every", "2",
         "--out", str(tmp_path / "two"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
@@ -85,6 +88,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # Rank 0 alone wrote the run folder: one header line in the log, no stray temp files.
     log = (tmp_path / "two" / "train.log").read_text()
     assert log.count("fullsparse train: vit_tiny") == 1
+    rows = (tmp_path / "two" / "scalars.csv").read_text().splitlines()
+    losses = [r for r in rows if ",train/loss," in r]
+    assert [r.split(",")[0] for r in losses] == ["2", "4", "6", "8"]  # 4 steps per epoch
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
 
 

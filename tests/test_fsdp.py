@@ -287,3 +287,22 @@ def test_fsdp_refusals(tmp_path, capsys):
         TrainConfig(fsdp=True, compile=True, **RUN)
     with pytest.raises(ConfigError, match="fsdp clash.*task='detection'"):
         TrainConfig(task="detection", fsdp=True)
+
+
+@pytest.mark.slow
+def test_fsdp_with_gradient_accumulation_equals_one_process(tmp_path):
+    """2 FSDP processes, each running its 8 examples per step as 2 micro-batches: the
+    weights and transposable masks of 1 process with the whole batch, the clocks at the
+    optimizer steps (2 epochs of 4)."""
+    train(TrainConfig(out=str(tmp_path / "one"), **RUN))
+    _torchrun(*_cli_flags(), "--fsdp", "--grad-accum-steps", "2", "--out", str(tmp_path / "two"))
+    want, got = (
+        load_checkpoint(tmp_path / "one" / "last.pt"),
+        load_checkpoint(tmp_path / "two" / "last.pt"),
+    )
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key, value in want["sparse_state"].items():
+        assert torch.equal(got["sparse_state"][key], value), key
+    clocks = {int(v) for k, v in got["sparse_state"].items() if k.endswith("tsm_step")}
+    assert clocks == {8}

@@ -332,3 +332,51 @@ def test_docs_huggingface_md_runs(tmp_path, monkeypatch) -> None:
     for block in blocks:
         exec(compile(block, str(doc), "exec"), namespace)
     assert (tmp_path / "gpt2-fst-2to4" / "model.safetensors").is_file()
+
+
+def _trainer_run(tmp_path, name: str, batch: int, accumulation: int, count: bool) -> nn.Module:
+    """3 SGD steps of transformers.Trainer over 12 sequences: batches of ``batch``,
+    ``accumulation`` of them per step; ``count``: ``count_optimizer_steps`` first."""
+    from transformers import Trainer, TrainingArguments
+
+    nodrop = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the same maths per split
+    model = _gpt2(**nodrop)
+    sparsify_(model, fullsparse.recipe("srste", mask_interval=2, decay=0.05))
+    handle = fullsparse.count_optimizer_steps(model) if count else None  # before the Trainer
+    tokens = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name),
+        max_steps=3,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 3
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def test_trainer_gradient_accumulation_equals_the_whole_batch(tmp_path) -> None:
+    """gradient_accumulation_steps=2 of batches of 2 under ``count_optimizer_steps``: the
+    weights of batches of 4 (SR-STE decay once per step), and the cached-mask clock at the
+    Trainer's 3 optimizer steps; without it, the clock counts the 6 forwards."""
+    whole = _trainer_run(tmp_path, "whole", 4, 1, count=True)
+    micro = _trainer_run(tmp_path, "micro", 2, 2, count=True)
+    naive = _trainer_run(tmp_path, "naive", 2, 2, count=False)
+    for (name, p), q in zip(whole.named_parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert {int(m.tsm_step) for _, m in sparse_modules(micro)} == {3}
+    assert {int(m.tsm_step) for _, m in sparse_modules(naive)} == {6}
+    pairs = zip(whole.parameters(), naive.parameters(), strict=True)
+    gap = max((p - q).abs().max().item() for p, q in pairs)
+    assert gap > 1e-4  # the decay added per micro-batch shows

@@ -109,6 +109,10 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--init-from", "runs/dense"], {"init_from": "runs/dense"}, {"recipe": "asp"}),
     (["--variance-budget", "0.5"], {"variance_budget": 0.5}, {"recipe": "fst_adaptive"}),
     (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
+    (["--grad-accum-steps", "4"], {"grad_accum_steps": 4}, {}),
+    (["--log-every", "5"], {"log_every": 5}, {}),
+    (["--log-level", "warning"], {"log_level": "warning"}, {}),
+    (["--report-to", "csv,tensorboard"], {"report_to": "csv,tensorboard"}, {}),
 ]
 
 # Every key a run config (YAML/JSON, and so config.json) accepts, with a value to try.
@@ -129,7 +133,8 @@ KEYS: dict[str, object] = {
     "dense_warmup_steps": 7, "mask_interval": 3, "grad_weight_mode": "mvue",
     "grad_weight_mode_linear": "dense", "ir_alpha_linear": 0.25,
     "keep_dense": "stem,first_linear", "threads": 2, "init_from": "runs/dense",
-    "variance_budget": 0.5, "variance_interval": 7,
+    "variance_budget": 0.5, "variance_interval": 7, "grad_accum_steps": 4, "log_every": 5,
+    "log_level": "warning", "report_to": "csv",
 }  # fmt: skip
 #: The extra fields a key's value needs to make a valid config.
 KEY_CONTEXT = {

@@ -11,7 +11,15 @@ See ``docs/spec.md`` (the contract) and README.md.
 """
 
 from fullsparse.config import RECIPES, SparsityConfig, recipe
-from fullsparse.nn import SparseConv2d, SparseLinear, SparsifyReport, densify_, sparsify_
+from fullsparse.nn import (
+    SparseConv2d,
+    SparseLinear,
+    SparsifyReport,
+    count_optimizer_steps,
+    densify_,
+    end_optimizer_step,
+    sparsify_,
+)
 
 #: The release, kept equal to ``version`` in pyproject.toml (a test checks it).
 __version__ = "0.2.0.dev0"
@@ -22,6 +30,8 @@ __all__ = [
     "recipe",
     "sparsify_",
     "densify_",
+    "count_optimizer_steps",
+    "end_optimizer_step",
     "SparsifyReport",
     "SparseConv2d",
     "SparseLinear",

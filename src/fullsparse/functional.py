@@ -337,13 +337,14 @@ class _SparseConv2dFn(torch.autograd.Function):
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
         gw_state: Tensor | None = None,
+        add_decay: bool = True,
     ) -> Tensor:
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.gw_state = gw_state
         ops = weight_operands(
-            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
+            weight, config, geo.groups, compute, forward_mask, grad_input=needs_dx,
+            decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
@@ -382,7 +383,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     grad_weight = _plus(dw.to(weight_dtype), decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _one_conv_backward(ops: Any, kernel: Any) -> bool:
@@ -419,6 +420,7 @@ def sparse_conv2d(
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
     gw_state: Tensor | None = None,
+    add_decay: bool = True,
 ) -> Tensor:
     """2-D convolution whose three GEMMs follow ``config`` (a SparsityConfig or recipe name).
 
@@ -431,6 +433,8 @@ def sparse_conv2d(
     ``soft_scale``: β of an ``output_weight='soft_2:4'`` operand (a module's fixed β);
     computed from ``weight`` if omitted. ``gw_state``: a module's state of the sampled weight
     gradients (:class:`fullsparse.sampling.AdaptiveState`; None = count nothing).
+    ``add_decay=False``: the backward leaves out the SR-STE decay (a later micro-batch of an
+    optimizer step whose first added it).
 
     Raises:
         ValueError: wrong ndim, mismatched channels or groups, non-float dtype, bad geometry,
@@ -491,7 +495,7 @@ def sparse_conv2d(
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
     return _SparseConv2dFn.apply(
         input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask,
-        gw_state,
+        gw_state, add_decay,
     )  # fmt: skip
 
 
@@ -509,14 +513,15 @@ class _SparseLinearFn(torch.autograd.Function):
         soft_scale: Tensor | None = None,
         grad_input_mask: Tensor | None = None,
         gw_state: Tensor | None = None,
+        add_decay: bool = True,
     ) -> Tensor:
         config = config.for_kind("linear")  # the Linear layers' weight-gradient estimator
         ctx.gw_state = gw_state
         compute = _autocast_dtype(input.device.type) or input.dtype
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = weight_operands(
-            weight, config, 1, compute, forward_mask, grad_input=needs_dx, decay=needs_dw,
-            soft_scale=soft_scale, grad_input_mask=grad_input_mask,
+            weight, config, 1, compute, forward_mask, grad_input=needs_dx,
+            decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
@@ -544,7 +549,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 grad_weight = _plus(dw, decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def sparse_linear(
@@ -558,6 +563,7 @@ def sparse_linear(
     soft_scale: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
     gw_state: Tensor | None = None,
+    add_decay: bool = True,
 ) -> Tensor:
     """Linear layer ``y = x · W_outᵀ + b`` whose three GEMMs follow ``config``.
 
@@ -568,6 +574,7 @@ def sparse_linear(
     ``reference``, ``semi_structured`` or ``emulation`` (:mod:`fullsparse.kernels`).
     ``soft_scale``: β of a ``soft_2:4`` forward operand; computed from ``weight`` if omitted.
     ``gw_state``: as for :func:`sparse_conv2d`.
+    ``add_decay=False``: no SR-STE decay in the backward, as for :func:`sparse_conv2d`.
 
     Raises ``ValueError`` (wrong ndim, mismatched features, non-float dtype, unknown
     backend) and ``BackendUnavailableError`` as :func:`sparse_conv2d` does.
@@ -603,7 +610,17 @@ def sparse_linear(
             soft_scale,
             grad_input_mask,
             gw_state,
+            add_decay,
         )[0]
     return _SparseLinearFn.apply(
-        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, gw_state
+        input,
+        weight,
+        bias,
+        config,
+        forward_mask,
+        kernel,
+        soft_scale,
+        grad_input_mask,
+        gw_state,
+        add_decay,
     )

@@ -22,7 +22,10 @@ from fullsparse.functional import sparse_conv2d, sparse_linear
 from fullsparse.kernels import BackendUnavailableError, LayerShape, check_backend, predict_plan
 from fullsparse.nn_report import LayerReport, SparsifyReport
 from fullsparse.sparse_state import (
+    StepCounting,
     _SparseMixin,
+    count_optimizer_steps,
+    end_optimizer_step,
     load_sparse_state_,
     masked_grad_decay_,
     pruned_state_dict,
@@ -44,6 +47,9 @@ __all__ = [
     "load_sparse_state_",
     "pruned_state_dict",
     "masked_grad_decay_",
+    "count_optimizer_steps",
+    "end_optimizer_step",
+    "StepCounting",
 ]
 
 

@@ -1,6 +1,6 @@
 """What a sparse module carries beyond its torch twin's parameters: the config, the backend,
 the cached masks and their step clock, a fixed forward mask (ASP fine-tuning), and how that
-state is saved and restored.
+state is saved and restored; and what a step is (:func:`count_optimizer_steps`).
 
 :class:`fullsparse.nn.SparseConv2d` and :class:`~fullsparse.nn.SparseLinear` mix in
 :class:`_SparseMixin`. The cached forward mask (``tsm_mask``: the TSM mask, or S_K when
@@ -8,6 +8,16 @@ state is saved and restored.
 clock (``tsm_step``) are non-persistent buffers (the ``state_dict`` keys stay those of the
 torch module), saved with :func:`sparse_state_dict` and restored with
 :func:`load_sparse_state_`.
+
+What a step is. By default a sparse layer counts one step per training forward (training
+mode, grad enabled): its mask clock advances and its backward adds the SR-STE decay each
+time. Under gradient accumulation that is wrong: N micro-batches would advance the clock N
+times and add the decay N times per optimizer step. :func:`count_optimizer_steps` switches a
+model to counting optimizer steps: all training forwards between two ``optimizer.step()``
+calls belong to one step, the first of them opens it (the clock advances, the masks are
+recomputed when due, its backward adds the decay) and the others reuse the step's masks and
+add no decay. :func:`end_optimizer_step` closes a step by hand (a loop that skips
+``optimizer.step()``).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
@@ -37,6 +48,9 @@ __all__ = [
     "load_sparse_state_",
     "pruned_state_dict",
     "masked_grad_decay_",
+    "count_optimizer_steps",
+    "end_optimizer_step",
+    "StepCounting",
 ]
 
 
@@ -122,6 +136,10 @@ class _SparseMixin:
         # tensor, not a buffer, so reading the keep count never waits for a GPU; made here,
         # not at first use, so that torch.compile sees it as an input of the graph
         self.gw_state: Tensor = AdaptiveState.new()
+        # count_optimizer_steps: whether a step is an optimizer step (not each forward), and
+        # whether the current optimizer step has had its first training forward
+        self.counts_optimizer_steps = False
+        self.step_open = False
 
     def _groups(self) -> int:
         return int(getattr(self, "groups", 1))
@@ -156,10 +174,15 @@ class _SparseMixin:
     def _step_operands(self) -> dict[str, Any]:
         """The per-step state a sparse layer passes to its autograd function: the forward
         mask (updated first, on the module's clock), the cached S_Co mask, S-STE's β, the
-        config and the backend."""
-        forward_mask = self._forward_mask()
+        config and the backend. A training forward that does not open a step (a later
+        micro-batch under :func:`count_optimizer_steps`) keeps the step's masks and leaves
+        out the SR-STE decay, which the step's first backward added already."""
+        training = self.training and torch.is_grad_enabled()
+        opens = training and self._opens_step()
+        forward_mask = self._forward_mask(opens)
         return {
             "config": self.config,
+            "add_decay": opens or not training,
             "forward_mask": forward_mask,
             "grad_input_mask": self._grad_input_mask(),
             "backend": self.backend,
@@ -172,10 +195,20 @@ class _SparseMixin:
         modes = {self.config.grad_weight_mode, self.config.for_kind("linear").grad_weight_mode}
         return self.gw_state if modes & set(SAMPLED_MODES) else None
 
-    def _forward_mask(self) -> Tensor | None:
+    def _opens_step(self) -> bool:
+        """Whether this training forward opens a step (always, unless the module counts
+        optimizer steps and the current one is open already)."""
+        if not self.counts_optimizer_steps:
+            return True
+        if self.step_open:
+            return False
+        self.step_open = True
+        return True
+
+    def _forward_mask(self, stepping: bool) -> Tensor | None:
         """The cached forward mask, recomputed every ``interval`` training steps.
 
-        A training step is one forward in training mode with grad enabled. Without a cached
+        ``stepping``: this forward opens a training step (:meth:`_opens_step`). Without a cached
         rule (S_K with ``mask_interval=1``) masks are not cached: they follow the weight at
         every step (the cost is in the overhead benchmark).
         A fixed mask (ASP), when set, is used as is and never recomputed.
@@ -187,9 +220,8 @@ class _SparseMixin:
         if rule is None:
             return None
         if _is_compiling():
-            return self._forward_mask_traceable(*rule)
+            return self._forward_mask_traceable(*rule, stepping)
         interval, make = rule
-        stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         due = stepping and int(self.tsm_step) % interval == 0
         weight = self._gemm_weight().detach()
@@ -203,7 +235,9 @@ class _SparseMixin:
             self.tsm_step += 1  # type: ignore[has-type]
         return mask
 
-    def _forward_mask_traceable(self, interval: int, make: Callable[[Tensor], Tensor]) -> Tensor:
+    def _forward_mask_traceable(
+        self, interval: int, make: Callable[[Tensor], Tensor], stepping: bool
+    ) -> Tensor:
         """:meth:`_forward_mask` as torch.compile can trace it: the same masks, no graph break.
 
         ``int(tsm_step)`` is data-dependent control flow: a graph break in every sparse
@@ -213,7 +247,6 @@ class _SparseMixin:
         cached mask; the candidate mask is computed every step (about 6·R·C flops, small next
         to the GEMMs), but only a due step keeps it, exactly as in eager mode.
         """
-        stepping = self.training and torch.is_grad_enabled()
         mask: Tensor | None = self.tsm_mask  # type: ignore[has-type]
         weight = self._gemm_weight().detach()
         gi: Tensor | None = self.gi_mask  # type: ignore[has-type]
@@ -339,6 +372,7 @@ def load_sparse_state_(model: nn.Module, state: dict[str, Tensor]) -> None:
         for attr in _STATE_ATTRS[:-1]:  # not saved: unset
             if f"{name}.{attr}" not in state:
                 setattr(module, attr, None)
+        module.step_open = False  # saved states are taken between optimizer steps
 
 
 def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -379,3 +413,74 @@ def masked_grad_decay_(model: nn.Module) -> int:
         grad.add_(term.to(grad.dtype))
         changed += 1
     return changed
+
+
+# --------------------------------------------------------------------------- steps
+def end_optimizer_step(model: nn.Module) -> None:
+    """Close the current optimizer step of every sparse layer of ``model`` (counting
+    optimizer steps): the next training forward opens a new one. :func:`count_optimizer_steps`
+    does this after each ``optimizer.step()``; call it yourself where a step ends without
+    one (a skipped step)."""
+    for _, module in sparse_modules(model):
+        module.step_open = False  # type: ignore[assignment]
+
+
+class StepCounting:
+    """What :func:`count_optimizer_steps` returns: :meth:`remove` (or the end of a ``with``
+    block) goes back to counting one step per training forward."""
+
+    def __init__(self, model: nn.Module, handle: Any) -> None:
+        self.model, self._handle = model, handle
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        for _, module in sparse_modules(self.model):
+            module.counts_optimizer_steps = False  # type: ignore[assignment]
+            module.step_open = False  # type: ignore[assignment]
+
+    def __enter__(self) -> StepCounting:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def count_optimizer_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> StepCounting:
+    """Make the sparse layers of ``model`` count optimizer steps instead of forward passes:
+    the rule for gradient accumulation in your own loop (or under a framework's).
+
+    Every training forward between two optimizer steps is a micro-batch of one step: the
+    first opens the step (the mask clock of ``tsm_interval`` / ``mask_interval`` advances
+    once, due masks are recomputed, S-STE's β is fixed, and its backward adds the SR-STE
+    decay λ·(W − S(W)) once); the others reuse the step's masks and add no decay. So N
+    micro-batches whose losses are each divided by N give the gradient of the whole batch.
+
+    A step ends at each ``step()`` of ``optimizer``, or, with ``optimizer=None``, of any
+    optimizer that holds one of the model's sparse weights (a global optimizer hook: it
+    also sees an optimizer a framework builds later, such as the Hugging Face ``Trainer``'s,
+    and one wrapped by accelerate). A step that is skipped without ``optimizer.step()`` (a
+    GradScaler's inf step) stays open: call :func:`end_optimizer_step` where your loop
+    skips one. Call this after :func:`fullsparse.sparsify_`; the returned handle's
+    ``remove()`` undoes it (it is also a context manager).
+    """
+    modules = [m for _, m in sparse_modules(model)]
+    for module in modules:
+        module.counts_optimizer_steps = True  # type: ignore[assignment]
+        module.step_open = False  # type: ignore[assignment]
+
+    def stepped(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if optimizer is None:
+            held = {id(p) for group in opt.param_groups for p in group["params"]}
+            if not any(id(m.weight) in held for m in modules):
+                return
+        end_optimizer_step(model)
+
+    if optimizer is None:
+        handle = register_optimizer_step_post_hook(stepped)
+    else:
+        handle = optimizer.register_step_post_hook(stepped)
+    return StepCounting(model, handle)

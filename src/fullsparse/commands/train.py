@@ -143,9 +143,11 @@ def add_train_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
         if name in skip:
             continue
         common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if name in choices:
+        if name in choices and cli != "append":
             common.update(choices=choices[name], metavar=name.upper())
-        if kind == _BOOL and name.startswith("no_"):
+        if cli == "append":  # repeated or comma-separated: a list the config joins
+            group.add_argument(_flag(name), action="append", metavar="NAMES", **common)
+        elif kind == _BOOL and name.startswith("no_"):
             group.add_argument(_flag(name), action="store_const", const=True, **common)
             positive = _flag(name.removeprefix("no_"))
             common["help"] = f"the opposite of {_flag(name)}"
@@ -212,9 +214,11 @@ def overrides_from_args(args: argparse.Namespace, skip: tuple[str, ...] = ()) ->
     """The TrainConfig fields given explicitly on the command line (but ``skip``)."""
     given = vars(args)
     out: dict[str, Any] = {}
-    for name, kind, _, _ in cli_options():
+    for name, kind, _, cli in cli_options():
         if name in given and name not in skip:
             value = given[name]
+            if cli == "append":  # a repeated flag: its values joined, as the config keeps them
+                value = ",".join(value)
             textual = isinstance(value, str) and kind != "bool_or_str"
             out[name] = _convert(name, kind, value) if textual else value
     return out

@@ -2,6 +2,7 @@
 
     from fullsparse.train import TrainConfig, train
     summary = train(TrainConfig(model="resnet20", dataset="fashion-mnist", recipe="fst"))
+    summary = train(TrainConfig(task="custom", model="mine"), task=UserTask(model, data, loss))
 
 The command line (``fullsparse train|compare|eval|export|convert``) is a thin front end over the
 functions exported here.
@@ -11,6 +12,7 @@ from fullsparse.train.checkpoint import convert_checkpoint, load_checkpoint
 from fullsparse.train.classify import evaluate
 from fullsparse.train.compare import CompareResult, compare
 from fullsparse.train.config import TrainConfig, config_from_sources, load_config_file
+from fullsparse.train.custom import UserTask
 from fullsparse.train.guard import NonFiniteLossError
 from fullsparse.train.inference import (
     ExportReport,
@@ -24,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "train",
     "Trainer",
+    "UserTask",
     "evaluate",
     "compare",
     "CompareResult",

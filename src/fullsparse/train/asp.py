@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,7 @@ from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, ConfigError
 from fullsparse.operands import mask_k
 from fullsparse.sparse_state import sparse_modules
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["ASP_RECIPE", "init_checkpoint", "prune_once_", "keep_pruned_zero", "pretraining_cost"]
 
@@ -165,7 +163,7 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"--init-from is for recipe asp, not {config.recipe}")
 
 
-def start(trainer: Trainer) -> None:
+def start(trainer: TrainerView) -> None:
     """Set ASP up on a trainer whose model and optimiser exist: a new run loads the init
     weights and prunes; a resumed run already has its fixed masks from the checkpoint. Both
     then get the optimiser hooks."""
@@ -177,7 +175,7 @@ def start(trainer: Trainer) -> None:
     trainer.asp_hooks = keep_pruned_zero(trainer.raw_model, trainer.optimizer)
 
 
-def summary_extra(trainer: Trainer) -> dict[str, Any]:
+def summary_extra(trainer: TrainerView) -> dict[str, Any]:
     """ASP's part of ``summary.json``: the pre-training cost and the totals over both phases."""
     if trainer.config.recipe != ASP_RECIPE:
         return {}

@@ -78,6 +78,7 @@ IDENTITY_KEYS = (
     "image_size",
     "recipe",
     "sparsity",
+    "parameters",  # task custom: the user's model's parameter shapes
 )
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -9,7 +9,7 @@ top-1 / top-5 accuracy and loss; ``best.pt`` is the epoch with the highest top-1
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,8 @@ from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_curves
+from fullsparse.train.protocol import TrainerView
 from fullsparse.train.task import StepOutput, Task
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
 
 __all__ = [
     "ClassifyTask",
@@ -177,7 +175,7 @@ class ClassifyTask(Task):
         self.bundle = build_data(config)
         return model_identity(config, self.bundle)
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         from fullsparse.data import make_loader
 
         config, dist, bundle = self.config, trainer.dist, self.bundle
@@ -230,7 +228,7 @@ class ClassifyTask(Task):
         images = sums["images"]
         return {"train_acc": 100.0 * sums["correct"] / images if images else 0.0}
 
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         c = self.config
         test = evaluate(
             model, self.loaders[1], trainer.device, amp=c.amp, channels_last=c.channels_last,
@@ -238,7 +236,7 @@ class ClassifyTask(Task):
         )  # fmt: skip
         return {"test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"]}
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         c = self.config
         n_sparse, n_layers = self.sparse_layer_counts(trainer.report)
         return [
@@ -253,7 +251,7 @@ class ClassifyTask(Task):
         scores = self.best_and_final(history, {"best_top1": "test_top1"}, final)
         return {"best_top1": scores.pop("best_top1"), "best_epoch": best_epoch, **scores}
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         return {
             "sparse_layers": self.sparse_layer_counts(trainer.report)[0],
             "num_classes": trainer.identity["num_classes"],

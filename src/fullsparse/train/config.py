@@ -42,6 +42,7 @@ from fullsparse.train.config_checks import (
 )
 from fullsparse.train.config_file import load_config_file
 from fullsparse.train.schedule import DENSE_FINISH_MODES, check_schedule_fields
+from fullsparse.train.trackers import REPORTERS, parse_report_to
 
 __all__ = [
     "TrainConfig",
@@ -51,6 +52,8 @@ __all__ = [
     "DETECTION_DATASETS",
     "AMP_MODES",
     "DEVICES",
+    "LOG_LEVELS",
+    "REPORTERS",
     "SPARSITY_OVERRIDES",
     "load_config_file",
     "config_from_sources",
@@ -61,12 +64,14 @@ __all__ = [
 #: ``fp16``: float16 autocast + GradScaler (CUDA only: fp16 needs loss scaling).
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--log-level``: the console's and train.log's (Python logging levels).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 #: TrainConfig fields that override the named recipe's SparsityConfig (None = recipe default).
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
 SPARSITY_OVERRIDES += ("variance_budget", "variance_interval")
-TASKS = ("classify", "lm", "detection")
+TASKS = ("classify", "lm", "detection", "custom")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
 #: 1e-3 at 10M parameters; smaller models take a larger one). Detection uses it too: on
@@ -92,7 +97,8 @@ def option(
     smallest valid value; ``choices``: the canonical tuple of the values a name field takes
     (the flag's ``choices`` and the list its help shows are read from it, never retyped);
     ``cli``: ``"optional:<const>"`` (the flag's value may be left out: ``--amp`` means
-    ``--amp bf16``). A bool field named ``no_<x>`` gets the pair ``--no-<x>`` / ``--<x>``.
+    ``--amp bf16``) or ``"append"`` (the flag may be repeated; the config joins its values
+    with commas). A bool field named ``no_<x>`` gets the pair ``--no-<x>`` / ``--<x>``.
     The value's kind (int, float, ...) and whether it may be None come from the field's
     type.
     """
@@ -112,12 +118,15 @@ class TrainConfig:
     """
 
     # -- what is trained ------------------------------------------------------------------
-    #: ``classify`` (images -> class), ``lm`` (bytes -> next byte) or ``detection``
-    #: (images -> boxes). The None-defaults below are filled from this (``task_defaults``).
+    #: ``classify`` (images -> class), ``lm`` (bytes -> next byte), ``detection``
+    #: (images -> boxes) or ``custom`` (a user's model, data and loss:
+    #: ``train(config, task=UserTask(...))``, :mod:`fullsparse.train.custom`; ``model`` and
+    #: ``dataset`` are then names for the run folder and the checkpoints). The None-defaults
+    #: below are filled from this (``task_defaults``).
     task: str = option(
         "classify",
         "what is trained: classify = images, lm = a byte-level language model, detection = "
-        "torchvision detectors (the vision extra)",
+        "torchvision detectors (the vision extra), custom = your model and data (from Python)",
         choices=TASKS,
     )
     #: classify: a name from ``fullsparse.models.MODELS``, ``tv:<torchvision name>`` or
@@ -267,6 +276,12 @@ class TrainConfig:
     batch_size: int = option(
         128, "global batch size over all processes (lm: sequences of context bytes)", minimum=1
     )
+    #: Gradient accumulation: each optimizer step runs ``batch_size`` as this many equal
+    #: micro-batches (forward and backward each), so it takes 1/N of the activation memory.
+    #: The step, its lr, its masks and its decay are those of the whole batch.
+    grad_accum_steps: int = option(
+        1, "micro-batches per optimizer step; --batch-size stays the batch per step", minimum=1
+    )
     #: Peak learning rate; None = 0.1 × batch_size / 256 for SGD (the linear scaling the
     #: paper uses), ``ADAMW_LR`` for AdamW.
     lr: float | None = option(None, "peak lr (default: sgd 0.1 x batch/256, adamw 3e-3)", minimum=0)
@@ -358,8 +373,25 @@ class TrainConfig:
     quiet: bool = option(False, "print nothing but errors (train.log still gets everything)")
     #: Write ``curves.png`` when matplotlib is installed.
     plot: bool = option(True, "draw curves.png when matplotlib is installed")
+    #: Metrics trackers (``fullsparse.train.trackers``), comma-separated (a list in Python
+    #: or YAML): tensorboard, wandb, mlflow (each its extra), csv; ``none``: no tracker.
+    report_to: str = option(
+        "none",
+        "metrics trackers, comma-separated or repeated (tensorboard, wandb, mlflow need the "
+        "extra of that name)",
+        choices=REPORTERS,
+        cli="append",
+    )
+    #: Every N optimizer steps, log the step's scalars (mean loss since the last, lr,
+    #: throughput, gradient norm, skipped steps, sparse GEMM fraction) to train.log and the
+    #: trackers (0: per-epoch metrics only).
+    log_every: int = option(0, "log per-step scalars every N optimizer steps (0 = off)", minimum=0)
+    #: Level of the console and train.log (the ``fullsparse.train`` logger).
+    log_level: str = option("info", "console and train.log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, (list, tuple)):  # several trackers, as a list
+            object.__setattr__(self, "report_to", ",".join(map(str, self.report_to)))
         problems = [p for p in (_check(name, getattr(self, name)) for name in _SPEC) if p]
         if problems:
             raise ConfigError("; ".join(problems))
@@ -374,6 +406,9 @@ class TrainConfig:
         check_task_fields(self)
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        parse_report_to(self.report_to)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp={self.amp!r} is not one of {', '.join(AMP_MODES)}")
         if self.stop_after is not None and self.stop_after > self.epochs:
@@ -391,6 +426,11 @@ class TrainConfig:
                 "warm-up must fit in the run"
             )
         check_schedule_fields(self.dense_warmup_steps, self.dense_finish, self.dense_finish_mode)
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size={self.batch_size} clashes with grad_accum_steps="
+                f"{self.grad_accum_steps}: the batch must split into equal micro-batches"
+            )
         self.sparsity()  # an unknown recipe or a clashing override fails here, early
 
     # -- derived values -------------------------------------------------------------------

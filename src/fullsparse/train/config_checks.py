@@ -46,6 +46,18 @@ def task_defaults(config: Any) -> dict[str, Any]:
             "warmup_epochs": min(1.0, 0.1 * config.epochs),
             "grad_clip": DETECTION_GRAD_CLIP,
         }
+    if config.task == "custom":  # your own model and data (fullsparse.train.custom)
+        return {
+            "model": "custom",
+            "dataset": "custom",
+            "synthetic_classes": 10,  # unused; the value classify configs record
+            "optimizer": "sgd",
+            "weight_decay": 7e-5,
+            "no_wd_bn_bias": False,
+            "label_smoothing": 0.0,
+            "warmup_epochs": 0.0,
+            "grad_clip": 0.0,
+        }
     if config.task == "lm":
         return {
             "model": "gpt_tiny",
@@ -82,7 +94,7 @@ def check_task_fields(config: Any) -> None:
     model, dataset = config.model, config.dataset
     if config.fsdp and config.compile:
         raise ConfigError("fsdp and compile clash: a sharded model runs eagerly; drop --compile")
-    if config.checkpoint_every and config.task != "classify":
+    if config.checkpoint_every and config.task not in ("classify", "custom"):
         raise ConfigError(
             f"checkpoint_every={config.checkpoint_every} is for task='classify'; task="
             f"{config.task!r} checkpoints at epoch ends (choose shorter epochs with "
@@ -90,6 +102,13 @@ def check_task_fields(config: Any) -> None:
         )
     if config.task == "detection":
         check_detection_fields(config)
+        return
+    if config.task == "custom":  # model and dataset are the user's own: names, not ours
+        if config.steps_per_epoch is not None:
+            raise ConfigError(
+                f"steps_per_epoch={config.steps_per_epoch} clashes with task='custom': an "
+                "epoch is one pass over train_data"
+            )
         return
     if config.task == "lm":
         if model not in LM_MODELS:
@@ -194,6 +213,11 @@ def check_detection_fields(config: Any) -> None:
         raise ConfigError(
             f"synthetic_classes={config.synthetic_classes} clashes with task='detection': "
             "synthetic-det has 5 shape classes at most"
+        )
+    if config.grad_accum_steps > 1:
+        raise ConfigError(
+            f"grad_accum_steps={config.grad_accum_steps} clashes with task='detection': "
+            "gradient accumulation is for classify and lm"
         )
     if config.steps_per_epoch is not None:
         raise ConfigError(

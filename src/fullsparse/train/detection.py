@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,8 @@ from fullsparse.errors import UserError
 from fullsparse.train.common import image_data_options, subset
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
+from fullsparse.train.protocol import TrainerView
 from fullsparse.train.task import StepOutput, Task
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
 
 __all__ = [
     "METRICS_HINT",
@@ -202,7 +200,7 @@ class DetectionTask(Task):
         self.bundle = build_detection_data(self.config)
         return detection_identity(self.config, self.bundle)
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         config, bundle = self.config, self.bundle
         self.device = trainer.device
         self.train_set = subset(bundle.train, config.train_subset, config.seed, random_pick=True)
@@ -237,7 +235,7 @@ class DetectionTask(Task):
         return StepOutput(sum(losses.values()), n, sums)
 
     def explain_nonfinite(
-        self, trainer: Trainer, batch: Any, out: StepOutput, values: list[float]
+        self, trainer: TrainerView, batch: Any, out: StepOutput, values: list[float]
     ) -> Callable[[], str]:
         parts = dict(zip(out.sums, values[1:], strict=True))
         parts.pop("steps")
@@ -250,14 +248,14 @@ class DetectionTask(Task):
         metrics: dict[str, Any] = {f"train_{k}": v / images for k, v in parts.items()}
         return metrics | {"steps": int(sums.get("steps", 0))}
 
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         c = self.config
         result = evaluate_detection(
             model, self.test_set, c.batch_size, self.device, workers=c.workers
         )
         return {k: result[k] for k in ("map", "map_50", "map_75", "mar_100")}
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         c, report = self.config, trainer.report
         size = c.image_size if c.image_size is not None else "the model's default"
         return [
@@ -282,7 +280,7 @@ class DetectionTask(Task):
             "map_50_per_epoch": [h["map_50"] for h in history],
         }
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         try:
             import torchvision
 
@@ -299,7 +297,7 @@ class DetectionTask(Task):
             "torchvision": tv_version,
         }
 
-    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_details(self, trainer: TrainerView) -> dict[str, Any]:
         return {
             "parameters": self.parameters,
             "data": self.bundle.summary(),

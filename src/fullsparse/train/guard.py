@@ -5,20 +5,19 @@ with one line that says where the NaN/Inf appeared and which checkpoint is still
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.sparse_state import masked_grad_decay_, sparse_modules
+from fullsparse.sparse_state import end_optimizer_step, masked_grad_decay_, sparse_modules
 from fullsparse.train.distributed import any_rank
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = ["NonFiniteLossError", "StepGuard", "diagnose_nonfinite", "first_nonfinite_gradient"]
 
@@ -122,7 +121,8 @@ class StepGuard:
     """The non-finite handling every training loop shares (classification, LM, detection).
 
     One instance per epoch. Each step calls :meth:`snapshot` before its forward, then
-    :meth:`backward`, which returns ``""``, ``"loss"`` or ``"gradient"``. On a problem the
+    :meth:`forward_backward`, which runs each micro-batch's forward and :meth:`backward`
+    (``""``, ``"loss"`` or ``"gradient"``). On a problem the
     step either :meth:`skip` s (``--skip-nonfinite``: buffers restored, schedule advanced)
     or :meth:`fail` s with one line naming the step, the cause and the checkpoint kept;
     otherwise :meth:`step` clips, applies the optimizer and advances the schedule.
@@ -131,7 +131,7 @@ class StepGuard:
     gradient all-reduce for a rank that skipped.
     """
 
-    def __init__(self, trainer: Trainer, epoch: int, steps: int) -> None:
+    def __init__(self, trainer: TrainerView, epoch: int, steps: int) -> None:
         self.trainer, self.config = trainer, trainer.config
         self.raw_model, self.optimizer = trainer.raw_model, trainer.optimizer
         self.dist_info, self.device, self.run = trainer.dist, trainer.device, trainer.state
@@ -154,20 +154,64 @@ class StepGuard:
         if self._buffers:
             self._saved = [b.detach().clone() for b in self._buffers]
 
-    def backward(self, loss: Tensor, value: float) -> str:
+    def backward(
+        self, loss: Tensor, value: float, *, first: bool = True, last: bool = True,
+        weight: float = 1.0,
+    ) -> str:  # fmt: skip
         """Check the loss (``value``, already on the host), run backward, check the
         gradients. fp16's GradScaler skips inf/NaN gradients itself, so with a scaler only
-        the loss is checked."""
+        the loss is checked. Under gradient accumulation each micro-batch comes here:
+        ``first`` zeroes the gradients, ``weight`` is its share of the batch (the loss is
+        scaled by it) and ``last`` checks the accumulated gradients."""
         self.bad_grad = ""
         if any_rank(not math.isfinite(value), self.dist_info, self.device):
             return "loss"
-        self.optimizer.zero_grad(set_to_none=True)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        if weight != 1.0:
+            loss = loss * weight
         if self.trainer.scaler is not None:
             self.trainer.scaler.scale(loss).backward()
             return ""
         loss.backward()
+        if not last:
+            return ""
         self.bad_grad = first_nonfinite_gradient(self.raw_model)
         return "gradient" if any_rank(bool(self.bad_grad), self.dist_info, self.device) else ""
+
+    def forward_backward(self, batch: Any, step: int) -> dict[str, float] | None:
+        """Forward and guarded backward of one optimizer step's ``batch``, as
+        ``grad_accum_steps`` micro-batches (each loss weighted by its share, so the
+        gradients add up to the batch's); the step's sums (``loss_sum``, the task's count
+        and sums), or None when the step was skipped (a non-finite value under
+        ``--skip-nonfinite``; otherwise that raises). Under DDP only the last micro-batch's
+        backward all-reduces."""
+        trainer = self.trainer
+        task, model = trainer.task, trainer.model
+        parts = task.micro_batches(batch, self.config.grad_accum_steps)
+        sums: dict[str, float] = {"loss_sum": 0.0, task.count_key: 0.0}
+        for index, (micro, weight) in enumerate(parts):
+            last = index == len(parts) - 1
+            no_sync = getattr(model, "no_sync", None)
+            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+            with sync:
+                with trainer.amp():
+                    out = task.forward(model, micro)
+                values = torch.stack(
+                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
+                ).tolist()
+                problem = self.backward(
+                    out.loss, values[0], first=index == 0, last=last, weight=weight
+                )
+            if problem:
+                detail = task.explain_nonfinite(trainer, micro, out, values)
+                self.resolve(problem, step, values[0], detail)
+                return None
+            sums["loss_sum"] += values[0] * out.count
+            sums[task.count_key] += out.count
+            for key, value in zip(out.sums, values[1:], strict=True):
+                sums[key] = sums.get(key, 0.0) + value
+        return sums
 
     def where(self, step: int) -> str:
         global_step = self.epoch * self.steps + step + 1
@@ -181,6 +225,7 @@ class StepGuard:
             for b, v in zip(self._buffers, self._saved, strict=True):
                 b.copy_(v)
         self.optimizer.zero_grad(set_to_none=True)
+        end_optimizer_step(self.raw_model)
         with warnings.catch_warnings():
             # A skipped step still uses up its place in the schedule, on purpose; when it
             # is the run's first step PyTorch warns that the optimizer has not stepped yet.
@@ -242,6 +287,7 @@ class StepGuard:
             if masked:
                 masked_grad_decay_(self.raw_model)
             self.optimizer.step()
+        end_optimizer_step(self.raw_model)  # the sparse layers' next forward opens a step
         self.trainer.scheduler.step()
         if norm is not None and math.isfinite(norm):
             self.norm_sum += norm

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,8 @@ from fullsparse.train.config import TrainConfig
 from fullsparse.train.config_checks import layer_policy_identity
 from fullsparse.train.distributed import DistInfo, all_reduce_sum
 from fullsparse.train.plot import plot_lm_curves
+from fullsparse.train.protocol import TrainerView
 from fullsparse.train.task import StepOutput, Task
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
 
 __all__ = [
     "VOCAB_SIZE",
@@ -197,7 +195,7 @@ class LMTask(Task):
         self.corpus = build_corpus(self.config)
         return lm_identity(self.config)
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         self.device, self.dist, self.local_batch = trainer.device, trainer.dist, trainer.local_batch
         self.context = context = int(model.context)
         train = self.corpus.train
@@ -236,7 +234,7 @@ class LMTask(Task):
         tokens = sums["tokens"]
         return {"train_accuracy": 100.0 * sums["correct"] / tokens if tokens else 0.0}
 
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         result = evaluate_lm(
             model, self.val, self.local_batch, self.device, amp=self.config.amp,
             dist_info=self.dist,
@@ -248,7 +246,7 @@ class LMTask(Task):
             "val_accuracy": result["accuracy"],
         }
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         c, corpus, val = self.config, self.corpus, self.val
         n_sparse, n_layers = self.sparse_layer_counts(trainer.report)
         return [
@@ -269,13 +267,13 @@ class LMTask(Task):
         scores = self.best_and_final(history, best, final)
         return {**{k: scores.pop(k) for k in best}, "best_epoch": best_epoch, **scores}
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         return {
             "sparse_layers": self.sparse_layer_counts(trainer.report)[0],
             "world_size": trainer.world,
         }
 
-    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_details(self, trainer: TrainerView) -> dict[str, Any]:
         return {
             "parameters": self.parameters,
             "context": self.context,

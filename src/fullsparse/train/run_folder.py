@@ -5,6 +5,7 @@ A run folder holds::
     config.json     the resolved TrainConfig (``--config`` and ``--resume`` read it back)
     train.log       everything printed, plus the sparsify report
     metrics.jsonl   one JSON object per epoch
+    scalars.csv     per-step and per-epoch scalars (--report-to csv); tensorboard/: events
     last.pt         checkpoint after the latest epoch (atomic), best.pt: the best epoch's
     shards/         under --fsdp: the model and optimizer shards that last.pt/best.pt name
     summary.json    the run's outcome (also ``train``'s return value)
@@ -18,20 +19,19 @@ nothing a rerun could lose, so a rerun replaces it without ``--force``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import time
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import torch
 
 from fullsparse.errors import CheckpointError, UserError
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = [
     "RESULT_FILES",
@@ -52,48 +52,104 @@ RESULT_FILES = (
     "shards",
     "summary.json",
     "curves.png",
+    "scalars.csv",
 )
+#: Tracker folders a replaced run removes with its files (--report-to tensorboard).
+RESULT_DIRS = ("tensorboard",)
 #: The files that make a folder a run worth keeping: a checkpoint or a finished summary.
 _KEPT_FILES = ("last.pt", "best.pt", "summary.json")
 
 
-class RunLog:
-    """stdout (rank 0, unless quiet) and the run folder's ``train.log``; lines logged before
-    the folder exists are kept and written when it opens."""
+#: The logger of every run's console and train.log lines; attach a handler to it to get them.
+LOGGER = "fullsparse.train"
 
-    def __init__(self, enabled: bool, quiet: bool) -> None:
+
+class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+    """stdout as it is when a line is written (a test or a notebook may replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+class RunLog:
+    """The run's lines through the ``fullsparse.train`` logger: to stdout (rank 0, unless
+    quiet) and to the run folder's ``train.log``, at ``level`` and above; lines logged
+    before the folder exists are kept and written when it opens. ``console=False`` lines go
+    to train.log only."""
+
+    def __init__(self, enabled: bool, quiet: bool, level: str = "info") -> None:
         self.enabled = enabled
         self.quiet = quiet
+        self.level = getattr(logging, level.upper())
         self.file: TextIO | None = None
-        self._pending: list[str] = []
+        self._pending: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(LOGGER)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False  # one copy of each line, whatever the root logger has
+        self._handlers: list[logging.Handler] = []
+        if enabled and not quiet:
+            console = _Console()
+            console.setLevel(self.level)
+            console.addFilter(lambda record: getattr(record, "console", True))
+            self._add(console)
+        if enabled:
+            self._add(_Buffer(self))
+
+    def _add(self, handler: logging.Handler) -> None:
+        self.logger.addHandler(handler)
+        self._handlers.append(handler)
 
     def open(self, path: Path, append: bool) -> None:
         if not self.enabled:
             return
-        self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-        for line in self._pending:
-            self.file.write(line + "\n")
+        handler = logging.FileHandler(path, mode="a" if append else "w", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setLevel(self.level)
+        self.file = handler.stream
+        for record in self._pending:
+            if record.levelno >= self.level:
+                handler.handle(record)
         self._pending.clear()
-        self.file.flush()
+        for old in [h for h in self._handlers if isinstance(h, _Buffer)]:
+            self.logger.removeHandler(old)
+            self._handlers.remove(old)
+        self._add(handler)
+
+    def log(self, level: int, message: str, *, console: bool = True) -> None:
+        if self.enabled:
+            self.logger.log(level, message, extra={"console": console})
 
     def info(self, message: str, *, console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if console and not self.quiet:
-            print(message, flush=True)
-        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        for line in stamped.splitlines() if "\n" in message else [stamped]:
-            if self.file is not None:
-                self.file.write(line + "\n")
-            else:
-                self._pending.append(line)
-        if self.file is not None:
-            self.file.flush()
+        self.log(logging.INFO, message, console=console)
+
+    def debug(self, message: str, *, console: bool = True) -> None:
+        self.log(logging.DEBUG, message, console=console)
+
+    def warning(self, message: str, *, console: bool = True) -> None:
+        self.log(logging.WARNING, message, console=console)
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for handler in self._handlers:
+            self.logger.removeHandler(handler)
+            handler.close()
+        self._handlers = []
+        self.file = None
+
+
+class _Buffer(logging.Handler):
+    """Keeps the records logged before the run folder exists (written when it opens)."""
+
+    def __init__(self, log: RunLog) -> None:
+        super().__init__(logging.DEBUG)
+        self.run_log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_log._pending.append(record)
 
 
 @dataclass
@@ -180,6 +236,9 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
                 shutil.rmtree(run_dir / name)
             elif not (keep_log and name == "train.log"):
                 (run_dir / name).unlink(missing_ok=True)
+        for name in RESULT_DIRS:
+            if (run_dir / name).is_dir():
+                shutil.rmtree(run_dir / name)
     ckpt.remove_stale_temp_files(run_dir, RESULT_FILES)
     log.open(run_dir / "train.log", append=history is not None or keep_log)
     write_json(run_dir / "config.json", config.to_dict())
@@ -187,9 +246,26 @@ def open_run_folder(config: TrainConfig, log: RunLog, replace: bool, history: An
         _write_metrics(run_dir / "metrics.jsonl", history)
 
 
+def interrupted_message(run_dir: Path, state: RunState) -> str:
+    """What a Ctrl-C leaves behind in ``run_dir``, and the command that continues the run."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        saved = f"no checkpoint was written yet ({run_dir} holds the run's config)"
+    else:
+        at = (
+            f"at epoch {state.epoch + 1} step {state.step}"
+            if state.step
+            else f"after epoch {state.epoch}"
+        )
+        saved = f"{last} holds the run {at}"
+    return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
+
+
 def written_files(run_dir: Path) -> list[str]:
-    """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`."""
-    return [name for name in RESULT_FILES if (run_dir / name).exists()]
+    """The result files present in ``run_dir``, in the order of :data:`RESULT_FILES`, then
+    the tracker folders (``tensorboard/``)."""
+    files = [name for name in RESULT_FILES if (run_dir / name).exists()]
+    return files + [f"{name}/" for name in RESULT_DIRS if (run_dir / name).is_dir()]
 
 
 class Checkpointer:
@@ -200,7 +276,7 @@ class Checkpointer:
     its own extras (a classifier's input normalisation) through ``checkpoint_extra``.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: TrainerView) -> None:
         self.trainer = trainer
         self.run_dir = trainer.config.run_dir
         #: Under --fsdp: the shards folder that last.pt / best.pt name (read when unknown).
@@ -401,7 +477,7 @@ def _first_clash(exc: BaseException) -> str:
 #: Config fields that may change between a run and its resume without changing the maths.
 RUN_CONTROL = (
     "resume", "force", "out", "stop_after", "checkpoint_every", "progress", "quiet", "plot",
-    "workers", "threads",
+    "workers", "threads", "report_to", "log_every", "log_level",
 )  # fmt: skip
 
 

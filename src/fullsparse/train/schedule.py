@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,7 @@ from fullsparse.config import SPARSE_ALONG, SparsityConfig
 from fullsparse.errors import ConfigError
 from fullsparse.sampling import AdaptiveState
 from fullsparse.sparse_state import sparse_modules
-
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+from fullsparse.train.protocol import TrainerView
 
 __all__ = [
     "DENSE_FINISH_MODES",
@@ -218,7 +216,7 @@ class RunSchedule:
         self._measured: dict[str, tuple[int, bool, bool]] = {}
         self._kinds: dict[str, str] = {}  # conv | linear: a recipe may differ per kind
 
-    def __call__(self, step: int, total: int, trainer: Trainer) -> None:
+    def __call__(self, step: int, total: int, trainer: TrainerView) -> None:
         model = trainer.raw_model
         if not self.base:
             self.base = {n: m.config for n, m in sparse_modules(model)}  # type: ignore[misc]
@@ -278,6 +276,15 @@ class RunSchedule:
         start = max(total - math.floor(self.finish * total + 1e-9), self.warmup_steps)
         finish = max(0, steps_run - start)
         return {"warmup": warm, "sparse": steps_run - warm - finish, "finish": finish}
+
+    def step_fraction(self) -> float | None:
+        """The fraction of one step's GEMM FLOPs that runs sparse in the current phase
+        (None before a training step's shapes were seen)."""
+        if self.layers is None and self._hooks:
+            self._measure_done()
+        if not self.layers:
+            return None
+        return float(flop_account(self.layers, {self.phase: 1}, self.mode)["total"])
 
     def account(
         self, steps_run: int, total: int, model: nn.Module | None = None

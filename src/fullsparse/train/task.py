@@ -11,20 +11,41 @@ at the end :meth:`Task.scores` and friends fill ``summary.json``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fullsparse.train.config import TrainConfig
 from fullsparse.train.guard import diagnose_nonfinite
+from fullsparse.train.protocol import TrainerView
 
-if TYPE_CHECKING:
-    from fullsparse.train.trainer import Trainer
+__all__ = ["Task", "StepOutput", "split_batch", "batch_len"]
 
-__all__ = ["Task", "StepOutput"]
+
+def split_batch(batch: Any, n: int) -> list[Any]:
+    """A tensor, or a tuple/list/dict of them (nested), split into ``n`` parts along dim 0."""
+    if isinstance(batch, Tensor):
+        return list(batch.tensor_split(n))
+    if isinstance(batch, Mapping):
+        parts = {k: split_batch(v, n) for k, v in batch.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    if isinstance(batch, (tuple, list)):
+        columns = [split_batch(item, n) for item in batch]
+        return [type(batch)(row) for row in zip(*columns, strict=True)]
+    raise TypeError(
+        f"cannot split a batch of type {type(batch).__name__} into micro-batches; a task "
+        "with such batches overrides Task.micro_batches"
+    )
+
+
+def batch_len(batch: Any) -> int:
+    """The number of examples of a batch: its first tensor's first dimension."""
+    while not isinstance(batch, Tensor):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return int(batch.shape[0]) if batch.ndim else 1
 
 
 @dataclass
@@ -74,8 +95,13 @@ class Task:
         by :func:`fullsparse.train.tasks.build_sparse_model`)."""
         raise NotImplementedError
 
-    def attach(self, model: nn.Module, trainer: Trainer) -> None:
+    def attach(self, model: nn.Module, trainer: TrainerView) -> None:
         """Everything that needs the built model or the trainer's batch (loaders, windows)."""
+
+    def build_model(self, identity: dict[str, Any]) -> tuple[nn.Module, Any] | None:
+        """The sparsified model and its sparsify report; None (the default): the built-in
+        model the identity names (:func:`fullsparse.train.tasks.build_sparse_model`)."""
+        return None
 
     def steps_per_epoch(self) -> int:
         raise NotImplementedError
@@ -97,12 +123,23 @@ class Task:
     def to_device(self, batch: Any) -> Any:
         raise NotImplementedError
 
+    def micro_batches(self, batch: Any, n: int) -> list[tuple[Any, float]]:
+        """``batch`` as ``n`` micro-batches (``--grad-accum-steps``), each with its share of
+        the batch (its loss is weighted by it, so the micro-batches' gradients add up to the
+        batch's). By default a tensor, or a tuple/list of tensors, is split along dim 0."""
+        if n == 1:
+            return [(batch, 1.0)]
+        parts = split_batch(batch, n)
+        sizes = [batch_len(p) for p in parts]
+        total = sum(sizes)
+        return [(p, size / total) for p, size in zip(parts, sizes, strict=True)]
+
     def forward(self, model: nn.Module, batch: Any) -> StepOutput:
         """Run ``model`` on ``batch`` (under the trainer's autocast) and return the loss."""
         raise NotImplementedError
 
     def explain_nonfinite(
-        self, trainer: Trainer, batch: Any, out: StepOutput, values: list[float]
+        self, trainer: TrainerView, batch: Any, out: StepOutput, values: list[float]
     ) -> Callable[[], str]:
         """Where a non-finite loss came from, worked out only when called (it reruns the
         unwrapped model on the batch under the step's autocast)."""
@@ -119,11 +156,11 @@ class Task:
         return {}
 
     # -- evaluation and reporting ---------------------------------------------------------
-    def evaluate(self, model: nn.Module, trainer: Trainer) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, trainer: TrainerView) -> dict[str, Any]:
         """Metrics of ``model`` on the held-out data (they join the epoch's metrics)."""
         raise NotImplementedError
 
-    def describe(self, trainer: Trainer) -> list[str]:
+    def describe(self, trainer: TrainerView) -> list[str]:
         """The lines that open ``train.log``: what is trained on what, and how."""
         raise NotImplementedError
 
@@ -131,11 +168,11 @@ class Task:
         """The task's part of ``summary.json``: best and final scores."""
         raise NotImplementedError
 
-    def summary_extra(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_extra(self, trainer: TrainerView) -> dict[str, Any]:
         """Summary fields written after the timing."""
         return {}
 
-    def summary_details(self, trainer: Trainer) -> dict[str, Any]:
+    def summary_details(self, trainer: TrainerView) -> dict[str, Any]:
         """Summary fields written last (model size, data description)."""
         return {}
 
@@ -161,7 +198,7 @@ class Task:
         return len([r for r in report.rows if r.sparse]), len(report.rows)
 
     @staticmethod
-    def settings_line(trainer: Trainer, batch: str) -> str:
+    def settings_line(trainer: TrainerView, batch: str) -> str:
         """The log line of device, batch, optimiser and schedule every task prints."""
         c = trainer.config
         warmup = round(c.warmup_epochs * trainer.steps_per_epoch)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.sparse_state import count_optimizer_steps
 from fullsparse.train import asp, tasks
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.common import (
@@ -66,12 +66,16 @@ from fullsparse.train.run_folder import (
     RunLog,
     RunState,
     check_run_dir,
+    interrupted_message,
     log_resume,
     open_run_folder,
     write_json,
     written_files,
 )
 from fullsparse.train.schedule import RunSchedule
+from fullsparse.train.step_log import StepLog
+from fullsparse.train.summary import run_summary
+from fullsparse.train.trackers import Trackers, check_trackers, open_trackers, parse_report_to
 
 __all__ = ["Trainer", "StepCallback", "train", "build_model"]
 
@@ -84,6 +88,25 @@ def build_model(identity: dict[str, Any]) -> tuple[nn.Module, Any]:
     return tasks.build_sparse_model(identity)
 
 
+def make_task(config: TrainConfig, task: tasks.Task | None) -> tasks.Task:
+    """The task plug-in of ``config``: the built-in one its ``task`` names, or for
+    ``task="custom"`` the one given (a :class:`fullsparse.train.custom.UserTask`)."""
+    if config.task != "custom":
+        if task is not None:
+            raise ConfigError(
+                f"a task object needs task='custom', not task={config.task!r} (whose task "
+                "is built in)"
+            )
+        return tasks.TASKS[config.task](config)
+    if not isinstance(task, tasks.Task):
+        raise ConfigError(
+            "task='custom' trains your own model and data from Python: "
+            "fullsparse.train.train(config, task=UserTask(model, train_data, loss))"
+        )
+    task.config = config
+    return task
+
+
 class Trainer:
     """One training run of ``config`` on ``device``; :meth:`fit` runs it.
 
@@ -94,13 +117,19 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, device: torch.device, dist: DistInfo, log: RunLog
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        dist: DistInfo,
+        log: RunLog,
+        task: tasks.Task | None = None,
     ) -> None:
         self.config, self.device, self.dist, self.log = config, device, dist, log
-        self.task: tasks.Task = tasks.TASKS[config.task](config)
+        self.task: tasks.Task = task if task is not None else make_task(config, None)
         self.world = dist.world_size
         self.state = RunState(self.task.best_key, self.task.higher_is_better)
         self.checkpoints = Checkpointer(self)
+        self.step_log = StepLog(self)  # --log-every
         # schedules over the run (dense warm-up / finish) and the FLOP account
         self.schedule = RunSchedule(
             config.dense_warmup_steps, config.dense_finish, config.dense_finish_mode
@@ -112,6 +141,8 @@ class Trainer:
         self.scaler: Any = None
         self.status = "completed"
         self.asp_hooks: list[Any] = []  # recipe asp: optimiser hooks keeping pruned weights 0
+        self.report_to = parse_report_to(config.report_to)
+        self.trackers = Trackers([])  # opened with the run folder (rank 0)
 
     # -- the run, start to end --------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -133,7 +164,14 @@ class Trainer:
                 f"batch_size={config.batch_size} is the global batch and must divide evenly "
                 f"over {self.world} processes"
             )
+        check_trackers(self.report_to)  # a missing extra: one line, before any file
         self.local_batch = config.batch_size // self.world
+        if self.local_batch % config.grad_accum_steps:
+            raise ConfigError(
+                f"batch_size={config.batch_size} is {self.local_batch} per process over "
+                f"{self.world} processes, which does not split into grad_accum_steps="
+                f"{config.grad_accum_steps} equal micro-batches"
+            )
         task.check(self.world, self.device)
         if config.fsdp:
             check_fsdp(self.world)
@@ -146,7 +184,8 @@ class Trainer:
             if config.deterministic:
                 torch.use_deterministic_algorithms(True)
             self.identity = task.load_data()
-            model, self.report = build_model(self.identity)
+            built = task.build_model(self.identity)  # a user's own model (task custom)
+            model, self.report = build_model(self.identity) if built is None else built
             task.attach(model, self)
             if config.resume and self.resume_from is not None:
                 self.saved = ckpt.load_checkpoint(self.resume_from, shards=not config.fsdp)
@@ -169,6 +208,9 @@ class Trainer:
             shard_model_(raw_model)
         self.raw_model = raw_model
         self.optimizer = build_optimizer(raw_model, config)
+        # the sparse layers' masks, clocks and SR-STE decay follow optimizer steps, so the
+        # micro-batches of --grad-accum-steps are one step (the guard also ends skipped ones)
+        count_optimizer_steps(raw_model, self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
 
@@ -198,7 +240,7 @@ class Trainer:
         risky = config.deterministic and self.device.type == "cuda"
         if not (config.compile or config.amp != "none" or config.channels_last or risky):
             return
-        batch = self.task.probe_batch(self.local_batch)
+        batch = self.task.probe_batch(self.local_batch // config.grad_accum_steps)
         if batch is None:
             return
         batch = self.task.to_device(batch)
@@ -219,6 +261,14 @@ class Trainer:
         if self.dist.is_main:
             history = self.state.history if self.saved is not None else None
             open_run_folder(config, self.log, self.replace_folder or config.force, history)
+        if self.dist.is_main and self.report_to:
+            resumed = self.state.epoch * self.steps_per_epoch + self.state.step
+            self.trackers = open_trackers(
+                self.report_to,
+                config.run_dir,
+                resumed if self.saved is not None else None,
+                config.to_dict(),  # the run config as hyperparameters
+            )
         barrier(self.dist)
         if config.resume and self.saved is None:
             self.log.info(
@@ -270,29 +320,31 @@ class Trainer:
         sums = {k: float(carried.get(k, 0.0)) for k in keys}
         before = prior.get("seconds", 0.0)
         start = time.perf_counter()
+        self.step_log.start_epoch()
         with bar:
             for step, batch in enumerate(task.batches(epoch, first), start=first):
                 batch = task.to_device(batch)
                 for callback in self.step_callbacks:
                     callback(epoch * steps + step, config.epochs * steps, self)
                 guard.snapshot()
-                with self.amp():
-                    out = task.forward(model, batch)
-                values = torch.stack(
-                    [out.loss.detach().float(), *(v.float() for v in out.sums.values())]
-                ).tolist()
-                problem = guard.backward(out.loss, values[0])
-                if problem:
-                    detail = task.explain_nonfinite(self, batch, out, values)
-                    guard.resolve(problem, step, values[0], detail)
+                step_sums = guard.forward_backward(batch, step)
+                done = epoch * steps + step + 1  # optimizer steps done after this one
+                lr = self.optimizer.param_groups[0]["lr"]
+                if step_sums is None:  # a skipped step (--skip-nonfinite)
+                    self.step_log.after_step(done, lr, None)
                     continue
-                guard.step()
-                step_sums = dict(zip(out.sums, values[1:], strict=True))
-                sums["loss_sum"] += values[0] * out.count
-                sums[task.count_key] += out.count
+                norm = self.step_log.norm_if_due(done)  # --log-every without --grad-clip
+                clipped = guard.step()
+                count = step_sums.pop(task.count_key)
+                loss = step_sums.pop("loss_sum")
+                self.step_log.add(loss, count)
+                self.step_log.after_step(done, lr, clipped if config.grad_clip else norm)
+                sums["loss_sum"] += loss
+                sums[task.count_key] += count
                 for key, value in step_sums.items():
                     sums[key] = sums.get(key, 0.0) + value
-                bar.update(out.count, values[0], int(step_sums.get("correct", 0)))
+                mean_loss = loss / count if count else float("nan")
+                bar.update(count, mean_loss, int(step_sums.get("correct", 0)))
                 due = config.checkpoint_every and (step + 1) % config.checkpoint_every == 0
                 if due and step + 1 < steps:
                     self._save_step(step, epoch, guard, sums, before + time.perf_counter() - start)
@@ -353,6 +405,9 @@ class Trainer:
             run.best, run.best_epoch = score, epoch + 1
         line = self.task.epoch_format.format(**metrics)
         self.log.info(f"epoch {epoch + 1}/{self.config.epochs}: {line}")
+        step = (epoch + 1) * self.steps_per_epoch
+        scalars = {f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"}
+        self.trackers.scalars(scalars, step)
         self.checkpoints.save_epoch(metrics, is_best)  # every rank; rank 0 writes
         barrier(self.dist)
 
@@ -384,66 +439,23 @@ class Trainer:
             self.log.info(f"curves.png skipped: matplotlib is not installed; {MATPLOTLIB_HINT}")
 
     def summary(self) -> dict[str, Any]:
-        """The ``summary.json`` of any task: what ran and how it ended, the task's scores,
-        timing, the task's extras, then the environment."""
-        config, run, task = self.config, self.state, self.task
-        history = run.history
-        seconds = [h["epoch_seconds"] for h in history]
-        nan = float("nan")
-        unit = task.count_key
-        steps_run = run.epoch * self.steps_per_epoch
-        total_steps = config.epochs * self.steps_per_epoch
-        summary = {
-            "status": self.status,
-            "task": config.task,
-            "recipe": config.recipe,
-            "model": config.model,
-            "dataset": config.dataset,
-            "seed": config.seed,
-            "epochs": config.epochs,
-            "epochs_done": run.epoch,
-            **task.scores(history, run.best_epoch),
-            "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else nan,
-            "epoch_seconds": seconds,
-            f"{unit}_per_second": (
-                sum(h[f"train_{unit}"] for h in history) / sum(seconds) if seconds else nan
-            ),
-            "skipped_steps": run.skipped_steps,
-            **task.summary_extra(self),
-            "sparsity": self.identity["sparsity"],
-            # steps per phase (warm-up / sparse / finish) and the FLOP account over them
-            "schedule_steps": self.schedule.phase_steps(steps_run, total_steps),
-            "sparse_gemm_fraction": self.schedule.account(steps_run, total_steps, self.raw_model),
-            "device": str(self.device),
-            "threads": torch.get_num_threads(),
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-            "run_dir": str(config.run_dir),
-            "config": config.to_dict(),
-        }
-        summary.update(task.summary_details(self))
-        summary.update(asp.summary_extra(self))  # recipe asp: the dense pre-training's cost
-        return summary
+        """The ``summary.json`` of any task (:func:`fullsparse.train.summary.run_summary`)."""
+        return run_summary(self)
 
     def interrupted(self) -> str:
         """What a Ctrl-C leaves behind, and the command that continues the run."""
-        run_dir = self.config.run_dir
-        last = run_dir / "last.pt"
-        if not last.exists():
-            saved = f"no checkpoint was written yet ({run_dir} holds the run's config)"
-        else:
-            state = self.state
-            at = (
-                f"at epoch {state.epoch + 1} step {state.step}"
-                if state.step
-                else f"after epoch {state.epoch}"
-            )
-            saved = f"{last} holds the run {at}"
-        return f"interrupted: {saved}; continue with: fullsparse train --resume --out {run_dir}"
+        return interrupted_message(self.config.run_dir, self.state)
 
 
-def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    step_callbacks: Sequence[StepCallback] = (),
+    task: tasks.Task | None = None,
+) -> dict[str, Any]:
     """Train ``config.model`` on ``config.dataset`` with ``config.recipe``; return the summary.
+
+    ``task``: with ``config.task="custom"``, your own model, data and loss
+    (:class:`fullsparse.train.custom.UserTask`).
 
     ``step_callbacks`` are called as ``callback(step, total_steps, trainer)`` before each
     optimizer step (see :class:`Trainer`).
@@ -458,6 +470,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
+    task = make_task(config, task)  # before anything starts: a missing task is one line
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     threads = torch.get_num_threads()
@@ -469,8 +482,8 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
         # cuBLAS needs this before its first call to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = init_distributed(device.type)
-    log = RunLog(enabled=dist.is_main, quiet=config.quiet)
-    trainer = Trainer(config, device, dist, log)
+    log = RunLog(enabled=dist.is_main, quiet=config.quiet, level=config.log_level)
+    trainer = Trainer(config, device, dist, log, task)
     trainer.step_callbacks.extend(step_callbacks)
     finished = False
     try:
@@ -484,6 +497,7 @@ def train(config: TrainConfig, step_callbacks: Sequence[StepCallback] = ()) -> d
             print(message, file=sys.stderr, flush=True)
         raise
     finally:
+        trainer.trackers.close()
         log.close()
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         torch.set_num_threads(threads)
