@@ -599,28 +599,9 @@ def sparse_linear(
         _check_same_dtype(input, weight, bias, "sparse_linear")
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_linear_kernel(backend, config, input, weight, compute)
-    if input.ndim == 1:
-        return _SparseLinearFn.apply(
-            input.unsqueeze(0),
-            weight,
-            bias,
-            config,
-            forward_mask,
-            kernel,
-            soft_scale,
-            grad_input_mask,
-            gw_state,
-            add_decay,
-        )[0]
-    return _SparseLinearFn.apply(
-        input,
-        weight,
-        bias,
-        config,
-        forward_mask,
-        kernel,
-        soft_scale,
-        grad_input_mask,
-        gw_state,
+    x = input.unsqueeze(0) if input.ndim == 1 else input  # [d_in]: a batch of one
+    y = _SparseLinearFn.apply(
+        x, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, gw_state,
         add_decay,
-    )
+    )  # fmt: skip
+    return y[0] if input.ndim == 1 else y
