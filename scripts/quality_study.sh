@@ -59,6 +59,7 @@ jobs() {  # task variant seed flags...
   # the adaptive budget's frontier: fewer measurements, a looser budget
   echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
   echo "gpt fst_adaptive-i10 0 $GPT --recipe=fst_adaptive --variance-interval 10"
+  echo "gpt fst_adaptive-i10 1 $GPT --recipe=fst_adaptive --variance-interval 10"
   # a fully sparse sampled weight gradient with the dense finish of the last 8 % of steps
   echo "gpt fst_is-finish0.08 0 $GPT --recipe=fst_is --dense-finish 0.08"
   echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
