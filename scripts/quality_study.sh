@@ -4,7 +4,8 @@
 # "completed") is skipped, an interrupted one continues with `--resume`.
 #   bash scripts/quality_study.sh list          # the jobs, in priority order
 #   bash scripts/quality_study.sh worker &      # start one worker per core (each one thread)
-# Workers take the next unclaimed job (claims are folders under runs/quality/.claims).
+# Workers take the next unclaimed job (claims are folders under runs/quality/.claims) whose
+# result is not already collected under docs/results/quality/ (scripts/quality_collect.py).
 set -u
 ROOT=${QUALITY_ROOT:-runs/quality}
 R20='--train-subset all --test-subset 10000 --epochs 15 --checkpoint-every 100'
@@ -74,6 +75,15 @@ jobs() {  # task variant seed flags...
   echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
 }
 
+collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
+  local done='"status": "completed"'
+  grep -q "$done" "docs/results/quality/$1/$2-seed$3/summary.json" 2>/dev/null && return 0
+  case "$1 $2" in  # the earlier full-data runs of the same setting (quality_collect.EARLIER)
+    "resnet20 dense" | "resnet20 fst") grep -q "$done" "docs/results/full/$2-seed$3/summary.json" 2>/dev/null ;;
+    *) return 1 ;;
+  esac
+}
+
 run_job() {  # task variant seed flags...
   local task=$1 variant=$2 seed=$3; shift 3
   local out="$ROOT/$task/$variant-seed$seed" flags=()
@@ -93,6 +103,7 @@ case ${1:-list} in
   worker)
     mkdir -p "$ROOT/.claims"
     jobs | while read -r task variant seed rest; do
+      collected "$task" "$variant" "$seed" && continue
       mkdir "$ROOT/.claims/$task-$variant-$seed" 2>/dev/null || continue
       echo "$(date -u +%FT%TZ) start $task $variant seed $seed"
       # shellcheck disable=SC2086
