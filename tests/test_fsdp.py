@@ -97,6 +97,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         for recipe in RECIPES:  # one pair of processes for both: starting them is the cost
             _run(rank, recipe, f"{out}.{recipe}")
+        dist.barrier()  # no rank tears gloo down while another has work in flight
     finally:
         dist.destroy_process_group()
 

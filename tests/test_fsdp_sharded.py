@@ -44,6 +44,10 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def _init(rank: int, world: int, port: int) -> None:
+    """Join the gloo group. A worker that got to its end meets the others at a barrier
+    before it destroys the group: gloo can abort a process ("terminate called without an
+    active exception") when one rank tears down while another still has work in flight
+    (as :func:`fullsparse.train.distributed.shutdown_distributed` does)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
@@ -70,6 +74,7 @@ def _save_worker(rank: int, port: int, run: str) -> None:
         nan = save_sharded_states(model, opt, run)
         if rank == 0:
             torch.save({"name": name, "nan": nan, "want": want, "got": got}, f"{run}/two.pt")
+        dist.barrier()  # see _init
     finally:
         dist.destroy_process_group()
 
@@ -90,6 +95,7 @@ def _load_worker(rank: int, port: int, run: str, name: str, nan: str) -> None:
             refused = str(exc)
         if rank == 0:
             torch.save({"got": got, "refused": refused}, f"{run}/three.pt")
+        dist.barrier()  # see _init
     finally:
         dist.destroy_process_group()
 
