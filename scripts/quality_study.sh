@@ -55,24 +55,25 @@ jobs() {  # task variant seed flags...
   # ResNet-20 with three seeds, then the third seeds of dense and fst_mvue there.
   SAMPLED='fst_adaptive fst_is fst_rand'
   for r in $SAMPLED; do echo "gpt $r 0 $GPT --recipe=$r"; done
-  echo "resnet20 fst_adaptive 0 $R20 --recipe=fst_adaptive"
   for r in $SAMPLED; do echo "gpt $r 1 $GPT --recipe=$r"; done
   # the adaptive budget's frontier: fewer measurements, a looser budget
-  echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
   echo "gpt fst_adaptive-i10 0 $GPT --recipe=fst_adaptive --variance-interval 10"
   echo "gpt fst_adaptive-i10 1 $GPT --recipe=fst_adaptive --variance-interval 10"
   # a fully sparse sampled weight gradient with the dense finish of the last 8 % of steps
   echo "gpt fst_is-finish0.08 0 $GPT --recipe=fst_is --dense-finish 0.08"
-  echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
   for r in $SAMPLED; do echo "vit $r 0 $VIT --recipe=$r"; done
+  # ResNet-20 with three seeds of fst_adaptive, interleaved with the short second seeds
+  echo "resnet20 fst_adaptive 0 $R20 --recipe=fst_adaptive"
   for r in fst_adaptive fst_is; do echo "vit $r 1 $VIT --recipe=$r"; done
-  echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
   echo "resnet20 fst_adaptive 1 $R20 --recipe=fst_adaptive"
+  echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
+  echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
   echo "resnet20 fst_adaptive 2 $R20 --recipe=fst_adaptive"
   echo "resnet20 dense 2 $R20 --recipe=dense"
   echo "resnet20 fst2-mvue 2 $R20 $MVUE"
-  echo "vit fst_rand 1 $VIT --recipe=fst_rand"
   echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
+  echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
+  echo "vit fst_rand 1 $VIT --recipe=fst_rand"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
