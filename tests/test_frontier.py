@@ -1,0 +1,79 @@
+"""scripts/frontier.py joins the quality study with the step benchmark (fake inputs here):
+the gaps against the goals, the sparse fraction, the speed-ups and the verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    return load_script("frontier")
+
+
+def _row(task: str, variant: str, delta: float, seeds: int, total: float) -> dict:
+    metric = "val_loss" if task == "gpt-stdlib" else "top1"
+    return {"task": task, "variant": variant, "metric": metric, "seeds": list(range(seeds)),
+            "delta_vs_dense": delta, "sparse_gemm_fraction": {"total": total}}  # fmt: skip
+
+
+def _bench(speedups: dict[str, list[float]], sampling: dict[str, float]) -> dict:
+    steps = [{"case": f"c{i}", "recipe": r, "speedup_vs_dense": v}
+             for r, vs in speedups.items() for i, v in enumerate(vs)]  # fmt: skip
+    side = [{"case": "c0", "recipe": r, "sampling_percent_of_dense_step": p}
+            for r, p in sampling.items()]  # fmt: skip
+    return {"steps": steps, "weight_side": side}
+
+
+def test_verdicts_follow_goals_sparsity_and_speed(tmp_path, frontier, capsys):
+    tasks = ("resnet20-fashion-mnist-full", "vit-fashion-mnist", "gpt-stdlib")
+    rows = [_row(t, "dense", 0.0, 2, 0.0) for t in tasks]
+    # fst_is: within every goal (0.4 pt, 0.9 pt, +2.9 %), fully sparse, and fast
+    rows += [_row(t, "fst_is", d, 3, 0.96) for t, d in zip(tasks, (-0.4, -0.9, 0.029), strict=True)]
+    # fst_mvue: within the goals and fully sparse, slow
+    rows += [
+        _row(t, "fst2-mvue", d, 2, 0.96) for t, d in zip(tasks, (-0.45, -0.69, 0.02), strict=True)
+    ]
+    # fst_adaptive: within the goals but 0.8 sparse; fst_rand: the GPT 0.1 % past its goal
+    rows += [_row(t, "fst_adaptive", -0.1, 2, 0.8) for t in tasks]
+    rows += [
+        _row(t, "fst_rand", d, 2, 0.96) for t, d in zip(tasks, (-0.1, -0.1, 0.031), strict=True)
+    ]
+    rows += [_row("gpt-stdlib", "fst", 0.3, 2, 0.96)]  # one task only: not within the goals
+    (tmp_path / "q.json").write_text(json.dumps({"rows": rows}))
+    every = _bench({"dense": [1, 1], "fst_is": [0.99, 1.2], "fst_mvue": [0.7, 0.8],
+                    "fst_adaptive": [1.1, 1.2], "fst_rand": [1.1, 1.1], "fst": [1.0, 1.1]},
+                   {"fst_is": 4.0, "fst_mvue": 20.0})  # fmt: skip
+    every40 = _bench({"fst_is": [1.01, 1.3], "fst_mvue": [0.7, 0.9]}, {})
+    (tmp_path / "s.json").write_text(json.dumps(every))
+    (tmp_path / "s40.json").write_text(json.dumps(every40))
+    out = tmp_path / "frontier"
+    argv = ["--quality", str(tmp_path / "q.json"), "--steps", str(tmp_path / "s.json"),
+            "--steps40", str(tmp_path / "s40.json"), "--out", str(out), "--no-plot"]  # fmt: skip
+    assert frontier.main(argv) == 0
+    table = capsys.readouterr().out
+    page = (tmp_path / "frontier.md").read_text()
+    assert page.startswith("# Quality against cost") and table.rstrip() in page
+    result = json.loads((tmp_path / "frontier.json").read_text())
+    by = {e["variant"]: e for e in result["entries"]}
+    assert by["fst_is"]["within_goals"] and by["fst_is"]["fully_sparse"] and by["fst_is"]["pays"]
+    assert by["fst_is"]["seeds_complete"] and not by["fst2-mvue"]["seeds_complete"]
+    assert by["fst2-mvue"]["within_goals"] and not by["fst2-mvue"]["pays"]
+    assert by["fst_adaptive"]["within_goals"] and not by["fst_adaptive"]["fully_sparse"]
+    assert not by["fst_adaptive"]["pays"]  # no masks-every-40 measurement
+    assert not by["fst_rand"]["within_goals"] and not by["fst"]["within_goals"]
+    assert by["fst_is"]["step_speedup"]["min"] == 0.99
+    assert by["fst_is"]["step_speedup"]["sampling_max"] == 4.0
+    assert "- all three: `fst_is`\n" in table
+    assert "- within the quality goals and fully sparse: `fst_is`, `fst_mvue`\n" in table
+    assert "| `fst_is` | -0.40 ✓ (3) | -0.90 ✓ (3) | +2.9 % ✓ (3) | 0.96 |" in table
+    assert "| `fst_rand` | -0.10 ✓ (2) | -0.10 ✓ (2) | +3.1 % ✗ (2) |" in table
+
+
+def test_unreadable_input_is_one_line(tmp_path, frontier):
+    with pytest.raises(SystemExit, match="frontier: cannot read .*missing.json"):
+        frontier.main(["--quality", str(tmp_path / "missing.json"), "--no-plot"])
