@@ -68,15 +68,15 @@ jobs() {  # task variant seed flags...
   # the weight masks S_K / S_Co recomputed every 40 steps (the weight side's cheapest lever)
   echo "vit fst_adaptive-mask40 0 $VIT --recipe=fst_adaptive --mask-interval 40"
   echo "resnet20 fst_adaptive 1 $R20 --recipe=fst_adaptive"
+  echo "resnet20 fst_adaptive 2 $R20 --recipe=fst_adaptive"
   echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
   echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
-  echo "resnet20 fst_adaptive 2 $R20 --recipe=fst_adaptive"
-  echo "resnet20 fst_adaptive-mask40 0 $R20 --recipe=fst_adaptive --mask-interval 40"
+  echo "vit fst_rand 1 $VIT --recipe=fst_rand"
   echo "resnet20 dense 2 $R20 --recipe=dense"
   echo "resnet20 fst2-mvue 2 $R20 $MVUE"
+  echo "resnet20 fst_adaptive-mask40 0 $R20 --recipe=fst_adaptive --mask-interval 40"
   echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
   echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
-  echo "vit fst_rand 1 $VIT --recipe=fst_rand"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
