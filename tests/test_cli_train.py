@@ -335,3 +335,19 @@ def test_fashion_mnist_short_run_with_the_real_data(tmp_path, capsys):
     # 64 steps of fst from scratch reached 54.8 % on 2026-12-06 (1 thread, seed 0); chance
     # is 10 %, so 40 % says the model learned, with room for another thread count.
     assert summary["dataset"] == "fashion-mnist" and summary["final_top1"] > 40.0
+
+
+def test_compare_trains_dense_fst_and_the_recommended_recipe_by_default(tmp_path):
+    """The main job shows the baseline, the paper's recipe and the README's recommendation
+    (fullsparse.config.COMPARE_RECIPES), in the CLI and in the Python API."""
+    import inspect
+
+    from fullsparse.config import COMPARE_RECIPES
+    from fullsparse.train import compare
+
+    assert COMPARE_RECIPES == ("dense", "fst", "fst_mvue")
+    args = build_parser().parse_args(["compare"])
+    assert args.recipes == "dense,fst,fst_mvue"
+    assert inspect.signature(compare).parameters["recipes"].default == COMPARE_RECIPES
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "with `dense`, `fst` and `fst_mvue` side by side" in readme

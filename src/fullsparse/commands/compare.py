@@ -6,12 +6,13 @@ import argparse
 from typing import Any
 
 from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
+from fullsparse.config import COMPARE_RECIPES
 from fullsparse.errors import ConfigError
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse compare --help``.
 HELP = "train several recipes with identical settings and print one table"
 DESCRIPTION = (
-    "Train the same model/data/schedule once per recipe (default: dense and fst) into "
+    "Train the same model/data/schedule once per recipe (default: dense, fst and fst_mvue) into "
     "OUT/<recipe>/ and print best/final top-1 (with --task lm: validation loss, perplexity, "
     "bits per byte) and time per epoch side by side; the table is also written to "
     "OUT/compare.md and OUT/compare.json. Takes every train flag; --out is the comparison "
@@ -43,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("compare", help=HELP, description=DESCRIPTION)
     parser.add_argument(
-        "--recipes", metavar="RECIPES", default="dense,fst", help="comma-separated recipes"
+        "--recipes",
+        metavar="RECIPES",
+        default=",".join(COMPARE_RECIPES),
+        help="comma-separated recipes",
     )
     add_train_arguments(parser, skip=("recipe",))
     refuse_flags(parser, {"recipe": "compare trains each of --recipes"})

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fullsparse.config import RECIPES, recipe
+from fullsparse.config import COMPARE_RECIPES, RECIPES, recipe
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.schedule import fraction_text
@@ -187,7 +187,7 @@ def recipe_configs(
 
 def compare(
     config: TrainConfig,
-    recipes: tuple[str, ...] | list[str] = ("dense", "fst"),
+    recipes: tuple[str, ...] | list[str] = COMPARE_RECIPES,
     out: str | Path | None = None,
 ) -> CompareResult:
     """Train ``config`` once per recipe; returns the rows (also in ``compare.md/.json``)."""
