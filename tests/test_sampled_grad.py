@@ -177,6 +177,21 @@ def test_keep_probabilities_sum_to_k_and_cap_at_one():
             torch.testing.assert_close(p[row], torch.tensor(want, dtype=torch.float64))
 
 
+def test_keep_probabilities_match_the_bisection_on_random_groups():
+    """Skewed, tied and zero scores, every keep count: the closed-form levels equal the
+    float64 bisection of the reference."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(300, 4, generator=gen, dtype=torch.float64) ** 6
+    scores[:50, 1:] = 0.0  # one nonzero score
+    scores[50:100, 2:] = 0.0  # two
+    scores[100:150] = scores[100:150, :1]  # ties
+    scores[150:200, 0] *= 1e4  # one far ahead
+    for k in (1, 2, 3, 4):
+        p = keep_probabilities(scores, k)
+        want = [ref_keep_probabilities(row, k) for row in scores.tolist()]
+        torch.testing.assert_close(p, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
 def test_systematic_sampling_keeps_exactly_k_with_the_marginals():
     p = keep_probabilities(torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64), 2)
     grid = torch.arange(20000, dtype=torch.float64) / 20000 + 0.5 / 20000

@@ -57,14 +57,16 @@ def keep_probabilities(scores: Tensor, k: int) -> Tensor:
     s = scores.clamp_min(0)
     tiny = torch.finfo(s.dtype).tiny
     s = s + (s.mean(-1, keepdim=True) * 1e-6 + tiny)
-    capped = torch.zeros_like(s, dtype=torch.bool)
-    p = s
-    for _ in range(4):  # each pass caps at least one more unit, or changes nothing
-        free = torch.where(capped, torch.zeros_like(s), s)
-        budget = k - capped.sum(-1, keepdim=True).to(s.dtype)
-        p = torch.where(capped, torch.ones_like(s), budget * s / free.sum(-1, keepdim=True))
-        capped = capped | (p >= 1)
-    return p.clamp_max(1.0)
+    if k >= s.shape[-1]:
+        return torch.ones_like(s)
+    # With the j largest capped at 1, the rest share k − j: c_j = (k − j) / Σ_{i≥j} s_(i)
+    # (scores sorted descending). The level is the first c_j under which the largest
+    # uncapped score stays ≤ 1; c_{k−1} always qualifies (s_(k) ≤ Σ_{i≥k−1} s_(i)).
+    desc = s.sort(-1, descending=True).values
+    tail = desc.flip(-1).cumsum(-1).flip(-1)[..., :k]
+    c = torch.arange(k, 0, -1, dtype=s.dtype, device=s.device) / tail
+    first = (c * desc[..., :k] <= 1).to(torch.int8).argmax(-1, keepdim=True)
+    return (c.gather(-1, first) * s).clamp_max_(1.0)
 
 
 def select_units(p: Tensor, u: Tensor, k: int) -> Tensor:
@@ -92,8 +94,8 @@ def sample_units(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return index, torch.ones(n_units, dtype=scores.dtype, device=device)
     p = keep_probabilities(scores[:full].reshape(-1, 4), k)
     keep = select_units(p, uniforms(full // 4, device), k)
-    index = torch.arange(full, device=device).reshape(-1, 4)[keep]
-    weight = 1.0 / p[keep]
+    index = keep.view(-1).nonzero().squeeze(1)
+    weight = p.view(-1)[index].reciprocal_()
     if full < n_units:  # the partial group: kept whole
         rest = torch.arange(full, n_units, device=device)
         index = torch.cat([index, rest])
