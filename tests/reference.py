@@ -236,7 +236,7 @@ def draw_mvue_uniforms(rows: int, size: int) -> Tensor:
 def ref_keep_probabilities(scores: list[float], k: int) -> list[float]:
     """Water-filling by bisection: p_i = min(1, c·s'_i) with Σp = k, where every score is
     first raised by 1e-6 of its group's mean plus the smallest normal float64."""
-    mean = sum(scores) / 4
+    mean = sum(scores) / len(scores)
     s = [x + mean * 1e-6 + 2.2250738585072014e-308 for x in scores]
     lo, hi = 0.0, 1.0
     while sum(min(1.0, hi * x) for x in s) < k:

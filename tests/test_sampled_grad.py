@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -33,11 +34,11 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def _breakpoint_draws(scores: list[float], k: int) -> list[tuple[float, float]]:
     """(u, probability) pairs covering [0, 1): one u inside each interval on which the
-    systematic sample of one group of 4 is constant."""
+    systematic sample of one group (of 4, or of any size) is constant."""
     p = ref_keep_probabilities(scores, k)
     cuts = {0.0, 1.0}
     end = 0.0
-    for pj in p[:3]:
+    for pj in p[:-1]:
         end += pj
         cuts.add(end % 1.0)
     cuts = sorted(cuts)
@@ -60,9 +61,9 @@ def _expectation(run, group_scores: list[list[float]], k: int, monkeypatch) -> t
     return total
 
 
-def _groups(scores: list[float]) -> list[list[float]]:
-    full = len(scores) // 4 * 4
-    return [scores[i : i + 4] for i in range(0, full, 4)]
+def _groups(scores: list[float], size: int = 4) -> list[list[float]]:
+    full = len(scores) // size * size
+    return [scores[i : i + size] for i in range(0, full, size)]
 
 
 def _linear_operands(seed: int, m: int = 10, d_in: int = 6, d_out: int = 5):
@@ -90,6 +91,40 @@ def test_linear_importance_sampling_is_unbiased_exactly(mode, keep, monkeypatch)
 
     expected = _expectation(run, _groups(scores), keep, monkeypatch)
     torch.testing.assert_close(expected, dy2.t() @ x2, **TOL)
+
+
+@pytest.mark.parametrize(("mode", "group", "share", "keep"),
+                         [("is_half", 8, 0.625, 5), ("is_half", 16, 0.5, 8),
+                          ("is_adaptive", 8, 0.5, 6)])  # fmt: skip
+def test_linear_grouped_sampling_is_unbiased_exactly(mode, group, share, keep, monkeypatch):
+    """Groups of 8 (two of them and 2 rows kept whole), keeping 5 or 6 of each; a group of
+    16 on 18 rows: the call's 16 rows in one group, 8 kept."""
+    x2, dy2 = _linear_operands(2, m=18)
+    scores = [float(dy2[r].norm() * x2[r].norm()) for r in range(x2.shape[0])]
+    kept = []
+
+    def run():
+        state = _adaptive_state(3) if mode == "is_adaptive" else None
+        grad = linear_grad_weight(
+            x2, dy2, mode, state=state, interval=10**6, group=group, share=share
+        )
+        if state is not None:
+            kept.append(int(state[4]))
+        return grad
+
+    expected = _expectation(run, _groups(scores, min(group, 16)), keep, monkeypatch)
+    torch.testing.assert_close(expected, dy2.t() @ x2, **TOL)
+    if kept:  # 3 of 4: 6 of each group of 8, and the 2 rows of the partial group
+        assert set(kept) == {2 * 6 + 2}
+
+
+def test_a_group_larger_than_the_call_takes_its_whole_groups_of_4():
+    scores = torch.rand(22, dtype=torch.float64) + 0.1
+    index, weight = sampling.sample_units(scores, 0.5, group=64)
+    assert index.numel() == 10 + 2  # 10 of its 20 in one group, the last 2 kept whole
+    assert index[-2:].tolist() == [20, 21] and weight[-2:].tolist() == [1.0, 1.0]
+    index, _ = sampling.sample_units(scores[:3], 0.5, group=64)
+    assert index.tolist() == [0, 1, 2]  # no whole group of 4: all kept
 
 
 def test_linear_random_phase_is_unbiased_and_halves_the_rows(monkeypatch):
@@ -144,6 +179,19 @@ def test_conv_importance_sampling_is_unbiased_exactly(case, mode, keep, monkeypa
         return conv_grad_weight(x, gy, weight, geo, mode, state=state, interval=10**6)
 
     expected = _expectation(run, _groups(scores), keep, monkeypatch)
+    torch.testing.assert_close(expected, _ref_dense_conv_grad(x, weight, gy, ref_geo), **TOL)
+
+
+def test_conv_grouped_sampling_is_unbiased_exactly(monkeypatch):
+    """3 samples = 6 column-block units in one group of... 4 (the call's whole groups of 4)
+    with a group of 8 asked; keeping 3 of them (share 0.75)."""
+    x, weight, gy, geo, ref_geo = _conv_case("1x1_s2")
+    scores = ref_block_scores(x, gy, weight.shape[3], ref_geo)
+
+    def run():
+        return conv_grad_weight(x, gy, weight, geo, "is_half", group=8, share=0.75)
+
+    expected = _expectation(run, _groups(scores, 4), 3, monkeypatch)
     torch.testing.assert_close(expected, _ref_dense_conv_grad(x, weight, gy, ref_geo), **TOL)
 
 
@@ -373,12 +421,39 @@ def test_variance_fields_clash_with_other_modes():
 
 
 @pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"sample_group": 6}, "sample_group must be a multiple of 4"),
+        ({"sample_group": 0}, "sample_group must be a multiple of 4"),
+        ({"sample_group": True}, "sample_group must be a multiple of 4"),
+        ({"sample_share": 0.0}, "sample_share must be a number in (0, 1]"),
+        ({"sample_share": 1.5}, "sample_share must be a number in (0, 1]"),
+        ({"sample_share": float("nan")}, "sample_share must be a number in (0, 1]"),
+    ],
+)
+def test_bad_sampling_groups_are_refused(fields, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        recipe("fst_is", **fields)
+
+
+def test_sampling_group_fields_clash_with_other_modes():
+    assert recipe("fst_adaptive", sample_group=16).sample_group == 16
+    with pytest.raises(ValueError, match="only groups the units of 'is_half' and 'is_adaptive'"):
+        recipe("fst_rand", sample_group=16)
+    with pytest.raises(ValueError, match="only 'is_half' keeps a fixed share"):
+        recipe("fst_adaptive", sample_share=0.75)
+
+
+@pytest.mark.parametrize(
     ("flags", "says"),
     [
         (["--recipe", "fst_adaptive", "--variance-budget", "-1"], "variance_budget"),
         (["--recipe", "fst_adaptive", "--variance-budget", "nan"], "variance_budget"),
         (["--recipe", "fst_adaptive", "--variance-interval", "0"], "variance_interval"),
         (["--recipe", "fst_is", "--variance-budget", "0.5"], "only steer"),
+        (["--recipe", "fst_is", "--sample-group", "6"], "multiple of 4"),
+        (["--recipe", "fst_is", "--sample-share", "0"], "sample_share"),
+        (["--recipe", "fst_mvue", "--sample-group", "16"], "only groups the units"),
     ],
 )
 def test_bad_variance_flags_get_one_line_and_exit_2(flags, says, tmp_path, capsys):

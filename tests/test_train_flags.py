@@ -109,6 +109,8 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--init-from", "runs/dense"], {"init_from": "runs/dense"}, {"recipe": "asp"}),
     (["--variance-budget", "0.5"], {"variance_budget": 0.5}, {"recipe": "fst_adaptive"}),
     (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
+    (["--sample-group", "16"], {"sample_group": 16}, {"recipe": "fst_is"}),
+    (["--sample-share", "0.625"], {"sample_share": 0.625}, {"recipe": "fst_is"}),
     (["--grad-accum-steps", "4"], {"grad_accum_steps": 4}, {}),
     (["--log-every", "5"], {"log_every": 5}, {}),
     (["--log-level", "warning"], {"log_level": "warning"}, {}),
@@ -134,7 +136,7 @@ KEYS: dict[str, object] = {
     "grad_weight_mode_linear": "dense", "ir_alpha_linear": 0.25,
     "keep_dense": "stem,first_linear", "threads": 2, "init_from": "runs/dense",
     "variance_budget": 0.5, "variance_interval": 7, "grad_accum_steps": 4, "log_every": 5,
-    "log_level": "warning", "report_to": "csv",
+    "log_level": "warning", "report_to": "csv", "sample_group": 16, "sample_share": 0.625,
 }  # fmt: skip
 #: The extra fields a key's value needs to make a valid config.
 KEY_CONTEXT = {
@@ -143,7 +145,8 @@ KEY_CONTEXT = {
     "decay": {"recipe": "srste"}, "tsm_interval": {"recipe": "tsm"},
     "decay_kind": {"recipe": "srste"}, "dense_finish_mode": {"dense_finish": 0.25},
     "init_from": {"recipe": "asp"}, "variance_budget": {"recipe": "fst_adaptive"},
-    "variance_interval": {"recipe": "fst_adaptive"},
+    "variance_interval": {"recipe": "fst_adaptive"}, "sample_group": {"recipe": "fst_is"},
+    "sample_share": {"recipe": "fst_is"},
 }  # fmt: skip
 
 

@@ -90,6 +90,9 @@ DEFAULT_TSM_INTERVAL = 40
 #: calls of the layer's backward) it measures both. docs/results/quality.md measures them.
 DEFAULT_VARIANCE_BUDGET = 0.2
 DEFAULT_VARIANCE_INTERVAL = 50
+#: is_half / is_adaptive: units per sampling group, and the share is_half keeps.
+DEFAULT_SAMPLE_GROUP = 4
+DEFAULT_SAMPLE_SHARE = 0.5
 
 # --- meProp (Sun et al. 2017): unstructured top-k of the output gradient.
 #: Fraction of each dY row that TopK(dY) keeps: per output position (conv: each (n, h, w);
@@ -163,6 +166,26 @@ _CLASHES: tuple[tuple[Callable[[SparsityConfig], bool], Callable[[SparsityConfig
             f"variance_budget={c.variance_budget} / variance_interval={c.variance_interval} "
             f"clash with grad_weight_mode={c.grad_weight_mode!r}: they only steer "
             "grad_weight_mode='is_adaptive'"
+        ),
+    ),
+    (
+        lambda c: (
+            c.sample_group != DEFAULT_SAMPLE_GROUP
+            and not {"is_half", "is_adaptive"} & {c.grad_weight_mode, c._linear_mode}
+        ),
+        lambda c: (
+            f"sample_group={c.sample_group} clashes with grad_weight_mode="
+            f"{c.grad_weight_mode!r}: it only groups the units of 'is_half' and 'is_adaptive'"
+        ),
+    ),
+    (
+        lambda c: (
+            c.sample_share != DEFAULT_SAMPLE_SHARE
+            and "is_half" not in (c.grad_weight_mode, c._linear_mode)
+        ),
+        lambda c: (
+            f"sample_share={c.sample_share} clashes with grad_weight_mode="
+            f"{c.grad_weight_mode!r}: only 'is_half' keeps a fixed share"
         ),
     ),
     (
@@ -240,6 +263,15 @@ class SparsityConfig:
     #: Backward calls between two measurements of ``V_s`` and ``V_b`` (each one an exact
     #: weight gradient, computed as two half-batch products). Only with 'is_adaptive'.
     variance_interval: int = DEFAULT_VARIANCE_INTERVAL
+    # -- is_half / is_adaptive: the sampling groups ----------------------------------------
+    #: Units (tokens of a Linear layer, column blocks of a convolution) per sampling group
+    #: of 'is_half' and 'is_adaptive': the keep probabilities are water-filled, and the kept
+    #: units drawn, within each group. A multiple of 4; larger groups let the probabilities
+    #: follow the scores further (a lower variance at the same share).
+    sample_group: int = DEFAULT_SAMPLE_GROUP
+    #: Share of every group 'is_half' keeps (the nearest whole number of units). Only with
+    #: 'is_half'; 'is_adaptive' chooses 2, 3 or 4 quarters itself.
+    sample_share: float = DEFAULT_SAMPLE_SHARE
 
     def __post_init__(self) -> None:
         choices = {
@@ -281,6 +313,16 @@ class SparsityConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
+        group = self.sample_group
+        if isinstance(group, bool) or not isinstance(group, int) or group < 4 or group % 4:
+            raise ValueError(
+                f"SparsityConfig.sample_group must be a multiple of 4 (>= 4), got {group!r}"
+            )
+        share = self.sample_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(
+                f"SparsityConfig.sample_share must be a number in (0, 1], got {share!r}"
+            )
         for broken, reason in _CLASHES:
             if broken(self):
                 raise ValueError(reason(self))

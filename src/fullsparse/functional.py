@@ -113,6 +113,8 @@ def conv_grad_weight(
     state: Tensor | None = None,
     budget: float = 0.2,
     interval: int = 50,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a convolution in one of the config's modes.
 
@@ -128,13 +130,14 @@ def conv_grad_weight(
     - ``topk_grad_output``: ``TopK(dY) · Xᵀ`` (meProp; top-k along Co at each position).
     - ``rand_half`` / ``is_half`` / ``is_adaptive``: the product over a random sample of the
       output columns, unbiased (:mod:`fullsparse.sampled_grad`; ``state``, ``budget`` and
-      ``interval``: the layer's adaptive state and its config's variance budget).
+      ``interval``: the layer's adaptive state and its config's variance budget; ``group``
+      and ``share``: its sampling groups and the share ``is_half`` keeps).
 
     ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
     if mode in SAMPLED_MODES:
         return conv_sampled_grad_weight(
-            input, grad_output, weight, geo, mode, state, budget, interval
+            input, grad_output, weight, geo, mode, state, budget, interval, group, share
         )
     if mode == "dense":
         return conv_backward(grad_output, input, weight, geo, "weight")
@@ -183,6 +186,8 @@ def linear_grad_weight(
     state: Tensor | None = None,
     budget: float = 0.2,
     interval: int = 50,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer: ``[d_out, d_in]``.
 
@@ -198,7 +203,7 @@ def linear_grad_weight(
     d_in, d_out = input.shape[-1], grad_output.shape[-1]
     if mode in SAMPLED_MODES:
         x2, dy2 = input.reshape(-1, d_in), grad_output.reshape(-1, d_out)
-        return linear_sampled_grad_weight(x2, dy2, mode, state, budget, interval)
+        return linear_sampled_grad_weight(x2, dy2, mode, state, budget, interval, group, share)
     if mode == "ir" and input.ndim >= 3:
         dy = ir_grad_output(grad_output, alpha, dim=-2)
         x = input[..., 0::2, :]
@@ -295,12 +300,14 @@ def linear_grad_weight_for(
 
 
 def sampling_args(config: SparsityConfig, state: Tensor | None) -> dict[str, Any]:
-    """The sampled weight gradients' keyword arguments: a layer's adaptive state and its
-    config's variance budget."""
+    """The sampled weight gradients' keyword arguments: a layer's adaptive state, its
+    config's variance budget and its sampling groups."""
     return {
         "state": state,
         "budget": config.variance_budget,
         "interval": config.variance_interval,
+        "group": config.sample_group,
+        "share": config.sample_share,
     }
 
 

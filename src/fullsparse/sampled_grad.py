@@ -85,20 +85,20 @@ def _units_in_columns(units: Tensor, wo: int) -> int:
 def _measured(
     state: Tensor,
     halves: tuple[Tensor, Tensor],
-    estimate: Callable[[int], tuple[Tensor, int]],
+    estimate: Callable[[float], tuple[Tensor, int]],
     budget: float,
     units: int,
 ) -> Tensor:
     """A measuring call of ``is_adaptive``: returns the exact gradient ``G = G_A + G_B`` of
     the two half batches. Their difference estimates the minibatch noise
-    ``V_b = ‖G_A − G_B‖²``; one draw of the estimator per keep count k ∈ {2, 3},
+    ``V_b = ‖G_A − G_B‖²``; one draw of the estimator per keep count k ∈ {2, 3} (of 4),
     ``‖Ĝ_k − G‖²``, its variance ``V_s(k)`` (the sampler's own, covariances included)."""
     g_a, g_b = halves
     noise = float(torch.linalg.vector_norm(g_a - g_b, dtype=torch.float64).square())
     grad = g_a.add_(g_b)
     variances, kept = {}, units
     for k in (2, 3):
-        g_k, kept_k = estimate(k)
+        g_k, kept_k = estimate(k / 4)
         variances[k] = float(torch.linalg.vector_norm(g_k - grad, dtype=torch.float64).square())
         kept += kept_k
     AdaptiveState.measure(state, variances, noise, budget)
@@ -107,9 +107,11 @@ def _measured(
 
 
 # --------------------------------------------------------------------------- Linear
-def _kept_rows(x2: Tensor, dy2: Tensor, scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+def _kept_rows(
+    x2: Tensor, dy2: Tensor, scores: Tensor, share: float, group: int
+) -> tuple[Tensor, Tensor]:
     """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``."""
-    index, weight = sample_units(scores, keep)
+    index, weight = sample_units(scores, share, group)
     if index.numel() == x2.shape[0]:
         return dy2, x2
     dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
@@ -117,7 +119,14 @@ def _kept_rows(x2: Tensor, dy2: Tensor, scores: Tensor, keep: int) -> tuple[Tens
 
 
 def _linear_impl(
-    x2: Tensor, dy2: Tensor, mode: str, state: Tensor | None, budget: float, interval: int
+    x2: Tensor,
+    dy2: Tensor,
+    mode: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
     m = x2.shape[0]
     if mode == "rand_half":
@@ -126,25 +135,25 @@ def _linear_impl(
         return dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
     scores = token_scores(x2, dy2)
 
-    def estimate(keep: int) -> tuple[Tensor, int]:
-        dy_kept, x_kept = _kept_rows(x2, dy2, scores, keep)
+    def estimate(keep: float) -> tuple[Tensor, int]:
+        dy_kept, x_kept = _kept_rows(x2, dy2, scores, keep, group)
         return dy_kept.t().mm(x_kept), x_kept.shape[0]
 
-    keep = 2
+    keep = share if mode == "is_half" else 0.5
     if mode == "is_adaptive" and state is not None:
         if AdaptiveState.due(state, interval) and m >= 2:
             h = m // 2
             halves = dy2[:h].t().mm(x2[:h]), dy2[h:].t().mm(x2[h:])
             return _measured(state, halves, estimate, budget, m)
-        keep = AdaptiveState.keep(state)
+        keep = AdaptiveState.keep(state) / 4
     grad, kept = estimate(keep)
     AdaptiveState.count(state, kept, m)
     return grad
 
 
 _LINEAR_SCHEMA = (
-    "(Tensor x2, Tensor dy2, str estimator, Tensor(a!)? state, float budget, int interval)"
-    " -> Tensor"
+    "(Tensor x2, Tensor dy2, str estimator, Tensor(a!)? state, float budget, int interval, "
+    "int group, float share) -> Tensor"
 )
 
 
@@ -152,13 +161,20 @@ _LINEAR_SCHEMA = (
     "fullsparse::linear_sampled_grad_weight", mutates_args=("state",), schema=_LINEAR_SCHEMA
 )
 def _linear_op(
-    x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int
+    x2: Tensor,
+    dy2: Tensor,
+    estimator: str,
+    state: Tensor | None,
+    budget: float,
+    interval: int,
+    group: int,
+    share: float,
 ) -> Tensor:
-    return _linear_impl(x2, dy2, estimator, state, budget, interval)
+    return _linear_impl(x2, dy2, estimator, state, budget, interval, group, share)
 
 
 @_linear_op.register_fake
-def _(x2: Tensor, dy2: Tensor, estimator: str, state: Tensor | None, budget: float, interval: int):
+def _(x2, dy2, estimator, state, budget, interval, group, share):  # type: ignore[no-untyped-def]
     return dy2.new_empty(dy2.shape[1], x2.shape[1])
 
 
@@ -169,9 +185,12 @@ def linear_sampled_grad_weight(
     state: Tensor | None = None,
     budget: float = 0.2,
     interval: int = 50,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
-    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``."""
-    return _linear_op(x2, dy2, mode, state, float(budget), int(interval))
+    """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``.
+    ``group`` / ``share``: the sampling groups' size and the share ``is_half`` keeps."""
+    return _linear_op(x2, dy2, mode, state, float(budget), int(interval), int(group), float(share))
 
 
 # --------------------------------------------------------------------------- Conv2d
@@ -238,18 +257,22 @@ def conv_sampled_grad_weight(
     state: Tensor | None = None,
     budget: float = 0.2,
     interval: int = 50,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
     """``dW`` (``weight``'s shape; its values are not read) of a convolution from
-    ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``."""
+    ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``. ``group`` / ``share``: the sampling
+    groups' size (in units ``2n + q``) and the share ``is_half`` keeps."""
     return _conv_op(
         x, dy, weight, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
-        mode, state, float(budget), int(interval),
+        mode, state, float(budget), int(interval), int(group), float(share),
     )  # fmt: skip
 
 
 _CONV_SCHEMA = (
     "(Tensor x, Tensor dy, Tensor weight, int[] stride, int[] padding, int[] dilation, "
-    "int groups, str estimator, Tensor(a!)? state, float budget, int interval) -> Tensor"
+    "int groups, str estimator, Tensor(a!)? state, float budget, int interval, "
+    "int group, float share) -> Tensor"
 )
 
 
@@ -268,13 +291,16 @@ def _conv_op(
     state: Tensor | None,
     budget: float,
     interval: int,
+    group: int,
+    share: float,
 ) -> Tensor:
     geo = ConvGeometry.make(tuple(stride), tuple(padding), tuple(dilation), groups)
-    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval)
+    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval, group, share)
 
 
 @_conv_op.register_fake
-def _(x, dy, weight, stride, padding, dilation, groups, estimator, state, budget, interval):  # type: ignore[no-untyped-def]
+def _(x, dy, weight, stride, padding, dilation, groups, estimator, state, budget, interval,  # type: ignore[no-untyped-def]
+      group, share):  # fmt: skip
     return torch.empty_like(weight)
 
 
@@ -287,6 +313,8 @@ def _conv_impl(
     state: Tensor | None,
     budget: float,
     interval: int,
+    group: int = 4,
+    share: float = 0.5,
 ) -> Tensor:
     wo = dy.shape[3]
     if mode == "rand_half":
@@ -296,14 +324,14 @@ def _conv_impl(
     n = x.shape[0]
     scores = block_scores(x, dy, weight.shape[3], geo)
 
-    def estimate(keep: int) -> tuple[Tensor, int]:
-        units, scale = sample_units(scores, keep)
+    def estimate(keep: float) -> tuple[Tensor, int]:
+        units, scale = sample_units(scores, keep, group)
         if units.numel() == 2 * n:
             return conv_backward(_channels_like(dy, x), x, weight, geo, "weight"), n * wo
         product = _products(weight, _block_operands(x, dy, geo, units, scale))
         return product, _units_in_columns(units, wo)
 
-    keep = 2
+    keep = share if mode == "is_half" else 0.5
     if mode == "is_adaptive" and state is not None:
         if AdaptiveState.due(state, interval) and n >= 2:
             h = n // 2
@@ -312,7 +340,7 @@ def _conv_impl(
                 conv_backward(dy[h:], x[h:], weight, geo, "weight"),
             )
             return _measured(state, halves, estimate, budget, n * wo)
-        keep = AdaptiveState.keep(state)
+        keep = AdaptiveState.keep(state) / 4
     grad, kept = estimate(keep)
     AdaptiveState.count(state, kept, n * wo)
     return grad
@@ -330,9 +358,9 @@ def sampling_work(
         if mode == "rand_half":
             phase = random_phase(x.device)
             return dy[phase::2], x[phase::2]
-        return _kept_rows(x, dy, token_scores(x, dy), 2)
+        return _kept_rows(x, dy, token_scores(x, dy), 0.5, 4)
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)
-    units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), 2)
+    units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), 0.5)
     return _block_operands(x, dy, geo, units, scale)

@@ -12,10 +12,13 @@ Three ``grad_weight_mode`` values use it (:data:`SAMPLED_MODES`):
   survivors ×2 — the strided half-size product of ``ir`` without its bias;
 - ``is_half``: in every group of 4 consecutive units keep 2, with probabilities ∝
   ``‖dY_u‖·‖X_u‖`` water-filled as the MVUE does (capped at 1, Σp = 2), survivors ×1/p;
-- ``is_adaptive``: the same with a keep count k ∈ {2, 3, 4} per layer, chosen every
-  ``variance_interval`` calls against a variance budget (:class:`AdaptiveState`).
+  the config's ``sample_group`` (a multiple of 4) and ``sample_share`` (0.5) set the group
+  and the share kept of it — in larger groups the probabilities follow the scores further;
+- ``is_adaptive``: the same with a keep count k ∈ {2, 3, 4} per layer (a share k/4 of
+  every group), chosen every ``variance_interval`` calls against a variance budget
+  (:class:`AdaptiveState`).
 
-Units that do not fill a last group of 4 are always kept (p = 1). Draws come from torch's
+Units that do not fill a last group are always kept (p = 1). Draws come from torch's
 default generator (:func:`uniforms`: one float32 uniform per group), whose state training
 checkpoints save, so a resumed run draws the same units.
 """
@@ -47,7 +50,8 @@ def uniforms(n: int, device: torch.device) -> Tensor:
 
 
 def keep_probabilities(scores: Tensor, k: int) -> Tensor:
-    """Keep probabilities ``[G, 4]`` of the units of each group for keeping ``k`` of 4.
+    """Keep probabilities ``[G, g]`` of the units of each group for keeping ``k`` of its g
+    (4 unless the config's ``sample_group`` says otherwise).
 
     ``p_i = min(1, c·s_i)`` with ``Σ p = k``: the variance ``Σ s_i²/p_i`` is smallest there
     (the MVUE's water-filling, for any k). Every score is raised by a tiny share of its
@@ -72,28 +76,32 @@ def keep_probabilities(scores: Tensor, k: int) -> Tensor:
 def select_units(p: Tensor, u: Tensor, k: int) -> Tensor:
     """Systematic sampling: unit i of a group is kept when one of ``u, u+1, …, u+k−1`` falls
     in its interval ``[p_0 + … + p_{i−1}, p_0 + … + p_i)``. Exactly k per group, each unit
-    with probability ``p_i``. ``p [G, 4]`` (Σ = k), ``u [G]``; returns bool ``[G, 4]``."""
+    with probability ``p_i``. ``p [G, g]`` (Σ = k), ``u [G]``; returns bool ``[G, g]``."""
     ends = p.cumsum(-1)
     ends[:, -1] = k  # Σp = k up to rounding: the last interval closes the group exactly
     count = torch.ceil(ends - u.to(p.dtype)[:, None]).clamp_(0, k)
     return torch.diff(count, dim=-1, prepend=torch.zeros_like(count[:, :1])) > 0
 
 
-def sample_units(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def sample_units(scores: Tensor, share: float, group: int = 4) -> tuple[Tensor, Tensor]:
     """Which units to keep, and their weights 1/p: ``(index [m] long, weight [m])``.
 
     ``scores [U]``: one per unit (for ``rand_half`` the scores are not read). Units are
-    grouped by 4 in order; a last, partial group is kept whole with weight 1. Draws one
-    uniform per full group (:func:`uniforms`).
+    grouped by ``group`` in order (fewer when the call has fewer: its whole groups of 4 in
+    one), and ``share`` of every group is kept: the nearest whole number of units, at least
+    one. A last, partial group is kept whole with weight 1. Draws one uniform per full group
+    (:func:`uniforms`).
     """
     n_units = scores.shape[0]
-    full = n_units // 4 * 4
+    group = min(group, n_units // 4 * 4)
+    kept = max(1, round(share * group))
     device = scores.device
-    if k >= 4 or full == 0:
+    if kept >= group or group == 0:
         index = torch.arange(n_units, device=device)
         return index, torch.ones(n_units, dtype=scores.dtype, device=device)
-    p = keep_probabilities(scores[:full].reshape(-1, 4), k)
-    keep = select_units(p, uniforms(full // 4, device), k)
+    full = n_units // group * group
+    p = keep_probabilities(scores[:full].reshape(-1, group), kept)
+    keep = select_units(p, uniforms(full // group, device), kept)
     index = keep.view(-1).nonzero().squeeze(1)
     weight = p.view(-1)[index].reciprocal_()
     if full < n_units:  # the partial group: kept whole

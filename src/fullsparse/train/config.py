@@ -70,7 +70,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source", "tsm_interval")
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
-SPARSITY_OVERRIDES += ("variance_budget", "variance_interval")
+SPARSITY_OVERRIDES += ("variance_budget", "variance_interval", "sample_group", "sample_share")
 TASKS = ("classify", "lm", "detection", "custom")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -246,6 +246,15 @@ class TrainConfig:
         None,
         "override: is_adaptive's calls between variance measurements (default: the recipe's, 50)",
         minimum=1,
+    )
+    sample_group: int | None = option(
+        None,
+        "override: units per sampling group of is_half / is_adaptive, a multiple of 4 "
+        "(default: the recipe's, 4)",
+        minimum=4,
+    )
+    sample_share: float | None = option(
+        None, "override: the share of every group is_half keeps (default: the recipe's, 0.5)"
     )
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
     # -- schedules over the run (fullsparse.train.schedule) --------------------------------
