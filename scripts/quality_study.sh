@@ -65,6 +65,15 @@ jobs() {  # task variant seed flags...
   # ResNet-20 with three seeds of fst_adaptive, interleaved with the short second seeds
   echo "resnet20 fst_adaptive 0 $R20 --recipe=fst_adaptive"
   for r in fst_adaptive fst_is; do echo "vit $r 1 $VIT --recipe=$r"; done
+  # importance sampling over the whole batch (one group per call), keeping 1/2 or 9/16
+  G1='--recipe=fst_is --sample-group 4096'
+  G2='--recipe=fst_is --sample-group 4096 --sample-share 0.5625'
+  for s in 0 1; do
+    echo "gpt fst_is-g4096 $s $GPT $G1"
+    echo "gpt fst_is-g4096-s0.5625 $s $GPT $G2"
+  done
+  echo "vit fst_is-g4096 0 $VIT $G1"
+  echo "vit fst_is-g4096-s0.5625 0 $VIT $G2"
   # the weight masks S_K / S_Co recomputed every 40 steps (the weight side's cheapest lever)
   echo "vit fst_adaptive-mask40 0 $VIT --recipe=fst_adaptive --mask-interval 40"
   echo "resnet20 fst_adaptive 1 $R20 --recipe=fst_adaptive"
