@@ -1,0 +1,106 @@
+"""Relative error of one step's weight-gradient estimators on a trained GPT, per sampling
+group size and share (docs/spec-notes.md, "Sampled weight gradients").
+
+One batch of ``--batch`` × ``--context`` bytes of the training corpus through the model of
+CHECKPOINT (any `fullsparse train --task lm` run); for every Linear layer the exact
+``G = dYᵀ·X`` and ``--draws`` draws of each estimator; prints, per estimator, the mean over
+layers of the root-mean-square ‖Ĝ − G‖/‖G‖, and the same pooled over layers.
+
+    fullsparse train --task lm --batch-size 32 --steps-per-epoch 150 --epochs 1 \\
+        --test-subset 64 --recipe dense --out runs/gpt-dense150
+    python scripts/estimator_error.py runs/gpt-dense150/last.pt --draws 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fullsparse.data.text import build_text_corpus
+from fullsparse.operands import mvue_tokens
+from fullsparse.sampling import keep_probabilities, select_units
+from fullsparse.train.inference import load_trained_model
+
+
+def sampled(x2: Tensor, dy2: Tensor, group: int, share: float) -> Tensor:
+    """One draw of the importance-sampled estimator: ``share`` of every ``group`` rows
+    (the last partial group kept whole), p ∝ ‖dY_t‖·‖X_t‖ water-filled, ×1/p."""
+    m = x2.shape[0]
+    group = min(group, m // 4 * 4)
+    full, k = m // group * group, round(share * group)
+    scores = torch.linalg.vector_norm(dy2, dim=1) * torch.linalg.vector_norm(x2, dim=1)
+    p = keep_probabilities(scores[:full].reshape(-1, group), k)
+    keep = select_units(p, torch.rand(full // group, dtype=torch.float32), k)
+    index = keep.view(-1).nonzero().squeeze(1)
+    weight = p.view(-1)[index].reciprocal()
+    return (dy2[index] * weight[:, None]).t().mm(x2[index]) + dy2[full:].t().mm(x2[full:])
+
+
+def layer_operands(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(X [M, d_in], dY [M, d_out])`` of every Linear layer for one batch, float64."""
+    captured: list[dict[str, Tensor]] = []
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        record = {"x": args[0].detach()}
+        out.register_hook(lambda g: record.__setitem__("dy", g.detach()))
+        captured.append(record)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    logits = model(x)
+    nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+    for h in handles:
+        h.remove()
+    return [
+        (
+            r["x"].reshape(-1, r["x"].shape[-1]).double(),
+            r["dy"].reshape(-1, r["dy"].shape[-1]).double(),
+        )
+        for r in captured
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--draws", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, _ = load_trained_model(args.checkpoint)
+    model.train()
+    data = build_text_corpus(max_train_bytes=2_000_000, max_val_bytes=1000).train
+    starts = torch.randint(0, len(data) - args.context - 1, (args.batch,))
+    x = torch.stack([data[s : s + args.context] for s in starts]).long()
+    y = torch.stack([data[s + 1 : s + args.context + 1] for s in starts]).long()
+    layers = layer_operands(model, x, y)
+    estimators = {
+        "groups of 4, share 1/2 (fst_is)": lambda a, b: sampled(a, b, 4, 0.5),
+        "groups of 16, share 1/2": lambda a, b: sampled(a, b, 16, 0.5),
+        "whole batch, share 1/2": lambda a, b: sampled(a, b, 1 << 30, 0.5),
+        "whole batch, share 9/16": lambda a, b: sampled(a, b, 1 << 30, 0.5625),
+        "groups of 4, share 3/4": lambda a, b: sampled(a, b, 4, 0.75),
+        "per-element MVUE (fst_mvue)": lambda a, b: mvue_tokens(b.contiguous()).t().mm(a),
+    }
+    print(f"{len(layers)} Linear layers, {args.draws} draws each")
+    for name, estimate in estimators.items():
+        rel, err2, norm2 = [], 0.0, 0.0
+        for x2, dy2 in layers:
+            grad = dy2.t().mm(x2)
+            e2 = sum(float((estimate(x2, dy2) - grad).norm()) ** 2 for _ in range(args.draws))
+            e2 /= args.draws
+            g2 = float(grad.norm()) ** 2
+            rel.append((e2 / g2) ** 0.5)
+            err2, norm2 = err2 + e2, norm2 + g2
+        mean = sum(rel) / len(rel)
+        print(f"{name:30s} mean over layers {mean:.3f}  pooled {(err2 / norm2) ** 0.5:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
