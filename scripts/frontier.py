@@ -43,6 +43,7 @@ ROWS = {
     "fst_is-finish0.08": ("`fst_is` + dense finish 0.08", None),
     "fst_is-g4096": ("`fst_is --sample-group 4096`", None),
     "fst_is-g4096-s0.5625": ("`fst_is --sample-group 4096 --sample-share 0.5625`", None),
+    "fst_is-g4096-s0.59": ("`fst_is --sample-group 4096 --sample-share 0.59`", None),
     "fst_adaptive": ("`fst_adaptive`", "fst_adaptive"),
     "fst_adaptive-mask40": ("`fst_adaptive`, masks every 40 steps", None),
     "fst_adaptive-i10": ("`fst_adaptive --variance-interval 10`", None),
