@@ -228,6 +228,23 @@ def test_bench_steps_mask_interval_amortizes_the_weight_side_work(monkeypatch):
     assert side[0]["ms"] == pytest.approx(2.0 + (10.0 - 2.0) / 40)
 
 
+def test_bench_steps_sampling_groups_reach_only_the_recipes_they_steer(tmp_path, capsys):
+    from fullsparse.bench import steps
+
+    sampling = {"sample_group": 64, "sample_share": 0.5625}
+    got = {n: steps._config(n, 1, sampling) for n in ("fst_is", "fst_adaptive", "fst", "dense")}
+    assert (got["fst_is"].sample_group, got["fst_is"].sample_share) == (64, 0.5625)
+    assert (got["fst_adaptive"].sample_group, got["fst_adaptive"].sample_share) == (64, 0.5)
+    assert got["fst"] == steps._config("fst", 1) and got["dense"].name == "dense"
+    model = steps._build(STEP_CASES["tiny-gpt"], "fst_is", torch.device("cpu"), 1, sampling)
+    assert {m.config.sample_group for _, m in sparse_modules(model)} == {64}
+    argv = ["bench", "steps", "--cases", "tiny-gpt", "--recipes", "fst_is", "--sample-group",
+            "6", "--json", str(tmp_path / "b.json")]  # fmt: skip
+    assert main(argv) == 2
+    assert "sample_group must be a multiple of 4" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_bench_steps_times_the_weight_gradient_sampling_of_sampling_recipes():
     from fullsparse.bench.steps import bench_steps
 

@@ -348,7 +348,13 @@ def _conv_impl(
 
 # --------------------------------------------------------------------------- benchmarks
 def sampling_work(
-    mode: str, x: Tensor, dy: Tensor, weight: Tensor, geo: ConvGeometry | None = None
+    mode: str,
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    geo: ConvGeometry | None = None,
+    group: int = 4,
+    share: float = 0.5,
 ) -> object:
     """What a sampled weight gradient does besides its product, as one call makes it: the
     scores, the draw and the operands (copies) of the product. ``geo`` None: a Linear layer
@@ -358,9 +364,9 @@ def sampling_work(
         if mode == "rand_half":
             phase = random_phase(x.device)
             return dy[phase::2], x[phase::2]
-        return _kept_rows(x, dy, token_scores(x, dy), 0.5, 4)
+        return _kept_rows(x, dy, token_scores(x, dy), share, group)
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)
-    units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), 0.5)
+    units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), share, group)
     return _block_operands(x, dy, geo, units, scale)

@@ -113,16 +113,29 @@ STEP_TARGETS = {
 
 
 # --------------------------------------------------------------------------- one case
-def _config(name: str, mask_interval: int) -> Any:
+def _config(name: str, mask_interval: int, sampling: dict[str, Any] | None = None) -> Any:
     """Recipe ``name`` with the masks recomputed every ``mask_interval`` steps (recipes with
-    an S_K forward; the others ignore the interval)."""
+    an S_K forward; the others ignore the interval) and ``sampling``'s ``sample_group`` /
+    ``sample_share`` (recipes whose weight gradient they steer; the others ignore them)."""
     base = recipe(name)
-    if mask_interval == 1 or base.operands.output_weight != "S_K(W)":
-        return base
-    return recipe(name, mask_interval=mask_interval)
+    fields: dict[str, Any] = {}
+    if mask_interval > 1 and base.operands.output_weight == "S_K(W)":
+        fields["mask_interval"] = mask_interval
+    modes = {base.grad_weight_mode, base.grad_weight_mode_linear}
+    for key, value in (sampling or {}).items():
+        steered = {"is_half"} if key == "sample_share" else {"is_half", "is_adaptive"}
+        if value is not None and modes & steered:
+            fields[key] = value
+    return recipe(name, **fields) if fields else base
 
 
-def _build(case: StepCase, name: str, device: torch.device, mask_interval: int = 1) -> nn.Module:
+def _build(
+    case: StepCase,
+    name: str,
+    device: torch.device,
+    mask_interval: int = 1,
+    sampling: dict[str, Any] | None = None,
+) -> nn.Module:
     from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
 
@@ -135,7 +148,7 @@ def _build(case: StepCase, name: str, device: torch.device, mask_interval: int =
         )
     model = model.to(device)
     if name != "dense":
-        sparsify_(model, _config(name, mask_interval))
+        sparsify_(model, _config(name, mask_interval, sampling))
     return model
 
 
@@ -205,41 +218,44 @@ def _sampling_fn(
     from fullsparse.operands import mvue_spatial_conv, mvue_tokens
     from fullsparse.sampled_grad import sampling_work
 
-    captured: list[tuple[str, Any, torch.Tensor, list[torch.Tensor]]] = []
+    captured: list[tuple[Any, Any, torch.Tensor, list[torch.Tensor]]] = []
     hooks = []
     for _, m in sparse_modules(model):
         conv = isinstance(m, nn.Conv2d)
-        mode = m.config.for_kind("conv" if conv else "linear").grad_weight_mode  # type: ignore
-        if mode not in (*SAMPLED_MODES, "mvue"):
+        config = m.config.for_kind("conv" if conv else "linear")  # type: ignore[operator]
+        if config.grad_weight_mode not in (*SAMPLED_MODES, "mvue"):
             continue
 
-        def keep(mod: nn.Module, args: Any, out: torch.Tensor, mode: str = mode) -> None:
+        def keep(mod: nn.Module, args: Any, out: torch.Tensor, config: Any = config) -> None:
             grads: list[torch.Tensor] = []
             out.register_hook(lambda g: grads.append(g.detach()))
-            captured.append((mode, mod, args[0].detach(), grads))
+            captured.append((config, mod, args[0].detach(), grads))
 
         hooks.append(m.register_forward_hook(keep))
     _step_fn(case, model, device)(0)
     for h in hooks:
         h.remove()
     layers = []
-    for mode, mod, x, grads in captured:
+    for config, mod, x, grads in captured:
         if not grads:
             continue
         dy, w = grads[0], mod.weight.detach()
         if isinstance(mod, nn.Conv2d):
             geo = ConvGeometry.make(mod.stride, mod.padding, mod.dilation, mod.groups)
-            layers.append((mode, x, dy, w, geo))
+            layers.append((config, x, dy, w, geo))
         else:
-            layers.append((mode, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), w, None))
+            x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+            layers.append((config, x2, dy2, w, None))
 
     def work(_: int) -> None:
         with torch.no_grad():
-            for mode, x, dy, w, geo in layers:
+            for config, x, dy, w, geo in layers:
+                mode = config.grad_weight_mode
                 if mode == "mvue":
                     mvue_tokens(dy) if geo is None else mvue_spatial_conv(dy)
                 else:
-                    sampling_work(mode, x, dy, w, geo)
+                    share = config.sample_share if mode == "is_half" else 0.5
+                    sampling_work(mode, x, dy, w, geo, config.sample_group, share)
 
     return len(layers), work
 
@@ -251,8 +267,9 @@ def _bench_case(
     repeats: int,
     device: torch.device,
     mask_interval: int = 1,
+    sampling: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    models = {name: _build(case, name, device, mask_interval) for name in names}
+    models = {name: _build(case, name, device, mask_interval, sampling) for name in names}
     steps = {name: _step_fn(case, models[name], device) for name in names}
     ms = interleaved_ms(steps, warmup, repeats, device)
     work = {name: _weight_side_fn(models[name]) for name in names}
@@ -336,6 +353,7 @@ def bench_steps(
     grad_weight_shape: ConvShape | None = GRAD_WEIGHT_SHAPE,
     progress: Callable[[str], None] | None = None,
     mask_interval: int = 1,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time whole training steps of every recipe (``dense`` always included, first) for
     every case of :data:`STEP_CASES` named in ``cases``.
@@ -345,6 +363,8 @@ def bench_steps(
     when ``grad_weight_shape`` is None) and ``targets`` (:data:`STEP_TARGETS`, judged).
     ``mask_interval``: every recipe with an S_K forward recomputes its weight masks every
     this-many steps (its weight-side work is then the amortized cost per step).
+    ``sampling``: ``sample_group`` / ``sample_share`` for the recipes whose weight gradient
+    they steer (``fst_is``; the group also ``fst_adaptive``).
 
     Raises:
         ValueError: an unknown case or recipe name.
@@ -367,7 +387,7 @@ def bench_steps(
     for case_name in cases:
         report(f"steps {case_name}: {', '.join(names)}")
         rows, work = _bench_case(
-            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval
+            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval, sampling
         )
         steps += rows
         side += work
@@ -384,6 +404,7 @@ def bench_steps(
             "warmup": warmup,
             "repeats": repeats,
             "mask_interval": mask_interval,
+            "sampling": {k: v for k, v in (sampling or {}).items() if v is not None},
             "device": str(device),
             "peak_memory": "bytes held at once above what was live before the step "
             + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else

@@ -128,6 +128,20 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="recipes with an S_K forward recompute their weight masks every N steps",
     )
+    steps.add_argument(
+        "--sample-group",
+        type=int,
+        metavar="INT",
+        default=None,
+        help="units per sampling group of fst_is / fst_adaptive (a multiple of 4)",
+    )
+    steps.add_argument(
+        "--sample-share",
+        type=float,
+        metavar="FLOAT",
+        default=None,
+        help="the share of every group fst_is keeps",
+    )
     steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (at least 1 runs)")
     steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median")
     steps.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -210,6 +224,7 @@ def run_steps(args: argparse.Namespace) -> int:
     from fullsparse.bench.ops import RECIPES
     from fullsparse.bench.report import format_steps
     from fullsparse.bench.steps import GRAD_WEIGHT_SHAPE, STEP_CASES, bench_steps
+    from fullsparse.config import recipe
 
     cases: list[str] = []
     for c in (c.strip() for c in args.cases.split(",")):
@@ -233,6 +248,11 @@ def run_steps(args: argparse.Namespace) -> int:
         raise UserError("--grad-weight-batch must be >= 0")
     if args.mask_interval < 1:
         raise UserError(f"--mask-interval must be >= 1, got {args.mask_interval}")
+    sampling = {"sample_group": args.sample_group, "sample_share": args.sample_share}
+    try:  # the values alone, before any timing
+        recipe("fst_is", **{k: v for k, v in sampling.items() if v is not None})
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if args.device == "cuda":
         import torch
 
@@ -254,6 +274,7 @@ def run_steps(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         mask_interval=args.mask_interval,
+        sampling=sampling,
         threads=args.threads,
         device=args.device,
         grad_weight_shape=shape,
