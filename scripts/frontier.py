@@ -61,6 +61,9 @@ interleaved). Quality runs recompute the masks every step unless the row says ot
 the step speed-ups are given for masks every step and every 40 steps. "—": not measured.
 
 """
+#: study variants (options on a named recipe) benchmarked on their own, masks every 40 steps
+#: (``fullsparse bench steps --recipes R --sample-group ... --mask-interval 40``)
+VARIANT_STEPS40 = {"fst_is-g4096-s0.5625": "docs/benchmarks/cpu-steps-g4096.json"}
 FULLY_SPARSE = 0.9
 PAYS = 1.0
 
@@ -128,8 +131,14 @@ def _fmt_gap(task: str, q: dict[str, Any] | None) -> str:
     return f"{value} {mark} ({q['seeds']})"
 
 
-def frontier(qual: dict[str, Any], steps: dict[str, Any], steps40: dict[str, Any]) -> dict:
-    """One entry per row of ROWS that has any result."""
+def frontier(
+    qual: dict[str, Any],
+    steps: dict[str, Any],
+    steps40: dict[str, Any],
+    variant40: dict[str, dict[str, float]] | None = None,
+) -> dict:
+    """One entry per row of ROWS that has any result. ``variant40``: the masks-every-40
+    speed-ups of study variants benchmarked on their own (options on a named recipe)."""
     entries = []
     for variant, (label, named) in ROWS.items():
         q = qual.get(variant, {})
@@ -139,7 +148,7 @@ def frontier(qual: dict[str, Any], steps: dict[str, Any], steps40: dict[str, Any
         complete = all(task in q and q[task]["seeds"] >= SEEDS_WANTED[task] for task in TASKS)
         sparse = min(v["sparse_fraction"] for v in q.values())
         s1 = steps.get(named) if named else None
-        s40 = steps40.get(named) if named else None
+        s40 = steps40.get(named) if named else (variant40 or {}).get(variant)
         entries.append({
             "variant": variant,
             "label": label,
@@ -176,7 +185,7 @@ def markdown(result: dict[str, Any], sources: dict[str, str]) -> str:
         q = e["quality"]
         cells = [_fmt_gap(task, q.get(task)) for task in TASKS]
         s1, s40 = e["step_speedup"], e["step_speedup_mask40"]
-        sampling = s1.get("sampling_max") if s1 else None
+        sampling = (s1 or s40 or {}).get("sampling_max")
         lines.append(
             f"| {e['label']} | {' | '.join(cells)} | {e['sparse_fraction_min']:.2f} | "
             f"{_fmt_speed(s1)} | {_fmt_speed(s40)} | "
@@ -219,7 +228,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for e in result["entries"]:
-        s = e["step_speedup"]  # the masks of the quality study: every step
+        s = e["step_speedup_mask40"]  # every recipe and variant has this one
         if not s:
             continue
         y = e["worst_normalized_gap"]
@@ -229,7 +238,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.axhline(1.0, color="tab:red", lw=0.8, ls="--")
     ax.axvline(1.0, color="tab:red", lw=0.8, ls="--")
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_xlabel("whole-step speed-up vs dense (geometric mean over the cases)")
+    ax.set_xlabel("whole-step speed-up vs dense (geometric mean over the cases, masks every 40)")
     ax.set_ylabel("worst quality gap / its goal (≤ 1: within)")
     ax.set_title("Recipes: quality against cost on a 2-core CPU (green: fully sparse)")
     fig.tight_layout()
@@ -246,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results/frontier"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    variant40 = {}
+    for variant, path in VARIANT_STEPS40.items():
+        bench = speed(_load(Path(path)))
+        variant40[variant] = next(v for r, v in bench.items() if r != "dense")
     result = frontier(
         quality(_load(args.quality)["rows"]),
         speed(_load(args.steps)),
         speed(_load(args.steps40)),
+        variant40,
     )
     sources = {"quality": str(args.quality), "steps": str(args.steps),
-               "steps, masks every 40": str(args.steps40)}  # fmt: skip
+               "steps, masks every 40": str(args.steps40),
+               **{f"`{v}`": p for v, p in VARIANT_STEPS40.items()}}  # fmt: skip
     table = markdown(result, sources)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     figure = not args.no_plot and plot(result, args.out.with_suffix(".png"))
