@@ -63,7 +63,10 @@ the step speed-ups are given for masks every step and every 40 steps. "—": not
 """
 #: study variants (options on a named recipe) benchmarked on their own, masks every 40 steps
 #: (``fullsparse bench steps --recipes R --sample-group ... --mask-interval 40``)
-VARIANT_STEPS40 = {"fst_is-g4096-s0.5625": "docs/benchmarks/cpu-steps-g4096.json"}
+VARIANT_STEPS40 = {
+    "fst_is-g4096-s0.5625": "docs/benchmarks/cpu-steps-g4096.json",
+    "fst_is-g4096-s0.59": "docs/benchmarks/cpu-steps-g4096-s059.json",
+}
 FULLY_SPARSE = 0.9
 PAYS = 1.0
 
