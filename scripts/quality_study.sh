@@ -80,23 +80,22 @@ jobs() {  # task variant seed flags...
   for s in 0 1; do echo "gpt fst_is-g4096-s0.59 $s $GPT $G3"; done
   # 0.59: +2.8 % on the GPT at 0.90 sparse; its ViT seeds, then ResNet-20's
   for s in 0 1; do echo "vit fst_is-g4096-s0.59 $s $VIT $G3"; done
+  for s in 0 1 2; do echo "resnet20 fst_is-g4096-s0.59 $s $R20 $G3"; done
+  echo "resnet20 dense 2 $R20 --recipe=dense"
+  echo "resnet20 fst2-mvue 2 $R20 $MVUE"
   echo "vit fst_is-g4096-s0.5625 1 $VIT $G2"
-  echo "resnet20 fst_is-g4096-s0.5625 1 $R20 $G2"
   echo "vit fst_is-g4096 0 $VIT $G1"
   # the weight masks S_K / S_Co recomputed every 40 steps (the weight side's cheapest lever)
   echo "vit fst_adaptive-mask40 0 $VIT --recipe=fst_adaptive --mask-interval 40"
-  for s in 0 1 2; do echo "resnet20 fst_is-g4096-s0.59 $s $R20 $G3"; done
-  echo "resnet20 fst_is-g4096-s0.5625 2 $R20 $G2"
   echo "resnet20 fst_adaptive 1 $R20 --recipe=fst_adaptive"
   echo "resnet20 fst_adaptive 2 $R20 --recipe=fst_adaptive"
   echo "gpt fst_is-finish0.08 1 $GPT --recipe=fst_is --dense-finish 0.08"
   echo "gpt fst_adaptive-b0.5 0 $GPT --recipe=fst_adaptive --variance-budget 0.5"
   echo "vit fst_rand 1 $VIT --recipe=fst_rand"
-  echo "resnet20 dense 2 $R20 --recipe=dense"
-  echo "resnet20 fst2-mvue 2 $R20 $MVUE"
   echo "resnet20 fst_adaptive-mask40 0 $R20 --recipe=fst_adaptive --mask-interval 40"
   echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
   echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
+  for s in 1 2; do echo "resnet20 fst_is-g4096-s0.5625 $s $R20 $G2"; done
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
