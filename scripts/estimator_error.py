@@ -22,22 +22,16 @@ from torch import Tensor
 
 from fullsparse.data.text import build_text_corpus
 from fullsparse.operands import mvue_tokens
-from fullsparse.sampling import keep_probabilities, select_units
+from fullsparse.sampling import sample_units
 from fullsparse.train.inference import load_trained_model
 
 
 def sampled(x2: Tensor, dy2: Tensor, group: int, share: float) -> Tensor:
-    """One draw of the importance-sampled estimator: ``share`` of every ``group`` rows
-    (the last partial group kept whole), p ∝ ‖dY_t‖·‖X_t‖ water-filled, ×1/p."""
-    m = x2.shape[0]
-    group = min(group, m // 4 * 4)
-    full, k = m // group * group, round(share * group)
+    """One draw of the importance-sampled estimator (:func:`fullsparse.sampling.sample_units`:
+    ``share`` of every ``group`` rows, p ∝ ‖dY_t‖·‖X_t‖ water-filled, ×1/p)."""
     scores = torch.linalg.vector_norm(dy2, dim=1) * torch.linalg.vector_norm(x2, dim=1)
-    p = keep_probabilities(scores[:full].reshape(-1, group), k)
-    keep = select_units(p, torch.rand(full // group, dtype=torch.float32), k)
-    index = keep.view(-1).nonzero().squeeze(1)
-    weight = p.view(-1)[index].reciprocal()
-    return (dy2[index] * weight[:, None]).t().mm(x2[index]) + dy2[full:].t().mm(x2[full:])
+    index, weight = sample_units(scores, share, group)
+    return (dy2[index] * weight[:, None]).t().mm(x2[index])
 
 
 def layer_operands(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
