@@ -241,7 +241,7 @@ def test_bench_steps_sampling_groups_reach_only_the_recipes_they_steer(tmp_path,
     argv = ["bench", "steps", "--cases", "tiny-gpt", "--recipes", "fst_is", "--sample-group",
             "6", "--json", str(tmp_path / "b.json")]  # fmt: skip
     assert main(argv) == 2
-    assert "sample_group must be a multiple of 4" in capsys.readouterr().err
+    assert "sample_group must be 0 (the whole call) or a multiple of 4" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
 

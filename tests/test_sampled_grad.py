@@ -95,10 +95,11 @@ def test_linear_importance_sampling_is_unbiased_exactly(mode, keep, monkeypatch)
 
 @pytest.mark.parametrize(("mode", "group", "share", "keep"),
                          [("is_half", 8, 0.625, 5), ("is_half", 16, 0.5, 8),
-                          ("is_adaptive", 8, 0.5, 6)])  # fmt: skip
+                          ("is_adaptive", 8, 0.5, 6), ("is_half", 0, 0.5625, 9)])  # fmt: skip
 def test_linear_grouped_sampling_is_unbiased_exactly(mode, group, share, keep, monkeypatch):
     """Groups of 8 (two of them and 2 rows kept whole), keeping 5 or 6 of each; a group of
-    16 on 18 rows: the call's 16 rows in one group, 8 kept."""
+    16 on 18 rows: the call's 16 rows in one group, 8 kept; group 0 (one per call): the
+    same 16 rows, 9 kept."""
     x2, dy2 = _linear_operands(2, m=18)
     scores = [float(dy2[r].norm() * x2[r].norm()) for r in range(x2.shape[0])]
     kept = []
@@ -112,7 +113,7 @@ def test_linear_grouped_sampling_is_unbiased_exactly(mode, group, share, keep, m
             kept.append(int(state[4]))
         return grad
 
-    expected = _expectation(run, _groups(scores, min(group, 16)), keep, monkeypatch)
+    expected = _expectation(run, _groups(scores, min(group or 16, 16)), keep, monkeypatch)
     torch.testing.assert_close(expected, dy2.t() @ x2, **TOL)
     if kept:  # 3 of 4: 6 of each group of 8, and the 2 rows of the partial group
         assert set(kept) == {2 * 6 + 2}
@@ -125,6 +126,25 @@ def test_a_group_larger_than_the_call_takes_its_whole_groups_of_4():
     assert index[-2:].tolist() == [20, 21] and weight[-2:].tolist() == [1.0, 1.0]
     index, _ = sampling.sample_units(scores[:3], 0.5, group=64)
     assert index.tolist() == [0, 1, 2]  # no whole group of 4: all kept
+
+
+@pytest.mark.parametrize("units", [3, 22, 256, 5000])
+def test_group_0_is_one_group_per_call_whatever_its_size(units):
+    """``group=0`` draws as a group of at least the call's size does (same uniforms, same
+    units), on calls of any size: 4096 would split the 5000 units, 0 does not."""
+    scores = torch.rand(units, dtype=torch.float64) + 0.1
+    draws = []
+    for group in (0, 1 << 20):
+        torch.manual_seed(7)
+        draws.append(sampling.sample_units(scores, 0.59, group=group))
+    for got, want in zip(draws[0], draws[1], strict=True):
+        assert torch.equal(got, want)
+    whole = units // 4 * 4
+    assert draws[0][0].numel() == (round(0.59 * whole) if whole else 0) + units - whole
+    if units > 4096:
+        torch.manual_seed(7)
+        split, _ = sampling.sample_units(scores, 0.59, group=4096)
+        assert split.numel() == round(0.59 * 4096) + units - 4096
 
 
 def test_linear_random_phase_is_unbiased_and_halves_the_rows(monkeypatch):
@@ -423,9 +443,10 @@ def test_variance_fields_clash_with_other_modes():
 @pytest.mark.parametrize(
     ("fields", "says"),
     [
-        ({"sample_group": 6}, "sample_group must be a multiple of 4"),
-        ({"sample_group": 0}, "sample_group must be a multiple of 4"),
-        ({"sample_group": True}, "sample_group must be a multiple of 4"),
+        ({"sample_group": 6}, "sample_group must be 0 (the whole call) or a multiple of 4"),
+        ({"sample_group": -4}, "sample_group must be 0 (the whole call) or a multiple of 4"),
+        ({"sample_group": 2}, "sample_group must be 0 (the whole call) or a multiple of 4"),
+        ({"sample_group": True}, "sample_group must be 0 (the whole call) or a multiple of 4"),
         ({"sample_share": 0.0}, "sample_share must be a number in (0, 1]"),
         ({"sample_share": 1.5}, "sample_share must be a number in (0, 1]"),
         ({"sample_share": float("nan")}, "sample_share must be a number in (0, 1]"),
@@ -438,6 +459,7 @@ def test_bad_sampling_groups_are_refused(fields, says):
 
 def test_sampling_group_fields_clash_with_other_modes():
     assert recipe("fst_adaptive", sample_group=16).sample_group == 16
+    assert recipe("fst_is", sample_group=0).sample_group == 0
     with pytest.raises(ValueError, match="only groups the units of 'is_half' and 'is_adaptive'"):
         recipe("fst_rand", sample_group=16)
     with pytest.raises(ValueError, match="only 'is_half' keeps a fixed share"):

@@ -110,6 +110,7 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--variance-budget", "0.5"], {"variance_budget": 0.5}, {"recipe": "fst_adaptive"}),
     (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
     (["--sample-group", "16"], {"sample_group": 16}, {"recipe": "fst_is"}),
+    (["--sample-group", "0"], {"sample_group": 0}, {"recipe": "fst_is"}),
     (["--sample-share", "0.625"], {"sample_share": 0.625}, {"recipe": "fst_is"}),
     (["--grad-accum-steps", "4"], {"grad_accum_steps": 4}, {}),
     (["--log-every", "5"], {"log_every": 5}, {}),

@@ -266,7 +266,8 @@ class SparsityConfig:
     # -- is_half / is_adaptive: the sampling groups ----------------------------------------
     #: Units (tokens of a Linear layer, column blocks of a convolution) per sampling group
     #: of 'is_half' and 'is_adaptive': the keep probabilities are water-filled, and the kept
-    #: units drawn, within each group. A multiple of 4; larger groups let the probabilities
+    #: units drawn, within each group. A multiple of 4, or 0: all of a call's units in one
+    #: group (the whole batch, whatever its size); larger groups let the probabilities
     #: follow the scores further (a lower variance at the same share).
     sample_group: int = DEFAULT_SAMPLE_GROUP
     #: Share of every group 'is_half' keeps (the nearest whole number of units). Only with
@@ -314,9 +315,10 @@ class SparsityConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparsityConfig.{field} must be an integer >= 1, got {value!r}")
         group = self.sample_group
-        if isinstance(group, bool) or not isinstance(group, int) or group < 4 or group % 4:
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0 or group % 4:
             raise ValueError(
-                f"SparsityConfig.sample_group must be a multiple of 4 (>= 4), got {group!r}"
+                "SparsityConfig.sample_group must be 0 (the whole call) or a multiple of 4, "
+                f"got {group!r}"
             )
         share = self.sample_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:

@@ -427,7 +427,7 @@ CONFIG_RANGES: dict[str, tuple[int, str | int]] = {
     "tsm_interval": (1, "count"),
     "checkpoint_every": (0, "count"),
     "mask_interval": (1, "count"),  # schedules
-    "sample_group": (4, "count"),
+    "sample_group": (0, "count"),
     "dense_warmup_steps": (0, "count"),
     "workers": (0, 1024),
     "text_train_bytes": (2, "text_bytes"),

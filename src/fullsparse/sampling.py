@@ -12,8 +12,9 @@ Three ``grad_weight_mode`` values use it (:data:`SAMPLED_MODES`):
   survivors ×2 — the strided half-size product of ``ir`` without its bias;
 - ``is_half``: in every group of 4 consecutive units keep 2, with probabilities ∝
   ``‖dY_u‖·‖X_u‖`` water-filled as the MVUE does (capped at 1, Σp = 2), survivors ×1/p;
-  the config's ``sample_group`` (a multiple of 4) and ``sample_share`` (0.5) set the group
-  and the share kept of it — in larger groups the probabilities follow the scores further;
+  the config's ``sample_group`` (a multiple of 4, or 0: one group per call) and
+  ``sample_share`` (0.5) set the group and the share kept of it — in larger groups the
+  probabilities follow the scores further;
 - ``is_adaptive``: the same with a keep count k ∈ {2, 3, 4} per layer (a share k/4 of
   every group), chosen every ``variance_interval`` calls against a variance budget
   (:class:`AdaptiveState`).
@@ -87,13 +88,14 @@ def sample_units(scores: Tensor, share: float, group: int = 4) -> tuple[Tensor, 
     """Which units to keep, and their weights 1/p: ``(index [m] long, weight [m])``.
 
     ``scores [U]``: one per unit (for ``rand_half`` the scores are not read). Units are
-    grouped by ``group`` in order (fewer when the call has fewer: its whole groups of 4 in
-    one), and ``share`` of every group is kept: the nearest whole number of units, at least
-    one. A last, partial group is kept whole with weight 1. Draws one uniform per full group
-    (:func:`uniforms`).
+    grouped by ``group`` in order (fewer when the call has fewer, and ``group`` 0: the
+    call's whole groups of 4 in one), and ``share`` of every group is kept: the nearest
+    whole number of units, at least one. A last, partial group is kept whole with weight 1.
+    Draws one uniform per full group (:func:`uniforms`).
     """
     n_units = scores.shape[0]
-    group = min(group, n_units // 4 * 4)
+    whole = n_units // 4 * 4
+    group = whole if group == 0 else min(group, whole)
     kept = max(1, round(share * group))
     device = scores.device
     if kept >= group or group == 0:

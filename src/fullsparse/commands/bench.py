@@ -133,7 +133,7 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="INT",
         default=None,
-        help="units per sampling group of fst_is / fst_adaptive (a multiple of 4)",
+        help="units per sampling group of fst_is / fst_adaptive (a multiple of 4; 0: one per call)",
     )
     steps.add_argument(
         "--sample-share",

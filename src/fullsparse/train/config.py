@@ -249,9 +249,9 @@ class TrainConfig:
     )
     sample_group: int | None = option(
         None,
-        "override: units per sampling group of is_half / is_adaptive, a multiple of 4 "
-        "(default: the recipe's, 4)",
-        minimum=4,
+        "override: units per sampling group of is_half / is_adaptive, a multiple of 4, or 0 "
+        "for one group per call (the whole batch) (default: the recipe's, 4)",
+        minimum=0,
     )
     sample_share: float | None = option(
         None, "override: the share of every group is_half keeps (default: the recipe's, 0.5)"
