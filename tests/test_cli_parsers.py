@@ -31,6 +31,7 @@ from fullsparse.cli import build_parser, main
 from fullsparse.commands.analyze import SPLITS
 from fullsparse.config import (
     CONV_LAYOUT,
+    CONV_SAMPLE_UNIT,
     DECAY_KIND,
     GRAD_INPUT_SOURCE,
     GRAD_WEIGHT_MODE,
@@ -55,6 +56,7 @@ TRAIN_ENUMS = {
     "recipe": RECIPES,
     "grad_input_source": GRAD_INPUT_SOURCE,
     "conv_layout": CONV_LAYOUT,
+    "conv_sample_unit": CONV_SAMPLE_UNIT,
     "decay_kind": DECAY_KIND,
     "output_weight": OUTPUT_WEIGHT,
     "grad_weight_mode": GRAD_WEIGHT_MODE,
@@ -75,6 +77,7 @@ OTHER_ENUMS = {
     (("bench", "layers"), "inputs"): INPUT_SETS,
     (("bench", "gpu"), "dtype"): tuple(GPU_DTYPES),
     (("bench", "steps"), "device"): STEP_DEVICES,
+    (("bench", "steps"), "conv_sample_unit"): CONV_SAMPLE_UNIT,
     (("analyze", "fidelity"), "reference"): REFERENCES,
     (("analyze", "overhead"), "recipe"): RECIPES,
     **{(("analyze", a), "split"): SPLITS for a in ("similarity", "neighbors", "fidelity")},

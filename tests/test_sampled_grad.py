@@ -215,6 +215,47 @@ def test_conv_grouped_sampling_is_unbiased_exactly(monkeypatch):
     torch.testing.assert_close(expected, _ref_dense_conv_grad(x, weight, gy, ref_geo), **TOL)
 
 
+def _ref_sample_scores(x, gy) -> list[float]:
+    """Per sample n: ‖dY_n‖·‖X_n‖, entry by entry in float64."""
+    return [
+        float(sum(v * v for v in gy[i].flatten().tolist()) ** 0.5)
+        * float(sum(v * v for v in x[i].flatten().tolist()) ** 0.5)
+        for i in range(x.shape[0])
+    ]
+
+
+@pytest.mark.parametrize(("case", "samples"), [("3x3_s2_p0_w17", 6), ("dilation2_groups2", 5)])
+@pytest.mark.parametrize(("mode", "group", "share", "keep"),
+                         [("is_half", 4, 0.5, 2), ("is_adaptive", 4, 0.5, 3),
+                          ("is_half", 0, 0.75, 3)])  # fmt: skip
+def test_conv_per_sample_sampling_is_unbiased_exactly(
+    case, samples, mode, group, share, keep, monkeypatch
+):
+    """``unit="sample"``: whole samples, one group of 4 and the rest kept whole; group 0
+    takes the call's whole groups of 4 too."""
+    x, weight, gy, geo, ref_geo = _conv_case(case)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(samples, *x.shape[1:], generator=gen, dtype=torch.float64)
+    gy = torch.randn(samples, *gy.shape[1:], generator=gen, dtype=torch.float64)
+    x[1] = 0.0  # a sample with score 0
+    scores = _ref_sample_scores(x, gy)
+
+    def run():
+        state = _adaptive_state(keep) if mode == "is_adaptive" else None
+        return conv_grad_weight(x, gy, weight, geo, mode, state=state, interval=10**6,
+                                group=group, share=share, unit="sample")  # fmt: skip
+
+    expected = _expectation(run, _groups(scores), keep, monkeypatch)
+    torch.testing.assert_close(expected, _ref_dense_conv_grad(x, weight, gy, ref_geo), **TOL)
+
+
+def test_per_sample_scores_match_the_reference():
+    x, _, gy, _, _ = _conv_case("1x1_s2", seed=4)
+    got = sampled_grad.sample_scores(x, gy)
+    want = torch.tensor(_ref_sample_scores(x, gy), dtype=torch.float64)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv_random_phase_is_unbiased_for_both_phases(case, monkeypatch):
     x, weight, gy, geo, ref_geo = _conv_case(case, seed=1)
@@ -297,6 +338,12 @@ def test_the_product_flops_are_the_kept_share(mode, keep, share):
     product = _flops(sampled_grad._conv_impl, *conv_args, op="convolution")
     assert product == share * conv_dense
     assert _flops(sampled_grad._conv_impl, *conv_args) == product  # no other product
+    if mode != "rand_half":  # whole samples: 8 of them, 2 groups of 4
+        x8, dy8 = x.repeat(4, 1, 1, 1), dy.repeat(4, 1, 1, 1)
+        unit_args = (x8, dy8, weight, geo, mode, _adaptive_state(keep), 1.0, 10**6, 4, 0.5)
+        product = _flops(sampled_grad._conv_impl, *unit_args, "sample", op="convolution")
+        assert product == share * 4 * conv_dense
+        assert _flops(sampled_grad._conv_impl, *unit_args, "sample") == product
 
 
 # --------------------------------------------------------------------------- state, resume
@@ -319,9 +366,12 @@ def _steps(model, opt, batches):
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["fst_rand", "fst_is", "fst_adaptive"])
+@pytest.mark.parametrize("name", ["fst_rand", "fst_is", "fst_adaptive", "fst_is+sample"])
 def test_draws_are_seeded_and_resume_bit_exactly(name):
-    cfg = recipe(name, variance_interval=2) if name == "fst_adaptive" else recipe(name)
+    cfg = recipe(name, variance_interval=2) if name == "fst_adaptive" else None
+    if name == "fst_is+sample":  # whole samples, the batch of 6 in one group
+        cfg = recipe("fst_is", conv_sample_unit="sample", sample_group=0, sample_share=0.59)
+    cfg = cfg or recipe(name)
     gen = torch.Generator().manual_seed(5)
     batches = [(torch.randn(6, 4, 8, 8, generator=gen), torch.randint(0, 3, (6,), generator=gen))
                for _ in range(6)]  # fmt: skip
@@ -464,6 +514,11 @@ def test_sampling_group_fields_clash_with_other_modes():
         recipe("fst_rand", sample_group=16)
     with pytest.raises(ValueError, match="only 'is_half' keeps a fixed share"):
         recipe("fst_adaptive", sample_share=0.75)
+    assert recipe("fst_adaptive", conv_sample_unit="sample").conv_sample_unit == "sample"
+    with pytest.raises(ValueError, match="only sets the units a convolution's 'is_half'"):
+        recipe("fst_mvue", conv_sample_unit="sample")
+    with pytest.raises(ValueError, match="conv_sample_unit='channel' is not one of"):
+        recipe("fst_is", conv_sample_unit="channel")
 
 
 @pytest.mark.parametrize(
@@ -476,13 +531,19 @@ def test_sampling_group_fields_clash_with_other_modes():
         (["--recipe", "fst_is", "--sample-group", "6"], "multiple of 4"),
         (["--recipe", "fst_is", "--sample-share", "0"], "sample_share"),
         (["--recipe", "fst_mvue", "--sample-group", "16"], "only groups the units"),
+        (["--recipe", "fst_rand", "--conv-sample-unit", "sample"], "only sets the units"),
+        (["--recipe", "fst_is", "--conv-sample-unit", "pixel"], "conv-sample-unit"),
     ],
 )
 def test_bad_variance_flags_get_one_line_and_exit_2(flags, says, tmp_path, capsys):
     from fullsparse.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", *flags, "--out", str(out)]) == 2
+    try:
+        rc = main(["train", *flags, "--out", str(out)])
+    except SystemExit as exit_:  # argparse's own refusal (a choice not offered)
+        rc = exit_.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1
     assert not out.exists()  # nothing written
@@ -509,3 +570,10 @@ def test_sampling_work_is_the_products_own_operands():
     torch.manual_seed(2)
     want = conv_grad_weight(x, dy, weight, geo, "is_half")
     torch.testing.assert_close(sampled_grad._products(weight, parts), want, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(3)
+    x_kept, dy_kept = sampled_grad.sampling_work("is_half", x, dy, weight, geo, unit="sample")
+    assert x_kept.shape[0] == 2  # 2 of the 4 samples
+    torch.manual_seed(3)
+    want = conv_grad_weight(x, dy, weight, geo, "is_half", unit="sample")
+    got = sampled_grad._products(weight, [(x_kept, dy_kept, geo)])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

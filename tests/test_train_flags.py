@@ -111,6 +111,7 @@ FLAGS: list[tuple[list[str], dict, dict]] = [
     (["--variance-interval", "7"], {"variance_interval": 7}, {"recipe": "fst_adaptive"}),
     (["--sample-group", "16"], {"sample_group": 16}, {"recipe": "fst_is"}),
     (["--sample-group", "0"], {"sample_group": 0}, {"recipe": "fst_is"}),
+    (["--conv-sample-unit", "sample"], {"conv_sample_unit": "sample"}, {"recipe": "fst_is"}),
     (["--sample-share", "0.625"], {"sample_share": 0.625}, {"recipe": "fst_is"}),
     (["--grad-accum-steps", "4"], {"grad_accum_steps": 4}, {}),
     (["--log-every", "5"], {"log_every": 5}, {}),
@@ -138,6 +139,7 @@ KEYS: dict[str, object] = {
     "keep_dense": "stem,first_linear", "threads": 2, "init_from": "runs/dense",
     "variance_budget": 0.5, "variance_interval": 7, "grad_accum_steps": 4, "log_every": 5,
     "log_level": "warning", "report_to": "csv", "sample_group": 16, "sample_share": 0.625,
+    "conv_sample_unit": "sample",
 }  # fmt: skip
 #: The extra fields a key's value needs to make a valid config.
 KEY_CONTEXT = {
@@ -147,7 +149,7 @@ KEY_CONTEXT = {
     "decay_kind": {"recipe": "srste"}, "dense_finish_mode": {"dense_finish": 0.25},
     "init_from": {"recipe": "asp"}, "variance_budget": {"recipe": "fst_adaptive"},
     "variance_interval": {"recipe": "fst_adaptive"}, "sample_group": {"recipe": "fst_is"},
-    "sample_share": {"recipe": "fst_is"},
+    "sample_share": {"recipe": "fst_is"}, "conv_sample_unit": {"recipe": "fst_is"},
 }  # fmt: skip
 
 

@@ -70,6 +70,11 @@ GRAD_INPUT_SOURCE = ("dense", "pruned")
 #: ``(co, kh, kw)`` (the layout ASP and TensorRT's sparse convolutions need). Linear layers
 #: and 1×1 convs are the same under both.
 CONV_LAYOUT = ("im2col", "channel")
+#: The units ``is_half`` / ``is_adaptive`` sample in a convolution's weight gradient:
+#: ``block`` = one sample's even or odd output columns (two strided half-width products per
+#: call); ``sample`` = a whole sample (one full-width product over the kept samples: fewer
+#: copies and one call, but half as many units per batch).
+CONV_SAMPLE_UNIT = ("block", "sample")
 # ---- decay and forward variants (S-STE forward, masked decay) --------------------------
 #: Where the decay λ·(W − W_out)-style term enters the step: ``srste`` = added to the weight
 #: gradient inside each backward (Eq. 6, SR-STE and the paper); ``masked_grad`` = 2by4's
@@ -189,6 +194,16 @@ _CLASHES: tuple[tuple[Callable[[SparsityConfig], bool], Callable[[SparsityConfig
         ),
     ),
     (
+        lambda c: (
+            c.conv_sample_unit != "block" and c.grad_weight_mode not in ("is_half", "is_adaptive")
+        ),
+        lambda c: (
+            f"conv_sample_unit={c.conv_sample_unit!r} clashes with grad_weight_mode="
+            f"{c.grad_weight_mode!r}: it only sets the units a convolution's 'is_half' and "
+            "'is_adaptive' sample"
+        ),
+    ),
+    (
         lambda c: c.ir_alpha_linear and c._linear_mode != "ir",
         lambda c: (
             f"ir_alpha_linear={c.ir_alpha_linear} clashes with the Linear layers' "
@@ -273,6 +288,9 @@ class SparsityConfig:
     #: Share of every group 'is_half' keeps (the nearest whole number of units). Only with
     #: 'is_half'; 'is_adaptive' chooses 2, 3 or 4 quarters itself.
     sample_share: float = DEFAULT_SAMPLE_SHARE
+    #: What a convolution's 'is_half' / 'is_adaptive' sample: ``block`` (a sample's even or
+    #: odd output columns) or ``sample`` (whole samples: one full-width product).
+    conv_sample_unit: str = "block"
 
     def __post_init__(self) -> None:
         choices = {
@@ -283,6 +301,7 @@ class SparsityConfig:
             "grad_input_source": GRAD_INPUT_SOURCE,
             "conv_layout": CONV_LAYOUT,
             "decay_kind": DECAY_KIND,
+            "conv_sample_unit": CONV_SAMPLE_UNIT,
         }
         for field, allowed in choices.items():
             value = getattr(self, field)

@@ -115,6 +115,7 @@ def conv_grad_weight(
     interval: int = 50,
     group: int = 4,
     share: float = 0.5,
+    unit: str = "block",
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a convolution in one of the config's modes.
 
@@ -131,13 +132,14 @@ def conv_grad_weight(
     - ``rand_half`` / ``is_half`` / ``is_adaptive``: the product over a random sample of the
       output columns, unbiased (:mod:`fullsparse.sampled_grad`; ``state``, ``budget`` and
       ``interval``: the layer's adaptive state and its config's variance budget; ``group``
-      and ``share``: its sampling groups and the share ``is_half`` keeps).
+      and ``share``: its sampling groups and the share ``is_half`` keeps; ``unit``: column
+      blocks or whole samples).
 
     ``weight`` gives the shape (and dtype) of the result; its values are not read.
     """
     if mode in SAMPLED_MODES:
         return conv_sampled_grad_weight(
-            input, grad_output, weight, geo, mode, state, budget, interval, group, share
+            input, grad_output, weight, geo, mode, state, budget, interval, group, share, unit
         )
     if mode == "dense":
         return conv_backward(grad_output, input, weight, geo, "weight")
@@ -260,7 +262,7 @@ def conv_grad_weight_for(
     mode, alpha = config.grad_weight_mode, config.ir_alpha
     w = weight.to(grad_output.dtype)
     grad = conv_grad_weight(
-        input, grad_output, w, geo, mode, alpha, **sampling_args(config, gw_state)
+        input, grad_output, w, geo, mode, alpha, **sampling_args(config, gw_state, conv=True)
     )
     grad = grad.to(weight.dtype)
     decay = decay_term(weight, out_mask, config)
@@ -299,16 +301,21 @@ def linear_grad_weight_for(
     return grad if decay is None else grad + decay
 
 
-def sampling_args(config: SparsityConfig, state: Tensor | None) -> dict[str, Any]:
+def sampling_args(
+    config: SparsityConfig, state: Tensor | None, conv: bool = False
+) -> dict[str, Any]:
     """The sampled weight gradients' keyword arguments: a layer's adaptive state, its
-    config's variance budget and its sampling groups."""
-    return {
+    config's variance budget and its sampling groups (and a convolution's units)."""
+    args = {
         "state": state,
         "budget": config.variance_budget,
         "interval": config.variance_interval,
         "group": config.sample_group,
         "share": config.sample_share,
     }
+    if conv:
+        args["unit"] = config.conv_sample_unit
+    return args
 
 
 def _conv_dy_gi(config: SparsityConfig, grad_output: Tensor, geo: ConvGeometry) -> Tensor:
@@ -385,7 +392,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                 # ---- grad_weight (Eq. 3): dW = dY_gw · X_gwᵀ, + λ·(W − W_out) (Eq. 6)
                 if needs_dw:
                     mode, alpha = config.grad_weight_mode, config.ir_alpha
-                    sampling = sampling_args(config, ctx.gw_state)
+                    sampling = sampling_args(config, ctx.gw_state, conv=True)
                     dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha, **sampling)
                     grad_weight = _plus(dw.to(weight_dtype), decay)
             if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -4,10 +4,13 @@
   tokens); ``dW = dY_Sᵀ·diag(1/p)·X_S`` over the kept rows S.
 - Conv2d: ``rand_half`` keeps every second output column from a random phase: a
   convolution of stride ``(sh, 2·sw)``, as the FST half-size product. The importance-sampled
-  modes sample *blocks*: unit ``2n + q`` is sample n's output columns of parity q (q = 0:
-  even, 1: odd), and each kept unit goes into one of two such strided half-size products
-  (the even blocks of their samples, the odd blocks of theirs) — any 2 or 3 of every 4
-  units, at the kept share of the dense product's FLOPs, with no gather along the width.
+  modes sample *blocks* (``unit="block"``, the default): unit ``2n + q`` is sample n's output
+  columns of parity q (q = 0: even, 1: odd), and each kept unit goes into one of two such
+  strided half-size products (the even blocks of their samples, the odd blocks of theirs) —
+  any 2 or 3 of every 4 units, at the kept share of the dense product's FLOPs, with no
+  gather along the width. ``unit="sample"``: unit n is sample n, scored ``‖dY_n‖·‖X_n‖``,
+  and the kept samples go into one full-width product (one call, no padding copy: on a CPU
+  about half the block products' time at the same share, ``docs/benchmarks/cpu-steps.md``).
 
 ``state``: a layer's :class:`~fullsparse.sampling.AdaptiveState` tensor, or None (a functional
 call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
@@ -34,6 +37,7 @@ __all__ = [
     "conv_sampled_grad_weight",
     "token_scores",
     "block_scores",
+    "sample_scores",
     "sampling_work",
 ]
 
@@ -68,6 +72,15 @@ def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     dy2 = _column_sq_sums(dy, dtype)  # [N, Wo]
     parts = [(dy2[:, q::2].sum(1) * window[:, q::2].sum(1)).sqrt() for q in (0, 1)]
     return torch.stack(parts, 1).reshape(-1)
+
+
+def sample_scores(x: Tensor, dy: Tensor) -> Tensor:
+    """One score per sample ``[N]``: ``‖dY_n‖·‖X_n‖``, proportional to an upper bound of
+    the norm of sample n's term of the weight gradient (each input entry is read by at
+    most ``kh·kw`` windows; Cauchy-Schwarz)."""
+    dtype, n = _work_dtype(x), x.shape[0]
+    dy_norm = torch.linalg.vector_norm(dy.reshape(n, -1), dim=1, dtype=dtype)
+    return dy_norm * torch.linalg.vector_norm(x.reshape(n, -1), dim=1, dtype=dtype)
 
 
 def _column_sq_sums(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -237,6 +250,14 @@ def _block_operands(
     return parts
 
 
+def _sample_operands(
+    x: Tensor, dy: Tensor, samples: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(input, dY)`` of the full-width product over the kept ``samples`` (dY ÷ p)."""
+    dy_kept = dy.index_select(0, samples).mul_(scale.to(dy.dtype)[:, None, None, None])
+    return x.index_select(0, samples), _channels_like(dy_kept, x)
+
+
 def _products(weight: Tensor, parts: list[tuple[Tensor, Tensor, ConvGeometry]]) -> Tensor:
     """``Σ`` of the weight gradients of ``parts`` (``(input, dY, geometry)`` each)."""
     grad = None
@@ -259,20 +280,22 @@ def conv_sampled_grad_weight(
     interval: int = 50,
     group: int = 4,
     share: float = 0.5,
+    unit: str = "block",
 ) -> Tensor:
     """``dW`` (``weight``'s shape; its values are not read) of a convolution from
     ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``. ``group`` / ``share``: the sampling
-    groups' size (in units ``2n + q``) and the share ``is_half`` keeps."""
+    groups' size (in units) and the share ``is_half`` keeps; ``unit``: ``block`` (units
+    ``2n + q``) or ``sample`` (units n)."""
     return _conv_op(
         x, dy, weight, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
-        mode, state, float(budget), int(interval), int(group), float(share),
+        mode, state, float(budget), int(interval), int(group), float(share), unit,
     )  # fmt: skip
 
 
 _CONV_SCHEMA = (
     "(Tensor x, Tensor dy, Tensor weight, int[] stride, int[] padding, int[] dilation, "
     "int groups, str estimator, Tensor(a!)? state, float budget, int interval, "
-    "int group, float share) -> Tensor"
+    "int group, float share, str unit) -> Tensor"
 )
 
 
@@ -293,14 +316,15 @@ def _conv_op(
     interval: int,
     group: int,
     share: float,
+    unit: str,
 ) -> Tensor:
     geo = ConvGeometry.make(tuple(stride), tuple(padding), tuple(dilation), groups)
-    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval, group, share)
+    return _conv_impl(x, dy, weight, geo, estimator, state, budget, interval, group, share, unit)
 
 
 @_conv_op.register_fake
 def _(x, dy, weight, stride, padding, dilation, groups, estimator, state, budget, interval,  # type: ignore[no-untyped-def]
-      group, share):  # fmt: skip
+      group, share, unit):  # fmt: skip
     return torch.empty_like(weight)
 
 
@@ -315,6 +339,7 @@ def _conv_impl(
     interval: int,
     group: int = 4,
     share: float = 0.5,
+    unit: str = "block",
 ) -> Tensor:
     wo = dy.shape[3]
     if mode == "rand_half":
@@ -322,12 +347,16 @@ def _conv_impl(
         AdaptiveState.count(state, half_count(wo, phase), wo)
         return _products(weight, [_half_operands(x, dy[..., phase::2], geo, phase)]).mul_(2)
     n = x.shape[0]
-    scores = block_scores(x, dy, weight.shape[3], geo)
+    per_sample = unit == "sample"
+    scores = sample_scores(x, dy) if per_sample else block_scores(x, dy, weight.shape[3], geo)
 
     def estimate(keep: float) -> tuple[Tensor, int]:
         units, scale = sample_units(scores, keep, group)
-        if units.numel() == 2 * n:
+        if units.numel() == scores.numel():
             return conv_backward(_channels_like(dy, x), x, weight, geo, "weight"), n * wo
+        if per_sample:
+            x_kept, dy_kept = _sample_operands(x, dy, units, scale)
+            return conv_backward(dy_kept, x_kept, weight, geo, "weight"), units.numel() * wo
         product = _products(weight, _block_operands(x, dy, geo, units, scale))
         return product, _units_in_columns(units, wo)
 
@@ -355,6 +384,7 @@ def sampling_work(
     geo: ConvGeometry | None = None,
     group: int = 4,
     share: float = 0.5,
+    unit: str = "block",
 ) -> object:
     """What a sampled weight gradient does besides its product, as one call makes it: the
     scores, the draw and the operands (copies) of the product. ``geo`` None: a Linear layer
@@ -368,5 +398,8 @@ def sampling_work(
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)
+    if unit == "sample":
+        samples, scale = sample_units(sample_scores(x, dy), share, group)
+        return _sample_operands(x, dy, samples, scale)
     units, scale = sample_units(block_scores(x, dy, weight.shape[3], geo), share, group)
     return _block_operands(x, dy, geo, units, scale)

@@ -116,7 +116,8 @@ STEP_TARGETS = {
 def _config(name: str, mask_interval: int, sampling: dict[str, Any] | None = None) -> Any:
     """Recipe ``name`` with the masks recomputed every ``mask_interval`` steps (recipes with
     an S_K forward; the others ignore the interval) and ``sampling``'s ``sample_group`` /
-    ``sample_share`` (recipes whose weight gradient they steer; the others ignore them)."""
+    ``sample_share`` / ``conv_sample_unit`` (recipes whose weight gradient they steer; the
+    others ignore them)."""
     base = recipe(name)
     fields: dict[str, Any] = {}
     if mask_interval > 1 and base.operands.output_weight == "S_K(W)":
@@ -124,7 +125,8 @@ def _config(name: str, mask_interval: int, sampling: dict[str, Any] | None = Non
     modes = {base.grad_weight_mode, base.grad_weight_mode_linear}
     for key, value in (sampling or {}).items():
         steered = {"is_half"} if key == "sample_share" else {"is_half", "is_adaptive"}
-        if value is not None and modes & steered:
+        kinds = {base.grad_weight_mode} if key == "conv_sample_unit" else modes
+        if value is not None and kinds & steered:
             fields[key] = value
     return recipe(name, **fields) if fields else base
 
@@ -255,7 +257,8 @@ def _sampling_fn(
                     mvue_tokens(dy) if geo is None else mvue_spatial_conv(dy)
                 else:
                     share = config.sample_share if mode == "is_half" else 0.5
-                    sampling_work(mode, x, dy, w, geo, config.sample_group, share)
+                    unit = config.conv_sample_unit
+                    sampling_work(mode, x, dy, w, geo, config.sample_group, share, unit)
 
     return len(layers), work
 

@@ -102,6 +102,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
     from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES, STEP_DEVICES
+    from fullsparse.config import CONV_SAMPLE_UNIT
 
     steps = sub.add_parser(
         "steps",
@@ -134,6 +135,13 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         metavar="INT",
         default=None,
         help="units per sampling group of fst_is / fst_adaptive (a multiple of 4; 0: one per call)",
+    )
+    steps.add_argument(
+        "--conv-sample-unit",
+        choices=CONV_SAMPLE_UNIT,
+        metavar="UNIT",
+        default=None,
+        help="what the convolutions of fst_is / fst_adaptive sample (default: block)",
     )
     steps.add_argument(
         "--sample-share",
@@ -249,6 +257,7 @@ def run_steps(args: argparse.Namespace) -> int:
     if args.mask_interval < 1:
         raise UserError(f"--mask-interval must be >= 1, got {args.mask_interval}")
     sampling = {"sample_group": args.sample_group, "sample_share": args.sample_share}
+    sampling["conv_sample_unit"] = args.conv_sample_unit
     try:  # the values alone, before any timing
         recipe("fst_is", **{k: v for k, v in sampling.items() if v is not None})
     except ValueError as exc:

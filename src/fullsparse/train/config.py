@@ -24,6 +24,7 @@ from typing import Any
 
 from fullsparse.config import (
     CONV_LAYOUT,
+    CONV_SAMPLE_UNIT,
     DECAY_KIND,
     GRAD_INPUT_SOURCE,
     GRAD_WEIGHT_MODE,
@@ -71,6 +72,7 @@ SPARSITY_OVERRIDES: tuple[str, ...] = ("ir_alpha", "decay", "grad_input_source",
 SPARSITY_OVERRIDES += ("conv_layout", "decay_kind", "output_weight", "grad_weight_mode")
 SPARSITY_OVERRIDES += ("grad_weight_mode_linear", "ir_alpha_linear", "mask_interval")
 SPARSITY_OVERRIDES += ("variance_budget", "variance_interval", "sample_group", "sample_share")
+SPARSITY_OVERRIDES += ("conv_sample_unit",)
 TASKS = ("classify", "lm", "detection", "custom")
 OPTIMIZERS = ("sgd", "adamw")
 #: AdamW's default peak lr: the usual for small transformers (nanoGPT's char models use
@@ -255,6 +257,12 @@ class TrainConfig:
     )
     sample_share: float | None = option(
         None, "override: the share of every group is_half keeps (default: the recipe's, 0.5)"
+    )
+    conv_sample_unit: str | None = option(
+        None,
+        "override: what a conv's is_half / is_adaptive sample: block (a sample's even or odd "
+        "output columns) or sample (whole samples, one product) (default: the recipe's, block)",
+        choices=CONV_SAMPLE_UNIT,
     )
     keep_dense: str | None = option(None, "layers kept dense: stem, first_linear or both (a,b)")
     # -- schedules over the run (fullsparse.train.schedule) --------------------------------

@@ -97,7 +97,7 @@ def phase_of(step: int, total: int, warmup_steps: int, finish: float) -> str:
 BACKWARD_FIELDS = ("grad_input_dy", "grad_weight_mode", "ir_alpha", "grad_input_source")
 BACKWARD_FIELDS += ("grad_weight_mode_linear", "ir_alpha_linear")  # per layer kind
 BACKWARD_FIELDS += ("variance_budget", "variance_interval")  # the sampled weight gradient
-BACKWARD_FIELDS += ("sample_group", "sample_share")
+BACKWARD_FIELDS += ("sample_group", "sample_share", "conv_sample_unit")
 #: Fields that are not operands: a dense phase keeps them.
 KEPT_FIELDS = ("name", "tsm_interval", "mask_interval")
 
