@@ -80,6 +80,13 @@ jobs() {  # task variant seed flags...
   for s in 0 1; do echo "gpt fst_is-g4096-s0.59 $s $GPT $G3"; done
   # 0.59: +2.8 % on the GPT at 0.90 sparse; its ViT seeds, then ResNet-20's
   for s in 0 1; do echo "vit fst_is-g4096-s0.59 $s $VIT $G3"; done
+  # fst_is_batch: 0.59 of the whole batch, convolutions sampling whole samples (one
+  # full-width product: ResNet-20's sampling 17 % -> 5 % of a dense step); the GPT has no
+  # convolution (its runs equal fst_is-g4096-s0.59's: a check)
+  echo "resnet20 fst_is_batch 0 $R20 --recipe=fst_is_batch"
+  for s in 0 1; do echo "vit fst_is_batch $s $VIT --recipe=fst_is_batch"; done
+  for s in 0 1; do echo "gpt fst_is_batch $s $GPT --recipe=fst_is_batch"; done
+  for s in 1 2; do echo "resnet20 fst_is_batch $s $R20 --recipe=fst_is_batch"; done
   for s in 0 1 2; do echo "resnet20 fst_is-g4096-s0.59 $s $R20 $G3"; done
   echo "resnet20 dense 2 $R20 --recipe=dense"
   echo "resnet20 fst2-mvue 2 $R20 $MVUE"

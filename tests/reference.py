@@ -250,29 +250,47 @@ def ref_keep_probabilities(scores: list[float], k: int) -> list[float]:
     return [min(1.0, hi * x) for x in s]
 
 
+#: ``fst_is_batch``'s share of its one group per call
+BATCH_SHARE = 0.59
+
+
 def ref_sampled_weights(scores: list[float], mode: str, k: int = 2) -> list[float]:
     """The weight (0 = dropped, else 1/p) of each unit, drawing from torch's default
     generator as fullsparse does: ``rand``: one uniform, phase = [u >= 1/2], every second
     unit from the phase ×2; ``is``: one uniform per full group of 4, the units whose
-    cumulative-probability interval holds u, u+1, …, u+k−1; a partial group kept ×1."""
+    cumulative-probability interval holds u, u+1, …, u+k−1; a partial group kept ×1;
+    ``isb``: the same over one group of all the whole groups of 4, keeping
+    ``round(0.59 · size)``."""
     n = len(scores)
     if mode == "rand":
         phase = int(float(torch.rand(1, dtype=torch.float32)[0]) >= 0.5)
         return [2.0 if i % 2 == phase else 0.0 for i in range(n)]
     full = n // 4 * 4
+    size = full if mode == "isb" else 4
+    if mode == "isb":
+        k = max(1, round(BATCH_SHARE * full))
     weights = [1.0] * n
-    if full == 0 or k >= 4:
+    if full == 0 or k >= size:
         return weights
-    u = torch.rand(full // 4, dtype=torch.float32).double().tolist()
-    for g in range(full // 4):
-        p = ref_keep_probabilities(scores[4 * g : 4 * g + 4], k)
+    u = torch.rand(full // size, dtype=torch.float32).double().tolist()
+    for g in range(full // size):
+        p = ref_keep_probabilities(scores[size * g : size * (g + 1)], k)
         start = 0.0
-        for j in range(4):
-            end = start + p[j] if j < 3 else float(k)
+        for j in range(size):
+            end = start + p[j] if j < size - 1 else float(k)
             kept = any(start <= u[g] + i < end for i in range(k))
-            weights[4 * g + j] = 1.0 / p[j] if kept else 0.0
+            weights[size * g + j] = 1.0 / p[j] if kept else 0.0
             start = end
     return weights
+
+
+def ref_sample_scores(x: Tensor, gy: Tensor) -> list[float]:
+    """Per sample n: ‖dY_n‖·‖X_n‖, entry by entry in float64."""
+    return [
+        float(sum(v * v for v in gy[i].flatten().tolist()) ** 0.5)
+        * float(sum(v * v for v in x[i].flatten().tolist()) ** 0.5)
+        for i in range(x.shape[0])
+    ]
 
 
 def ref_block_scores(x: Tensor, gy: Tensor, kw: int, g: Geo) -> list[float]:
@@ -323,6 +341,8 @@ _RECIPES = {
     "fst_rand": ("2:4", "co", "dense", "rand", 0.0, 2e-4),
     "fst_is": ("2:4", "co", "dense", "is", 0.0, 2e-4),
     "fst_adaptive": ("2:4", "co", "dense", "is", 0.0, 2e-4),
+    # one group per call keeping 0.59 (isb), a convolution's units its samples
+    "fst_is_batch": ("2:4", "co", "dense", "isb", 0.0, 2e-4),
     # a module's first is_adaptive call measures: its weight gradient is the exact product
     "fst_adaptive_measuring": ("2:4", "co", "dense", "dense", 0.0, 2e-4),
 }
@@ -404,6 +424,11 @@ def ref_conv(
             [unit_w[2 * (p // (ho * wo)) + (p % wo) % 2] for p in range(n * ho * wo)],
             dtype=torch.float64,
         )
+    elif _RECIPES[name][3] == "isb":  # units: whole samples
+        unit_w = ref_sampled_weights(ref_sample_scores(x, gy), "isb")
+        pos_w = torch.tensor(
+            [unit_w[p // (ho * wo)] for p in range(n * ho * wo)], dtype=torch.float64
+        )
     for gi in range(g.groups):
         w2 = w[gi * cog : (gi + 1) * cog].reshape(cog, k)
         xg = xmat[gi * k : (gi + 1) * k]
@@ -426,7 +451,7 @@ def ref_conv(
             dwg = ref_mvue_rows(dyg, u[gi * cog : (gi + 1) * cog]) @ xg.t()
         elif gw == "topk":
             dwg = dyg_top @ xg.t()
-        elif gw in ("rand", "is"):
+        elif gw in ("rand", "is", "isb"):
             dwg = dyg @ (pos_w[:, None] * xg.t())
         else:  # wx
             dwg = dyg @ (xg * ref_mask_rows(xg)).t()
@@ -483,7 +508,7 @@ def ref_linear(
         dw = ref_mvue_rows(dy2.t(), draw_mvue_uniforms(d_out, dy2.shape[0])) @ x2
     elif gw == "topk":
         dw = dy_top.t() @ x2
-    elif gw in ("rand", "is"):  # rows of the flattened leading axes
+    elif gw in ("rand", "is", "isb"):  # rows of the flattened leading axes
         scores = [float(dy2[r].norm() * x2[r].norm()) for r in range(x2.shape[0])]
         weights = torch.tensor(ref_sampled_weights(scores, gw), dtype=torch.float64)
         dw = dy2.t() @ (weights[:, None] * x2)

@@ -44,6 +44,7 @@ def test_recipes_are_the_spec_table_in_order():
         "fst_rand",
         "fst_is",
         "fst_adaptive",
+        "fst_is_batch",
     )
 
 
@@ -64,8 +65,10 @@ _GI, _GW = "grad_input_weight", "grad_weight_mode"
         ("gg", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_grad_output"}),
         ("gx", {_GI: "forward", "grad_input_dy": "2:4_co", _GW: "2:4_input"}),
         ("meprop", {_GI: "dense", "grad_input_dy": "topk", _GW: "topk_grad_output"}),
+        ("fst_is_batch", {_GI: "2:4_co", _GW: "is_half", "sample_group": 0,
+                          "sample_share": 0.59, "conv_sample_unit": "sample"}),
     ],
-)
+)  # fmt: skip
 def test_recipe_fields_follow_the_spec(name, fields):
     cfg = recipe(name)
     assert cfg.name == name

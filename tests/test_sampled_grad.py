@@ -25,7 +25,14 @@ from fullsparse.geometry import ConvGeometry
 from fullsparse.nn import load_sparse_state_, sparse_state_dict
 from fullsparse.sampling import AdaptiveState, keep_probabilities, select_units
 from fullsparse.train.schedule import LayerFlops, flop_account, grad_weight_shares
-from reference import Geo, im2col, out_size, ref_block_scores, ref_keep_probabilities
+from reference import (
+    Geo,
+    im2col,
+    out_size,
+    ref_block_scores,
+    ref_keep_probabilities,
+    ref_sample_scores,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,15 +222,6 @@ def test_conv_grouped_sampling_is_unbiased_exactly(monkeypatch):
     torch.testing.assert_close(expected, _ref_dense_conv_grad(x, weight, gy, ref_geo), **TOL)
 
 
-def _ref_sample_scores(x, gy) -> list[float]:
-    """Per sample n: ‖dY_n‖·‖X_n‖, entry by entry in float64."""
-    return [
-        float(sum(v * v for v in gy[i].flatten().tolist()) ** 0.5)
-        * float(sum(v * v for v in x[i].flatten().tolist()) ** 0.5)
-        for i in range(x.shape[0])
-    ]
-
-
 @pytest.mark.parametrize(("case", "samples"), [("3x3_s2_p0_w17", 6), ("dilation2_groups2", 5)])
 @pytest.mark.parametrize(("mode", "group", "share", "keep"),
                          [("is_half", 4, 0.5, 2), ("is_adaptive", 4, 0.5, 3),
@@ -238,7 +236,7 @@ def test_conv_per_sample_sampling_is_unbiased_exactly(
     x = torch.randn(samples, *x.shape[1:], generator=gen, dtype=torch.float64)
     gy = torch.randn(samples, *gy.shape[1:], generator=gen, dtype=torch.float64)
     x[1] = 0.0  # a sample with score 0
-    scores = _ref_sample_scores(x, gy)
+    scores = ref_sample_scores(x, gy)
 
     def run():
         state = _adaptive_state(keep) if mode == "is_adaptive" else None
@@ -252,7 +250,7 @@ def test_conv_per_sample_sampling_is_unbiased_exactly(
 def test_per_sample_scores_match_the_reference():
     x, _, gy, _, _ = _conv_case("1x1_s2", seed=4)
     got = sampled_grad.sample_scores(x, gy)
-    want = torch.tensor(_ref_sample_scores(x, gy), dtype=torch.float64)
+    want = torch.tensor(ref_sample_scores(x, gy), dtype=torch.float64)
     torch.testing.assert_close(got, want, **TOL)
 
 

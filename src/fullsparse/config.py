@@ -640,6 +640,17 @@ RECIPE_TABLE: dict[str, dict[str, Any]] = {
     "fst_rand": dict(_COMMON_FST, grad_weight_mode="rand_half"),
     "fst_is": dict(_COMMON_FST, grad_weight_mode="is_half"),
     "fst_adaptive": dict(_COMMON_FST, grad_weight_mode="is_adaptive"),
+    # fst_is over the whole batch: one sampling group per call keeping 0.59 of the units
+    # (the largest share that keeps the GPT's FLOPs 0.9 sparse, its output head being
+    # dense), convolutions sampling whole samples (one full-width product). The quality
+    # study's candidate: docs/results/frontier.md
+    "fst_is_batch": dict(
+        _COMMON_FST,
+        grad_weight_mode="is_half",
+        sample_group=0,
+        sample_share=0.59,
+        conv_sample_unit="sample",
+    ),
 }
 
 #: Recipe names, in the order of the spec's table.

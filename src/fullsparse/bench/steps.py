@@ -98,7 +98,7 @@ STEP_CASES: dict[str, StepCase] = _cases()
 DEFAULT_CASES = ("resnet20", "resnet18-b8", "resnet18-b32", "vit", "gpt")
 #: The paper's recipe, the fully sparse one the quality study recommends and the three with a
 #: sampled (reduced-size) weight gradient.
-DEFAULT_RECIPES = ("dense", "fst", "fst_mvue", "fst_rand", "fst_is", "fst_adaptive")
+DEFAULT_RECIPES = ("dense", "fst", "fst_mvue", "fst_rand", "fst_is", "fst_adaptive", "fst_is_batch")
 #: Where ``bench steps`` runs.
 STEP_DEVICES = ("cpu", "cuda")
 GRAD_WEIGHT_SHAPE = ConvShape("layer1 3x3 64-64 @56", 64, 64, 3, 1, 56, 32)
