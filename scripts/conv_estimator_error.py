@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 import torch.nn as nn
+from estimator_error import print_errors
 from torch import Tensor
 
 from fullsparse.data.fashion_mnist import load_fashion_mnist
@@ -69,25 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     estimators = {}
     for unit in ("block", "sample"):
         for group, share, label in ((4, 0.5, "groups of 4, 1/2"), (0, 0.59, "whole batch, 0.59")):
-            estimators[f"{unit}s, {label}"] = dict(mode="is_half", group=group, share=share,
-                                                   unit=unit)  # fmt: skip
-    estimators["per-element MVUE (fst_mvue)"] = dict(mode="mvue")
+            estimators[f"{unit}s, {label}"] = partial(
+                conv_grad_weight, mode="is_half", group=group, share=share, unit=unit
+            )
+    estimators["per-element MVUE (fst_mvue)"] = partial(conv_grad_weight, mode="mvue")
     print(f"{len(layers)} convolutions, batch {args.batch}, {args.draws} draws each")
-    for name, kw in estimators.items():
-        rel, err2, norm2 = [], 0.0, 0.0
-        for x_l, dy_l, w, geo in layers:
-            grad = conv_grad_weight(x_l, dy_l, w, geo, "dense")
-            e2 = 0.0
-            for _ in range(args.draws):
-                mode = str(kw["mode"])
-                extra = {k: v for k, v in kw.items() if k != "mode"}
-                e2 += float((conv_grad_weight(x_l, dy_l, w, geo, mode, **extra) - grad).norm()) ** 2
-            e2 /= args.draws
-            g2 = float(grad.norm()) ** 2
-            rel.append((e2 / g2) ** 0.5)
-            err2, norm2 = err2 + e2, norm2 + g2
-        mean = sum(rel) / len(rel)
-        print(f"{name:30s} mean over layers {mean:.3f}  pooled {(err2 / norm2) ** 0.5:.3f}")
+    print_errors(layers, estimators, partial(conv_grad_weight, mode="dense"), args.draws)
     return 0
 
 
