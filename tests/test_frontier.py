@@ -74,6 +74,20 @@ def test_verdicts_follow_goals_sparsity_and_speed(tmp_path, frontier, capsys):
     assert "| `fst_rand` | -0.10 ✓ (2) | -0.10 ✓ (2) | +3.1 % ✗ (2) |" in table
 
 
+def test_a_task_whose_runs_are_another_variants_is_marked(frontier):
+    rows = [_row("gpt-stdlib", "fst_is-g4096-s0.59", 0.028, 2, 0.9),
+            _row("vit-fashion-mnist", "fst_is_batch", 0.1, 1, 0.94)]  # fmt: skip
+    qual = frontier.quality(rows)
+    assert qual["fst_is_batch"]["gpt-stdlib"]["same_runs_as"] == "fst_is-g4096-s0.59"
+    assert qual["fst_is_batch"]["gpt-stdlib"]["gap"] == 0.028
+    assert "same_runs_as" not in qual["fst_is_batch"]["vit-fashion-mnist"]
+    table = frontier.markdown(frontier.frontier(qual, {}, {}), {})
+    assert "| +2.8 % ✓ (2) † |" in table
+    assert "† `fst_is_batch`: the runs of `fst_is-g4096-s0.59`" in table
+    own = frontier.quality([*rows, _row("gpt-stdlib", "fst_is_batch", 0.03, 1, 0.9)])
+    assert "same_runs_as" not in own["fst_is_batch"]["gpt-stdlib"]  # its own runs win
+
+
 def test_unreadable_input_is_one_line(tmp_path, frontier):
     with pytest.raises(SystemExit, match="frontier: cannot read .*missing.json"):
         frontier.main(["--quality", str(tmp_path / "missing.json"), "--no-plot"])
