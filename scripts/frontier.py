@@ -230,8 +230,10 @@ def markdown(result: dict[str, Any], sources: dict[str, str]) -> str:
             if e["within_goals"] and e["fully_sparse"] and e["pays"]
         ],
     }
+    short = {e["label"] for e in result["entries"] if not e["seeds_complete"]}
     for what, labels in verdicts.items():
-        lines.append(f"- {what}: {', '.join(labels) if labels else 'none'}")
+        named = [f"{x} (fewer seeds than the goals ask)" if x in short else x for x in labels]
+        lines.append(f"- {what}: {', '.join(named) if named else 'none'}")
     lines += ["", "Sources: " + "; ".join(f"{k} `{v}`" for k, v in sources.items()), ""]
     return "\n".join(lines)
 
