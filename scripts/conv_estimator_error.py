@@ -12,19 +12,17 @@ mean over layers of the root-mean-square ‖Ĝ − G‖/‖G‖, and the same po
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 
 import torch
 import torch.nn as nn
-from estimator_error import print_errors
+from estimator_error import parse_and_load, print_errors
 from torch import Tensor
 
 from fullsparse.data.fashion_mnist import load_fashion_mnist
 from fullsparse.functional import conv_grad_weight
 from fullsparse.geometry import ConvGeometry
-from fullsparse.train.inference import load_trained_model
 
 #: Fashion-MNIST's pixel mean and standard deviation (of x / 255)
 MEAN, STD = 0.2860, 0.3530
@@ -55,15 +53,7 @@ def conv_operands(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[Tensor, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--draws", type=int, default=8)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model, _ = load_trained_model(args.checkpoint)
-    model.train()
+    args, model = parse_and_load(argv, __doc__, batch=128)
     (images, labels), _ = load_fashion_mnist()
     pick = torch.randint(0, images.shape[0], (args.batch,))
     x = (images[pick].float() / 255 - MEAN) / STD

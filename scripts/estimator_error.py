@@ -59,17 +59,26 @@ def layer_operands(model: nn.Module, x: Tensor, y: Tensor) -> list[tuple[Tensor,
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_and_load(
+    argv: list[str] | None, doc: str, batch: int, context: int | None = None
+) -> tuple[argparse.Namespace, nn.Module]:
+    """The scripts' arguments (CHECKPOINT, --draws, --batch, --seed, and --context when
+    given a default) and the checkpoint's model in train mode, torch seeded."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--draws", type=int, default=8)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch", type=int, default=batch)
+    if context is not None:
+        p.add_argument("--context", type=int, default=context)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     model, _ = load_trained_model(args.checkpoint)
-    model.train()
+    return args, model.train()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, model = parse_and_load(argv, __doc__, batch=32, context=128)
     data = build_text_corpus(max_train_bytes=2_000_000, max_val_bytes=1000).train
     starts = torch.randint(0, len(data) - args.context - 1, (args.batch,))
     x = torch.stack([data[s : s + args.context] for s in starts]).long()
