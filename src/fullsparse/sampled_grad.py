@@ -77,10 +77,10 @@ def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
 def sample_scores(x: Tensor, dy: Tensor) -> Tensor:
     """One score per sample ``[N]``: ``‖dY_n‖·‖X_n‖``, proportional to an upper bound of
     the norm of sample n's term of the weight gradient (each input entry is read by at
-    most ``kh·kw`` windows; Cauchy-Schwarz)."""
-    dtype, n = _work_dtype(x), x.shape[0]
-    dy_norm = torch.linalg.vector_norm(dy.reshape(n, -1), dim=1, dtype=dtype)
-    return dy_norm * torch.linalg.vector_norm(x.reshape(n, -1), dim=1, dtype=dtype)
+    most ``kh·kw`` windows; Cauchy-Schwarz): a Linear layer's token scores, with each
+    sample flattened to one row."""
+    n = x.shape[0]
+    return token_scores(x.reshape(n, -1), dy.reshape(n, -1))
 
 
 def _column_sq_sums(t: Tensor, dtype: torch.dtype) -> Tensor:
