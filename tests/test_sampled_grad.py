@@ -273,7 +273,16 @@ def test_conv_random_phase_is_unbiased_for_both_phases(case, monkeypatch):
 
 
 # --------------------------------------------------------------------------- probabilities
-def test_keep_probabilities_sum_to_k_and_cap_at_one():
+@pytest.fixture(params=["capping", "sorting"])
+def level(request, monkeypatch):
+    """Each way of finding the water-filling level: ``keep_probabilities`` on a CPU caps,
+    and sorts where capping does not settle (forced here by allowing no pass)."""
+    if request.param == "sorting":
+        monkeypatch.setattr(sampling, "CAPPING_PASSES", 0)
+    return request.param
+
+
+def test_keep_probabilities_sum_to_k_and_cap_at_one(level):
     scores = torch.tensor([[10.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 5.0], [1.0, 2.0, 3.0, 4.0]])
     for k in (1, 2, 3):
         p = keep_probabilities(scores.double(), k)
@@ -284,9 +293,9 @@ def test_keep_probabilities_sum_to_k_and_cap_at_one():
             torch.testing.assert_close(p[row], torch.tensor(want, dtype=torch.float64))
 
 
-def test_keep_probabilities_match_the_bisection_on_random_groups():
-    """Skewed, tied and zero scores, every keep count: the closed-form levels equal the
-    float64 bisection of the reference."""
+def test_keep_probabilities_match_the_bisection_on_random_groups(level):
+    """Skewed, tied and zero scores, every keep count: the levels equal the float64
+    bisection of the reference."""
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(300, 4, generator=gen, dtype=torch.float64) ** 6
     scores[:50, 1:] = 0.0  # one nonzero score
@@ -297,6 +306,31 @@ def test_keep_probabilities_match_the_bisection_on_random_groups():
         p = keep_probabilities(scores, k)
         want = [ref_keep_probabilities(row, k) for row in scores.tolist()]
         torch.testing.assert_close(p, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_keep_probabilities_of_one_large_group_match_the_bisection(level):
+    """One group of 4,096 heavy-tailed scores (hundreds capped at 1, as a GPT layer's tokens
+    at share 0.59), and groups of 64 with several far ahead."""
+    gen = torch.Generator().manual_seed(1)
+    big = torch.rand(1, 4096, generator=gen, dtype=torch.float64) ** 8
+    small = torch.rand(32, 64, generator=gen, dtype=torch.float64)
+    small[:, :5] *= 1e3
+    for scores, k in ((big, 2417), (big, 1000), (small, 38), (small, 7)):
+        p = keep_probabilities(scores, k)
+        want = [ref_keep_probabilities(row, k) for row in scores.tolist()]
+        assert int((p == 1).sum()) > scores.shape[0]  # the capping is exercised
+        torch.testing.assert_close(p, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+        total = torch.full_like(p[:, 0], float(k))
+        torch.testing.assert_close(p.sum(-1), total, rtol=1e-12, atol=0)
+
+
+def test_the_capping_and_the_sort_agree_in_float32():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.rand(3, 4096, generator=gen) ** 6
+    s = scores + (scores.mean(-1, keepdim=True) * 1e-6 + torch.finfo(torch.float32).tiny)
+    capped = sampling._level_by_capping(s, 2417)
+    assert capped is not None
+    torch.testing.assert_close(capped, sampling._level_by_sorting(s, 2417), rtol=2e-6, atol=0)
 
 
 def test_systematic_sampling_keeps_exactly_k_with_the_marginals():
