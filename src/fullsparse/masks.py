@@ -51,13 +51,16 @@ def _keep_top2_of_4(score: Tensor, dim: int = -1) -> Tensor:
     # cab: element a (the lower index) beats element b; b beats a exactly when not cab.
     c01, c02, c03 = s0 >= s1, s0 >= s2, s0 >= s3
     c12, c13, c23 = s1 >= s2, s1 >= s3, s2 >= s3
-    # An element is kept when it beats at least two of the other three (a majority vote),
-    # taken for all four elements at once: element i's three duels are column i of x, y, z.
-    # Bool temporaries only, a quarter of the size of the scores.
-    x = torch.stack([c01, ~c01, ~c02, ~c03], dim)
-    y = torch.stack([c02, c12, ~c12, ~c13], dim)
-    z = torch.stack([c03, c13, c23, ~c23], dim)
-    return _majority(x, y, z)
+    # An element is kept when it beats at least two of the other three (a majority vote of
+    # its three duels), decided per position on bool tensors a quarter of the scores' size;
+    # one stack interleaves the four results.
+    keep = (
+        _majority(c01, c02, c03),
+        _majority(~c01, c12, c13),
+        _majority(~c02, ~c12, c23),
+        _majority(~c03, ~c13, ~c23),
+    )
+    return torch.stack(keep, dim)
 
 
 def _majority(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
