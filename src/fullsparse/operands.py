@@ -244,9 +244,11 @@ def weight_operands(
     """All weight-side operands of a step, in one pass over W where the recipe allows.
 
     Equal bit for bit to :func:`output_weight_mask`, :func:`grad_input_weight` (cast to
-    ``compute``) and :func:`decay_term`: masking commutes with the cast (it multiplies by 0
-    or 1), and one magnitude score serves both S_K and S_Co. ``grad_input`` / ``decay``:
-    whether the backward will need them (not in evaluation, or when W has no gradient).
+    ``compute``) and :func:`decay_term` (the decay up to the sign of its zeros, where the
+    compute dtype is W's: there it is ``λ·(W − W_out)``): masking commutes with the cast (it
+    multiplies by 0 or 1), and one magnitude score serves both S_K and S_Co. ``grad_input``
+    / ``decay``: whether the backward will need them (not in evaluation, or when W has no
+    gradient).
     ``grad_input_mask``: a module's cached S_Co mask (``mask_interval > 1``), used as is for
     an S_Co grad_input operand.
     """
@@ -285,7 +287,12 @@ def weight_operands(
             w_gi = w_out * mask_co(w * out_mask, groups)
     term: Tensor | None = None
     if decay and ops.decay and out_mask is not None:
-        term = (w * ~out_mask).mul_(config.decay)
+        if w_out.dtype == w.dtype and ops.output_weight != SOFT:
+            # W − W_out is W where pruned and 0 where kept, exactly: no second pass over
+            # the mask (a bool mask costs a conversion to W's dtype in every product)
+            term = (w - w_out).mul_(config.decay)
+        else:
+            term = (w * ~out_mask).mul_(config.decay)
     return WeightOperands(out_mask, w_out, w_gi, term)
 
 
