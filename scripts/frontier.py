@@ -49,6 +49,7 @@ ROWS = {
     "fst_adaptive-i10": ("`fst_adaptive --variance-interval 10`", None),
     "fst_adaptive-b0.5": ("`fst_adaptive --variance-budget 0.5`", None),
     "fst_is_batch": ("`fst_is_batch`", "fst_is_batch"),
+    "fst_is_batch-mask40": ("`fst_is_batch`, masks every 40 steps", None),
     "fst2-mvue": ("`fst_mvue`", "fst_mvue"),
     "fst2-mvue-maskeddecay": ("`fst_mvue` + masked decay", None),
 }

@@ -103,6 +103,9 @@ jobs() {  # task variant seed flags...
   echo "resnet20 fst_is 0 $R20 --recipe=fst_is"
   echo "resnet20 fst_rand 0 $R20 --recipe=fst_rand"
   for s in 1 2; do echo "resnet20 fst_is-g4096-s0.5625 $s $R20 $G2"; done
+  # the weight masks every 40 steps under the candidate, on the CNN (seed 0: paired with
+  # fst_is_batch's own seed 0)
+  echo "resnet20 fst_is_batch-mask40 0 $R20 --recipe=fst_is_batch --mask-interval 40"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
