@@ -333,6 +333,40 @@ def test_the_capping_and_the_sort_agree_in_float32():
     torch.testing.assert_close(capped, sampling._level_by_sorting(s, 2417), rtol=2e-6, atol=0)
 
 
+def test_non_finite_scores_are_kept_for_sure():
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([[1.0, nan, 2.0, 3.0], [inf, nan, inf, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    p = keep_probabilities(scores, 2)
+    assert p[0, 1] == 1 and p[1, :3].tolist() == [1.0, 1.0, 0.0] and p[1, 3] == 0
+    torch.testing.assert_close(p[0, [0, 2, 3]].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(p.sum(-1), torch.full((3,), 2.0))
+    torch.testing.assert_close(p[2], keep_probabilities(scores[2:], 2)[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", ["rand_half", "is_half", "is_adaptive"])
+def test_a_non_finite_gradient_stays_visible_in_the_sampled_weight_gradient(bad, mode):
+    """An overflow in one token of dY (or one sample of a convolution's X) must reach dW —
+    never be dropped by the draw: the trainer and AMP's scaler look for it there."""
+    geo = ConvGeometry.make((1, 1), (1, 1), (1, 1), 1)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        x, dy = torch.randn(64, 8), torch.randn(64, 6)
+        dy[37, 2] = bad
+        for group in (4, 0):
+            g = sampled_grad.linear_sampled_grad_weight(x, dy, mode, group=group, share=0.5)
+            assert not bool(torch.isfinite(g).all())
+        xc, dyc, w = torch.randn(6, 3, 5, 5), torch.randn(6, 4, 5, 5), torch.zeros(4, 3, 3, 3)
+        xc[4, 1, 2, 3] = bad  # column 3: not read by the even output columns of a 1x1
+        w = torch.zeros(4, 3, 1, 1) if mode == "rand_half" else w
+        geo = ConvGeometry.make((1, 1), (0, 0), (1, 1), 1) if mode == "rand_half" else geo
+        for unit in ("block", "sample"):
+            g = sampled_grad.conv_sampled_grad_weight(
+                xc, dyc, w, geo, mode, group=0, share=0.5, unit=unit
+            )
+            assert not bool(torch.isfinite(g).all())
+
+
 def test_systematic_sampling_keeps_exactly_k_with_the_marginals():
     p = keep_probabilities(torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64), 2)
     grid = torch.arange(20000, dtype=torch.float64) / 20000 + 0.5 / 20000

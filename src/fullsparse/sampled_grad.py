@@ -119,6 +119,14 @@ def _measured(
     return grad
 
 
+def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
+    """``grad``, made NaN wherever it would otherwise hide a NaN or infinity of the units
+    ``rand_half`` dropped (an overflow must reach the weight gradient, where the trainer and
+    AMP's scaler look for it): one sum per dropped operand, added times 0 — 0 when finite."""
+    total = sum(t.sum(dtype=_work_dtype(t)) for t in dropped)
+    return grad.add_(total * 0)
+
+
 # --------------------------------------------------------------------------- Linear
 def _kept_rows(
     x2: Tensor, dy2: Tensor, scores: Tensor, share: float, group: int
@@ -145,7 +153,8 @@ def _linear_impl(
     if mode == "rand_half":
         phase = random_phase(x2.device)
         AdaptiveState.count(state, half_count(m, phase), m)
-        return dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
+        grad = dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
+        return _carrying_non_finite(grad, dy2[1 - phase :: 2], x2[1 - phase :: 2])
     scores = token_scores(x2, dy2)
 
     def estimate(keep: float) -> tuple[Tensor, int]:
@@ -345,7 +354,9 @@ def _conv_impl(
     if mode == "rand_half":
         phase = random_phase(x.device)
         AdaptiveState.count(state, half_count(wo, phase), wo)
-        return _products(weight, [_half_operands(x, dy[..., phase::2], geo, phase)]).mul_(2)
+        grad = _products(weight, [_half_operands(x, dy[..., phase::2], geo, phase)]).mul_(2)
+        # the kept columns' windows need not read every input column: all of X is checked
+        return _carrying_non_finite(grad, dy[..., 1 - phase :: 2], x)
     n = x.shape[0]
     per_sample = unit == "sample"
     scores = sample_scores(x, dy) if per_sample else block_scores(x, dy, weight.shape[3], geo)

@@ -64,15 +64,38 @@ def keep_probabilities(scores: Tensor, k: int) -> Tensor:
     both give the same probabilities up to rounding.
     """
     s = scores.clamp_min(0)
-    tiny = torch.finfo(s.dtype).tiny
-    s = s + (s.mean(-1, keepdim=True) * 1e-6 + tiny)
     if k >= s.shape[-1]:
         return torch.ones_like(s)
+    finite = torch.isfinite(s)
+    if not bool(finite.all()):
+        return _non_finite_kept(s, k, finite)
+    tiny = torch.finfo(s.dtype).tiny
+    s = s + (s.mean(-1, keepdim=True) * 1e-6 + tiny)
     if s.device.type == "cpu":
         p = _level_by_capping(s, k)
         if p is not None:
             return p
     return _level_by_sorting(s, k)
+
+
+def _non_finite_kept(s: Tensor, k: int, finite: Tensor) -> Tensor:
+    """Probabilities where some scores are NaN or infinite (an overflow in dY or X): in each
+    such group its first k non-finite units are kept for sure (p = 1), so the weight
+    gradient carries the non-finite value instead of dropping it, and the group's other
+    units share what is left of k; the other groups as :func:`keep_probabilities`."""
+    p = torch.empty_like(s)
+    whole = finite.all(-1)
+    if bool(whole.any()):
+        p[whole] = keep_probabilities(s[whole], k)
+    for row in (~whole).nonzero().flatten().tolist():
+        bad = ~finite[row]
+        sure = bad & (bad.cumsum(0) <= k)
+        q = sure.to(s.dtype)
+        left = k - int(sure.sum())
+        if left > 0:
+            q[~bad] = keep_probabilities(s[row][~bad][None], left)[0]
+        p[row] = q
+    return p
 
 
 #: passes :func:`_level_by_capping` makes before it leaves the level to the sort
