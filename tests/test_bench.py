@@ -4,6 +4,7 @@ warms up, interleaves and measures memory as documented. No timing is asserted."
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -257,3 +258,25 @@ def test_bench_steps_times_the_weight_gradient_sampling_of_sampling_recipes():
         assert rows[name]["sampling_ms"] > 0
     worst = max(rows[n]["sampling_percent_of_dense_step"] for n in ("fst_is", "fst_mvue"))
     assert result["targets"]["sampling_percent_max"]["value"] == worst
+
+
+def test_machine_info_names_the_allocator_environment(monkeypatch):
+    from fullsparse.bench.harness import machine_info
+    from fullsparse.bench.report import machine_line
+
+    for key in list(os.environ):
+        if key.startswith("MALLOC_") or key in ("LD_PRELOAD", "GLIBC_TUNABLES"):
+            monkeypatch.delenv(key)
+    plain = machine_info()
+    assert plain["allocator_env"] == {} and "allocator" not in machine_line(plain)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    tuned = machine_info()
+    assert tuned["allocator_env"] == {
+        "LD_PRELOAD": "/usr/lib/libjemalloc.so.2",
+        "MALLOC_MMAP_THRESHOLD_": "33554432",
+    }
+    line = machine_line(tuned)
+    assert line.endswith(
+        "allocator: LD_PRELOAD=/usr/lib/libjemalloc.so.2 MALLOC_MMAP_THRESHOLD_=33554432"
+    )

@@ -183,4 +183,13 @@ def machine_info() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "load_average_1min": load,
+        "allocator_env": allocator_env(),
     }
+
+
+def allocator_env() -> dict[str, str]:
+    """The environment that changes how the C allocator serves tensors (glibc's
+    ``MALLOC_*`` tunables, a preloaded jemalloc or tcmalloc): on a CPU a step's large
+    temporaries cost page faults or not depending on it (docs/benchmarks/cpu-steps.md)."""
+    keys = ("LD_PRELOAD", "GLIBC_TUNABLES")
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k in keys}

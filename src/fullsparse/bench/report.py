@@ -39,9 +39,10 @@ def machine_line(m: dict[str, Any]) -> str:
     """One line naming the CPU, threads, torch, date and commit of a result's ``machine``."""
     load = m.get("load_average_1min")
     busy = f", load average {load}" if load is not None else ""
+    alloc = " ".join(f"{k}={v}" for k, v in (m.get("allocator_env") or {}).items())
     return (
         f"CPU: {m['cpu']} ({m['torch_threads']} torch threads{busy}), torch {m['torch']}, "
-        f"{m['date']}, commit {m['commit']}"
+        f"{m['date']}, commit {m['commit']}" + (f", allocator: {alloc}" if alloc else "")
     )
 
 
