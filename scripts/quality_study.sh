@@ -106,6 +106,9 @@ jobs() {  # task variant seed flags...
   # the weight masks every 40 steps under the candidate, on the CNN (seed 0: paired with
   # fst_is_batch's own seed 0)
   echo "resnet20 fst_is_batch-mask40 0 $R20 --recipe=fst_is_batch --mask-interval 40"
+  # ... and on the transformers (seed 0, paired with the recipe's own seed 0)
+  echo "vit fst_is_batch-mask40 0 $VIT --recipe=fst_is_batch --mask-interval 40"
+  echo "gpt fst_is_batch-mask40 0 $GPT --recipe=fst_is_batch --mask-interval 40"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
