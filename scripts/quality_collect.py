@@ -5,7 +5,8 @@ train.log) from RUNS/<task>/<variant>-seed<S>/ to docs/results/quality/<task>/..
 docs/results/quality.json ({"rows": [...]}, one row per task and variant), draws one
 curve plot per task, and prints the markdown tables of docs/results/quality.md.
 
-    python scripts/quality_collect.py [--runs runs/quality] [--docs docs/results]
+    python scripts/quality_collect.py [--runs runs/quality] [--docs docs/results] \\
+        [--update-md docs/results/quality.md]
 """
 
 from __future__ import annotations
@@ -151,17 +152,17 @@ def _goal(task: str, row: dict[str, Any]) -> str:
     return ("met" if met else "missed") + ("" if len(row["seeds"]) > 1 else " (1 seed)")
 
 
-def print_tables(rows: list[dict[str, Any]]) -> None:
+def format_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The markdown table of each task (quality.json's task name -> table lines)."""
+    tables = {}
     for task, (name, metric, _, _) in TASKS.items():
         mine = [r for r in rows if r["task"] == name]
         if not mine:
             continue
         unit = "top-1 (%)" if metric == "top1" else "val loss (nats/byte)"
         delta = "Δ vs dense (pt)" if metric == "top1" else "vs dense"
-        print(f"\n### {name}\n")
-        print(f"| variant | seeds | final {unit} | {delta} | sparse GEMM fraction "
-              "(out / gi / gw / total) | goal |")  # fmt: skip
-        print("|---|---:|---:|---:|---|---|")
+        lines = [f"| variant | seeds | final {unit} | {delta} | sparse GEMM fraction "
+                 "(out / gi / gw / total) | goal |", "|---|---:|---:|---:|---|---|"]  # fmt: skip
         for r in mine:
             values = " / ".join(f"{v:.2f}" if metric == "top1" else f"{v:.4f}" for v in r["values"])
             mean = f"{r['mean']:.2f}" if metric == "top1" else f"{r['mean']:.4f}"
@@ -176,8 +177,35 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                 f"{a['output']:.2f} / {a['grad_input']:.2f} / {a['grad_weight']:.2f} / "
                 f"{a['total']:.2f}" + (" fully sparse" if a["fully_sparse"] else "")
                 + (f" (as {a['from']})" if a.get("from") else ""))  # fmt: skip
-            print(f"| `{r['variant']}` | {len(r['seeds'])} | {mean} ({values}) | {d_text} | "
-                  f"{a_text} | {_goal(task, r)} |")  # fmt: skip
+            lines.append(f"| `{r['variant']}` | {len(r['seeds'])} | {mean} ({values}) | "
+                         f"{d_text} | {a_text} | {_goal(task, r)} |")  # fmt: skip
+        tables[name] = "\n".join(lines)
+    return tables
+
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
+    for name, table in format_tables(rows).items():
+        print(f"\n### {name}\n")
+        print(table)
+
+
+def update_tables(markdown: str, tables: dict[str, str]) -> str:
+    """``markdown`` with the first table after each task's heading (the line naming the task
+    as `` (`<task>`) ``) replaced by that task's new table; a task without a heading there
+    is left out, a heading without a table below it gets none."""
+    lines = markdown.split("\n")
+    for name, table in tables.items():
+        heading = next((i for i, line in enumerate(lines) if f"(`{name}`)" in line), None)
+        if heading is None:
+            continue
+        start = next((i for i in range(heading + 1, len(lines)) if lines[i].startswith("|")), None)
+        if start is None or any(lines[i].startswith("#") for i in range(heading + 1, start)):
+            continue
+        end = start
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        lines[start:end] = table.split("\n")
+    return "\n".join(lines)
 
 
 def plot(found: dict, docs: Path) -> None:
@@ -221,6 +249,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="runs/quality", help="the study folder")
     parser.add_argument("--docs", default="docs/results", help="where results go")
+    parser.add_argument(
+        "--update-md", metavar="PATH", help="also replace each task's table in this page"
+    )
     args = parser.parse_args()
     runs, docs = Path(args.runs), Path(args.docs)
     if not runs.is_dir():
@@ -230,6 +261,9 @@ def main() -> int:
     rows = build_rows(found)
     (docs / "quality.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     print_tables(rows)
+    if args.update_md:
+        page = Path(args.update_md)
+        page.write_text(update_tables(page.read_text(), format_tables(rows)))
     plot(found, docs)
     return 0
 

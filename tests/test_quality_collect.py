@@ -76,3 +76,23 @@ def test_no_study_folder_is_an_error(tmp_path, collect, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["x", "--runs", str(tmp_path / "none")])
     assert collect.main() == 2
     assert "no study folder" in capsys.readouterr().err
+
+
+def test_update_tables_replaces_each_tasks_table_under_its_heading(collect):
+    page = "\n".join([
+        "# Study", "", "intro | not a table line start", "",
+        "### ResNet-20 (`resnet20-fashion-mnist-full`)", "", "| old | table |", "|---|---|",
+        "| `dense` | 1 |", "", "text after", "",
+        "### ViT (`vit-fashion-mnist`)", "", "no table here", "", "### Other", "",
+        "| keep | me |",
+    ])  # fmt: skip
+    new = {
+        "resnet20-fashion-mnist-full": "| variant | seeds |\n|---|---:|\n| `fst` | 3 |",
+        "vit-fashion-mnist": "| vit | table |",
+        "gpt-stdlib": "| gpt | table |",
+    }
+    out = collect.update_tables(page, new).split("\n")
+    i = out.index("### ResNet-20 (`resnet20-fashion-mnist-full`)")
+    assert out[i + 2 : i + 6] == ["| variant | seeds |", "|---|---:|", "| `fst` | 3 |", ""]
+    assert "text after" in out and "| keep | me |" in out  # other tables stay
+    assert "| vit | table |" not in out and "| gpt | table |" not in out
