@@ -109,6 +109,7 @@ jobs() {  # task variant seed flags...
   # ... and on the transformers (seed 0, paired with the recipe's own seed 0)
   echo "vit fst_is_batch-mask40 0 $VIT --recipe=fst_is_batch --mask-interval 40"
   echo "gpt fst_is_batch-mask40 0 $GPT --recipe=fst_is_batch --mask-interval 40"
+  echo "vit fst_is-g4096 1 $VIT $G1"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)
