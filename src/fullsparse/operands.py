@@ -219,7 +219,8 @@ def soft_output_weight(weight: Tensor, scale: Tensor | None = None) -> Tensor:
 class WeightOperands:
     """The weight side of one step: what the three GEMMs take from W."""
 
-    #: mask of the ``output`` operand (bool, the weight's shape), None when it is W
+    #: mask of the ``output`` operand (bool, the weight's shape), None when it is W or when
+    #: the native kernel made the operand without materializing its mask
     out_mask: Tensor | None
     #: ``output`` weight operand W_out, in the compute dtype
     output: Tensor
@@ -254,6 +255,10 @@ def weight_operands(
     """
     ops = config.operands
     w = weight.detach()
+    native = _native_operands(w, config, groups, compute, forward_mask, grad_input_mask,
+                              grad_input, decay)  # fmt: skip
+    if native is not None:
+        return native
     score: Tensor | None = None
     out_mask: Tensor | None = None
     if ops.output_weight != "W":
@@ -294,6 +299,45 @@ def weight_operands(
         else:
             term = (w * ~out_mask).mul_(config.decay)
     return WeightOperands(out_mask, w_out, w_gi, term)
+
+
+def _native_operands(
+    w: Tensor,
+    config: SparsityConfig,
+    groups: int,
+    compute: torch.dtype,
+    forward_mask: Tensor | None,
+    grad_input_mask: Tensor | None,
+    grad_input: bool,
+    decay: bool,
+) -> WeightOperands | None:
+    """:func:`weight_operands` of an S_K(W) forward by the native kernel
+    (:func:`fullsparse.native.fst_weight_side`: one pass over W, the same bits), or None
+    where it does not apply (a cached mask, another operand, dtype, layout or shape)."""
+    ops = config.operands
+    if ops.output_weight != "S_K(W)" or forward_mask is not None or compute != w.dtype:
+        return None
+    if not w.is_contiguous():  # e.g. channels_last: the eager path keeps its memory format
+        return None
+    if w.ndim == 4 and config.conv_layout != "im2col":
+        return None
+    operand = ops.grad_input_weight if grad_input else None
+    if operand not in (None, "W", "S_K(W)", "S_Co(W)") or grad_input_mask is not None:
+        return None
+    co_mask = operand == "S_Co(W)"
+    if co_mask and (w.shape[0] // groups) % 4:
+        return None  # groups of 4 output channels would straddle two conv groups
+    from fullsparse import native
+
+    made = native.fst_weight_side(
+        w.reshape(w.shape[0], -1), config.decay, co_mask, decay and ops.decay
+    )
+    if made is None:
+        return None
+    out, gi, term = (None if t is None else t.view(w.shape) for t in made)
+    assert out is not None
+    w_gi = {None: None, "W": w, "S_K(W)": out, "S_Co(W)": gi}[operand]
+    return WeightOperands(None, out, w_gi, term)
 
 
 # --------------------------------------------------------------------------- activations
