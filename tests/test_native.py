@@ -41,6 +41,16 @@ def _weight(shape, seed=0):
     return w
 
 
+@pytest.fixture
+def library() -> None:
+    """The sampling kernels' tests need the native library: without a C compiler the only
+    thing to check is that none runs (every caller then takes the eager path)."""
+    if not HAS_COMPILER:
+        assert native.draw(torch.ones(1, 4), 2, torch.zeros(1)) is None
+        assert native.gather_rows(torch.ones(2, 2), torch.tensor([1])) is None
+        pytest.fail("no C compiler here: the native sampling kernels cannot be checked")
+
+
 def test_available_where_a_compiler_is():
     assert native.available() == HAS_COMPILER
 
@@ -127,3 +137,129 @@ def test_a_failed_build_warns_once_and_runs_eagerly(monkeypatch, tmp_path):
     want = _eager(monkeypatch, w, recipe("fst"), 1, torch.float32)
     _same(got.output, want.output)
     _same(got.decay, want.decay)
+
+
+# --------------------------------------------------------------------------- sampling
+def _ref_kept(p: list[float], u: float, k: int) -> list[int]:
+    """Systematic sampling in float64: unit i is kept when one of u, …, u+k−1 falls in its
+    interval of the cumulative probabilities."""
+    kept, start = [], 0.0
+    for i, pi in enumerate(p):
+        end = float(k) if i == len(p) - 1 else start + pi
+        if any(start <= u + j < end for j in range(k)):
+            kept.append(i)
+        start = end
+    return kept
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize(
+    ("groups", "size", "k"),
+    [(50, 4, 2), (40, 4, 1), (30, 4, 3), (6, 64, 38), (1, 4096, 2417), (1, 4096, 9)],
+)
+def test_the_native_draw_matches_the_float64_reference(groups, size, k):
+    from reference import ref_keep_probabilities
+
+    gen = torch.Generator().manual_seed(size + k)
+    scores = torch.rand(groups, size, generator=gen) ** 6
+    scores[::5, : size // 2] = 0.0  # groups with zeros
+    scores[1::5, 0] *= 1e4  # one far ahead: capped at 1
+    u = torch.rand(groups, generator=gen)
+    drawn = native.draw(scores, k, u)
+    assert drawn is not None
+    index, weight = drawn
+    assert index.shape == weight.shape == (groups * k,)
+    for q in range(groups):
+        p = ref_keep_probabilities(scores[q].double().tolist(), k)
+        want = _ref_kept(p, float(u[q]), k)
+        got = (index[q * k : (q + 1) * k] - q * size).tolist()
+        assert got == want
+        torch.testing.assert_close(
+            weight[q * k : (q + 1) * k].double(),
+            torch.tensor([1 / p[i] for i in want], dtype=torch.float64),
+            rtol=2e-6, atol=0,
+        )  # fmt: skip
+
+
+@pytest.mark.usefixtures("library")
+def test_the_native_linear_sampling_is_unbiased(monkeypatch):
+    """E over every draw (enumerated at the midpoints of the intervals on which the kept rows
+    do not change) of the float32 native path equals dYᵀX to float32 rounding; one group of
+    12 rows keeping 7, and 2 rows kept whole."""
+    import itertools
+
+    from fullsparse import sampled_grad, sampling
+    from reference import ref_keep_probabilities
+
+    gen = torch.Generator().manual_seed(3)
+    x2, dy2 = torch.randn(14, 6, generator=gen), torch.randn(14, 5, generator=gen)
+    x2[2] = 0.0
+    scores = (dy2.double().norm(dim=1) * x2.double().norm(dim=1))[:12].tolist()
+    p = ref_keep_probabilities(scores, 7)
+    cuts = sorted({0.0, 1.0} | {float(sum(p[: i + 1])) % 1.0 for i in range(11)})
+    calls = []
+    real = native.draw
+    monkeypatch.setattr(native, "draw", lambda *a: calls.append(1) or real(*a))
+    total = torch.zeros(5, 6, dtype=torch.float64)
+    for a, b in itertools.pairwise(cuts):
+        if b - a < 1e-9:
+            continue
+        u = torch.tensor([(a + b) / 2], dtype=torch.float32)
+        monkeypatch.setattr(sampling, "uniforms", lambda n, device, u=u: u.clone())
+        g = sampled_grad.linear_sampled_grad_weight(x2, dy2, "is_half", group=12, share=0.6)
+        total += g.double() * (b - a)
+    assert calls  # the native draw ran
+    want = dy2.double().t() @ x2.double()
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_non_finite_score_leaves_the_draw_to_the_eager_path(monkeypatch):
+    from fullsparse import sampling
+
+    scores = torch.tensor([1.0, float("nan"), 2.0, 3.0, 4.0, 3.0, 2.0, 1.0])
+    assert native.draw(scores.view(2, 4), 2, torch.rand(2)) is None
+    torch.manual_seed(5)
+    got = sampling.sample_units(scores, 0.5)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    torch.manual_seed(5)
+    want = sampling.sample_units(scores, 0.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 1 in got[0].tolist()  # the NaN unit is kept for sure
+
+
+@pytest.mark.usefixtures("library")
+def test_row_norm_products_match_float64_norms_with_any_row_stride():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 20, generator=gen)[:, 3:16]  # rows 20 floats apart
+    dy = torch.randn(37, 9, generator=gen)
+    got = native.row_norm_products(x, dy)
+    want = dy.double().norm(dim=1) * x.double().norm(dim=1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("library")
+def test_gather_rows_equals_index_select_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randn(30, 17, generator=gen)
+    src[4, 2] = float("inf")
+    index = torch.tensor([0, 4, 4, 29, 7])
+    scale = torch.rand(5, generator=gen) * 3
+    assert torch.equal(native.gather_rows(src, index), src.index_select(0, index))
+    want = src.index_select(0, index).mul_(scale[:, None])
+    assert torch.equal(native.gather_rows(src, index, scale), want)
+    with pytest.raises(IndexError, match="out of range"):
+        native.gather_rows(src, torch.tensor([30]))
+
+
+@pytest.mark.usefixtures("library")
+def test_the_per_sample_conv_operands_equal_the_eager_ones(monkeypatch):
+    from fullsparse import sampled_grad
+
+    gen = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(9, 3, 5, 6, generator=gen), torch.randn(9, 4, 5, 6, generator=gen)
+    samples, scale = torch.tensor([1, 2, 5, 8]), torch.rand(4, generator=gen) + 0.5
+    got = sampled_grad._sample_operands(x, dy, samples, scale)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = sampled_grad._sample_operands(x, dy, samples, scale)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)

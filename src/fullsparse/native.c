@@ -6,6 +6,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* |x| as the 2:4 masks rank it: NaN (and +-inf) count as +inf */
 static inline float score(float x) {
@@ -85,7 +87,7 @@ static void rows_in_4s_no_decay(const float *restrict w, float *restrict out, in
 void fs_fst_weight_side(const float *w, float *out, float *gi, float *decay,
                         int64_t co, int64_t k, float lam) {
     int64_t blocks = co / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (co * k >= 32768)
     for (int64_t b = 0; b < blocks; b++) {
         int64_t base = 4 * b * k;
         if (gi != NULL)
@@ -94,5 +96,140 @@ void fs_fst_weight_side(const float *w, float *out, float *gi, float *decay,
             rows_in_4s(w + base, out + base, decay + base, 4 * k, lam);
         else
             rows_in_4s_no_decay(w + base, out + base, 4 * k);
+    }
+}
+
+/* ------------------------------------------------------------------ sampled weight gradients */
+
+/* Σ v² of n floats, in eight float lanes (vectorized), combined in double. */
+static double sum_squares(const float *restrict v, int64_t n) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++)
+            lane[l] += v[j + l] * v[j + l];
+    double total = 0.0;
+    for (int l = 0; l < 8; l++)
+        total += lane[l];
+    for (; j < n; j++)
+        total += (double)v[j] * v[j];
+    return total;
+}
+
+/* out[r] = ‖dy_r‖ · ‖x_r‖ of m rows (x rows of length dx, dy rows of length ddy, each row
+ * contiguous, rows `sx` / `sdy` floats apart): sampled_grad.token_scores. */
+void fs_row_norm_products(const float *x, const float *dy, int64_t m, int64_t dx, int64_t sx,
+                          int64_t ddy, int64_t sdy, float *out) {
+#pragma omp parallel for schedule(static) if (m * (dx + ddy) > 65536)
+    for (int64_t r = 0; r < m; r++) {
+        float a = (float)sqrt(sum_squares(dy + r * sdy, ddy));
+        float b = (float)sqrt(sum_squares(x + r * sx, dx));
+        out[r] = a * b;
+    }
+}
+
+/* One group's draw (sampling.keep_probabilities, then sampling.select_units): keep k of g
+ * units with p_i = min(1, c·t_i), Σp = k (water-filling by repeated capping), where
+ * t_i = max(s_i, 0) + mean·1e-6 + FLT_MIN; unit i is kept when one of u, u+1, …, u+k−1
+ * falls in [p_0 + … + p_{i−1}, p_0 + … + p_i). Writes the kept units' positions (ascending)
+ * and 1/p. Returns 0, or −1 for a non-finite score or a level that does not settle (the
+ * caller then runs the eager path on the same draws). */
+static int draw_group(const float *s, int64_t g, int64_t k, float u, double *t,
+                      unsigned char *capped, int64_t *index, float *weight) {
+    double total = 0.0;
+    for (int64_t i = 0; i < g; i++) {
+        float v = s[i];
+        if (!isfinite(v))
+            return -1;
+        t[i] = v > 0.0f ? (double)v : 0.0;
+        total += t[i];
+        capped[i] = 0;
+    }
+    double shift = total / (double)g * 1e-6 + 1.1754943508222875e-38;
+    for (int64_t i = 0; i < g; i++)
+        t[i] += shift;
+    double c = 0.0;
+    int64_t n_capped = 0;
+    for (int64_t pass = 0; pass <= g; pass++) {
+        double rest = 0.0;
+        for (int64_t i = 0; i < g; i++)
+            if (!capped[i])
+                rest += t[i];
+        c = (double)(k - n_capped) / rest;
+        int64_t grown = 0;
+        for (int64_t i = 0; i < g; i++)
+            if (!capped[i] && c * t[i] > 1.0) {
+                capped[i] = 1;
+                grown++;
+            }
+        n_capped += grown;
+        if (n_capped >= k)
+            return -1;
+        if (grown == 0)
+            break;
+    }
+    double end = 0.0;
+    int64_t before = 0, out = 0;
+    for (int64_t i = 0; i < g; i++) {
+        double p = capped[i] ? 1.0 : c * t[i];
+        end = i == g - 1 ? (double)k : end + p;
+        double count = ceil(end - (double)u);
+        int64_t now = count < 0.0 ? 0 : count > (double)k ? k : (int64_t)count;
+        if (now > before && out < k) {
+            index[out] = i;
+            weight[out] = (float)(1.0 / p);
+            out++;
+        }
+        before = now;
+    }
+    return out == k ? 0 : -1;
+}
+
+/* G groups of g consecutive scores, k kept of each: index [G·k] (positions in s, ascending)
+ * and weight [G·k] (1/p). Returns 0, or −1 where any group could not be drawn natively. */
+int fs_draw(const float *s, int64_t G, int64_t g, int64_t k, const float *u, int64_t *index,
+            float *weight) {
+    int failed = 0;
+#pragma omp parallel if (G > 64)
+    {
+        double *t = malloc(sizeof(double) * g);
+        unsigned char *capped = malloc(g);
+        if (t == NULL || capped == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < G; q++) {
+                if (draw_group(s + q * g, g, k, u[q], t, capped, index + q * k,
+                               weight + q * k) != 0) {
+#pragma omp atomic write
+                    failed = 1;
+                } else {
+                    for (int64_t j = 0; j < k; j++)
+                        index[q * k + j] += q * g;
+                }
+            }
+        }
+        free(t);
+        free(capped);
+    }
+    return failed ? -1 : 0;
+}
+
+/* dst row j = src row index[j] (rows of `len` floats, `stride` apart in src), times
+ * scale[j] when scale is not NULL: index_select(0, index).mul_(scale[:, None]). */
+void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t *index,
+                    const float *scale, int64_t n, float *dst) {
+#pragma omp parallel for schedule(static) if (n * len > 65536)
+    for (int64_t j = 0; j < n; j++) {
+        const float *restrict from = src + index[j] * stride;
+        float *restrict to = dst + j * len;
+        if (scale == NULL) {
+            memcpy(to, from, sizeof(float) * len);
+        } else {
+            float f = scale[j];
+            for (int64_t i = 0; i < len; i++)
+                to[i] = from[i] * f;
+        }
     }
 }

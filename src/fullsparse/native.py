@@ -32,7 +32,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "fst_weight_side"]
+__all__ = [
+    "available",
+    "enabled",
+    "fst_weight_side",
+    "row_norm_products",
+    "draw",
+    "gather_rows",
+]
 
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -93,6 +100,19 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "fs_fst_weight_side": (None, [ptr] * 4 + [i64] * 2 + [f32]),
+        "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
+        "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
+        "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+
 def _load() -> ctypes.CDLL | None:
     with _lock:
         if "lib" in _state:
@@ -102,9 +122,7 @@ def _load() -> ctypes.CDLL | None:
         if compiler is not None:
             try:
                 lib = ctypes.CDLL(str(_build(compiler)))
-                fn = lib.fs_fst_weight_side
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+                _declare(lib)
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
                 detail = getattr(e, "stderr", b"") or b""
                 warnings.warn(
@@ -133,6 +151,21 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _usable(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library, if every tensor is a float32 CPU tensor outside a compile trace."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    if torch.compiler.is_compiling() or not available():
+        return None
+    return _state["lib"]
+
+
+def _rows(t: Tensor) -> bool:
+    """A matrix whose rows are contiguous (any row stride)."""
+    return t.ndim == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) and t.shape[0] > 0
+
+
 def fst_weight_side(
     w2: Tensor, lam: float, grad_input: bool, decay: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
@@ -140,20 +173,11 @@ def fst_weight_side(
     along rows in groups of 4, S_Co down columns in groups of 4 rows), or None where the
     native kernel does not apply: not a contiguous float32 CPU matrix with co and k
     multiples of 4, or no native library (:func:`available`)."""
-    if (
-        w2.dtype != torch.float32
-        or w2.device.type != "cpu"
-        or w2.ndim != 2
-        or w2.shape[0] % 4
-        or w2.shape[1] % 4
-        or not w2.is_contiguous()
-        or w2.numel() == 0
-        or torch.compiler.is_compiling()
-        or not available()
-    ):
+    if w2.ndim != 2 or w2.shape[0] % 4 or w2.shape[1] % 4 or not w2.is_contiguous():
         return None
-    lib = _state["lib"]
-    assert lib is not None
+    lib = _usable(w2) if w2.numel() else None
+    if lib is None:
+        return None
     out = torch.empty_like(w2)
     gi = torch.empty_like(w2) if grad_input else None
     term = torch.empty_like(w2) if decay else None
@@ -161,3 +185,61 @@ def fst_weight_side(
         w2.data_ptr(), out.data_ptr(), _ptr(gi), _ptr(term), w2.shape[0], w2.shape[1], lam
     )
     return out, gi, term
+
+
+def row_norm_products(x2: Tensor, dy2: Tensor) -> Tensor | None:
+    """``‖dY_r‖·‖X_r‖`` per row ``[m]`` (:func:`fullsparse.sampled_grad.token_scores`, the
+    sums of squares in double), or None where the kernel does not apply."""
+    if not (_rows(x2) and _rows(dy2)) or x2.shape[0] != dy2.shape[0]:
+        return None
+    lib = _usable(x2, dy2)
+    if lib is None:
+        return None
+    out = torch.empty(x2.shape[0], dtype=torch.float32)
+    lib.fs_row_norm_products(
+        x2.data_ptr(), dy2.data_ptr(), x2.shape[0], x2.shape[1], x2.stride(0),
+        dy2.shape[1], dy2.stride(0), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def draw(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The kept units of ``scores [G, g]`` (k of every group) and their weights 1/p:
+    :func:`fullsparse.sampling.keep_probabilities` and :func:`~fullsparse.sampling.select_units`
+    in one call, the level in double (so p equals the eager float32 level's up to
+    rounding). None where the kernel does not apply or a group has a non-finite score
+    (the eager path, which keeps those for sure, then runs on the same ``u``)."""
+    if scores.ndim != 2 or not scores.is_contiguous() or u.numel() != scores.shape[0]:
+        return None
+    lib = _usable(scores, u)
+    if lib is None or not u.is_contiguous():
+        return None
+    groups, size = scores.shape
+    index = torch.empty(groups * k, dtype=torch.int64)
+    weight = torch.empty(groups * k, dtype=torch.float32)
+    failed = lib.fs_draw(
+        scores.data_ptr(), groups, size, k, u.data_ptr(), index.data_ptr(), weight.data_ptr()
+    )
+    return None if failed else (index, weight)
+
+
+def gather_rows(src: Tensor, index: Tensor, scale: Tensor | None = None) -> Tensor | None:
+    """``src.index_select(0, index)``, times ``scale[:, None]`` when given, in one pass;
+    None where the kernel does not apply."""
+    if not _rows(src) or index.dtype != torch.int64 or not index.is_contiguous():
+        return None
+    if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        return None
+    lib = _usable(src)
+    if lib is None or index.device.type != "cpu":
+        return None
+    if index.numel():
+        low, high = index.aminmax()
+        if int(low) < 0 or int(high) >= src.shape[0]:  # the C loop would read out of bounds
+            raise IndexError(f"row index out of range for {src.shape[0]} rows")
+    out = torch.empty(index.numel(), src.shape[1], dtype=torch.float32)
+    lib.fs_gather_rows(
+        src.data_ptr(), src.shape[1], src.stride(0), index.data_ptr(), _ptr(scale),
+        index.numel(), out.data_ptr(),
+    )  # fmt: skip
+    return out

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fullsparse import native
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import conv_backward
 from fullsparse.sampling import AdaptiveState, half_count, random_phase, sample_units
@@ -49,6 +50,9 @@ def _work_dtype(t: Tensor) -> torch.dtype:
 
 def token_scores(x2: Tensor, dy2: Tensor) -> Tensor:
     """``‖dY_t‖·‖X_t‖`` per row ``[M]``: the Frobenius norm of row t's term ``dY_tᵀ X_t``."""
+    fast = native.row_norm_products(x2, dy2)  # float32 on a CPU: one native pass
+    if fast is not None:
+        return fast
     dtype = _work_dtype(x2)
     dy_norm = torch.linalg.vector_norm(dy2, dim=1, dtype=dtype)
     return dy_norm * torch.linalg.vector_norm(x2, dim=1, dtype=dtype)
@@ -135,8 +139,12 @@ def _kept_rows(
     index, weight = sample_units(scores, share, group)
     if index.numel() == x2.shape[0]:
         return dy2, x2
-    dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
-    return dy_kept, x2.index_select(0, index)
+    dy_kept = native.gather_rows(dy2, index, weight)
+    x_kept = native.gather_rows(x2, index)
+    if dy_kept is None or x_kept is None:
+        dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
+        x_kept = x2.index_select(0, index)
+    return dy_kept, x_kept
 
 
 def _linear_impl(
@@ -263,6 +271,12 @@ def _sample_operands(
     x: Tensor, dy: Tensor, samples: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(input, dY)`` of the full-width product over the kept ``samples`` (dY ÷ p)."""
+    if x.is_contiguous() and dy.is_contiguous():  # whole samples are rows: native gathers
+        n, m = x.shape[0], samples.numel()
+        x_kept = native.gather_rows(x.view(n, -1), samples)
+        dy_kept = native.gather_rows(dy.view(n, -1), samples, scale)
+        if x_kept is not None and dy_kept is not None:
+            return x_kept.view(m, *x.shape[1:]), dy_kept.view(m, *dy.shape[1:])
     dy_kept = dy.index_select(0, samples).mul_(scale.to(dy.dtype)[:, None, None, None])
     return x.index_select(0, samples), _channels_like(dy_kept, x)
 

@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from fullsparse import native
+
 __all__ = [
     "SAMPLED_MODES",
     "uniforms",
@@ -163,10 +165,15 @@ def sample_units(scores: Tensor, share: float, group: int = 4) -> tuple[Tensor, 
         index = torch.arange(n_units, device=device)
         return index, torch.ones(n_units, dtype=scores.dtype, device=device)
     full = n_units // group * group
-    p = keep_probabilities(scores[:full].reshape(-1, group), kept)
-    keep = select_units(p, uniforms(full // group, device), kept)
-    index = keep.view(-1).nonzero().squeeze(1)
-    weight = p.view(-1)[index].reciprocal_()
+    u = uniforms(full // group, device)
+    drawn = native.draw(scores[:full].view(-1, group), kept, u)
+    if drawn is not None:  # the same draw in one native call (float32 on a CPU)
+        index, weight = drawn
+    else:
+        p = keep_probabilities(scores[:full].reshape(-1, group), kept)
+        keep = select_units(p, u, kept)
+        index = keep.view(-1).nonzero().squeeze(1)
+        weight = p.view(-1)[index].reciprocal_()
     if full < n_units:  # the partial group: kept whole
         rest = torch.arange(full, n_units, device=device)
         index = torch.cat([index, rest])
