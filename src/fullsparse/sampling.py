@@ -186,6 +186,10 @@ def random_phase(device: torch.device) -> int:
     return int(uniforms(1, device)[0] >= 0.5)
 
 
+#: the slots :meth:`AdaptiveState.count` adds to: calls, kept units, total units
+_COUNT_SLOTS = torch.tensor([1, 4, 5])
+
+
 class AdaptiveState:
     """A layer's ``is_adaptive`` state, in one float64 CPU tensor (saved in checkpoints by
     :func:`fullsparse.sparse_state_dict`): the keep count, a call counter, the smoothed ratios
@@ -226,9 +230,9 @@ class AdaptiveState:
         """Count one call: ``kept`` of ``total`` units went into the product."""
         if state is None:
             return
-        state[1] += 1
-        state[4] += kept
-        state[5] += total
+        # one op, not three indexed updates (this runs in every layer's every backward)
+        counts = torch.tensor([1.0, kept, total], dtype=torch.float64)
+        state.index_add_(0, _COUNT_SLOTS, counts)
 
     @staticmethod
     def measure(state: Tensor, variances: dict[int, float], noise: float, budget: float) -> None:
