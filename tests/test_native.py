@@ -263,3 +263,22 @@ def test_the_per_sample_conv_operands_equal_the_eager_ones(monkeypatch):
     want = sampled_grad._sample_operands(x, dy, samples, scale)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["fst", "fst_is_batch", "srste", "fst2"])
+@pytest.mark.parametrize("needs", ["both", "no_grad_input", "no_decay"])
+def test_cached_masks_give_the_eager_operands_bit_for_bit(monkeypatch, name, needs):
+    """mask_interval > 1: the module passes its cached S_K and S_Co masks."""
+    from fullsparse.operands import mask_co, mask_k
+
+    config = recipe(name)
+    w = _weight((16, 8, 3, 3), seed=9)
+    cached = {"forward_mask": mask_k(w), "grad_input_mask": mask_co(w)}
+    w = w + 0.25 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1))  # moved on
+    kwargs = {"grad_input": needs != "no_grad_input", "decay": needs != "no_decay", **cached}
+    got = weight_operands(w, config, 1, torch.float32, **kwargs)
+    want = _eager(monkeypatch, w, config, 1, torch.float32, **kwargs)
+    assert got.out_mask is cached["forward_mask"] and want.out_mask is cached["forward_mask"]
+    _same(got.output, want.output)
+    _same(got.grad_input, want.grad_input)
+    _same(got.decay, want.decay)

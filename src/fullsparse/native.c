@@ -99,6 +99,26 @@ void fs_fst_weight_side(const float *w, float *out, float *gi, float *decay,
     }
 }
 
+/* The same operands from cached masks (mask_interval > 1): out = W * mk, gi = W * mco (NULL:
+ * not computed), decay = (W - out) * lam (NULL: not computed); masks are bools (0 or 1 bytes)
+ * of W's n elements, as torch stores them. */
+void fs_masked_weight_side(const float *restrict w, const unsigned char *restrict mk,
+                           const unsigned char *restrict mco, float *restrict out,
+                           float *restrict gi, float *restrict decay, int64_t n, float lam) {
+#pragma omp parallel for schedule(static) if (n >= 32768)
+    for (int64_t c = 0; c < n; c += 4096) {
+        int64_t end = c + 4096 < n ? c + 4096 : n;
+        for (int64_t i = c; i < end; i++)
+            out[i] = w[i] * (float)mk[i];
+        if (gi != NULL)
+            for (int64_t i = c; i < end; i++)
+                gi[i] = w[i] * (float)mco[i];
+        if (decay != NULL)
+            for (int64_t i = c; i < end; i++)
+                decay[i] = (w[i] - out[i]) * lam;
+    }
+}
+
 /* ------------------------------------------------------------------ sampled weight gradients */
 
 /* Σ v² of n floats, in eight float lanes (vectorized), combined in double. */

@@ -36,6 +36,7 @@ __all__ = [
     "available",
     "enabled",
     "fst_weight_side",
+    "masked_weight_side",
     "row_norm_products",
     "draw",
     "gather_rows",
@@ -104,6 +105,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     signatures = {
         "fs_fst_weight_side": (None, [ptr] * 4 + [i64] * 2 + [f32]),
+        "fs_masked_weight_side": (None, [ptr] * 6 + [i64, f32]),
         "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
@@ -184,6 +186,33 @@ def fst_weight_side(
     lib.fs_fst_weight_side(
         w2.data_ptr(), out.data_ptr(), _ptr(gi), _ptr(term), w2.shape[0], w2.shape[1], lam
     )
+    return out, gi, term
+
+
+def masked_weight_side(
+    w: Tensor, out_mask: Tensor, co_mask: Tensor | None, lam: float, decay: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """``(W·out_mask, W·co_mask or None, λ·(W − W·out_mask) or None)`` from cached bool masks
+    of ``w``'s shape (``mask_interval > 1``), in one pass; None where the kernel does not
+    apply (not contiguous float32 / bool CPU tensors of one shape)."""
+    masks = [out_mask] if co_mask is None else [out_mask, co_mask]
+    for m in masks:
+        if m.dtype != torch.bool or m.shape != w.shape or not m.is_contiguous():
+            return None
+        if m.device.type != "cpu":
+            return None
+    if not w.is_contiguous():
+        return None
+    lib = _usable(w) if w.numel() else None
+    if lib is None:
+        return None
+    out = torch.empty_like(w)
+    gi = torch.empty_like(w) if co_mask is not None else None
+    term = torch.empty_like(w) if decay else None
+    lib.fs_masked_weight_side(
+        w.data_ptr(), out_mask.data_ptr(), _ptr(co_mask), out.data_ptr(), _ptr(gi), _ptr(term),
+        w.numel(), lam,
+    )  # fmt: skip
     return out, gi, term
 
 

@@ -311,33 +311,39 @@ def _native_operands(
     grad_input: bool,
     decay: bool,
 ) -> WeightOperands | None:
-    """:func:`weight_operands` of an S_K(W) forward by the native kernel
-    (:func:`fullsparse.native.fst_weight_side`: one pass over W, the same bits), or None
-    where it does not apply (a cached mask, another operand, dtype, layout or shape)."""
+    """:func:`weight_operands` of an S_K(W) forward by a native kernel (one pass over W, the
+    same bits): :func:`fullsparse.native.fst_weight_side`, or with the module's cached masks
+    :func:`fullsparse.native.masked_weight_side`. None where neither applies (another
+    operand, dtype, layout or shape)."""
     ops = config.operands
-    if ops.output_weight != "S_K(W)" or forward_mask is not None or compute != w.dtype:
+    if ops.output_weight != "S_K(W)" or compute != w.dtype:
         return None
     if not w.is_contiguous():  # e.g. channels_last: the eager path keeps its memory format
         return None
-    if w.ndim == 4 and config.conv_layout != "im2col":
-        return None
     operand = ops.grad_input_weight if grad_input else None
-    if operand not in (None, "W", "S_K(W)", "S_Co(W)") or grad_input_mask is not None:
+    if operand not in (None, "W", "S_K(W)", "S_Co(W)"):
         return None
     co_mask = operand == "S_Co(W)"
-    if co_mask and (w.shape[0] // groups) % 4:
-        return None  # groups of 4 output channels would straddle two conv groups
     from fullsparse import native
 
-    made = native.fst_weight_side(
-        w.reshape(w.shape[0], -1), config.decay, co_mask, decay and ops.decay
-    )
+    with_decay = decay and ops.decay
+    if forward_mask is not None:  # cached masks (mask_interval > 1)
+        if co_mask and grad_input_mask is None:
+            return None
+        masks = _check_forward_mask(forward_mask, w), grad_input_mask if co_mask else None
+        made = native.masked_weight_side(w, *masks, config.decay, with_decay)
+    else:
+        if grad_input_mask is not None or (w.ndim == 4 and config.conv_layout != "im2col"):
+            return None
+        if co_mask and (w.shape[0] // groups) % 4:
+            return None  # groups of 4 output channels would straddle two conv groups
+        made = native.fst_weight_side(w.reshape(w.shape[0], -1), config.decay, co_mask, with_decay)
     if made is None:
         return None
     out, gi, term = (None if t is None else t.view(w.shape) for t in made)
     assert out is not None
     w_gi = {None: None, "W": w, "S_K(W)": out, "S_Co(W)": gi}[operand]
-    return WeightOperands(None, out, w_gi, term)
+    return WeightOperands(forward_mask, out, w_gi, term)
 
 
 # --------------------------------------------------------------------------- activations
