@@ -25,11 +25,15 @@ from fullsparse.bench.steps import DEFAULT_CASES, STEP_CASES, _build, _step_fn
 
 def _with_native(step: Callable[[int], None], on: bool) -> Callable[[int], None]:
     def run(i: int) -> None:
+        before = os.environ.get("FULLSPARSE_NATIVE")
         os.environ["FULLSPARSE_NATIVE"] = "auto" if on else "off"
         try:
             step(i)
         finally:
-            os.environ["FULLSPARSE_NATIVE"] = "auto"
+            if before is None:
+                del os.environ["FULLSPARSE_NATIVE"]
+            else:
+                os.environ["FULLSPARSE_NATIVE"] = before
 
     return run
 

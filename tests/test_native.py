@@ -282,3 +282,15 @@ def test_cached_masks_give_the_eager_operands_bit_for_bit(monkeypatch, name, nee
     _same(got.output, want.output)
     _same(got.grad_input, want.grad_input)
     _same(got.decay, want.decay)
+
+
+@pytest.mark.usefixtures("library")
+def test_the_native_ab_script_prints_a_row_per_case(capsys):
+    from conftest import load_script
+
+    script = load_script("native_ab")
+    assert script.main(["--cases", "tiny-gpt", "--recipes", "fst_is_batch", "--repeats", "1",
+                        "--threads", "1"]) == 0  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1 and rows[0].count("×") == 2
+    assert native.enabled()  # the script leaves the switch as it found it
