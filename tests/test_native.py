@@ -294,3 +294,57 @@ def test_the_native_ab_script_prints_a_row_per_case(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 1 and rows[0].count("×") == 2
     assert native.enabled()  # the script leaves the switch as it found it
+
+
+def test_random_shapes_and_two_threads_equal_the_eager_path(monkeypatch):
+    """Many small shapes (1 thread), and a large weight on 2 OpenMP threads (the kernels
+    split their loops above 32,768 elements), every step and from cached masks."""
+    from fullsparse.operands import mask_co, mask_k
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(4 * int(a), 4 * int(b)) for a, b in torch.randint(1, 17, (30, 2), generator=gen)]
+    before = torch.get_num_threads()
+    try:
+        for shape in [*shapes, (256, 512)]:
+            torch.set_num_threads(2 if shape == (256, 512) else 1)
+            w = _weight(shape, seed=shape[0] * 1000 + shape[1])
+            for cached in ({}, {"forward_mask": mask_k(w), "grad_input_mask": mask_co(w)}):
+                got = weight_operands(w, recipe("fst"), 1, torch.float32, **cached)
+                want = _eager(monkeypatch, w, recipe("fst"), 1, torch.float32, **cached)
+                _same(got.output, want.output)
+                _same(got.grad_input, want.grad_input)
+                _same(got.decay, want.decay)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("group", [4, 64, 0])
+def test_the_native_sampling_draws_what_the_eager_path_draws(monkeypatch, group):
+    """The same uniforms, the same kept rows (2 threads: the draw splits its groups, the
+    norms and gathers their rows); the weights and the product equal to float32 rounding."""
+    from fullsparse import sampled_grad, sampling
+
+    gen = torch.Generator().manual_seed(12)
+    x2 = torch.randn(4096, 64, generator=gen) * torch.rand(4096, 1, generator=gen) ** 3
+    dy2 = torch.randn(4096, 48, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = {}
+        for switch in ("auto", "off"):
+            monkeypatch.setenv("FULLSPARSE_NATIVE", switch)
+            torch.manual_seed(3)
+            scores = sampled_grad.token_scores(x2, dy2)
+            index, weight = sampling.sample_units(scores, 0.59, group)
+            torch.manual_seed(3)
+            grad = sampled_grad.linear_sampled_grad_weight(x2, dy2, "is_half", group=group,
+                                                           share=0.59)  # fmt: skip
+            runs[switch] = scores, index, weight, grad
+    finally:
+        torch.set_num_threads(before)
+    (s_n, i_n, w_n, g_n), (s_e, i_e, w_e, g_e) = runs["auto"], runs["off"]
+    torch.testing.assert_close(s_n, s_e, rtol=1e-5, atol=0)
+    assert torch.equal(i_n, i_e)
+    torch.testing.assert_close(w_n, w_e, rtol=1e-4, atol=0)
+    torch.testing.assert_close(g_n, g_e, rtol=1e-4, atol=1e-3)
