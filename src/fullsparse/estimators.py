@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from fullsparse import native
 from fullsparse.fused import fused_or_eager
 
 __all__ = ["mvue_2to4", "mvue_keep_probabilities", "mvue_planes", "topk_rows"]
@@ -115,19 +116,22 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
     # [pre, size, post] → groups [pre, G, 4, post]; the four entries of a group as planes
     size = work.shape[dim]
     pre, post = math.prod(work.shape[:dim]), math.prod(work.shape[dim + 1 :])
+    g = (size + 3) // 4
+    # one uniform per group, drawn in the order (pre, post, group) and in float32 whatever
+    # t's dtype, so that a float64 and a float32 tensor get the same draws
+    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=torch.float32)
+    u = u.view(pre, post, g).transpose(1, 2).to(work.dtype).contiguous()
     v = work.reshape(pre, size, post)
+    fast = native.mvue(v, u)  # float32 on a CPU: one pass in t's own layout, the same bits
+    if fast is not None:
+        return fast.reshape(work.shape).to(t.dtype)
     if size % 4:
         v = torch.cat([v, v.new_zeros(pre, (-size) % 4, post)], 1)
-    g = v.shape[1] // 4
     v = v.view(pre, g, 4, post)
     if post == 1:  # contiguous planes (entries of a group are adjacent in memory)
         planes = v.view(pre, g, 4).permute(2, 0, 1).contiguous().unsqueeze(-1)
     else:
         planes = v.permute(2, 0, 1, 3)
-    # one uniform per group, drawn in the order (pre, post, group) and in float32 whatever
-    # t's dtype, so that a float64 and a float32 tensor get the same draws
-    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=torch.float32)
-    u = u.view(pre, post, g).transpose(1, 2).to(v.dtype).contiguous()
     out = fused_or_eager(mvue_planes, planes)(planes, u)
     out = out.permute(1, 2, 0, 3).reshape(pre, g * 4, post)[:, :size]
     return out.reshape(work.shape).to(t.dtype)

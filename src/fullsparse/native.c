@@ -253,3 +253,63 @@ void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t
         }
     }
 }
+
+/* ------------------------------------------------------------------ MVUE (fst_mvue) */
+
+static inline float maxf_(float a, float b) { return a > b ? a : b; }
+
+/* One group's MVUE (estimators.mvue_planes with estimators._planar_probabilities), the same
+ * float32 operations in the same order, for four finite entries x[0..3] and uniform u. */
+static inline void mvue_group(const float x[4], float u, float out[4]) {
+    const float tiny = 1.17549435e-38f;
+    float a[4] = {fabsf(x[0]), fabsf(x[1]), fabsf(x[2]), fabsf(x[3])};
+    float total = ((a[0] + a[1]) + a[2]) + a[3];
+    float top = maxf_(maxf_(a[0], a[1]), maxf_(a[2], a[3]));
+    int capped = 2.0f * top > total;
+    float on = (float)capped, off = 1.0f - on;
+    float rest = maxf_(total - top, tiny);
+    total = maxf_(total, tiny);
+    float end = 0.0f, u1 = u + 1.0f;
+    int below_u = 0, below_u1 = 0;
+    for (int k = 0; k < 4; k++) {
+        float p = ((2.0f * a[k]) / total) * off + (a[k] / rest) * on;
+        p = p > 1.0f ? 1.0f : p;
+        float is_top = (float)(a[k] == top && capped);
+        p = p * (1.0f - is_top) + is_top;
+        end = end + p;
+        int now_u = u < end, now_u1 = u1 < end;
+        int keep = (now_u ^ below_u) | (now_u1 ^ below_u1);
+        below_u = now_u;
+        below_u1 = now_u1;
+        out[k] = (x[k] / maxf_(p, tiny)) * (float)keep;
+    }
+}
+
+/* MVUE of t [pre, size, post] along its middle axis in groups of 4 (a last partial group
+ * zero-padded), one uniform per group, u [pre, size/4 rounded up, post]: out has t's shape.
+ * Returns 0, or -1 if t holds a NaN or an infinity (the caller then runs the eager path,
+ * which defines what those give), with out unspecified. */
+int fs_mvue(const float *t, const float *u, float *out, int64_t pre, int64_t size,
+            int64_t post) {
+    int64_t groups = (size + 3) / 4, rows = pre * groups;
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (pre * size * post >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t p = r / groups, g = r % groups;
+        int64_t first = 4 * g, count = size - first < 4 ? size - first : 4;
+        const float *src = t + (p * size + first) * post;
+        float *dst = out + (p * size + first) * post;
+        const float *ur = u + r * post;
+        for (int64_t q = 0; q < post; q++) {
+            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[4];
+            for (int64_t k = 0; k < count; k++) {
+                x[k] = src[k * post + q];
+                bad |= x[k] * 0.0f != 0.0f;  /* NaN or ±inf */
+            }
+            mvue_group(x, ur[q], y);
+            for (int64_t k = 0; k < count; k++)
+                dst[k * post + q] = y[k];
+        }
+    }
+    return bad ? -1 : 0;
+}

@@ -40,6 +40,7 @@ __all__ = [
     "row_norm_products",
     "draw",
     "gather_rows",
+    "mvue",
 ]
 
 _lock = threading.Lock()
@@ -55,7 +56,9 @@ def _compiler() -> str | None:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fPIC", "-shared", "-std=c99"]
+    # no contraction into fused multiply-adds: the kernels that match eager ops bit for bit
+    # need each product rounded on its own, as torch's separate ops round it
+    flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -109,6 +112,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
+        "fs_mvue": (ctypes.c_int, [ptr] * 3 + [i64] * 3),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -272,3 +276,22 @@ def gather_rows(src: Tensor, index: Tensor, scale: Tensor | None = None) -> Tens
         index.numel(), out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def mvue(t3: Tensor, u: Tensor) -> Tensor | None:
+    """:func:`fullsparse.estimators.mvue_planes` applied to ``t3 [pre, size, post]`` in its
+    own layout (groups of 4 along the middle axis, a last partial group zero-padded), with
+    the uniforms ``u [pre, ceil(size/4), post]``: ``t3``'s shape, bit for bit the eager
+    result, in one pass. None where the kernel does not apply, or where ``t3`` holds a NaN
+    or an infinity (the eager path then runs on the same uniforms)."""
+    if t3.ndim != 3 or u.ndim != 3 or not (t3.is_contiguous() and u.is_contiguous()):
+        return None
+    pre, size, post = t3.shape
+    if tuple(u.shape) != (pre, (size + 3) // 4, post) or t3.numel() == 0:
+        return None
+    lib = _usable(t3, u)
+    if lib is None:
+        return None
+    out = torch.empty_like(t3)
+    failed = lib.fs_mvue(t3.data_ptr(), u.data_ptr(), out.data_ptr(), pre, size, post)
+    return None if failed else out
