@@ -259,30 +259,88 @@ void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t
 static inline float maxf_(float a, float b) { return a > b ? a : b; }
 
 /* One group's MVUE (estimators.mvue_planes with estimators._planar_probabilities), the same
- * float32 operations in the same order, for four finite entries x[0..3] and uniform u. */
-static inline void mvue_group(const float x[4], float u, float out[4]) {
+ * float32 operations in the same order, for four finite entries and uniform u; straight-line
+ * and branch-free so that a loop over groups vectorizes. */
+#define MVUE_PROB(ak, is_top_k, p)                                              \
+    do {                                                                        \
+        p = ((2.0f * (ak)) / total) * off + ((ak) / rest) * on;                 \
+        p = p > 1.0f ? 1.0f : p;                                                \
+        p = p * (1.0f - (is_top_k)) + (is_top_k);                               \
+    } while (0)
+
+static inline void mvue_group(float x0, float x1, float x2, float x3, float u, float *y0,
+                              float *y1, float *y2, float *y3) {
     const float tiny = 1.17549435e-38f;
-    float a[4] = {fabsf(x[0]), fabsf(x[1]), fabsf(x[2]), fabsf(x[3])};
-    float total = ((a[0] + a[1]) + a[2]) + a[3];
-    float top = maxf_(maxf_(a[0], a[1]), maxf_(a[2], a[3]));
-    int capped = 2.0f * top > total;
-    float on = (float)capped, off = 1.0f - on;
+    float a0 = fabsf(x0), a1 = fabsf(x1), a2 = fabsf(x2), a3 = fabsf(x3);
+    float total = ((a0 + a1) + a2) + a3;
+    float top = maxf_(maxf_(a0, a1), maxf_(a2, a3));
+    float on = 2.0f * top > total ? 1.0f : 0.0f, off = 1.0f - on;
     float rest = maxf_(total - top, tiny);
     total = maxf_(total, tiny);
-    float end = 0.0f, u1 = u + 1.0f;
-    int below_u = 0, below_u1 = 0;
-    for (int k = 0; k < 4; k++) {
-        float p = ((2.0f * a[k]) / total) * off + (a[k] / rest) * on;
-        p = p > 1.0f ? 1.0f : p;
-        float is_top = (float)(a[k] == top && capped);
-        p = p * (1.0f - is_top) + is_top;
-        end = end + p;
-        int now_u = u < end, now_u1 = u1 < end;
-        int keep = (now_u ^ below_u) | (now_u1 ^ below_u1);
-        below_u = now_u;
-        below_u1 = now_u1;
-        out[k] = (x[k] / maxf_(p, tiny)) * (float)keep;
+    float t0 = a0 == top ? on : 0.0f, t1 = a1 == top ? on : 0.0f;
+    float t2 = a2 == top ? on : 0.0f, t3 = a3 == top ? on : 0.0f;
+    float p0, p1, p2, p3;
+    MVUE_PROB(a0, t0, p0);
+    MVUE_PROB(a1, t1, p1);
+    MVUE_PROB(a2, t2, p2);
+    MVUE_PROB(a3, t3, p3);
+    float u1 = u + 1.0f;
+    float e0 = 0.0f + p0, e1 = e0 + p1, e2 = e1 + p2, e3 = e2 + p3;
+    /* entry k is kept when u or u + 1 enters [e_{k-1}, e_k) */
+    int n0 = u < e0, n1 = u < e1, n2 = u < e2, n3 = u < e3;
+    int m0 = u1 < e0, m1 = u1 < e1, m2 = u1 < e2, m3 = u1 < e3;
+    float k0 = (float)(n0 | m0), k1 = (float)((n1 ^ n0) | (m1 ^ m0));
+    float k2 = (float)((n2 ^ n1) | (m2 ^ m1)), k3 = (float)((n3 ^ n2) | (m3 ^ m2));
+    *y0 = (x0 / maxf_(p0, tiny)) * k0;
+    *y1 = (x1 / maxf_(p1, tiny)) * k1;
+    *y2 = (x2 / maxf_(p2, tiny)) * k2;
+    *y3 = (x3 / maxf_(p3, tiny)) * k3;
+}
+
+/* Full groups of 4 rows (r, r + post, r + 2·post, r + 3·post) of length post. */
+__attribute__((noinline)) static int mvue_rows(const float *restrict r0, const float *restrict r1,
+                     const float *restrict r2, const float *restrict r3,
+                     const float *restrict u, float *restrict d0, float *restrict d1,
+                     float *restrict d2, float *restrict d3, int64_t post) {
+    int bad = 0;
+    for (int64_t q = 0; q < post; q++) {
+        float x0 = r0[q], x1 = r1[q], x2 = r2[q], x3 = r3[q];
+        bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
+               (x3 * 0.0f != 0.0f);
+        mvue_group(x0, x1, x2, x3, u[q], d0 + q, d1 + q, d2 + q, d3 + q);
     }
+    return bad;
+}
+
+/* Groups of 4 adjacent entries (post = 1): n full groups. */
+__attribute__((noinline)) static int mvue_adjacent(const float *restrict src, const float *restrict u,
+                         float *restrict dst, int64_t n) {
+    int bad = 0;
+    for (int64_t g = 0; g < n; g++) {
+        float x0 = src[4 * g], x1 = src[4 * g + 1], x2 = src[4 * g + 2], x3 = src[4 * g + 3];
+        bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
+               (x3 * 0.0f != 0.0f);
+        mvue_group(x0, x1, x2, x3, u[g], dst + 4 * g, dst + 4 * g + 1, dst + 4 * g + 2,
+                   dst + 4 * g + 3);
+    }
+    return bad;
+}
+
+/* A last group of fewer than 4 rows, zero-padded. */
+static int mvue_partial(const float *src, const float *u, float *dst, int64_t post,
+                        int64_t count) {
+    int bad = 0;
+    for (int64_t q = 0; q < post; q++) {
+        float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[4];
+        for (int64_t k = 0; k < count; k++) {
+            x[k] = src[k * post + q];
+            bad |= x[k] * 0.0f != 0.0f;
+        }
+        mvue_group(x[0], x[1], x[2], x[3], u[q], y, y + 1, y + 2, y + 3);
+        for (int64_t k = 0; k < count; k++)
+            dst[k * post + q] = y[k];
+    }
+    return bad;
 }
 
 /* MVUE of t [pre, size, post] along its middle axis in groups of 4 (a last partial group
@@ -291,25 +349,30 @@ static inline void mvue_group(const float x[4], float u, float out[4]) {
  * which defines what those give), with out unspecified. */
 int fs_mvue(const float *t, const float *u, float *out, int64_t pre, int64_t size,
             int64_t post) {
-    int64_t groups = (size + 3) / 4, rows = pre * groups;
+    int64_t groups = (size + 3) / 4, full = size / 4;
     int bad = 0;
+    if (post == 1) {
+#pragma omp parallel for schedule(static) reduction(| : bad) if (pre * size >= 65536)
+        for (int64_t p = 0; p < pre; p++) {
+            const float *src = t + p * size;
+            float *dst = out + p * size;
+            bad |= mvue_adjacent(src, u + p * groups, dst, full);
+            if (full < groups)
+                bad |= mvue_partial(src + 4 * full, u + p * groups + full, dst + 4 * full, 1,
+                                    size - 4 * full);
+        }
+        return bad ? -1 : 0;
+    }
 #pragma omp parallel for schedule(static) reduction(| : bad) if (pre * size * post >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t p = r / groups, g = r % groups;
-        int64_t first = 4 * g, count = size - first < 4 ? size - first : 4;
+    for (int64_t r = 0; r < pre * groups; r++) {
+        int64_t p = r / groups, g = r % groups, first = 4 * g;
         const float *src = t + (p * size + first) * post;
         float *dst = out + (p * size + first) * post;
-        const float *ur = u + r * post;
-        for (int64_t q = 0; q < post; q++) {
-            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[4];
-            for (int64_t k = 0; k < count; k++) {
-                x[k] = src[k * post + q];
-                bad |= x[k] * 0.0f != 0.0f;  /* NaN or ±inf */
-            }
-            mvue_group(x, ur[q], y);
-            for (int64_t k = 0; k < count; k++)
-                dst[k * post + q] = y[k];
-        }
+        if (g < full)
+            bad |= mvue_rows(src, src + post, src + 2 * post, src + 3 * post, u + r * post,
+                             dst, dst + post, dst + 2 * post, dst + 3 * post, post);
+        else
+            bad |= mvue_partial(src, u + r * post, dst, post, size - first);
     }
     return bad ? -1 : 0;
 }

@@ -57,8 +57,9 @@ def _compiler() -> str | None:
 
 def _flags() -> list[str]:
     # no contraction into fused multiply-adds: the kernels that match eager ops bit for bit
-    # need each product rounded on its own, as torch's separate ops round it
-    flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off"]
+    # need each product rounded on its own, as torch's separate ops round it; no trapping
+    # math: comparisons may run unconditionally (the same values), so the loops vectorize
+    flags = ["-O3", "-fPIC", "-shared", "-std=c99", "-ffp-contract=off", "-fno-trapping-math"]
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
