@@ -41,6 +41,8 @@ def _not_a_view(y: Tensor) -> Tensor:
     that product is a temporary nothing else holds, so the untracked alias behaves exactly
     like the output of the torch layer (``y.mul_(2)``, ``relu_``, ``y[i] = v`` all work).
     """
+    if y._base is None and not torch.compiler.is_compiling():
+        return y  # not a view (a convolution's output): nothing to do
     return torch.ops.aten._unsafe_view(y, y.shape)
 
 

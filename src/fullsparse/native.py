@@ -153,7 +153,10 @@ def enabled() -> bool:
 
 def available() -> bool:
     """Whether the native kernels run here (the switch, a compiler, a good build)."""
-    return enabled() and _load() is not None
+    if not enabled():
+        return False
+    lib = _state.get("lib", False)  # a loaded library (or None: no build) without the lock
+    return (lib if lib is not False else _load()) is not None
 
 
 def _ptr(t: Tensor | None) -> int | None:

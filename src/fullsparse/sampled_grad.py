@@ -18,6 +18,7 @@ call: nothing is counted, and ``is_adaptive`` keeps 2 of 4 like ``is_half``).
 Both products are registered as custom operators (``fullsparse::linear_sampled_grad_weight``,
 ``fullsparse::conv_sampled_grad_weight``): their draws, data-dependent sizes and the state
 they update are opaque to ``torch.compile``, which sees one op of a known output shape.
+Eager calls run the same implementation directly (the op's dispatch costs tens of µs).
 """
 
 from __future__ import annotations
@@ -220,7 +221,10 @@ def linear_sampled_grad_weight(
 ) -> Tensor:
     """``dW [d_out, d_in]`` of a Linear layer from ``X [M, d_in]``, ``dY [M, d_out]``.
     ``group`` / ``share``: the sampling groups' size and the share ``is_half`` keeps."""
-    return _linear_op(x2, dy2, mode, state, float(budget), int(interval), int(group), float(share))
+    args = (float(budget), int(interval), int(group), float(share))
+    if not torch.compiler.is_compiling():  # eager: the same function, without the op dispatch
+        return _linear_impl(x2, dy2, mode, state, *args)
+    return _linear_op(x2, dy2, mode, state, *args)
 
 
 # --------------------------------------------------------------------------- Conv2d
@@ -309,6 +313,9 @@ def conv_sampled_grad_weight(
     ``X [N, Ci, H, W]`` and ``dY [N, Co, Ho, Wo]``. ``group`` / ``share``: the sampling
     groups' size (in units) and the share ``is_half`` keeps; ``unit``: ``block`` (units
     ``2n + q``) or ``sample`` (units n)."""
+    if not torch.compiler.is_compiling():  # eager: the same function, without the op dispatch
+        return _conv_impl(x, dy, weight, geo, mode, state, float(budget), int(interval),
+                          int(group), float(share), unit)  # fmt: skip
     return _conv_op(
         x, dy, weight, list(geo.stride), list(geo.padding), list(geo.dilation), geo.groups,
         mode, state, float(budget), int(interval), int(group), float(share), unit,

@@ -16,6 +16,7 @@ Kernels receive the operands the autograd functions prepared (``fullsparse.funct
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -107,6 +108,15 @@ def _has_dead_tap(
     input_hw: Sequence[int], kernel_hw: Sequence[int], geo: ConvGeometry, output_hw: Sequence[int]
 ) -> bool:
     """True when some kernel position reads only padding at every output position."""
+    rule = _dead_tap.__wrapped__ if torch.compiler.is_compiling() else _dead_tap  # SymInts
+    return rule(tuple(input_hw), tuple(kernel_hw), geo, tuple(output_hw))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dead_tap(
+    input_hw: tuple[int, ...], kernel_hw: tuple[int, ...], geo: ConvGeometry,
+    output_hw: tuple[int, ...],
+) -> bool:  # fmt: skip
     for d in range(2):
         size, stride, out = input_hw[d], geo.stride[d], output_hw[d]
         for tap in range(kernel_hw[d]):
