@@ -169,6 +169,8 @@ CONV_CASES = {
     "3x3_s2_p0_w17": (2, 2, 6, 17, 4, (3, 3), (2, 2), (0, 0), (1, 1), 1),
     "dilation2_groups2": (1, 4, 7, 12, 4, (3, 3), (1, 1), (2, 2), (2, 2), 2),
     "1x1_s2": (3, 4, 4, 16, 8, (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    # one output column: every odd column block is empty (found by tests/test_properties.py)
+    "one_output_column": (3, 2, 4, 1, 4, (1, 1), (1, 2), (0, 0), (1, 1), 1),
 }
 
 

@@ -241,7 +241,7 @@ def _half_operands(
     ``phase, phase+2, …``, given ``dy_half = dY[..., phase::2]`` (any scaling applied)."""
     dy_half = _channels_like(dy_half.contiguous(), x)
     half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
-    if phase == 0:
+    if phase == 0 or dy_half.shape[3] == 0:  # (no column of this phase: a product of 0)
         return x, dy_half, half
     # column 1's window starts sw columns into the padded input: pad (crop where negative)
     # the width by hand, then no width padding in the product
