@@ -409,3 +409,18 @@ def test_the_native_mvue_on_two_threads(monkeypatch):
     finally:
         torch.set_num_threads(before)
     _same(got, want)
+
+
+@pytest.mark.usefixtures("library")
+def test_the_draw_takes_scores_of_any_layout(monkeypatch):
+    """``sample_units`` is public: a strided score vector draws what a contiguous one does."""
+    from fullsparse import sampling
+
+    scores = torch.rand(64, generator=torch.Generator().manual_seed(13))
+    strided = torch.stack([scores, scores], 1)[:, 0]
+    assert not strided.is_contiguous()
+    torch.manual_seed(1)
+    want = sampling.sample_units(scores, 0.5, 8)
+    torch.manual_seed(1)
+    got = sampling.sample_units(strided, 0.5, 8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -74,12 +74,15 @@ def _flags() -> list[str]:
 
 
 def _torch_uses_gnu_openmp() -> bool:
-    """Whether torch's parallel backend is OpenMP from a ``libgomp`` (the one our ``-fopenmp``
-    library then shares, by its soname); another runtime would be a second thread pool."""
+    """Whether torch's parallel backend is OpenMP from a ``libgomp`` already loaded in this
+    process (the one our ``-fopenmp`` library then shares, by its soname); another runtime
+    (Intel's, LLVM's) would be a second thread pool, so the kernels then run on one thread."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return False
-    lib = Path(torch.__file__).parent / "lib"
-    return any(lib.glob("libgomp*")) or Path("/usr/lib/x86_64-linux-gnu/libgomp.so.1").exists()
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux: only torch's own copy tells
+        return any((Path(torch.__file__).parent / "lib").glob("libgomp*"))
 
 
 def _build(compiler: str) -> Path:
@@ -262,9 +265,12 @@ def draw(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor] | None:
     return None if failed else (index, weight)
 
 
-def gather_rows(src: Tensor, index: Tensor, scale: Tensor | None = None) -> Tensor | None:
+def gather_rows(
+    src: Tensor, index: Tensor, scale: Tensor | None = None, *, index_checked: bool = False
+) -> Tensor | None:
     """``src.index_select(0, index)``, times ``scale[:, None]`` when given, in one pass;
-    None where the kernel does not apply."""
+    None where the kernel does not apply. The indices are checked against ``src``'s rows
+    (an IndexError) unless ``index_checked`` says a call on as many rows just did."""
     if not _rows(src) or index.dtype != torch.int64 or not index.is_contiguous():
         return None
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
@@ -272,7 +278,7 @@ def gather_rows(src: Tensor, index: Tensor, scale: Tensor | None = None) -> Tens
     lib = _usable(src)
     if lib is None or index.device.type != "cpu":
         return None
-    if index.numel():
+    if index.numel() and not index_checked:
         low, high = index.aminmax()
         if int(low) < 0 or int(high) >= src.shape[0]:  # the C loop would read out of bounds
             raise IndexError(f"row index out of range for {src.shape[0]} rows")

@@ -141,7 +141,7 @@ def _kept_rows(
     if index.numel() == x2.shape[0]:
         return dy2, x2
     dy_kept = native.gather_rows(dy2, index, weight)
-    x_kept = native.gather_rows(x2, index)
+    x_kept = native.gather_rows(x2, index, index_checked=dy_kept is not None)  # same rows
     if dy_kept is None or x_kept is None:
         dy_kept = dy2.index_select(0, index).mul_(weight.to(dy2.dtype)[:, None])
         x_kept = x2.index_select(0, index)
@@ -278,7 +278,8 @@ def _sample_operands(
     if x.is_contiguous() and dy.is_contiguous():  # whole samples are rows: native gathers
         n, m = x.shape[0], samples.numel()
         x_kept = native.gather_rows(x.view(n, -1), samples)
-        dy_kept = native.gather_rows(dy.view(n, -1), samples, scale)
+        dy_kept = native.gather_rows(dy.view(n, -1), samples, scale,
+                                     index_checked=x_kept is not None)  # fmt: skip
         if x_kept is not None and dy_kept is not None:
             return x_kept.view(m, *x.shape[1:]), dy_kept.view(m, *dy.shape[1:])
     dy_kept = dy.index_select(0, samples).mul_(scale.to(dy.dtype)[:, None, None, None])

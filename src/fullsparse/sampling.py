@@ -166,7 +166,7 @@ def sample_units(scores: Tensor, share: float, group: int = 4) -> tuple[Tensor, 
         return index, torch.ones(n_units, dtype=scores.dtype, device=device)
     full = n_units // group * group
     u = uniforms(full // group, device)
-    drawn = native.draw(scores[:full].view(-1, group), kept, u)
+    drawn = native.draw(scores[:full].reshape(-1, group).contiguous(), kept, u)
     if drawn is not None:  # the same draw in one native call (float32 on a CPU)
         index, weight = drawn
     else:
