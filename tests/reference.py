@@ -4,9 +4,10 @@ Nothing here calls fullsparse, ``F.conv2d``, ``F.unfold`` or autograd: im2col is
 slicing, col2im its explicit adjoint, masks are Python loops over groups of 4 with an
 explicit sort, transposable masks a brute force over all 4×4 patterns, and the FST weight
 gradient the paper's masked product ``(dY + α·dY·T)·F(Xᵀ)`` with T and F built as matrices.
-The random MVUE weight gradient reads the same uniforms as fullsparse (torch's default
-generator, one per group of 4, drawn by the caller in fullsparse's order) and computes its
-keep probabilities by a water-filling bisection, group by group.
+The random MVUE weight gradient reads the same uniforms as fullsparse (a key from torch's
+default generator and a counter-based hash, one per group of 4 in fullsparse's order, drawn
+by the caller) and computes its keep probabilities by a water-filling bisection, group by
+group.
 """
 
 from __future__ import annotations
@@ -223,11 +224,26 @@ def ref_mvue_rows(m: Tensor, u: Tensor) -> Tensor:
     return out
 
 
+def _mix32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2**32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2**32
+    return x ^ (x >> 15)
+
+
 def draw_mvue_uniforms(rows: int, size: int) -> Tensor:
-    """The uniforms fullsparse draws for an MVUE of ``rows`` rows of ``size`` entries along
-    the sparsified axis: one per group of 4, from torch's default generator, drawn in float32
-    (for every dtype) and returned in float64."""
-    return torch.rand(rows, (size + 3) // 4, 1, dtype=torch.float32)[..., 0].double()
+    """The uniforms fullsparse draws on a CPU for an MVUE of ``rows`` rows of ``size``
+    entries along the sparsified axis: a key of two 32-bit integers from torch's default
+    generator, then one uniform per group of 4, the top 24 bits of two keyed rounds of a
+    32-bit integer hash of the counter ``row·groups + group``, in float64."""
+    k0, k1 = (int(v) for v in torch.randint(0, 2**32, (2,), dtype=torch.int64))
+    groups = (size + 3) // 4
+    values = [
+        [(_mix32(_mix32(((r * groups + g) % 2**32) ^ k0) ^ k1) >> 8) / 2**24 for g in range(groups)]
+        for r in range(rows)
+    ]
+    return torch.tensor(values, dtype=torch.float64).reshape(rows, groups)
 
 
 # --------------------------------------------------------------------------- sampled units

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fullsparse import estimators
 from fullsparse.estimators import mvue_2to4, mvue_keep_probabilities, topk_rows
 from fullsparse.masks import is_2to4
 
@@ -32,7 +33,7 @@ def _exact_expectation(t: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torc
     """E[mvue_2to4(t, 0)] for a 1-D float64 tensor of 4 entries, integrated exactly over u.
 
     The draw is piecewise constant in u, with breaks where u or u + 1 crosses a cumulative
-    probability; each piece is evaluated at its midpoint (by fixing torch.rand's output) and
+    probability; each piece is evaluated at its midpoint (by fixing the uniforms) and
     weighted by its length.
     """
     p = _reference_probabilities(t.tolist())
@@ -42,14 +43,14 @@ def _exact_expectation(t: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torc
         cum.append(acc)
     breaks = sorted({0.0, 1.0, *(c for c in cum if 0 < c < 1), *(c - 1 for c in cum if 1 < c < 2)})
     total = torch.zeros_like(t)
-    real_rand = torch.rand
     for lo, hi in zip(breaks, breaks[1:], strict=False):
         mid = (lo + hi) / 2
         monkeypatch.setattr(
-            torch, "rand", lambda *s, mid=mid, **k: torch.full(s[0], mid, dtype=k["dtype"])
+            estimators,
+            "mvue_uniforms",
+            lambda key, pre, post, groups, mid=mid: torch.full((pre, groups, post), mid),
         )
         total += (hi - lo) * mvue_2to4(t, 0)
-        monkeypatch.setattr(torch, "rand", real_rand)
     return total
 
 
@@ -130,6 +131,55 @@ def test_mvue_is_reproducible_from_the_generator_state() -> None:
     g.set_state(state)
     b = mvue_2to4(t, 1, generator=g)
     assert torch.equal(a, b)
+
+
+def _python_uniform(counter: int, key: tuple[int, int]) -> float:
+    """The counter-based uniform with Python integers (an independent reference)."""
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x21F0AAAD) % 2**32
+        x ^= x >> 15
+        x = (x * 0x735A2D97) % 2**32
+        return x ^ (x >> 15)
+
+    return (mix(mix((counter % 2**32) ^ key[0]) ^ key[1]) >> 8) / 2**24
+
+
+def test_mvue_uniforms_match_a_python_reference_and_their_counter_order() -> None:
+    key = (0xDEADBEEF, 12345)
+    pre, post, groups = 3, 5, 7
+    u = estimators.mvue_uniforms(key, pre, post, groups)
+    assert u.shape == (pre, groups, post) and u.dtype == torch.float32
+    for p_, g_, q_ in [(0, 0, 0), (2, 6, 4), (1, 3, 2), (0, 6, 1)]:
+        counter = (p_ * post + q_) * groups + g_
+        assert float(u[p_, g_, q_]) == _python_uniform(counter, key)
+
+
+def test_mvue_uniforms_look_uniform_and_independent() -> None:
+    """Mean, variance, 64-bin histogram, neighbour correlation; other keys, other streams."""
+    n = 1 << 18
+    u = estimators.mvue_uniforms((7, 11), 1, 1, n).reshape(-1).double()
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert abs(float(u.var()) - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
+    assert chi2 < 120  # 63 degrees of freedom: p ≈ 3e-5 above 120
+    c = u - 0.5
+    for lag in (1, 2, 4, 1024):
+        assert abs(float((c[:-lag] * c[lag:]).mean()) * 12) < 0.01
+    other = estimators.mvue_uniforms((8, 11), 1, 1, n).reshape(-1).double() - 0.5
+    assert abs(float((c * other).mean()) * 12) < 0.01
+    assert (u < 1).all() and (u >= 0).all()
+
+
+def test_mvue_on_a_cpu_advances_the_generator_by_one_key() -> None:
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(64, 16)
+    mvue_2to4(t, 0, generator=g)
+    h = torch.Generator().manual_seed(5)
+    torch.randint(0, 2**32, (2,), generator=h, dtype=torch.int64)
+    assert torch.equal(g.get_state(), h.get_state())
 
 
 def test_mvue_rejects_bad_input() -> None:

@@ -266,6 +266,76 @@ def test_the_per_sample_conv_operands_equal_the_eager_ones(monkeypatch):
         assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
 
 
+# (x shape, kernel width, stride, padding, dilation): the width's geometry varies
+BLOCK_GEOMETRIES = [
+    ((5, 3, 6, 8), 3, 1, 1, 1),
+    ((4, 2, 5, 9), 3, 2, 1, 1),  # odd width, stride 2: the odd windows start 2 columns in
+    ((3, 4, 4, 7), 1, 2, 0, 1),  # pointwise, stride 2 > padding: the shifted input is cropped
+    ((3, 2, 3, 11), 3, 1, 2, 2),  # dilation 2, padding 2
+    ((2, 3, 4, 5), 5, 1, 0, 1),  # one output column: no odd block
+    ((4, 1, 2, 3), 3, 3, 1, 1),
+]
+
+
+def _block_case(shape, kw, stride, padding, dilation, seed=7):
+    from fullsparse.geometry import ConvGeometry
+
+    gen = torch.Generator().manual_seed(seed)
+    n, ci, h, w = shape
+    geo = ConvGeometry.make((1, stride), (1, padding), (1, dilation), 1)
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    x = torch.randn(shape, generator=gen)
+    dy = torch.randn(n, 3, h, wo, generator=gen)
+    return x, dy, geo
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("case", BLOCK_GEOMETRIES)
+def test_block_scores_match_the_eager_scores(monkeypatch, case):
+    from fullsparse import sampled_grad
+
+    x, dy, geo = _block_case(*case)
+    kw = case[1]
+    got = native.block_scores(x, dy, kw, geo.stride[1], geo.dilation[1], geo.padding[1])
+    assert got is not None and got.shape == (2 * x.shape[0],)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = sampled_grad.block_scores(x, dy, kw, geo)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    if dy.shape[3] == 1:
+        assert bool((got[1::2] == 0).all())  # no odd columns: score 0
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("case", BLOCK_GEOMETRIES)
+def test_the_column_block_operands_equal_the_eager_ones(monkeypatch, case):
+    from fullsparse import sampled_grad
+
+    x, dy, geo = _block_case(*case)
+    n = x.shape[0]
+    units = torch.tensor([0, 1, 3, 2 * n - 2, 2 * n - 1])
+    scale = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.5
+    got = sampled_grad._block_operands(x, dy, geo, units, scale)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = sampled_grad._block_operands(x, dy, geo, units, scale)
+    assert len(got) == len(want) == 2
+    for part, ref in zip(got, want, strict=True):
+        assert part[2] == ref[2]
+        for a, b in zip(part[:2], ref[:2], strict=True):
+            assert a.shape == b.shape and a.is_contiguous()
+            _same(a, b, strides=False)
+
+
+@pytest.mark.usefixtures("library")
+def test_gather_columns_checks_its_index_and_its_layout():
+    src = torch.randn(3, 2, 2, 5)
+    with pytest.raises(IndexError, match="out of range"):
+        native.gather_columns(src, torch.tensor([3]), None, 0, 1, 5)
+    assert native.gather_columns(src.transpose(2, 3), torch.tensor([0]), None, 0, 1, 2) is None
+    got = native.gather_columns(src, torch.tensor([2, 0]), None, -2, 1, 9)  # padded both sides
+    want = torch.nn.functional.pad(src, (2, 2)).index_select(0, torch.tensor([2, 0]))
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", ["fst", "fst_is_batch", "srste", "fst2"])
 @pytest.mark.parametrize("needs", ["both", "no_grad_input", "no_decay"])
 def test_cached_masks_give_the_eager_operands_bit_for_bit(monkeypatch, name, needs):
@@ -386,12 +456,55 @@ def test_the_native_mvue_leaves_non_finite_values_to_the_eager_path(monkeypatch)
 
     t = torch.randn(16, 8)
     t[3, 2] = float("inf")
-    assert native.mvue(t.view(1, 16, 8), torch.rand(1, 4, 8)) is None
+    assert native.mvue(t.view(1, 1, 16, 8), (5, 7)) is None
     torch.manual_seed(2)
     got = mvue_2to4(t, 0)
     monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
     torch.manual_seed(2)
     _same(got, mvue_2to4(t, 0))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (6, 8, 4, 4),  # H·W a multiple of 4: the kernel reads NCHW in place
+        (3, 5, 4, 6),
+        (4, 3, 3, 3),  # H·W = 9: groups straddle samples, the transposed rows
+        (2, 1, 1, 2),  # fewer entries than a group
+    ],
+)
+def test_the_per_channel_mvue_equals_the_transposed_rows(monkeypatch, shape):
+    """``mvue_2to4_channels`` (S_T's layout, NCHW in place) gives the same bits as the MVUE
+    of the transposed ``[C, N·H·W]`` rows, with and without the kernel."""
+    from fullsparse.estimators import mvue_2to4, mvue_2to4_channels
+
+    n, c, h, w = shape
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    t.view(-1)[:4] = torch.tensor([50.0, 0.1, 0.0, -0.0])
+    torch.manual_seed(3)
+    want = mvue_2to4(t.transpose(0, 1).reshape(c, -1), 1).reshape(c, n, h, w).transpose(0, 1)
+    torch.manual_seed(3)
+    got = mvue_2to4_channels(t)
+    _same(got, want, strides=False)
+    assert (got != 0).any()
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    torch.manual_seed(3)
+    _same(mvue_2to4_channels(t), want, strides=False)
+
+
+def test_the_native_mvue_draws_the_reference_uniforms():
+    """The kernel's in-place uniforms are ``mvue_uniforms``'s: with entries whose keep
+    decision is a threshold of u, the kept pattern reads u back."""
+    from fullsparse.estimators import mvue_uniforms
+
+    pre, size, post, key = 3, 8, 5, (123456789, 4000000000)
+    # a group [1, 1, 1, 1] has p = 1/2 each: entry 0 is kept exactly when u < 1/2
+    t = torch.ones(1, pre, size, post)
+    out = native.mvue(t, key)
+    u = mvue_uniforms(key, pre, post, size // 4)
+    first_kept = out[0].view(pre, size // 4, 4, post)[:, :, 0] != 0
+    assert torch.equal(first_kept, u < 0.5)
+    assert 0.3 < float(first_kept.float().mean()) < 0.7
 
 
 def test_the_native_mvue_on_two_threads(monkeypatch):

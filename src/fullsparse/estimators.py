@@ -28,7 +28,15 @@ from torch import Tensor
 from fullsparse import native
 from fullsparse.fused import fused_or_eager
 
-__all__ = ["mvue_2to4", "mvue_keep_probabilities", "mvue_planes", "topk_rows"]
+__all__ = [
+    "mvue_2to4",
+    "mvue_2to4_channels",
+    "mvue_key",
+    "mvue_keep_probabilities",
+    "mvue_planes",
+    "mvue_uniforms",
+    "topk_rows",
+]
 
 
 def _groups_of_4(t: Tensor, dim: int) -> tuple[Tensor, int]:
@@ -46,32 +54,32 @@ def _ungroup(g: Tensor, size: int, dim: int) -> Tensor:
     return flat.movedim(-1, dim)
 
 
-def _planar_probabilities(a: list[Tensor]) -> list[Tensor]:
+def _planar_terms(a: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     """Keep probabilities of the four entries of every group, given as four planes of one
-    shape, ``a[k] = |entry k|`` (see the module doc).
+    shape, ``a[k] = |entry k|`` (see the module doc), and the magnitude ``S`` of a survivor
+    that is not capped.
 
-    Written with arithmetic only (no ``torch.where``, which is many times slower than a
-    multiply on CPU): a choice between two finite values is ``x·(1 − m) + y·m`` with
-    ``m`` ∈ {0, 1}, which is exact.
+    The largest entry is capped at 1 when ``2·a_max > Σa``; the other three then share the
+    second draw in proportion to their magnitudes (a second cap can only be needed when the
+    two smaller entries are zero, and then it comes out as exactly 1 already). So
+    ``p_k = min(1, a_k / S)`` with ``S = Σa / 2`` (not capped) or ``S = Σa − a_max``
+    (capped), and a survivor ``t_k / p_k`` is ``t_k`` where ``p_k = 1`` and ``±S`` (the sign
+    of ``t_k``) elsewhere: one division per group, not one per entry. Written with
+    arithmetic only (a choice between two finite values is ``x·(1 − m) + y·m`` with ``m`` ∈
+    {0, 1}, which is exact).
     """
     tiny = torch.finfo(a[0].dtype).tiny
     total = ((a[0] + a[1]) + a[2]) + a[3]
     top = torch.maximum(torch.maximum(a[0], a[1]), torch.maximum(a[2], a[3]))
-    # The largest entry is capped at 1 when 2·a_max > Σa; the other three then share the
-    # second draw in proportion to their magnitudes. A second cap can only be needed when
-    # the two smaller entries are zero, and then it comes out as exactly 1 already.
-    capped = 2 * top > total
-    on = capped.to(total.dtype)
-    off = 1 - on
-    rest = (total - top).clamp_min_(tiny)
-    total = total.clamp_min(tiny)
-    probabilities = []
-    for ak in a:
-        # 2·a/Σa where not capped, a/(Σa − a_max) where capped (finite when not chosen)
-        p = ((2 * ak) / total * off).add_((ak / rest) * on).clamp_max_(1.0)
-        is_top = ((ak == top) & capped).to(p.dtype)
-        probabilities.append(p.mul_(1 - is_top).add_(is_top))  # zero where a is zero
-    return probabilities
+    on = (2 * top > total).to(total.dtype)  # capped
+    den = ((total - top) * on + total * (1 - on)).clamp_min_(tiny)
+    inv = (2 - on) / den  # 1/S
+    probabilities = [(ak * inv).clamp_max_(1.0) for ak in a]  # zero where a is zero
+    return probabilities, den * (1 - 0.5 * (1 - on))
+
+
+def _planar_probabilities(a: list[Tensor]) -> list[Tensor]:
+    return _planar_terms(a)[0]
 
 
 def _probabilities(a: Tensor) -> Tensor:
@@ -103,12 +111,79 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
     Returns:
         A tensor of ``t``'s shape and dtype that is 2:4 along ``dim`` (at most two nonzeros in
         every group of 4; a last, partial group is zero-padded), whose expectation over the
-        random draw is exactly ``t``. Survivors are ``t_i / p_i``. One uniform number is drawn
-        per group (in float32 for every dtype), so the draw advances the generator by the number
-        of groups.
+        random draw is exactly ``t``. Survivors are ``t_i / p_i``. One uniform number per
+        group, in float32 for every dtype (a float64 and a float32 tensor get the same
+        draws): on a CPU the counter-based :func:`mvue_uniforms` of a key drawn from the
+        generator (the generator advances by one draw of two integers per call); on other
+        devices ``torch.rand`` (it advances by the number of groups).
     """
     _check(t, dim)
-    dim = dim % t.ndim
+    return _mvue(t, dim % t.ndim, mvue_key(generator, t.device), generator)
+
+
+def mvue_2to4_channels(t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`mvue_2to4` of ``t [N, C, H, W]`` along (n, h, w) per channel — the same draws
+    as ``mvue_2to4(t.transpose(0, 1).reshape(C, -1), 1)``, returned in ``t``'s layout. On a
+    CPU with ``H·W`` a multiple of 4, the native kernel reads a contiguous ``t`` in place
+    (no transposed copy; the result is contiguous)."""
+    _check(t, 0)
+    if t.ndim != 4:
+        raise ValueError(f"mvue_2to4_channels needs an [N, C, H, W] tensor, got {t.ndim}-D")
+    n, c, h, w = t.shape
+    key = mvue_key(generator, t.device)
+    if key is not None and (h * w) % 4 == 0 and t.is_contiguous():
+        fast = native.mvue(t.detach().view(n, c, h * w, 1), key)
+        if fast is not None:
+            return fast.view(t.shape)
+    rows = t.transpose(0, 1).reshape(c, n * h * w)
+    return _mvue(rows, 1, key, generator).reshape(c, n, h, w).transpose(0, 1)
+
+
+def mvue_key(generator: torch.Generator | None, device: torch.device) -> tuple[int, int] | None:
+    """The key of one call's :func:`mvue_uniforms` (two 32-bit integers drawn from
+    ``generator``, torch's default CPU generator if None) on a CPU; None elsewhere (the
+    draw then uses ``torch.rand`` on the device)."""
+    if device.type != "cpu":
+        return None
+    k = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64)
+    return int(k[0]), int(k[1])
+
+
+_MIX = (0x21F0AAAD, 0x735A2D97)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x·c mod 2³²`` for ``x`` in [0, 2³²) held in int64, without overflowing int64."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c) & 0xFFFF) * 65536) & _LOW32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (xor-shift / multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MIX[1])
+    return x ^ (x >> 15)
+
+
+def mvue_uniforms(key: tuple[int, int], pre: int, post: int, groups: int) -> Tensor:
+    """The MVUE's uniforms on a CPU, ``[pre, groups, post]`` float32: group ``(p, g, q)``
+    gets ``U(((p·post + q)·groups + g) mod 2³²)``, where ``U(i)`` is the top 24 bits of two
+    keyed rounds of a bijective 32-bit hash, ``mix(mix(i ^ k0) ^ k1)``, over 2²⁴.
+    Counter-based: any group's number is computed independently (the native kernel draws
+    them in place, the same bits), and distinct counters give distinct numbers' hashes
+    (below 2³² groups). This is the reference the native kernel is tested against."""
+    counter = torch.arange(pre * post * groups, dtype=torch.int64) & _LOW32
+    h = _mix32(_mix32(counter ^ key[0]) ^ key[1])
+    u = (h >> 8).to(torch.float32) * 2.0**-24
+    return u.view(pre, post, groups).transpose(1, 2).contiguous()
+
+
+def _mvue(
+    t: Tensor, dim: int, key: tuple[int, int] | None, generator: torch.Generator | None
+) -> Tensor:
+    """:func:`mvue_2to4` after the key is drawn (None: ``torch.rand``)."""
     # Probabilities in float32 at least: bf16/fp16 rounding would break Σp = 2.
     work = t.detach()
     if work.dtype in (torch.float16, torch.bfloat16):
@@ -117,14 +192,17 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
     size = work.shape[dim]
     pre, post = math.prod(work.shape[:dim]), math.prod(work.shape[dim + 1 :])
     g = (size + 3) // 4
-    # one uniform per group, drawn in the order (pre, post, group) and in float32 whatever
-    # t's dtype, so that a float64 and a float32 tensor get the same draws
-    u = torch.rand((pre, post, g, 1), generator=generator, device=t.device, dtype=torch.float32)
-    u = u.view(pre, post, g).transpose(1, 2).to(work.dtype).contiguous()
     v = work.reshape(pre, size, post)
-    fast = native.mvue(v, u)  # float32 on a CPU: one pass in t's own layout, the same bits
-    if fast is not None:
-        return fast.reshape(work.shape).to(t.dtype)
+    if key is not None:
+        fast = native.mvue(v.view(1, pre, size, post), key)  # one pass, the same bits
+        if fast is not None:
+            return fast.reshape(work.shape).to(t.dtype)
+        u = mvue_uniforms(key, pre, post, g).to(work.dtype)
+    else:
+        # drawn in the order (pre, post, group) in float32 whatever t's dtype
+        shape = (pre, post, g, 1)
+        u = torch.rand(shape, generator=generator, device=t.device, dtype=torch.float32)
+        u = u.view(pre, post, g).transpose(1, 2).to(work.dtype).contiguous()
     if size % 4:
         v = torch.cat([v, v.new_zeros(pre, (-size) % 4, post)], 1)
     v = v.view(pre, g, 4, post)
@@ -145,9 +223,8 @@ def mvue_planes(planes: Tensor, u: Tensor) -> Tensor:
     form is the reference.
     """
     x = planes.unbind(0)
-    p = _planar_probabilities([c.abs() for c in x])
+    p, size = _planar_terms([c.abs() for c in x])
     u1 = u + 1
-    tiny = torch.finfo(planes.dtype).tiny
     end = torch.zeros_like(u)
     below_u = below_u1 = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
     out = []
@@ -156,8 +233,9 @@ def mvue_planes(planes: Tensor, u: Tensor) -> Tensor:
         now_u, now_u1 = u < end, u1 < end
         keep = (now_u ^ below_u) | (now_u1 ^ below_u1)
         below_u, below_u1 = now_u, now_u1
-        # t_k / p_k where kept, 0 elsewhere (finite: p_k is 0 only where t_k is)
-        out.append((x[k] / p[k].clamp_min(tiny)) * keep.to(planes.dtype))
+        # t_k / p_k where kept (t_k where p_k = 1, else ±S), 0 elsewhere
+        survivor = torch.where(p[k] >= 1, x[k], torch.copysign(size, x[k]))
+        out.append(survivor * keep.to(planes.dtype))
     return torch.stack(out)
 
 

@@ -254,19 +254,91 @@ void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t
     }
 }
 
+/* Column sums of squares of one sample [rows, w] into col[w] (float lanes, as the eager
+ * float32 sum). */
+static void column_squares(const float *restrict v, int64_t rows, int64_t w, float *restrict col) {
+    for (int64_t j = 0; j < w; j++)
+        col[j] = 0.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict row = v + r * w;
+        for (int64_t j = 0; j < w; j++)
+            col[j] += row[j] * row[j];
+    }
+}
+
+/* The scores of the column-block units 2s + q (sampled_grad.block_scores) of x [n, rx, w] and
+ * dy [n, rdy, wo]: per sample, the input's column sums of squares zero-padded by pw; the
+ * window sum of output column j over its kw taps (j·sw + t·dw in the padded input); then
+ * score[2s + q] = sqrt(Σ_{j ≡ q} dY's column sum j · Σ_{j ≡ q} window j). */
+void fs_block_scores(const float *x, const float *dy, int64_t n, int64_t rx, int64_t w,
+                     int64_t rdy, int64_t wo, int64_t kw, int64_t sw, int64_t dw, int64_t pw,
+                     float *out) {
+#pragma omp parallel for schedule(static) if (n * (rx * w + rdy * wo) > 65536)
+    for (int64_t s = 0; s < n; s++) {
+        float *col = malloc(sizeof(float) * (size_t)(w + wo + 1));
+        float *dcol = col + w;
+        column_squares(x + s * rx * w, rx, w, col);
+        column_squares(dy + s * rdy * wo, rdy, wo, dcol);
+        float dsum[2] = {0.0f, 0.0f}, wsum[2] = {0.0f, 0.0f};
+        for (int64_t j = 0; j < wo; j++) {
+            float window = 0.0f;
+            for (int64_t t = 0; t < kw; t++) {
+                int64_t c = j * sw + t * dw - pw;
+                window += (c >= 0 && c < w) ? col[c] : 0.0f;
+            }
+            dsum[j & 1] += dcol[j];
+            wsum[j & 1] += window;
+        }
+        out[2 * s] = sqrtf(dsum[0] * wsum[0]);
+        out[2 * s + 1] = sqrtf(dsum[1] * wsum[1]);
+        free(col);
+    }
+}
+
+/* dst[j, r, c] = src[index[j], r, start + c·step] (0 where that column is outside [0, w)),
+ * times scale[j] when scale is not NULL, for rows r < rows and columns c < out_w: the
+ * column-block products' operands (sampled_grad._block_operands: one parity of dY's
+ * columns divided by p; the input, shifted for the odd parity's windows). */
+void fs_gather_columns(const float *src, int64_t rows, int64_t w, const int64_t *index,
+                       const float *scale, int64_t n, int64_t start, int64_t step,
+                       int64_t out_w, float *dst) {
+    /* the columns c that read inside the source: lo <= c < hi */
+    int64_t lo = start >= 0 ? 0 : (-start + step - 1) / step;
+    int64_t hi = w - 1 - start < 0 ? 0 : (w - 1 - start) / step + 1;
+    hi = hi > out_w ? out_w : hi;
+    lo = lo > hi ? hi : lo;
+#pragma omp parallel for schedule(static) if (n * rows * out_w > 65536)
+    for (int64_t jr = 0; jr < n * rows; jr++) {
+        int64_t j = jr / rows, r = jr % rows;
+        const float *restrict from = src + (index[j] * rows + r) * w;
+        float *restrict to = dst + jr * out_w;
+        for (int64_t c = 0; c < lo; c++)
+            to[c] = 0.0f;
+        if (scale == NULL && step == 1) {
+            if (hi > lo)
+                memcpy(to + lo, from + start + lo, sizeof(float) * (size_t)(hi - lo));
+        } else {
+            float f = scale == NULL ? 1.0f : scale[j];
+            for (int64_t c = lo; c < hi; c++)
+                to[c] = from[start + c * step] * f;
+        }
+        for (int64_t c = hi; c < out_w; c++)
+            to[c] = 0.0f;
+    }
+}
+
 /* ------------------------------------------------------------------ MVUE (fst_mvue) */
 
 static inline float maxf_(float a, float b) { return a > b ? a : b; }
+static inline float minf_(float a, float b) { return a < b ? a : b; }
 
-/* One group's MVUE (estimators.mvue_planes with estimators._planar_probabilities), the same
+/* One group's MVUE (estimators.mvue_planes with estimators._planar_terms), the same
  * float32 operations in the same order, for four finite entries and uniform u; straight-line
- * and branch-free so that a loop over groups vectorizes. */
-#define MVUE_PROB(ak, is_top_k, p)                                              \
-    do {                                                                        \
-        p = ((2.0f * (ak)) / total) * off + ((ak) / rest) * on;                 \
-        p = p > 1.0f ? 1.0f : p;                                                \
-        p = p * (1.0f - (is_top_k)) + (is_top_k);                               \
-    } while (0)
+ * and branch-free so that a loop over groups vectorizes: one division per group. */
+static inline float survivor(float x, float a, float inv, float size, float kept) {
+    float p = a * inv;
+    return (p >= 1.0f ? x : copysignf(size, x)) * kept;
+}
 
 static inline void mvue_group(float x0, float x1, float x2, float x3, float u, float *y0,
                               float *y1, float *y2, float *y3) {
@@ -274,16 +346,11 @@ static inline void mvue_group(float x0, float x1, float x2, float x3, float u, f
     float a0 = fabsf(x0), a1 = fabsf(x1), a2 = fabsf(x2), a3 = fabsf(x3);
     float total = ((a0 + a1) + a2) + a3;
     float top = maxf_(maxf_(a0, a1), maxf_(a2, a3));
-    float on = 2.0f * top > total ? 1.0f : 0.0f, off = 1.0f - on;
-    float rest = maxf_(total - top, tiny);
-    total = maxf_(total, tiny);
-    float t0 = a0 == top ? on : 0.0f, t1 = a1 == top ? on : 0.0f;
-    float t2 = a2 == top ? on : 0.0f, t3 = a3 == top ? on : 0.0f;
-    float p0, p1, p2, p3;
-    MVUE_PROB(a0, t0, p0);
-    MVUE_PROB(a1, t1, p1);
-    MVUE_PROB(a2, t2, p2);
-    MVUE_PROB(a3, t3, p3);
+    float on = 2.0f * top > total ? 1.0f : 0.0f;
+    float den = maxf_((total - top) * on + total * (1.0f - on), tiny);
+    float inv = (2.0f - on) / den, size = den * (1.0f - 0.5f * (1.0f - on));
+    float p0 = minf_(a0 * inv, 1.0f), p1 = minf_(a1 * inv, 1.0f);
+    float p2 = minf_(a2 * inv, 1.0f), p3 = minf_(a3 * inv, 1.0f);
     float u1 = u + 1.0f;
     float e0 = 0.0f + p0, e1 = e0 + p1, e2 = e1 + p2, e3 = e2 + p3;
     /* entry k is kept when u or u + 1 enters [e_{k-1}, e_k) */
@@ -291,44 +358,63 @@ static inline void mvue_group(float x0, float x1, float x2, float x3, float u, f
     int m0 = u1 < e0, m1 = u1 < e1, m2 = u1 < e2, m3 = u1 < e3;
     float k0 = (float)(n0 | m0), k1 = (float)((n1 ^ n0) | (m1 ^ m0));
     float k2 = (float)((n2 ^ n1) | (m2 ^ m1)), k3 = (float)((n3 ^ n2) | (m3 ^ m2));
-    *y0 = (x0 / maxf_(p0, tiny)) * k0;
-    *y1 = (x1 / maxf_(p1, tiny)) * k1;
-    *y2 = (x2 / maxf_(p2, tiny)) * k2;
-    *y3 = (x3 / maxf_(p3, tiny)) * k3;
+    *y0 = survivor(x0, a0, inv, size, k0);
+    *y1 = survivor(x1, a1, inv, size, k1);
+    *y2 = survivor(x2, a2, inv, size, k2);
+    *y3 = survivor(x3, a3, inv, size, k3);
 }
 
-/* Full groups of 4 rows (r, r + post, r + 2·post, r + 3·post) of length post. */
+/* The uniforms of the MVUE: two keyed rounds of a bijective 32-bit integer hash of the
+ * group's counter (mod 2^32), its top 24 bits as a float in [0, 1) — the same values as
+ * estimators.mvue_uniforms computes with torch integer ops. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+static inline float uniform_at(uint32_t counter, uint32_t k0, uint32_t k1) {
+    return (float)(mix32(mix32(counter ^ k0) ^ k1) >> 8) * 0x1p-24f;
+}
+
+/* Full groups of 4 rows (r, r + post, r + 2·post, r + 3·post) of length post; group q's
+ * counter is c0 + q·step. */
 __attribute__((noinline)) static int mvue_rows(const float *restrict r0, const float *restrict r1,
-                     const float *restrict r2, const float *restrict r3,
-                     const float *restrict u, float *restrict d0, float *restrict d1,
-                     float *restrict d2, float *restrict d3, int64_t post) {
+                     const float *restrict r2, const float *restrict r3, uint32_t c0,
+                     uint32_t step, uint32_t k0, uint32_t k1, float *restrict d0,
+                     float *restrict d1, float *restrict d2, float *restrict d3, int64_t post) {
     int bad = 0;
     for (int64_t q = 0; q < post; q++) {
         float x0 = r0[q], x1 = r1[q], x2 = r2[q], x3 = r3[q];
         bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
                (x3 * 0.0f != 0.0f);
-        mvue_group(x0, x1, x2, x3, u[q], d0 + q, d1 + q, d2 + q, d3 + q);
+        float u = uniform_at(c0 + (uint32_t)q * step, k0, k1);
+        mvue_group(x0, x1, x2, x3, u, d0 + q, d1 + q, d2 + q, d3 + q);
     }
     return bad;
 }
 
-/* Groups of 4 adjacent entries (post = 1): n full groups. */
-__attribute__((noinline)) static int mvue_adjacent(const float *restrict src, const float *restrict u,
-                         float *restrict dst, int64_t n) {
+/* Groups of 4 adjacent entries (post = 1): n full groups, counters c0, c0 + 1, … */
+__attribute__((noinline)) static int mvue_adjacent(const float *restrict src, uint32_t c0,
+                         uint32_t k0, uint32_t k1, float *restrict dst, int64_t n) {
     int bad = 0;
     for (int64_t g = 0; g < n; g++) {
         float x0 = src[4 * g], x1 = src[4 * g + 1], x2 = src[4 * g + 2], x3 = src[4 * g + 3];
         bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
                (x3 * 0.0f != 0.0f);
-        mvue_group(x0, x1, x2, x3, u[g], dst + 4 * g, dst + 4 * g + 1, dst + 4 * g + 2,
+        float u = uniform_at(c0 + (uint32_t)g, k0, k1);
+        mvue_group(x0, x1, x2, x3, u, dst + 4 * g, dst + 4 * g + 1, dst + 4 * g + 2,
                    dst + 4 * g + 3);
     }
     return bad;
 }
 
-/* A last group of fewer than 4 rows, zero-padded. */
-static int mvue_partial(const float *src, const float *u, float *dst, int64_t post,
-                        int64_t count) {
+/* A last group of fewer than 4 rows, zero-padded; counters as mvue_rows'. */
+static int mvue_partial(const float *src, uint32_t c0, uint32_t step, uint32_t k0, uint32_t k1,
+                        float *dst, int64_t post, int64_t count) {
     int bad = 0;
     for (int64_t q = 0; q < post; q++) {
         float x[4] = {0.0f, 0.0f, 0.0f, 0.0f}, y[4];
@@ -336,43 +422,51 @@ static int mvue_partial(const float *src, const float *u, float *dst, int64_t po
             x[k] = src[k * post + q];
             bad |= x[k] * 0.0f != 0.0f;
         }
-        mvue_group(x[0], x[1], x[2], x[3], u[q], y, y + 1, y + 2, y + 3);
+        mvue_group(x[0], x[1], x[2], x[3], uniform_at(c0 + (uint32_t)q * step, k0, k1), y,
+                   y + 1, y + 2, y + 3);
         for (int64_t k = 0; k < count; k++)
             dst[k * post + q] = y[k];
     }
     return bad;
 }
 
-/* MVUE of t [pre, size, post] along its middle axis in groups of 4 (a last partial group
- * zero-padded), one uniform per group, u [pre, size/4 rounded up, post]: out has t's shape.
+/* MVUE of t [outer, pre, size, post] along its size axis in groups of 4 (a last partial
+ * group zero-padded): out has t's shape. Group (o, p, g, q)'s uniform is drawn from the
+ * counter ((p·outer + o)·post + q)·G + g (G = ceil(size/4)), i.e. the order
+ * (pre, outer, post, group): with outer = N, pre = C, post = 1 that is the order of a
+ * per-channel row over (n, h, w) — S_T's layout — read in place from NCHW.
  * Returns 0, or -1 if t holds a NaN or an infinity (the caller then runs the eager path,
  * which defines what those give), with out unspecified. */
-int fs_mvue(const float *t, const float *u, float *out, int64_t pre, int64_t size,
-            int64_t post) {
-    int64_t groups = (size + 3) / 4, full = size / 4;
+int fs_mvue(const float *t, uint32_t k0, uint32_t k1, float *out, int64_t outer, int64_t pre,
+            int64_t size, int64_t post) {
+    int64_t groups = (size + 3) / 4, full = size / 4, rows = outer * pre;
     int bad = 0;
     if (post == 1) {
-#pragma omp parallel for schedule(static) reduction(| : bad) if (pre * size >= 65536)
-        for (int64_t p = 0; p < pre; p++) {
-            const float *src = t + p * size;
-            float *dst = out + p * size;
-            bad |= mvue_adjacent(src, u + p * groups, dst, full);
+#pragma omp parallel for schedule(static) reduction(| : bad) if (rows * size >= 65536)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t o = r / pre, p = r % pre;
+            uint32_t c0 = (uint32_t)((p * outer + o) * groups);
+            const float *src = t + r * size;
+            float *dst = out + r * size;
+            bad |= mvue_adjacent(src, c0, k0, k1, dst, full);
             if (full < groups)
-                bad |= mvue_partial(src + 4 * full, u + p * groups + full, dst + 4 * full, 1,
-                                    size - 4 * full);
+                bad |= mvue_partial(src + 4 * full, c0 + (uint32_t)full, 1u, k0, k1,
+                                    dst + 4 * full, 1, size - 4 * full);
         }
         return bad ? -1 : 0;
     }
-#pragma omp parallel for schedule(static) reduction(| : bad) if (pre * size * post >= 65536)
-    for (int64_t r = 0; r < pre * groups; r++) {
-        int64_t p = r / groups, g = r % groups, first = 4 * g;
-        const float *src = t + (p * size + first) * post;
-        float *dst = out + (p * size + first) * post;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (rows * size * post >= 65536)
+    for (int64_t r = 0; r < rows * groups; r++) {
+        int64_t row = r / groups, g = r % groups, first = 4 * g;
+        int64_t o = row / pre, p = row % pre;
+        uint32_t c0 = (uint32_t)((p * outer + o) * post * groups + g), step = (uint32_t)groups;
+        const float *src = t + (row * size + first) * post;
+        float *dst = out + (row * size + first) * post;
         if (g < full)
-            bad |= mvue_rows(src, src + post, src + 2 * post, src + 3 * post, u + r * post,
+            bad |= mvue_rows(src, src + post, src + 2 * post, src + 3 * post, c0, step, k0, k1,
                              dst, dst + post, dst + 2 * post, dst + 3 * post, post);
         else
-            bad |= mvue_partial(src, u + r * post, dst, post, size - first);
+            bad |= mvue_partial(src, c0, step, k0, k1, dst, post, size - first);
     }
     return bad ? -1 : 0;
 }

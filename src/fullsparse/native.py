@@ -42,6 +42,8 @@ __all__ = [
     "row_norm_products",
     "draw",
     "gather_rows",
+    "block_scores",
+    "gather_columns",
     "mvue",
 ]
 
@@ -118,7 +120,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
-        "fs_mvue": (ctypes.c_int, [ptr] * 3 + [i64] * 3),
+        "fs_block_scores": (None, [ptr, ptr] + [i64] * 9 + [ptr]),
+        "fs_gather_columns": (None, [ptr, i64, i64, ptr, ptr] + [i64] * 4 + [ptr]),
+        "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -290,20 +294,80 @@ def gather_rows(
     return out
 
 
-def mvue(t3: Tensor, u: Tensor) -> Tensor | None:
-    """:func:`fullsparse.estimators.mvue_planes` applied to ``t3 [pre, size, post]`` in its
-    own layout (groups of 4 along the middle axis, a last partial group zero-padded), with
-    the uniforms ``u [pre, ceil(size/4), post]``: ``t3``'s shape, bit for bit the eager
-    result, in one pass. None where the kernel does not apply, or where ``t3`` holds a NaN
-    or an infinity (the eager path then runs on the same uniforms)."""
-    if t3.ndim != 3 or u.ndim != 3 or not (t3.is_contiguous() and u.is_contiguous()):
+def block_scores(
+    x: Tensor, dy: Tensor, kw: int, stride: int, dilation: int, padding: int
+) -> Tensor | None:
+    """:func:`fullsparse.sampled_grad.block_scores` of ``x [N, Ci, H, W]`` and ``dy [N, Co,
+    Ho, Wo]`` (the width's stride, dilation and padding) in one pass over each: ``[2N]``
+    float32, the sums in float32 lanes (equal to the eager scores up to rounding). None
+    where the kernel does not apply (not contiguous NCHW float32 CPU tensors)."""
+    if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0] or x.shape[0] == 0:
         return None
-    pre, size, post = t3.shape
-    if tuple(u.shape) != (pre, (size + 3) // 4, post) or t3.numel() == 0:
+    if not (x.is_contiguous() and dy.is_contiguous()):
         return None
-    lib = _usable(t3, u)
+    lib = _usable(x, dy)
     if lib is None:
         return None
-    out = torch.empty_like(t3)
-    failed = lib.fs_mvue(t3.data_ptr(), u.data_ptr(), out.data_ptr(), pre, size, post)
+    n, w, wo = x.shape[0], x.shape[3], dy.shape[3]
+    out = torch.empty(2 * n, dtype=torch.float32)
+    lib.fs_block_scores(
+        x.data_ptr(), dy.data_ptr(), n, x.shape[1] * x.shape[2], w, dy.shape[1] * dy.shape[2],
+        wo, kw, stride, dilation, padding, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def gather_columns(
+    src: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    start: int,
+    step: int,
+    width: int,
+    *,
+    index_checked: bool = False,
+) -> Tensor | None:
+    """``[len(index), C, H, width]``: sample ``index[j]`` of ``src [N, C, H, W]``, its
+    columns ``start, start + step, …`` (zero where outside the input: a padding, or a crop
+    where ``start`` > 0), times ``scale[j]`` if given — ``index_select`` of a strided or
+    padded view, bit for bit, in one pass. None where the kernel does not apply; an index
+    out of range raises ``IndexError`` (``index_checked``: the caller knows it is in
+    range)."""
+    if src.ndim != 4 or not src.is_contiguous() or index.dtype != torch.int64 or step < 1:
+        return None
+    if not index.is_contiguous() or index.device.type != "cpu" or width < 0:
+        return None
+    if scale is not None and (not scale.is_contiguous() or scale.numel() != index.numel()):
+        return None
+    lib = _usable(src) if scale is None else _usable(src, scale)
+    if lib is None:
+        return None
+    n, c, h, w = src.shape
+    if index.numel() and not index_checked:
+        low, high = index.aminmax()
+        if int(low) < 0 or int(high) >= n:  # the C loop would read out of bounds
+            raise IndexError(f"sample index out of range for {n} samples")
+    out = torch.empty(index.numel(), c, h, width, dtype=torch.float32)
+    if out.numel():
+        lib.fs_gather_columns(
+            src.data_ptr(), c * h, w, index.data_ptr(), _ptr(scale), index.numel(), start,
+            step, width, out.data_ptr(),
+        )  # fmt: skip
+    return out
+
+
+def mvue(t4: Tensor, key: tuple[int, int]) -> Tensor | None:
+    """:func:`fullsparse.estimators.mvue_planes` applied to ``t4 [outer, pre, size, post]`` in
+    its own layout (groups of 4 along ``size``, a last partial group zero-padded), with the
+    uniforms of :func:`fullsparse.estimators.mvue_uniforms` for ``key`` drawn in the order
+    (pre, outer, post, group): ``t4``'s shape, bit for bit the eager result, in one pass.
+    None where the kernel does not apply, or where ``t4`` holds a NaN or an infinity (the
+    eager path then runs on the same uniforms)."""
+    if t4.ndim != 4 or not t4.is_contiguous() or t4.numel() == 0:
+        return None
+    lib = _usable(t4)
+    if lib is None:
+        return None
+    out = torch.empty_like(t4)
+    failed = lib.fs_mvue(t4.data_ptr(), key[0], key[1], out.data_ptr(), *t4.shape)
     return None if failed else out

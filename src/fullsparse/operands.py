@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fullsparse.config import MEPROP_KEEP, SparsityConfig
-from fullsparse.estimators import mvue_2to4, topk_rows
+from fullsparse.estimators import mvue_2to4, mvue_2to4_channels, topk_rows
 from fullsparse.masks import (
     is_2to4,
     magnitude_score,
@@ -368,9 +368,7 @@ def mvue_spatial_conv(t: Tensor) -> Tensor:
     """MVUE_T for ``[N, C, H, W]``: the random unbiased 2:4 sparsification along N·H·W per
     channel, in (n, h, w) order (S_T's layout), drawn from torch's default generator on
     ``t``'s device."""
-    n, c, h, w = t.shape
-    rows = t.transpose(0, 1).reshape(c, n * h * w)
-    return mvue_2to4(rows, dim=1).reshape(c, n, h, w).transpose(0, 1)
+    return mvue_2to4_channels(t)
 
 
 def mvue_tokens(t2: Tensor) -> Tensor:

@@ -69,6 +69,9 @@ def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     """One score per unit ``2n + q`` ``[2N]``: ``‖dY[n, :, :, q::2]‖`` times the norm of the
     (zero-padded) input columns those output columns' windows read — an upper bound of the
     norm of the block's term (Cauchy-Schwarz)."""
+    fast = native.block_scores(x, dy, kw, geo.stride[1], geo.dilation[1], geo.padding[1])
+    if fast is not None:  # float32 NCHW on a CPU: one native pass over each
+        return fast
     dtype = _work_dtype(x)
     n, pw, wo = x.shape[0], geo.padding[1], dy.shape[3]
     col2 = F.pad(_column_sq_sums(x, dtype), (pw, pw))  # [N, W + 2·pw]
@@ -265,10 +268,40 @@ def _block_operands(
         if not bool(chosen.any()):
             continue
         samples = units[chosen] // 2
+        fast = _native_block_part(x, dy, geo, samples, scale[chosen], parity)
+        if fast is not None:
+            parts.append(fast)
+            continue
         dy_q = dy[..., parity::2].index_select(0, samples)  # one half-size copy
         dy_q.mul_(scale[chosen].to(dy.dtype)[:, None, None, None])
         parts.append(_half_operands(x.index_select(0, samples), dy_q, geo, parity))
     return parts
+
+
+def _native_block_part(
+    x: Tensor, dy: Tensor, geo: ConvGeometry, samples: Tensor, scale: Tensor, parity: int
+) -> tuple[Tensor, Tensor, ConvGeometry] | None:
+    """One parity's ``_half_operands`` from native gathers (dY's columns of that parity ÷ p,
+    the input shifted for the odd windows, each one pass), or None (the eager path)."""
+    if not (x.is_contiguous() and dy.is_contiguous()):  # channels-last: the eager path
+        return None
+    wo = dy.shape[3]
+    cols = (wo - parity + 1) // 2
+    dy_q = native.gather_columns(dy, samples, scale, parity, 2, cols, index_checked=True)
+    if dy_q is None:
+        return None
+    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
+    if parity == 0 or cols == 0:
+        x_q = native.gather_columns(x, samples, None, 0, 1, x.shape[3], index_checked=True)
+        return None if x_q is None else (x_q, dy_q, half)
+    # as _half_operands: the input padded by (pw − sw, pw) along the width (cropped where
+    # negative), then no width padding in the product
+    sw, pw = geo.stride[1], geo.padding[1]
+    width = x.shape[3] + 2 * pw - sw
+    x_q = native.gather_columns(x, samples, None, sw - pw, 1, width, index_checked=True)
+    if x_q is None:
+        return None
+    return x_q, dy_q, ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
 
 
 def _sample_operands(
