@@ -307,23 +307,31 @@ void fs_gather_columns(const float *src, int64_t rows, int64_t w, const int64_t 
     int64_t hi = w - 1 - start < 0 ? 0 : (w - 1 - start) / step + 1;
     hi = hi > out_w ? out_w : hi;
     lo = lo > hi ? hi : lo;
+    if (scale == NULL && start == 0 && step == 1 && out_w == w) { /* whole samples */
+#pragma omp parallel for schedule(static) if (n * rows * w > 65536)
+        for (int64_t j = 0; j < n; j++)
+            memcpy(dst + j * rows * w, src + index[j] * rows * w,
+                   sizeof(float) * (size_t)(rows * w));
+        return;
+    }
 #pragma omp parallel for schedule(static) if (n * rows * out_w > 65536)
-    for (int64_t jr = 0; jr < n * rows; jr++) {
-        int64_t j = jr / rows, r = jr % rows;
-        const float *restrict from = src + (index[j] * rows + r) * w;
-        float *restrict to = dst + jr * out_w;
-        for (int64_t c = 0; c < lo; c++)
-            to[c] = 0.0f;
-        if (scale == NULL && step == 1) {
-            if (hi > lo)
-                memcpy(to + lo, from + start + lo, sizeof(float) * (size_t)(hi - lo));
-        } else {
-            float f = scale == NULL ? 1.0f : scale[j];
-            for (int64_t c = lo; c < hi; c++)
-                to[c] = from[start + c * step] * f;
+    for (int64_t j = 0; j < n; j++) {
+        const float *restrict sample = src + index[j] * rows * w;
+        float f = scale == NULL ? 1.0f : scale[j];
+        for (int64_t r = 0; r < rows; r++) {
+            const float *restrict row = sample + r * w;
+            float *restrict to = dst + (j * rows + r) * out_w;
+            for (int64_t c = 0; c < lo; c++)
+                to[c] = 0.0f;
+            if (step == 1)
+                for (int64_t c = lo; c < hi; c++)
+                    to[c] = row[start + c] * f;
+            else
+                for (int64_t c = lo; c < hi; c++)
+                    to[c] = row[start + c * step] * f;
+            for (int64_t c = hi; c < out_w; c++)
+                to[c] = 0.0f;
         }
-        for (int64_t c = hi; c < out_w; c++)
-            to[c] = 0.0f;
     }
 }
 
