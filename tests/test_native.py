@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fullsparse import native, recipe
-from fullsparse.operands import weight_operands
+from fullsparse.operands import add_deferred_decay, weight_operands
 
 HAS_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 NAN, INF = float("nan"), float("inf")
@@ -30,6 +30,14 @@ def _same(a, b, strides: bool = True) -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     # the sign of zeros too (x * 0 keeps it, as the eager product does)
     assert torch.equal(torch.signbit(a), torch.signbit(b))
+
+
+def _decay(ops, w):
+    """A step's SR-STE decay term: the tensor, or the one the backward adds from W (to −0,
+    which leaves every value and the sign of zeros as they are)."""
+    if ops.decay_scale is None:
+        return ops.decay
+    return add_deferred_decay(torch.full_like(w, -0.0), w, ops.decay_scale)
 
 
 def _weight(shape, seed=0):
@@ -77,9 +85,51 @@ def test_weight_side_equals_the_eager_path_bit_for_bit(monkeypatch, name, shape,
     want = _eager(monkeypatch, w, config, groups, torch.float32, **kwargs)
     _same(got.output, want.output)
     _same(got.grad_input, want.grad_input)
-    _same(got.decay, want.decay)
+    _same(_decay(got, w), _decay(want, w))
     if HAS_COMPILER and config.operands.output_weight == "S_K(W)":
         assert got.out_mask is None  # the native kernel made it: no mask materialized
+        if kwargs["decay"] and config.operands.decay:  # left to the backward, from W
+            assert got.decay is None and got.decay_scale == config.decay
+
+
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
+def test_the_deferred_decay_is_the_eager_decay_on_every_path(monkeypatch, grad_layout):
+    """``add_deferred_decay``: the kernel, the weight-side kernel's term (a gradient it
+    cannot take) and the eager masks (no native library) add the same bits as the eager
+    weight side's decay tensor, NaN and infinities included."""
+    config = recipe("fst")
+    w = _weight((8, 4, 3, 3), seed=3)
+    base = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    if grad_layout == "channels_last":  # a weight gradient the kernel cannot take
+        base = base.contiguous(memory_format=torch.channels_last)
+    want = base.clone().add_(_eager(monkeypatch, w, config, 1, torch.float32).decay)
+    got = add_deferred_decay(base.clone(), w, config.decay)
+    _same(got, want, strides=False)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    _same(add_deferred_decay(base.clone(), w, config.decay), want, strides=False)
+
+
+def test_a_sparse_layer_keeps_no_decay_tensor_and_its_gradient_is_the_eager_one(monkeypatch):
+    from fullsparse.functional import sparse_conv2d, sparse_linear
+
+    def grads():
+        torch.manual_seed(0)
+        x = torch.randn(2, 8, 5, 5)
+        w = torch.randn(8, 8, 3, 3, requires_grad=True)
+        y = sparse_conv2d(x, w, padding=1, config=recipe("fst"))
+        saved = y.grad_fn.saved_tensors  # (x, W_gi, the decay tensor or W)
+        kept_w = saved[2].data_ptr() == w.data_ptr()
+        assert kept_w == native.enabled() and saved[2].shape == w.shape
+        y.square().sum().backward()
+        v = torch.randn(12, 16, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        sparse_linear(torch.randn(3, 4, 16), v, config=recipe("fst")).square().sum().backward()
+        return w.grad, v.grad
+
+    got = grads()
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = grads()
+    for a, b in zip(got, want, strict=True):
+        _same(a, b)
 
 
 def test_the_kernel_is_what_ran(monkeypatch):
@@ -118,7 +168,7 @@ def test_where_the_kernel_does_not_apply_the_eager_path_runs(
     assert got.out_mask is not None  # the eager path ran
     _same(got.output, want.output)
     _same(got.grad_input, want.grad_input)
-    _same(got.decay, want.decay)
+    _same(_decay(got, w), _decay(want, w))
 
 
 def test_the_switch_turns_it_off(monkeypatch):
@@ -137,7 +187,7 @@ def test_a_failed_build_warns_once_and_runs_eagerly(monkeypatch, tmp_path):
     assert not native.available()  # no second warning, no second build
     want = _eager(monkeypatch, w, recipe("fst"), 1, torch.float32)
     _same(got.output, want.output)
-    _same(got.decay, want.decay)
+    _same(_decay(got, w), _decay(want, w))
 
 
 # --------------------------------------------------------------------------- sampling
@@ -352,7 +402,7 @@ def test_cached_masks_give_the_eager_operands_bit_for_bit(monkeypatch, name, nee
     assert got.out_mask is cached["forward_mask"] and want.out_mask is cached["forward_mask"]
     _same(got.output, want.output)
     _same(got.grad_input, want.grad_input)
-    _same(got.decay, want.decay)
+    _same(_decay(got, w), _decay(want, w))
 
 
 @pytest.mark.usefixtures("library")
@@ -384,7 +434,7 @@ def test_random_shapes_and_two_threads_equal_the_eager_path(monkeypatch):
                 want = _eager(monkeypatch, w, recipe("fst"), 1, torch.float32, **cached)
                 _same(got.output, want.output)
                 _same(got.grad_input, want.grad_input)
-                _same(got.decay, want.decay)
+                _same(_decay(got, w), _decay(want, w))
     finally:
         torch.set_num_threads(before)
 

@@ -52,6 +52,8 @@ from fullsparse.kernels import (
 from fullsparse.kernels.reference import conv_backward, conv_grad_input, conv_output
 from fullsparse.masks import mask_2to4
 from fullsparse.operands import (
+    WeightOperands,
+    add_deferred_decay,
     decay_term,
     grad_input_weight,
     ir_grad_output,
@@ -365,7 +367,8 @@ class _SparseConv2dFn(torch.autograd.Function):
             y = _not_a_view(kernel.output(x, ops.output, b, geo))  # output (Eq. 1)
         # W_gi stands in for W's shape and dtype in the weight gradient when there is one
         w_bwd = ops.grad_input if ops.grad_input is not None else ops.output
-        ctx.save_for_backward(x, w_bwd, ops.decay)
+        ctx.save_for_backward(x, w_bwd, _decay_source(ops, weight))
+        ctx.decay_scale = ops.decay_scale
         ctx.geo = geo
         return y
 
@@ -383,7 +386,8 @@ class _SparseConv2dFn(torch.autograd.Function):
                 # both gradients from one dY operand (dY, or meProp's TopK(dY)): one
                 # convolution_backward call serves both
                 dx, dw = conv_backward(_conv_dy_gi(config, dy, geo), x, w_gi, geo, "both")
-                grad_input, grad_weight = dx.to(input_dtype), _plus(dw.to(weight_dtype), decay)
+                grad_input = dx.to(input_dtype)
+                grad_weight = _plus(dw.to(weight_dtype), decay, ctx.decay_scale)
             else:
                 # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
                 if needs_dx:
@@ -394,7 +398,7 @@ class _SparseConv2dFn(torch.autograd.Function):
                     mode, alpha = config.grad_weight_mode, config.ir_alpha
                     sampling = sampling_args(config, ctx.gw_state, conv=True)
                     dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha, **sampling)
-                    grad_weight = _plus(dw.to(weight_dtype), decay)
+                    grad_weight = _plus(dw.to(weight_dtype), decay, ctx.decay_scale)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
@@ -408,9 +412,18 @@ def _one_conv_backward(ops: Any, kernel: Any) -> bool:
     return same_dy and ops.grad_weight_input == "X" and kernel is REFERENCE_CONV
 
 
-def _plus(grad: Tensor, decay: Tensor | None) -> Tensor:
-    """``grad + decay`` in place on the fresh ``grad`` (the SR-STE term of Eq. 6)."""
-    return grad if decay is None else grad.add_(decay)
+def _decay_source(ops: WeightOperands, weight: Tensor) -> Tensor | None:
+    """What the backward needs for the SR-STE decay: the decay tensor, or W itself where the
+    native weight side left the decay to the backward (``ops.decay_scale``)."""
+    return weight if ops.decay_scale is not None else ops.decay
+
+
+def _plus(grad: Tensor, decay: Tensor | None, scale: float | None) -> Tensor:
+    """``grad + decay`` in place on the fresh ``grad`` (the SR-STE term of Eq. 6); with a
+    ``scale``, ``decay`` is W and the term λ·(W − W·S_K(W)) is made from it."""
+    if decay is None:
+        return grad
+    return grad.add_(decay) if scale is None else add_deferred_decay(grad, decay, scale)
 
 
 def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -540,7 +553,8 @@ class _SparseLinearFn(torch.autograd.Function):
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
         with torch.autocast(input.device.type, enabled=False):
             y = _not_a_view(kernel.output(x, ops.output, b))  # output (Eq. 1)
-        ctx.save_for_backward(x, ops.grad_input, ops.decay)
+        ctx.save_for_backward(x, ops.grad_input, _decay_source(ops, weight))
+        ctx.decay_scale = ops.decay_scale
         return y
 
     @staticmethod
@@ -560,7 +574,7 @@ class _SparseLinearFn(torch.autograd.Function):
                 mode, alpha = config.grad_weight_mode, config.ir_alpha
                 sampling = sampling_args(config, ctx.gw_state)
                 dw = linear_grad_weight(x, dy, mode, alpha, **sampling).to(weight_dtype)
-                grad_weight = _plus(dw, decay)
+                grad_weight = _plus(dw, decay, ctx.decay_scale)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None

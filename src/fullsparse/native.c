@@ -99,6 +99,26 @@ void fs_fst_weight_side(const float *w, float *out, float *gi, float *decay,
     }
 }
 
+/* grad += (W - W * S_K(W)) * lam over n values of W (rows of a length that is a multiple of
+ * 4, so flat groups of 4 are a row's): the SR-STE decay of fs_fst_weight_side, added in the
+ * backward from W itself instead of a tensor kept from the forward (the same bits as
+ * grad.add_(decay)). */
+void fs_add_fst_decay(const float *restrict w, float *restrict grad, int64_t n, float lam) {
+#pragma omp parallel for schedule(static) if (n >= 32768)
+    for (int64_t c = 0; c < n; c += 4096) {
+        int64_t end = c + 4096 < n ? c + 4096 : n;
+        for (int64_t i = c; i < end; i += 4) {
+            float a0 = w[i], a1 = w[i + 1], a2 = w[i + 2], a3 = w[i + 3];
+            int k0, k1, k2, k3;
+            TOP2(score(a0), score(a1), score(a2), score(a3), k0, k1, k2, k3);
+            grad[i] = grad[i] + (a0 - a0 * (float)k0) * lam;
+            grad[i + 1] = grad[i + 1] + (a1 - a1 * (float)k1) * lam;
+            grad[i + 2] = grad[i + 2] + (a2 - a2 * (float)k2) * lam;
+            grad[i + 3] = grad[i + 3] + (a3 - a3 * (float)k3) * lam;
+        }
+    }
+}
+
 /* The same operands from cached masks (mask_interval > 1): out = W * mk, gi = W * mco (NULL:
  * not computed), decay = (W - out) * lam (NULL: not computed); masks are bools (0 or 1 bytes)
  * of W's n elements, as torch stores them. */

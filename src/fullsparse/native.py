@@ -39,6 +39,7 @@ __all__ = [
     "enabled",
     "fst_weight_side",
     "masked_weight_side",
+    "add_fst_decay",
     "row_norm_products",
     "draw",
     "gather_rows",
@@ -117,6 +118,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     signatures = {
         "fs_fst_weight_side": (None, [ptr] * 4 + [i64] * 2 + [f32]),
         "fs_masked_weight_side": (None, [ptr] * 6 + [i64, f32]),
+        "fs_add_fst_decay": (None, [ptr, ptr, i64, f32]),
         "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
@@ -231,6 +233,22 @@ def masked_weight_side(
         w.numel(), lam,
     )  # fmt: skip
     return out, gi, term
+
+
+def add_fst_decay(grad: Tensor, w2: Tensor, lam: float) -> bool:
+    """``grad += λ·(W − W·S_K(W))`` in place for ``w2 [co, k]`` (S_K along rows in groups of
+    4, k a multiple of 4) and a ``grad`` of W's shape and layout: the decay term
+    :func:`fst_weight_side` makes, added in one pass over W and grad (the same bits as
+    ``grad.add_(decay)``). False where the kernel does not apply (nothing done)."""
+    if w2.ndim != 2 or w2.shape[1] % 4 or not w2.is_contiguous() or w2.numel() == 0:
+        return False
+    if not grad.is_contiguous() or grad.numel() != w2.numel():
+        return False
+    lib = _usable(w2, grad)
+    if lib is None:
+        return False
+    lib.fs_add_fst_decay(w2.data_ptr(), grad.data_ptr(), w2.numel(), lam)
+    return True
 
 
 def row_norm_products(x2: Tensor, dy2: Tensor) -> Tensor | None:

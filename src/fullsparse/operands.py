@@ -41,6 +41,7 @@ __all__ = [
     "output_weight_mask",
     "grad_input_weight",
     "decay_term",
+    "add_deferred_decay",
     "soft_threshold_k",
     "soft_scale",
     "soft_output_weight",
@@ -226,8 +227,12 @@ class WeightOperands:
     output: Tensor
     #: ``grad_input`` weight operand W_gi, in the compute dtype (None if not asked for)
     grad_input: Tensor | None
-    #: SR-STE decay λ·(W − W_out), in the weight's dtype (None without decay)
+    #: SR-STE decay λ·(W − W_out), in the weight's dtype (None without decay, or when the
+    #: backward adds it from W itself: ``decay_scale``)
     decay: Tensor | None
+    #: λ of a decay the backward adds from W (:func:`add_deferred_decay`), where the native
+    #: weight side made the operands: no decay tensor is kept from the forward to the backward
+    decay_scale: float | None = None
 
 
 def weight_operands(
@@ -337,13 +342,35 @@ def _native_operands(
             return None
         if co_mask and (w.shape[0] // groups) % 4:
             return None  # groups of 4 output channels would straddle two conv groups
-        made = native.fst_weight_side(w.reshape(w.shape[0], -1), config.decay, co_mask, with_decay)
+        # the decay is left to the backward (add_deferred_decay): one tensor of W's size
+        # less to write now and to keep until then
+        made = native.fst_weight_side(w.reshape(w.shape[0], -1), config.decay, co_mask, False)
     if made is None:
         return None
     out, gi, term = (None if t is None else t.view(w.shape) for t in made)
     assert out is not None
     w_gi = {None: None, "W": w, "S_K(W)": out, "S_Co(W)": gi}[operand]
-    return WeightOperands(forward_mask, out, w_gi, term)
+    deferred = config.decay if with_decay and forward_mask is None else None
+    return WeightOperands(forward_mask, out, w_gi, term, deferred)
+
+
+def add_deferred_decay(grad: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """``grad + λ·(W − W·S_K(W))``, in place on the fresh ``grad`` (W's shape and dtype): the
+    SR-STE decay of an S_K(W) forward whose operands the native weight side made
+    (``WeightOperands.decay_scale``), from W itself — the same bits as adding the decay
+    tensor :func:`weight_operands` would otherwise have kept from the forward (W does not
+    change in between: autograd's version check guards it)."""
+    from fullsparse import native
+
+    w2 = weight.detach().reshape(weight.shape[0], -1)
+    if native.add_fst_decay(grad, w2, scale):
+        return grad
+    made = native.fst_weight_side(w2, scale, False, True)
+    if made is not None and made[2] is not None:
+        return grad.add_(made[2].view(grad.shape))
+    w = weight.detach()  # no native library now: the eager S_K(W), the same mask
+    w_out = w * _mask_k_of_score(magnitude_score(w), "im2col")
+    return grad.add_((w - w_out).mul_(scale))
 
 
 # --------------------------------------------------------------------------- activations

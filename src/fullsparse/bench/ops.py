@@ -7,6 +7,7 @@ definition of "the weight-side work of a step" that ``bench steps`` reports.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from fullsparse.config import RECIPES, SparsityConfig, recipe
@@ -25,7 +26,7 @@ from fullsparse.functional import (
     sparse_conv2d,
     sparse_linear,
 )
-from fullsparse.operands import weight_operands
+from fullsparse.operands import add_deferred_decay, weight_operands
 
 __all__ = [
     "RECIPES",
@@ -63,9 +64,15 @@ def weight_side_work(
 
     Returns ``(output mask or None, grad_input weight, decay or None)``. What is timed is
     exactly this function over every sparse layer of a model, so it must stay the same work
-    the autograd functions do per step.
+    the autograd functions do per step. Where the native weight side leaves the decay to
+    the backward (``WeightOperands.decay_scale``), it is added here as the backward adds it
+    to the weight gradient, to a fresh tensor of −0 (one fill more than the backward does;
+    the result is the decay term, bit for bit).
     """
     ops = weight_operands(
         weight, config, groups, weight.dtype, forward_mask, grad_input_mask=grad_input_mask
     )
-    return ops.out_mask, ops.grad_input, ops.decay
+    decay = ops.decay
+    if ops.decay_scale is not None:
+        decay = add_deferred_decay(torch.full_like(weight, -0.0), weight, ops.decay_scale)
+    return ops.out_mask, ops.grad_input, decay
