@@ -65,6 +65,20 @@ def test_weight_side_work_is_the_steps_weight_operands(name):
         assert decay is None
 
 
+def test_weight_side_work_adds_a_deferred_decay_to_the_gradient_given(monkeypatch):
+    """float32 on a CPU: the native weight side leaves the decay to the backward, which adds
+    it to the weight gradient; the benchmark's work does the same to ``grad``."""
+    torch.manual_seed(4)
+    w, grad = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    cfg = recipe("fst")
+    with monkeypatch.context() as m:
+        m.setenv("FULLSPARSE_NATIVE", "off")
+        want = weight_side_work(w, cfg)[2]  # the decay tensor of the eager path
+    got = weight_side_work(w, cfg, grad=grad.clone())[2]
+    torch.testing.assert_close(got, grad + want, rtol=0, atol=0)
+    torch.testing.assert_close(weight_side_work(w, cfg)[2], want, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- bench layers
 def test_bench_layers_reports_every_role_with_dense_first():
     result = bench_layers(TINY, ["fst", "tsm"], warmup=0, repeats=1)

@@ -4,10 +4,12 @@ compiler and called through :mod:`ctypes`.
 Eager PyTorch runs the per-step weight-side work of a sparse layer as about twenty small
 operators, each one pass over the weight: on a CPU that is memory traffic and dispatch,
 not arithmetic. :func:`fst_weight_side` does the FST recipes' S_K(W)·W, S_Co(W)·W and SR-STE
-decay in one pass over W (:func:`masked_weight_side` the same from cached masks), bit for bit
-the eager path's; :func:`row_norm_products`, :func:`draw` and :func:`gather_rows` are the
-sampled weight gradients' scores, draw and operands, :func:`mvue` the MVUE of ``fst_mvue``
-(bit for bit). The eager functions stay the reference (``tests/test_native.py``).
+decay in one pass over W (:func:`masked_weight_side` the same from cached masks,
+:func:`add_fst_decay` the decay added to the gradient in the backward), bit for bit the eager
+path's; :func:`row_norm_products`, :func:`draw`, :func:`gather_rows`, :func:`block_scores`
+and :func:`gather_columns` are the sampled weight gradients' scores, draw and operands,
+:func:`mvue` the MVUE of ``fst_mvue`` with its counter-based uniforms drawn in place (bit for
+bit). The eager functions stay the reference (``tests/test_native.py``).
 
 When the native form runs (:func:`available`): float32 CPU tensors, a C compiler on the
 ``PATH`` (``cc``, ``gcc`` or ``clang``) and ``FULLSPARSE_NATIVE`` not ``0``/``off``. The

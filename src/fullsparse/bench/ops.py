@@ -55,6 +55,8 @@ def weight_side_work(
     groups: int = 1,
     forward_mask: Tensor | None = None,
     grad_input_mask: Tensor | None = None,
+    *,
+    grad: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
     """The per-step operands a sparse layer derives from its weight alone, computed as one
     training step computes them: the ``output`` mask (S_K(W), or the TSM mask, which a
@@ -66,13 +68,14 @@ def weight_side_work(
     exactly this function over every sparse layer of a model, so it must stay the same work
     the autograd functions do per step. Where the native weight side leaves the decay to
     the backward (``WeightOperands.decay_scale``), it is added here as the backward adds it
-    to the weight gradient, to a fresh tensor of −0 (one fill more than the backward does;
-    the result is the decay term, bit for bit).
+    to the weight gradient: to ``grad`` (a tensor of W's shape standing for that gradient,
+    which then holds the sum), or else to a fresh tensor of −0 (the decay term, bit for bit).
     """
     ops = weight_operands(
         weight, config, groups, weight.dtype, forward_mask, grad_input_mask=grad_input_mask
     )
     decay = ops.decay
     if ops.decay_scale is not None:
-        decay = add_deferred_decay(torch.full_like(weight, -0.0), weight, ops.decay_scale)
+        target = torch.full_like(weight, -0.0) if grad is None else grad
+        decay = add_deferred_decay(target, weight, ops.decay_scale)
     return ops.out_mask, ops.grad_input, decay

@@ -200,12 +200,14 @@ def _weight_side_fn(
         cfg = m.config  # type: ignore[attr-defined]
         cached = m.tsm_mask if cfg.uses_transposable_mask or cached_masks else None  # type: ignore
         gi = m.gi_mask if cached_masks else None  # type: ignore[attr-defined]
-        layers.append((m.weight.detach(), cfg, int(getattr(m, "groups", 1)), cached, gi))
+        w = m.weight.detach()
+        # the weight gradient a backward adds a deferred decay to (it exists by then)
+        layers.append((w, cfg, int(getattr(m, "groups", 1)), cached, gi, torch.zeros_like(w)))
 
     def work(_: int) -> None:
         with torch.no_grad():
-            for w, cfg, groups, cached, gi in layers:
-                weight_side_work(w, cfg, groups, cached, gi)
+            for w, cfg, groups, cached, gi, grad in layers:
+                weight_side_work(w, cfg, groups, cached, gi, grad=grad)
 
     return len(layers), work
 
