@@ -232,16 +232,21 @@ def _mix32(x: int) -> int:
     return x ^ (x >> 15)
 
 
+def ref_mvue_uniform(counter: int, key: tuple[int, int]) -> float:
+    """fullsparse's counter-based MVUE uniform of group ``counter`` under ``key``, with
+    Python integers: the top 24 bits of two keyed rounds of a 32-bit hash, over 2²⁴."""
+    return (_mix32(_mix32((counter % 2**32) ^ key[0]) ^ key[1]) >> 8) / 2**24
+
+
 def draw_mvue_uniforms(rows: int, size: int) -> Tensor:
     """The uniforms fullsparse draws on a CPU for an MVUE of ``rows`` rows of ``size``
     entries along the sparsified axis: a key of two 32-bit integers from torch's default
-    generator, then one uniform per group of 4, the top 24 bits of two keyed rounds of a
-    32-bit integer hash of the counter ``row·groups + group``, in float64."""
+    generator, then one uniform per group of 4 (:func:`ref_mvue_uniform` of the counter
+    ``row·groups + group``), in float64."""
     k0, k1 = (int(v) for v in torch.randint(0, 2**32, (2,), dtype=torch.int64))
     groups = (size + 3) // 4
     values = [
-        [(_mix32(_mix32(((r * groups + g) % 2**32) ^ k0) ^ k1) >> 8) / 2**24 for g in range(groups)]
-        for r in range(rows)
+        [ref_mvue_uniform(r * groups + g, (k0, k1)) for g in range(groups)] for r in range(rows)
     ]
     return torch.tensor(values, dtype=torch.float64).reshape(rows, groups)
 

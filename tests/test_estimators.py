@@ -8,6 +8,7 @@ import torch
 from fullsparse import estimators
 from fullsparse.estimators import mvue_2to4, mvue_keep_probabilities, topk_rows
 from fullsparse.masks import is_2to4
+from reference import ref_mvue_uniform
 
 
 def _reference_probabilities(group: list[float]) -> list[float]:
@@ -133,19 +134,6 @@ def test_mvue_is_reproducible_from_the_generator_state() -> None:
     assert torch.equal(a, b)
 
 
-def _python_uniform(counter: int, key: tuple[int, int]) -> float:
-    """The counter-based uniform with Python integers (an independent reference)."""
-
-    def mix(x: int) -> int:
-        x ^= x >> 16
-        x = (x * 0x21F0AAAD) % 2**32
-        x ^= x >> 15
-        x = (x * 0x735A2D97) % 2**32
-        return x ^ (x >> 15)
-
-    return (mix(mix((counter % 2**32) ^ key[0]) ^ key[1]) >> 8) / 2**24
-
-
 def test_mvue_uniforms_match_a_python_reference_and_their_counter_order() -> None:
     key = (0xDEADBEEF, 12345)
     pre, post, groups = 3, 5, 7
@@ -153,7 +141,7 @@ def test_mvue_uniforms_match_a_python_reference_and_their_counter_order() -> Non
     assert u.shape == (pre, groups, post) and u.dtype == torch.float32
     for p_, g_, q_ in [(0, 0, 0), (2, 6, 4), (1, 3, 2), (0, 6, 1)]:
         counter = (p_ * post + q_) * groups + g_
-        assert float(u[p_, g_, q_]) == _python_uniform(counter, key)
+        assert float(u[p_, g_, q_]) == ref_mvue_uniform(counter, key)
 
 
 def test_mvue_uniforms_look_uniform_and_independent() -> None:
