@@ -78,13 +78,9 @@ def _planar_terms(a: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     return probabilities, den * (1 - 0.5 * (1 - on))
 
 
-def _planar_probabilities(a: list[Tensor]) -> list[Tensor]:
-    return _planar_terms(a)[0]
-
-
 def _probabilities(a: Tensor) -> Tensor:
     """Keep probabilities for ``a = |values|`` of shape ``[..., 4]``."""
-    return torch.stack(_planar_probabilities(list(a.unbind(-1))), -1)
+    return torch.stack(_planar_terms(list(a.unbind(-1)))[0], -1)
 
 
 def mvue_keep_probabilities(t: Tensor, dim: int) -> Tensor:
@@ -171,9 +167,10 @@ def mvue_uniforms(key: tuple[int, int], pre: int, post: int, groups: int) -> Ten
     """The MVUE's uniforms on a CPU, ``[pre, groups, post]`` float32: group ``(p, g, q)``
     gets ``U(((p·post + q)·groups + g) mod 2³²)``, where ``U(i)`` is the top 24 bits of two
     keyed rounds of a bijective 32-bit hash, ``mix(mix(i ^ k0) ^ k1)``, over 2²⁴.
-    Counter-based: any group's number is computed independently (the native kernel draws
-    them in place, the same bits), and distinct counters give distinct numbers' hashes
-    (below 2³² groups). This is the reference the native kernel is tested against."""
+    Counter-based: any group's number is computed on its own (the native kernel draws them
+    in place, the same bits); the hash is a bijection, so below 2³² groups no two groups
+    share a 32-bit hash (counters wrap at 2³²). This is the reference the native kernel is
+    tested against."""
     counter = torch.arange(pre * post * groups, dtype=torch.int64) & _LOW32
     h = _mix32(_mix32(counter ^ key[0]) ^ key[1])
     u = (h >> 8).to(torch.float32) * 2.0**-24

@@ -296,6 +296,10 @@ void fs_block_scores(const float *x, const float *dy, int64_t n, int64_t rx, int
 #pragma omp parallel for schedule(static) if (n * (rx * w + rdy * wo) > 65536)
     for (int64_t s = 0; s < n; s++) {
         float *col = malloc(sizeof(float) * (size_t)(w + wo + 1));
+        if (col == NULL) { /* NaN scores: the draw then keeps both units for sure */
+            out[2 * s] = out[2 * s + 1] = NAN;
+            continue;
+        }
         float *dcol = col + w;
         column_squares(x + s * rx * w, rx, w, col);
         column_squares(dy + s * rdy * wo, rdy, wo, dcol);

@@ -237,24 +237,32 @@ def _channels_like(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
+def _half_geometry(
+    geo: ConvGeometry, phase: int, cols: int
+) -> tuple[ConvGeometry, tuple[int, int] | None]:
+    """The geometry of the strided half-size product over the output columns ``phase,
+    phase+2, …`` (``cols`` of them), and the width padding ``(left, right)`` its input needs
+    (None: the input as it is). Column 1's window starts sw columns into the padded input:
+    the odd phase pads the width by hand by ``(pw − sw, pw)`` (a crop where negative), then
+    has no width padding in the product."""
+    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
+    if phase == 0 or cols == 0:  # (no column of this phase: a product of 0)
+        return half, None
+    sw, pw = geo.stride[1], geo.padding[1]
+    odd = ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
+    return odd, (pw - sw, pw)
+
+
 def _half_operands(
     x: Tensor, dy_half: Tensor, geo: ConvGeometry, phase: int
 ) -> tuple[Tensor, Tensor, ConvGeometry]:
     """``(input, dY, geometry)`` of the strided half-size product over the output columns
     ``phase, phase+2, …``, given ``dy_half = dY[..., phase::2]`` (any scaling applied)."""
     dy_half = _channels_like(dy_half.contiguous(), x)
-    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
-    if phase == 0 or dy_half.shape[3] == 0:  # (no column of this phase: a product of 0)
-        return x, dy_half, half
-    # column 1's window starts sw columns into the padded input: pad (crop where negative)
-    # the width by hand, then no width padding in the product
-    sw, pw = geo.stride[1], geo.padding[1]
-    shifted = _channels_like(F.pad(x, (pw - sw, pw)), x)
-    return (
-        shifted,
-        dy_half,
-        ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups),
-    )
+    part, pad = _half_geometry(geo, phase, dy_half.shape[3])
+    if pad is None:
+        return x, dy_half, part
+    return _channels_like(F.pad(x, pad), x), dy_half, part
 
 
 def _block_operands(
@@ -285,23 +293,15 @@ def _native_block_part(
     the input shifted for the odd windows, each one pass), or None (the eager path)."""
     if not (x.is_contiguous() and dy.is_contiguous()):  # channels-last: the eager path
         return None
-    wo = dy.shape[3]
-    cols = (wo - parity + 1) // 2
+    cols = (dy.shape[3] - parity + 1) // 2
     dy_q = native.gather_columns(dy, samples, scale, parity, 2, cols, index_checked=True)
     if dy_q is None:
         return None
-    half = geo.with_stride((geo.stride[0], 2 * geo.stride[1]))
-    if parity == 0 or cols == 0:
-        x_q = native.gather_columns(x, samples, None, 0, 1, x.shape[3], index_checked=True)
-        return None if x_q is None else (x_q, dy_q, half)
-    # as _half_operands: the input padded by (pw − sw, pw) along the width (cropped where
-    # negative), then no width padding in the product
-    sw, pw = geo.stride[1], geo.padding[1]
-    width = x.shape[3] + 2 * pw - sw
-    x_q = native.gather_columns(x, samples, None, sw - pw, 1, width, index_checked=True)
-    if x_q is None:
-        return None
-    return x_q, dy_q, ConvGeometry(half.stride, (geo.padding[0], 0), geo.dilation, geo.groups)
+    part, pad = _half_geometry(geo, parity, cols)
+    left, right = pad if pad is not None else (0, 0)
+    width = x.shape[3] + left + right  # the padded (or cropped) input, read in place
+    x_q = native.gather_columns(x, samples, None, -left, 1, width, index_checked=True)
+    return None if x_q is None else (x_q, dy_q, part)
 
 
 def _sample_operands(
