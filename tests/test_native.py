@@ -362,7 +362,7 @@ def test_the_column_block_operands_equal_the_eager_ones(monkeypatch, case):
 
     x, dy, geo = _block_case(*case)
     n = x.shape[0]
-    units = torch.tensor([0, 1, 3, 2 * n - 2, 2 * n - 1])
+    units = torch.tensor([3, 0, 2 * n - 1, 1, 2 * n - 2])  # each parity's samples in order
     scale = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.5
     got = sampled_grad._block_operands(x, dy, geo, units, scale)
     monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
@@ -376,14 +376,21 @@ def test_the_column_block_operands_equal_the_eager_ones(monkeypatch, case):
 
 
 @pytest.mark.usefixtures("library")
-def test_gather_columns_checks_its_index_and_its_layout():
-    src = torch.randn(3, 2, 2, 5)
+def test_gather_blocks_checks_its_units_and_its_layout():
+    x, dy = torch.randn(3, 2, 2, 5), torch.randn(3, 4, 2, 5)
+    units, scale = torch.tensor([5, 2, 1]), torch.tensor([2.0, 3.0, 4.0])
     with pytest.raises(IndexError, match="out of range"):
-        native.gather_columns(src, torch.tensor([3]), None, 0, 1, 5)
-    assert native.gather_columns(src.transpose(2, 3), torch.tensor([0]), None, 0, 1, 2) is None
-    got = native.gather_columns(src, torch.tensor([2, 0]), None, -2, 1, 9)  # padded both sides
-    want = torch.nn.functional.pad(src, (2, 2)).index_select(0, torch.tensor([2, 0]))
-    assert torch.equal(got, want)
+        native.gather_blocks(x, dy, torch.tensor([6]), scale[:1], 0, 5)
+    assert native.gather_blocks(x.transpose(2, 3), dy, units, scale, 0, 5) is None
+    assert native.gather_blocks(x, dy, units, scale[:2], 0, 5) is None
+    x0, dy0, x1, dy1 = native.gather_blocks(x, dy, units, scale, 2, 8)  # padded 2 | 1
+    assert torch.equal(x0, x[[1]]) and torch.equal(dy0, dy[[1], ..., 0::2] * 3.0)
+    assert torch.equal(x1, torch.nn.functional.pad(x, (2, 1))[[2, 0]])
+    assert torch.equal(dy1, dy[[2, 0], ..., 1::2] * torch.tensor([2.0, 4.0])[:, None, None, None])
+    x1 = native.gather_blocks(x, dy, units, scale, -1, 3)[2]  # cropped
+    assert torch.equal(x1, x[[2, 0], ..., 1:4])
+    empty = native.gather_blocks(x, dy, units[:0], scale[:0], 0, 5)
+    assert [t.shape[0] for t in empty] == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("name", ["fst", "fst_is_batch", "srste", "fst2"])

@@ -319,44 +319,77 @@ void fs_block_scores(const float *x, const float *dy, int64_t n, int64_t rx, int
     }
 }
 
-/* dst[j, r, c] = src[index[j], r, start + c·step] (0 where that column is outside [0, w)),
- * times scale[j] when scale is not NULL, for rows r < rows and columns c < out_w: the
- * column-block products' operands (sampled_grad._block_operands: one parity of dY's
- * columns divided by p; the input, shifted for the odd parity's windows). */
-void fs_gather_columns(const float *src, int64_t rows, int64_t w, const int64_t *index,
-                       const float *scale, int64_t n, int64_t start, int64_t step,
-                       int64_t out_w, float *dst) {
-    /* the columns c that read inside the source: lo <= c < hi */
-    int64_t lo = start >= 0 ? 0 : (-start + step - 1) / step;
-    int64_t hi = w - 1 - start < 0 ? 0 : (w - 1 - start) / step + 1;
-    hi = hi > out_w ? out_w : hi;
+/* One row's columns start, start + 1, ... (0 outside [0, w)) into to[out_w]: the input of a
+ * column-block product, shifted for the odd windows (a padding where start < 0, a crop
+ * where the row is shorter). */
+static void shifted_row(const float *restrict row, int64_t w, int64_t start, int64_t out_w,
+                        float *restrict to) {
+    int64_t lo = start >= 0 ? 0 : -start;
+    int64_t hi = w - start;
+    hi = hi > out_w ? out_w : (hi < 0 ? 0 : hi);
     lo = lo > hi ? hi : lo;
-    if (scale == NULL && start == 0 && step == 1 && out_w == w) { /* whole samples */
-#pragma omp parallel for schedule(static) if (n * rows * w > 65536)
-        for (int64_t j = 0; j < n; j++)
-            memcpy(dst + j * rows * w, src + index[j] * rows * w,
-                   sizeof(float) * (size_t)(rows * w));
-        return;
-    }
-#pragma omp parallel for schedule(static) if (n * rows * out_w > 65536)
-    for (int64_t j = 0; j < n; j++) {
-        const float *restrict sample = src + index[j] * rows * w;
-        float f = scale == NULL ? 1.0f : scale[j];
-        for (int64_t r = 0; r < rows; r++) {
-            const float *restrict row = sample + r * w;
-            float *restrict to = dst + (j * rows + r) * out_w;
-            for (int64_t c = 0; c < lo; c++)
-                to[c] = 0.0f;
-            if (step == 1)
-                for (int64_t c = lo; c < hi; c++)
-                    to[c] = row[start + c] * f;
-            else
-                for (int64_t c = lo; c < hi; c++)
-                    to[c] = row[start + c * step] * f;
-            for (int64_t c = hi; c < out_w; c++)
-                to[c] = 0.0f;
+    for (int64_t c = 0; c < lo; c++)
+        to[c] = 0.0f;
+    memcpy(to + lo, row + start + lo, sizeof(float) * (size_t)(hi - lo));
+    for (int64_t c = hi; c < out_w; c++)
+        to[c] = 0.0f;
+}
+
+/* The operands of the column-block products (sampled_grad._block_operands) in one pass:
+ * kept unit units[j] = 2s + q of x [n, rx, w] and dy [n, rdy, wo], weight scale[j] (1/p).
+ * Units of parity q go, in order, to the q-th products: dy's columns q, q + 2, ... times
+ * scale[j] into dyq [., rdy, cq] (c0 = ceil(wo/2), c1 = floor(wo/2)); the input as it is into
+ * x0 [., rx, w] (even), or shifted by `left` (zero-padded, or cropped where left < 0) to
+ * width w1 into x1 [., rx, w1] (odd). Returns 0, or -1 where the slot buffer cannot be had
+ * (nothing written). */
+int64_t fs_gather_blocks(const float *x, int64_t rx, int64_t w, const float *dy, int64_t rdy,
+                         int64_t wo, const int64_t *units, const float *scale, int64_t m,
+                         int64_t left, int64_t w1, float *x0, float *dy0, float *x1,
+                         float *dy1) {
+    int64_t *slot = malloc(sizeof(int64_t) * (size_t)(m > 0 ? m : 1));
+    if (slot == NULL)
+        return -1;
+    int64_t count[2] = {0, 0};
+    for (int64_t j = 0; j < m; j++)
+        slot[j] = count[units[j] & 1]++;
+    const int64_t c0 = (wo + 1) / 2, c1 = wo / 2;
+#pragma omp parallel for schedule(static) if (m * (rx * w + rdy * wo) > 65536)
+    for (int64_t j = 0; j < m; j++) {
+        const int64_t s = units[j] >> 1, k = slot[j];
+        const float f = scale[j];
+        const float *restrict xs = x + s * rx * w;
+        const float *restrict ds = dy + s * rdy * wo;
+        if ((units[j] & 1) == 0) {
+            memcpy(x0 + k * rx * w, xs, sizeof(float) * (size_t)(rx * w));
+            float *restrict to = dy0 + k * rdy * c0;
+            for (int64_t r = 0; r < rdy; r++) {
+                const float *restrict row = ds + r * wo;
+                float *restrict out = to + r * c0;
+                for (int64_t c = 0; c < c0; c++)
+                    out[c] = row[2 * c] * f;
+            }
+        } else {
+            for (int64_t r = 0; r < rx; r++)
+                shifted_row(xs + r * w, w, -left, w1, x1 + (k * rx + r) * w1);
+            float *restrict to = dy1 + k * rdy * c1;
+            for (int64_t r = 0; r < rdy; r++) {
+                const float *restrict row = ds + r * wo + 1;
+                float *restrict out = to + r * c1;
+                for (int64_t c = 0; c < c1; c++)
+                    out[c] = row[2 * c] * f;
+            }
         }
     }
+    free(slot);
+    return 0;
+}
+
+/* How many of the units are odd (the column-block products' second parity). */
+int64_t fs_count_odd(const int64_t *units, int64_t m) {
+    int64_t odd = 0;
+    for (int64_t j = 0; j < m; j++)
+        odd += units[j] & 1;
+    return odd;
 }
 
 /* ------------------------------------------------------------------ MVUE (fst_mvue) */

@@ -7,7 +7,7 @@ not arithmetic. :func:`fst_weight_side` does the FST recipes' S_K(W)·W, S_Co(W)
 decay in one pass over W (:func:`masked_weight_side` the same from cached masks,
 :func:`add_fst_decay` the decay added to the gradient in the backward), bit for bit the eager
 path's; :func:`row_norm_products`, :func:`draw`, :func:`gather_rows`, :func:`block_scores`
-and :func:`gather_columns` are the sampled weight gradients' scores, draw and operands,
+and :func:`gather_blocks` are the sampled weight gradients' scores, draw and operands,
 :func:`mvue` the MVUE of ``fst_mvue`` with its counter-based uniforms drawn in place (bit for
 bit). The eager functions stay the reference (``tests/test_native.py``).
 
@@ -46,7 +46,7 @@ __all__ = [
     "draw",
     "gather_rows",
     "block_scores",
-    "gather_columns",
+    "gather_blocks",
     "mvue",
 ]
 
@@ -125,7 +125,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
         "fs_block_scores": (None, [ptr, ptr] + [i64] * 9 + [ptr]),
-        "fs_gather_columns": (None, [ptr, i64, i64, ptr, ptr] + [i64] * 4 + [ptr]),
+        "fs_gather_blocks": (i64, [ptr, i64, i64, ptr, i64, i64, ptr, ptr] + [i64] * 3 + [ptr] * 4),
+        "fs_count_odd": (i64, [ptr, i64]),
         "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -337,43 +338,47 @@ def block_scores(
     return out
 
 
-def gather_columns(
-    src: Tensor,
-    index: Tensor,
-    scale: Tensor | None,
-    start: int,
-    step: int,
+def gather_blocks(
+    x: Tensor,
+    dy: Tensor,
+    units: Tensor,
+    scale: Tensor,
+    left: int,
     width: int,
     *,
     index_checked: bool = False,
-) -> Tensor | None:
-    """``[len(index), C, H, width]``: sample ``index[j]`` of ``src [N, C, H, W]``, its
-    columns ``start, start + step, …`` (zero where outside the input: a padding, or a crop
-    where ``start`` > 0), times ``scale[j]`` if given — ``index_select`` of a strided or
-    padded view, bit for bit, in one pass. None where the kernel does not apply; an index
-    out of range raises ``IndexError`` (``index_checked``: the caller knows it is in
-    range)."""
-    if src.ndim != 4 or not src.is_contiguous() or index.dtype != torch.int64 or step < 1:
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The operands of the column-block products of the kept ``units`` (``2n + q``) of
+    ``x [N, Ci, H, W]`` and ``dy [N, Co, Ho, Wo]``, in one call: ``(x0, dy0, x1, dy1)``.
+    Parity q's units, in order, give ``dyq``: dY's columns ``q, q + 2, …`` times their
+    ``scale`` (1/p); ``x0``: the input as it is; ``x1``: the input shifted by ``left`` columns
+    (zero-padded, or cropped where ``left`` < 0) to ``width`` — ``index_select`` of strided
+    and padded views, bit for bit. None where the kernel does not apply; a unit out of range
+    raises ``IndexError`` (``index_checked``: the caller knows they are in range)."""
+    if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0] or width < 0:
         return None
-    if not index.is_contiguous() or index.device.type != "cpu" or width < 0:
+    if not (x.is_contiguous() and dy.is_contiguous() and scale.is_contiguous()):
         return None
-    if scale is not None and (not scale.is_contiguous() or scale.numel() != index.numel()):
+    if units.dtype != torch.int64 or not units.is_contiguous() or units.device.type != "cpu":
         return None
-    lib = _usable(src) if scale is None else _usable(src, scale)
+    if scale.numel() != units.numel():
+        return None
+    lib = _usable(x, dy, scale)
     if lib is None:
         return None
-    n, c, h, w = src.shape
-    if index.numel() and not index_checked:
-        low, high = index.aminmax()
-        if int(low) < 0 or int(high) >= n:  # the C loop would read out of bounds
-            raise IndexError(f"sample index out of range for {n} samples")
-    out = torch.empty(index.numel(), c, h, width, dtype=torch.float32)
-    if out.numel():
-        lib.fs_gather_columns(
-            src.data_ptr(), c * h, w, index.data_ptr(), _ptr(scale), index.numel(), start,
-            step, width, out.data_ptr(),
-        )  # fmt: skip
-    return out
+    (n, ci, h, w), (co, ho, wo), m = x.shape, dy.shape[1:], units.numel()
+    if m and not index_checked:
+        low, high = units.aminmax()
+        if int(low) < 0 or int(high) >= 2 * n:  # the C loop would read out of bounds
+            raise IndexError(f"unit index out of range for {2 * n} units")
+    odd = int(lib.fs_count_odd(units.data_ptr(), m))
+    x0, x1 = x.new_empty(m - odd, ci, h, w), x.new_empty(odd, ci, h, width)
+    dy0, dy1 = dy.new_empty(m - odd, co, ho, (wo + 1) // 2), dy.new_empty(odd, co, ho, wo // 2)
+    failed = m and lib.fs_gather_blocks(
+        x.data_ptr(), ci * h, w, dy.data_ptr(), co * ho, wo, units.data_ptr(), scale.data_ptr(),
+        m, left, width, x0.data_ptr(), dy0.data_ptr(), x1.data_ptr(), dy1.data_ptr(),
+    )  # fmt: skip
+    return None if failed else (x0, dy0, x1, dy1)
 
 
 def mvue(t4: Tensor, key: tuple[int, int]) -> Tensor | None:

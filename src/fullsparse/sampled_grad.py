@@ -97,12 +97,6 @@ def _column_sq_sums(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.reshape(t.shape[0], -1, t.shape[3]).square().sum(1, dtype=dtype)
 
 
-def _units_in_columns(units: Tensor, wo: int) -> int:
-    """How many output columns (of one sample) the units ``2n + q`` hold together."""
-    odd = int((units % 2).sum())
-    return (units.numel() - odd) * ((wo + 1) // 2) + odd * (wo // 2)
-
-
 def _measured(
     state: Tensor,
     halves: tuple[Tensor, Tensor],
@@ -269,39 +263,26 @@ def _block_operands(
     x: Tensor, dy: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
 ) -> list[tuple[Tensor, Tensor, ConvGeometry]]:
     """The strided half-size products of the kept units ``2n + q`` (one per parity, over
-    that parity's samples, their dY columns divided by p)."""
+    that parity's samples in the units' order, their dY columns divided by p)."""
+    odd = _half_geometry(geo, 1, dy.shape[3] // 2)
+    if x.is_contiguous() and dy.is_contiguous():  # channels-last: the eager path
+        left, right = odd[1] or (0, 0)
+        fast = native.gather_blocks(x, dy, units, scale, left, x.shape[3] + left + right,
+                                    index_checked=True)  # fmt: skip
+        if fast is not None:
+            x0, dy0, x1, dy1 = fast
+            even = _half_geometry(geo, 0, dy0.shape[3])[0]
+            return [p for p in ((x0, dy0, even), (x1, dy1, odd[0])) if p[0].shape[0]]
     parts = []
     for parity in (0, 1):
         chosen = (units % 2) == parity
         if not bool(chosen.any()):
             continue
         samples = units[chosen] // 2
-        fast = _native_block_part(x, dy, geo, samples, scale[chosen], parity)
-        if fast is not None:
-            parts.append(fast)
-            continue
         dy_q = dy[..., parity::2].index_select(0, samples)  # one half-size copy
         dy_q.mul_(scale[chosen].to(dy.dtype)[:, None, None, None])
         parts.append(_half_operands(x.index_select(0, samples), dy_q, geo, parity))
     return parts
-
-
-def _native_block_part(
-    x: Tensor, dy: Tensor, geo: ConvGeometry, samples: Tensor, scale: Tensor, parity: int
-) -> tuple[Tensor, Tensor, ConvGeometry] | None:
-    """One parity's ``_half_operands`` from native gathers (dY's columns of that parity ÷ p,
-    the input shifted for the odd windows, each one pass), or None (the eager path)."""
-    if not (x.is_contiguous() and dy.is_contiguous()):  # channels-last: the eager path
-        return None
-    cols = (dy.shape[3] - parity + 1) // 2
-    dy_q = native.gather_columns(dy, samples, scale, parity, 2, cols, index_checked=True)
-    if dy_q is None:
-        return None
-    part, pad = _half_geometry(geo, parity, cols)
-    left, right = pad if pad is not None else (0, 0)
-    width = x.shape[3] + left + right  # the padded (or cropped) input, read in place
-    x_q = native.gather_columns(x, samples, None, -left, 1, width, index_checked=True)
-    return None if x_q is None else (x_q, dy_q, part)
 
 
 def _sample_operands(
@@ -423,8 +404,8 @@ def _conv_impl(
         if per_sample:
             x_kept, dy_kept = _sample_operands(x, dy, units, scale)
             return conv_backward(dy_kept, x_kept, weight, geo, "weight"), units.numel() * wo
-        product = _products(weight, _block_operands(x, dy, geo, units, scale))
-        return product, _units_in_columns(units, wo)
+        parts = _block_operands(x, dy, geo, units, scale)
+        return _products(weight, parts), sum(d.shape[0] * d.shape[3] for _, d, _ in parts)
 
     keep = share if mode == "is_half" else 0.5
     if mode == "is_adaptive" and state is not None:
