@@ -233,10 +233,53 @@ def test_the_native_draw_matches_the_float64_reference(groups, size, k):
 
 
 @pytest.mark.usefixtures("library")
-def test_the_native_linear_sampling_is_unbiased(monkeypatch):
+@pytest.mark.parametrize(("m", "group", "k"), [(23, 4, 2), (24, 8, 3), (3, 2, 1), (16, 16, 9)])
+def test_draw_rows_equals_the_separate_calls(m, group, k):
+    """Scores, draw and copies in one pass: the bits of row_norm_products, draw and
+    gather_rows, on rows with a stride (views of wider matrices) and a partial last group."""
+    gen = torch.Generator().manual_seed(m)
+    x2 = torch.randn(m, 9, generator=gen)[:, :7]  # rows 9 floats apart
+    dy2 = torch.randn(m, 5, generator=gen)
+    x2[1] = 0.0  # a zero score
+    u = torch.rand(m // group, generator=gen)
+    index, weight, dy_kept, x_kept = native.draw_rows(x2, dy2, group, k, u)
+    full = m // group * group
+    scores = native.row_norm_products(x2, dy2)
+    want_index, want_weight = native.draw(scores[:full].reshape(-1, group).contiguous(), k, u)
+    want_index = torch.cat([want_index, torch.arange(full, m)])
+    want_weight = torch.cat([want_weight, torch.ones(m - full)])
+    assert torch.equal(index, want_index)
+    _same(weight, want_weight)
+    _same(dy_kept, native.gather_rows(dy2, want_index, want_weight))
+    _same(x_kept, native.gather_rows(x2, want_index))
+
+
+@pytest.mark.usefixtures("library")
+def test_draw_rows_leaves_non_finite_scores_to_the_eager_draw(monkeypatch):
+    """A NaN row: draw_rows declines, and the layer's gradient is the eager path's on the same
+    uniforms (the NaN row kept for sure)."""
+    from fullsparse import sampled_grad, sampling
+
+    gen = torch.Generator().manual_seed(5)
+    x2, dy2 = torch.randn(16, 6, generator=gen), torch.randn(16, 4, generator=gen)
+    dy2[5, 2] = NAN
+    u = torch.rand(4, generator=gen)
+    assert native.draw_rows(x2, dy2, 4, 2, u) is None
+    monkeypatch.setattr(sampling, "uniforms", lambda n, device: u[:n].clone())
+    got = sampled_grad.linear_sampled_grad_weight(x2, dy2, "is_half", group=4, share=0.5)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = sampled_grad.linear_sampled_grad_weight(x2, dy2, "is_half", group=4, share=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert bool(got.isnan().any())
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("path", ["draw_rows", "draw"])
+def test_the_native_linear_sampling_is_unbiased(monkeypatch, path):
     """E over every draw (enumerated at the midpoints of the intervals on which the kept rows
     do not change) of the float32 native path equals dYᵀX to float32 rounding; one group of
-    12 rows keeping 7, and 2 rows kept whole."""
+    12 rows keeping 7, and 2 rows kept whole. ``draw_rows``: scores, draw and copies in one
+    pass; ``draw``: the separate calls (groups too large for the one pass)."""
     import itertools
 
     from fullsparse import sampled_grad, sampling
@@ -249,8 +292,10 @@ def test_the_native_linear_sampling_is_unbiased(monkeypatch):
     p = ref_keep_probabilities(scores, 7)
     cuts = sorted({0.0, 1.0} | {float(sum(p[: i + 1])) % 1.0 for i in range(11)})
     calls = []
-    real = native.draw
-    monkeypatch.setattr(native, "draw", lambda *a: calls.append(1) or real(*a))
+    real = getattr(native, path)
+    monkeypatch.setattr(native, path, lambda *a: calls.append(1) or real(*a))
+    if path == "draw":
+        monkeypatch.setattr(sampled_grad, "_FUSED_GROUP_FLOATS", 0)
     total = torch.zeros(5, 6, dtype=torch.float64)
     for a, b in itertools.pairwise(cuts):
         if b - a < 1e-9:
@@ -259,7 +304,7 @@ def test_the_native_linear_sampling_is_unbiased(monkeypatch):
         monkeypatch.setattr(sampling, "uniforms", lambda n, device, u=u: u.clone())
         g = sampled_grad.linear_sampled_grad_weight(x2, dy2, "is_half", group=12, share=0.6)
         total += g.double() * (b - a)
-    assert calls  # the native draw ran
+    assert calls  # that native path ran
     want = dy2.double().t() @ x2.double()
     torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
 

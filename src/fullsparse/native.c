@@ -256,6 +256,67 @@ int fs_draw(const float *s, int64_t G, int64_t g, int64_t k, const float *u, int
     return failed ? -1 : 0;
 }
 
+/* fs_row_norm_products, fs_draw and fs_gather_rows in one pass, group by group, while a
+ * group's rows are in cache: m rows of x [m, dx] (rows sx apart) and dy [m, ddy] (rows sdy
+ * apart) in G = m / g groups of g; group q's scores ‖dy_r‖·‖x_r‖, its k kept rows drawn with
+ * uniform u[q] and copied to rows q·k, ... of x_out [., dx] and dy_out [., ddy] (dy's times
+ * 1/p); the rows after the last whole group kept as they are (weight 1) after them. index
+ * and weight as fs_draw's, then the tail's rows. Returns 0, or −1 where a group could not
+ * be drawn natively (a non-finite score: the caller runs the separate calls instead). */
+int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t k, int64_t dx,
+                 int64_t sx, int64_t ddy, int64_t sdy, const float *u, int64_t *index,
+                 float *weight, float *x_out, float *dy_out) {
+    const int64_t G = m / g, tail = m - G * g;
+    int failed = 0;
+#pragma omp parallel if (m * (dx + ddy) > 65536)
+    {
+        double *t = malloc(sizeof(double) * g);
+        unsigned char *capped = malloc(g);
+        float *s = malloc(sizeof(float) * g);
+        if (t == NULL || capped == NULL || s == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < G; q++) {
+                const float *xq = x + q * g * sx, *dq = dy + q * g * sdy;
+                for (int64_t i = 0; i < g; i++) {
+                    float a = (float)sqrt(sum_squares(dq + i * sdy, ddy));
+                    float b = (float)sqrt(sum_squares(xq + i * sx, dx));
+                    s[i] = a * b;
+                }
+                if (draw_group(s, g, k, u[q], t, capped, index + q * k, weight + q * k) != 0) {
+#pragma omp atomic write
+                    failed = 1;
+                    continue;
+                }
+                for (int64_t j = q * k; j < q * k + k; j++) {
+                    const int64_t row = q * g + index[j];
+                    const float f = weight[j];
+                    const float *restrict from = dy + row * sdy;
+                    float *restrict to = dy_out + j * ddy;
+                    for (int64_t c = 0; c < ddy; c++)
+                        to[c] = from[c] * f;
+                    memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
+                    index[j] = row;
+                }
+            }
+        }
+        free(t);
+        free(capped);
+        free(s);
+    }
+    for (int64_t r = 0; r < tail; r++) { /* the partial group: kept whole, weight 1 */
+        const int64_t j = G * k + r, row = G * g + r;
+        index[j] = row;
+        weight[j] = 1.0f;
+        for (int64_t c = 0; c < ddy; c++)
+            dy_out[j * ddy + c] = dy[row * sdy + c] * 1.0f;
+        memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
+    }
+    return failed ? -1 : 0;
+}
+
 /* dst row j = src row index[j] (rows of `len` floats, `stride` apart in src), times
  * scale[j] when scale is not NULL: index_select(0, index).mul_(scale[:, None]). */
 void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t *index,

@@ -6,10 +6,11 @@ operators, each one pass over the weight: on a CPU that is memory traffic and di
 not arithmetic. :func:`fst_weight_side` does the FST recipes' S_K(W)·W, S_Co(W)·W and SR-STE
 decay in one pass over W (:func:`masked_weight_side` the same from cached masks,
 :func:`add_fst_decay` the decay added to the gradient in the backward), bit for bit the eager
-path's; :func:`row_norm_products`, :func:`draw`, :func:`gather_rows`, :func:`block_scores`
-and :func:`gather_blocks` are the sampled weight gradients' scores, draw and operands,
-:func:`mvue` the MVUE of ``fst_mvue`` with its counter-based uniforms drawn in place (bit for
-bit). The eager functions stay the reference (``tests/test_native.py``).
+path's; :func:`row_norm_products`, :func:`draw`, :func:`gather_rows` (the three in one pass
+over small groups: :func:`draw_rows`), :func:`block_scores` and :func:`gather_blocks` are the
+sampled weight gradients' scores, draw and operands, :func:`mvue` the MVUE of ``fst_mvue``
+with its counter-based uniforms drawn in place (bit for bit). The eager functions stay the
+reference (``tests/test_native.py``).
 
 When the native form runs (:func:`available`): float32 CPU tensors, a C compiler on the
 ``PATH`` (``cc``, ``gcc`` or ``clang``) and ``FULLSPARSE_NATIVE`` not ``0``/``off``. The
@@ -44,6 +45,7 @@ __all__ = [
     "add_fst_decay",
     "row_norm_products",
     "draw",
+    "draw_rows",
     "gather_rows",
     "block_scores",
     "gather_blocks",
@@ -124,6 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_row_norm_products": (None, [ptr, ptr] + [i64] * 5 + [ptr]),
         "fs_draw": (ctypes.c_int, [ptr] + [i64] * 3 + [ptr] * 3),
         "fs_gather_rows": (None, [ptr, i64, i64, ptr, ptr, i64, ptr]),
+        "fs_draw_rows": (ctypes.c_int, [ptr, ptr] + [i64] * 7 + [ptr] * 5),
         "fs_block_scores": (None, [ptr, ptr] + [i64] * 9 + [ptr]),
         "fs_gather_blocks": (i64, [ptr, i64, i64, ptr, i64, i64, ptr, ptr] + [i64] * 3 + [ptr] * 4),
         "fs_count_odd": (i64, [ptr, i64]),
@@ -288,6 +291,35 @@ def draw(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor] | None:
         scores.data_ptr(), groups, size, k, u.data_ptr(), index.data_ptr(), weight.data_ptr()
     )
     return None if failed else (index, weight)
+
+
+def draw_rows(
+    x2: Tensor, dy2: Tensor, group: int, k: int, u: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`row_norm_products`, :func:`draw` and :func:`gather_rows` in one pass, group by
+    group while its rows are in cache: ``(index, weight, dy_kept, x_kept)`` — k of every
+    ``group`` consecutive rows of ``x2 [m, dx]`` and ``dy2 [m, ddy]`` drawn with ``u`` (one
+    per whole group), the rows after the last whole group kept with weight 1; ``dy_kept`` is
+    divided by p. The same bits as the three calls. None where the kernel does not apply or
+    a group has a non-finite score (the separate calls then run on the same ``u``)."""
+    if not (_rows(x2) and _rows(dy2)) or x2.shape[0] != dy2.shape[0] or not 0 < k < group:
+        return None
+    m = x2.shape[0]
+    if u.numel() != m // group or not u.is_contiguous() or u.device.type != "cpu":
+        return None
+    lib = _usable(x2, dy2, u)
+    if lib is None:
+        return None
+    rows = m // group * k + m % group
+    index, weight = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+    x_kept = torch.empty(rows, x2.shape[1], dtype=torch.float32)
+    dy_kept = torch.empty(rows, dy2.shape[1], dtype=torch.float32)
+    failed = lib.fs_draw_rows(
+        x2.data_ptr(), dy2.data_ptr(), m, group, k, x2.shape[1], x2.stride(0), dy2.shape[1],
+        dy2.stride(0), u.data_ptr(), index.data_ptr(), weight.data_ptr(), x_kept.data_ptr(),
+        dy_kept.data_ptr(),
+    )  # fmt: skip
+    return None if failed else (index, weight, dy_kept, x_kept)
 
 
 def gather_rows(

@@ -29,10 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fullsparse import native
+from fullsparse import native, sampling
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import conv_backward
-from fullsparse.sampling import AdaptiveState, half_count, random_phase, sample_units
+from fullsparse.sampling import (
+    AdaptiveState,
+    draw_plan,
+    half_count,
+    random_phase,
+    sample_units,
+)
 
 __all__ = [
     "linear_sampled_grad_weight",
@@ -130,13 +136,28 @@ def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- Linear
+#: a group's rows (X's and dY's, floats) up to which the draw and the copies of its kept
+#: rows run in one pass with its scores (:func:`fullsparse.native.draw_rows`)
+_FUSED_GROUP_FLOATS = 1 << 16
+
+
 def _kept_rows(
-    x2: Tensor, dy2: Tensor, scores: Tensor, share: float, group: int
+    x2: Tensor, dy2: Tensor, share: float, group: int, scores: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``."""
-    index, weight = sample_units(scores, share, group)
-    if index.numel() == x2.shape[0]:
+    """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``. Small
+    groups draw and copy in the pass that scores them; ``scores``: the token scores where
+    the caller has them."""
+    plan = draw_plan(x2.shape[0], share, group)
+    if plan is None:
         return dy2, x2
+    g, kept = plan
+    u = sampling.uniforms(x2.shape[0] // g, x2.device)  # (tests replace it)
+    if scores is None and g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS:
+        fused = native.draw_rows(x2, dy2, g, kept, u)
+        if fused is not None:
+            return fused[2], fused[3]
+    scores = token_scores(x2, dy2) if scores is None else scores
+    index, weight = sample_units(scores, share, group, u)
     dy_kept = native.gather_rows(dy2, index, weight)
     x_kept = native.gather_rows(x2, index, index_checked=dy_kept is not None)  # same rows
     if dy_kept is None or x_kept is None:
@@ -161,10 +182,9 @@ def _linear_impl(
         AdaptiveState.count(state, half_count(m, phase), m)
         grad = dy2[phase::2].t().mm(x2[phase::2]).mul_(2)
         return _carrying_non_finite(grad, dy2[1 - phase :: 2], x2[1 - phase :: 2])
-    scores = token_scores(x2, dy2)
 
     def estimate(keep: float) -> tuple[Tensor, int]:
-        dy_kept, x_kept = _kept_rows(x2, dy2, scores, keep, group)
+        dy_kept, x_kept = _kept_rows(x2, dy2, keep, group)
         return dy_kept.t().mm(x_kept), x_kept.shape[0]
 
     keep = share if mode == "is_half" else 0.5
@@ -441,7 +461,7 @@ def sampling_work(
         if mode == "rand_half":
             phase = random_phase(x.device)
             return dy[phase::2], x[phase::2]
-        return _kept_rows(x, dy, token_scores(x, dy), share, group)
+        return _kept_rows(x, dy, share, group)
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)

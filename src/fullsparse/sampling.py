@@ -38,6 +38,7 @@ __all__ = [
     "uniforms",
     "keep_probabilities",
     "select_units",
+    "draw_plan",
     "sample_units",
     "AdaptiveState",
 ]
@@ -147,25 +148,36 @@ def select_units(p: Tensor, u: Tensor, k: int) -> Tensor:
     return torch.diff(count, dim=-1, prepend=torch.zeros_like(count[:, :1])) > 0
 
 
-def sample_units(scores: Tensor, share: float, group: int = 4) -> tuple[Tensor, Tensor]:
+def draw_plan(n_units: int, share: float, group: int = 4) -> tuple[int, int] | None:
+    """``(group, kept)`` of :func:`sample_units` for ``n_units`` units: the group size it
+    draws in and how many of each group it keeps; None where it keeps every unit."""
+    whole = n_units // 4 * 4
+    group = whole if group == 0 else min(group, whole)
+    kept = max(1, round(share * group))
+    return None if kept >= group or group == 0 else (group, kept)
+
+
+def sample_units(
+    scores: Tensor, share: float, group: int = 4, u: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Which units to keep, and their weights 1/p: ``(index [m] long, weight [m])``.
 
     ``scores [U]``: one per unit (for ``rand_half`` the scores are not read). Units are
     grouped by ``group`` in order (fewer when the call has fewer, and ``group`` 0: the
     call's whole groups of 4 in one), and ``share`` of every group is kept: the nearest
-    whole number of units, at least one. A last, partial group is kept whole with weight 1.
-    Draws one uniform per full group (:func:`uniforms`).
+    whole number of units, at least one (:func:`draw_plan`). A last, partial group is kept
+    whole with weight 1. Draws one uniform per full group (:func:`uniforms`), unless ``u``
+    gives them.
     """
     n_units = scores.shape[0]
-    whole = n_units // 4 * 4
-    group = whole if group == 0 else min(group, whole)
-    kept = max(1, round(share * group))
     device = scores.device
-    if kept >= group or group == 0:
+    plan = draw_plan(n_units, share, group)
+    if plan is None:
         index = torch.arange(n_units, device=device)
         return index, torch.ones(n_units, dtype=scores.dtype, device=device)
+    group, kept = plan
     full = n_units // group * group
-    u = uniforms(full // group, device)
+    u = uniforms(full // group, device) if u is None else u
     drawn = native.draw(scores[:full].reshape(-1, group).contiguous(), kept, u)
     if drawn is not None:  # the same draw in one native call (float32 on a CPU)
         index, weight = drawn
