@@ -639,3 +639,29 @@ def test_the_draw_takes_scores_of_any_layout(monkeypatch):
     torch.manual_seed(1)
     got = sampling.sample_units(strided, 0.5, 8)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+IR_CASES = [((3, 4, 5, 8), 3), ((3, 4, 5, 7), 3), ((2, 9, 6), -2), ((2, 8, 6), 1), ((5, 7), 0),
+            ((12, 1, 1, 1), 3)]  # fmt: skip
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize(("shape", "dim"), IR_CASES)
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.37])
+def test_information_restoration_matches_the_eager_path(monkeypatch, shape, dim, alpha):
+    """One pass over dY: the eager clone-and-add's bits for α 1 and 0 (one rounding either
+    way; NaN, ±inf and −0 included), within a rounding for any α (torch adds with an FMA
+    where the CPU has one), and the float64 restoration."""
+    from fullsparse.operands import ir_grad_output
+
+    t = _weight(shape, seed=len(shape) + dim)
+    got = native.ir_half(t, alpha, dim)
+    monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    want = ir_grad_output(t, alpha, dim)
+    assert got.shape == want.shape and got.is_contiguous()
+    if alpha in (0.0, 1.0):
+        _same(got, want, strides=False)
+    finite = t.isfinite().all(dim=dim, keepdim=True).expand_as(t)
+    ref = ir_grad_output(torch.where(finite, t, 0.0).double(), alpha, dim)
+    mask = ir_grad_output(finite.float(), 0.0, dim) > 0  # positions with finite inputs
+    torch.testing.assert_close(got.double()[mask], ref[mask], rtol=1e-6, atol=1e-6)

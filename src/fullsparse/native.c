@@ -453,6 +453,47 @@ int64_t fs_count_odd(const int64_t *units, int64_t m) {
     return odd;
 }
 
+/* ------------------------------------------------------------------ information restoration */
+
+/* FST's information restoration (operands.ir_grad_output) along the middle axis of t [outer,
+ * size, inner]: out [outer, ceil(size/2), inner], out[o, j, i] = t[o, 2j, i] + alpha·t[o, 2j+1, i]
+ * as one fused multiply-add (what torch's add_(other, alpha=alpha) computes on a CPU with FMA;
+ * for alpha 1 and 0 the same value either way), the last even position alone when size is
+ * odd. alpha 0: the even positions. */
+void fs_ir_half(const float *t, int64_t outer, int64_t size, int64_t inner, float alpha,
+                float *out) {
+    const int64_t pairs = size / 2, half = (size + 1) / 2;
+    if (inner == 1) { /* a convolution's columns: one row of `size` per (n, c, h) */
+#pragma omp parallel for schedule(static) if (outer * size > 65536)
+        for (int64_t o = 0; o < outer; o++) {
+            const float *restrict src = t + o * size;
+            float *restrict dst = out + o * half;
+            if (alpha == 0.0f)
+                for (int64_t j = 0; j < pairs; j++)
+                    dst[j] = src[2 * j];
+            else
+                for (int64_t j = 0; j < pairs; j++)
+                    dst[j] = fmaf(src[2 * j + 1], alpha, src[2 * j]);
+            if (size & 1)
+                dst[pairs] = src[size - 1];
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static) if (outer * size * inner > 65536)
+    for (int64_t r = 0; r < outer * half; r++) { /* output row r = (o, j) */
+        const int64_t o = r / half, j = r % half;
+        const float *restrict even = t + (o * size + 2 * j) * inner;
+        float *restrict dst = out + r * inner;
+        if (2 * j + 1 == size || alpha == 0.0f) {
+            memcpy(dst, even, sizeof(float) * (size_t)inner);
+        } else {
+            const float *restrict odd = even + inner;
+            for (int64_t i = 0; i < inner; i++)
+                dst[i] = fmaf(odd[i], alpha, even[i]);
+        }
+    }
+}
+
 /* ------------------------------------------------------------------ MVUE (fst_mvue) */
 
 static inline float maxf_(float a, float b) { return a > b ? a : b; }

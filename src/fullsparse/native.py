@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ __all__ = [
     "gather_rows",
     "block_scores",
     "gather_blocks",
+    "ir_half",
     "mvue",
 ]
 
@@ -130,6 +132,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_block_scores": (None, [ptr, ptr] + [i64] * 9 + [ptr]),
         "fs_gather_blocks": (i64, [ptr, i64, i64, ptr, i64, i64, ptr, ptr] + [i64] * 3 + [ptr] * 4),
         "fs_count_odd": (i64, [ptr, i64]),
+        "fs_ir_half": (None, [ptr, i64, i64, i64, f32, ptr]),
         "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -411,6 +414,24 @@ def gather_blocks(
         m, left, width, x0.data_ptr(), dy0.data_ptr(), x1.data_ptr(), dy1.data_ptr(),
     )  # fmt: skip
     return None if failed else (x0, dy0, x1, dy1)
+
+
+def ir_half(t: Tensor, alpha: float, dim: int) -> Tensor | None:
+    """:func:`fullsparse.operands.ir_grad_output` of ``t`` along ``dim`` in one pass: ``t``'s
+    even positions plus ``alpha`` times their odd partners (one fused multiply-add each, as
+    torch's ``add_(…, alpha=…)`` on a CPU with FMA), contiguous; None where the kernel does
+    not apply (not a contiguous float32 CPU tensor)."""
+    if t.ndim == 0 or not t.is_contiguous() or t.numel() == 0:
+        return None
+    lib = _usable(t)
+    if lib is None:
+        return None
+    dim = dim % t.ndim
+    size = t.shape[dim]
+    outer, inner = math.prod(t.shape[:dim]), math.prod(t.shape[dim + 1 :])
+    out = t.new_empty(*t.shape[:dim], (size + 1) // 2, *t.shape[dim + 1 :])
+    lib.fs_ir_half(t.data_ptr(), outer, size, inner, alpha, out.data_ptr())
+    return out
 
 
 def mvue(t4: Tensor, key: tuple[int, int]) -> Tensor | None:
