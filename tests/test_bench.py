@@ -235,12 +235,18 @@ def test_bench_steps_mask_interval_amortizes_the_weight_side_work(monkeypatch):
     )
     model = steps._build(STEP_CASES["tiny-gpt"], "fst", torch.device("cpu"), 40)
     assert {m.config.mask_interval for _, m in sparse_modules(model)} == {40}
-    timings = iter([{"fst": 5.0, "dense": 5.0}, {"work": 10.0}, {"work": 2.0}])
-    monkeypatch.setattr(steps, "interleaved_ms", lambda *a, **k: next(timings))
+    timings = iter([{"fst": 5.0, "dense": 5.0}, {"dense": 8.0, "work": 10.0, "cached": 2.0}])
+    calls = []
+    monkeypatch.setattr(steps, "interleaved_ms", lambda fns, *a, **k: calls.append(set(fns))
+                        or next(timings))  # fmt: skip
     monkeypatch.setattr(steps, "peak_memory_bytes", lambda *a, **k: 0)
     _, side = steps._bench_case(STEP_CASES["tiny-gpt"], ["dense", "fst"], 1, 1,
                                 torch.device("cpu"), 40)  # fmt: skip
     assert side[0]["ms"] == pytest.approx(2.0 + (10.0 - 2.0) / 40)
+    # the work is timed in the rounds of a dense step, its percentage of that step
+    assert calls[1] == {"dense", "work", "cached"}
+    assert side[0]["dense_step_ms"] == 8.0
+    assert side[0]["percent_of_dense_step"] == pytest.approx(100 * side[0]["ms"] / 8.0)
 
 
 def test_bench_steps_sampling_groups_reach_only_the_recipes_they_steer(tmp_path, capsys):

@@ -14,9 +14,10 @@ Reported per case and recipe:
 - ``weight_side``: the per-step work sparse layers do on their weights alone (the 2:4
   masks S_K(W) and S_Co(W) or the TSM mask, the ``grad_input`` weight operand, the SR-STE
   decay term; :func:`~fullsparse.bench.ops.weight_side_work`), summed over every sparse
-  layer, timed alone, as a percentage of the dense step; and for recipes whose weight
-  gradient samples (``fst_mvue``'s MVUE, the sampled recipes) the sampling alone on one
-  step's operands (``sampling_ms``, ``sampling_percent_of_dense_step``).
+  layer, as a percentage of the dense step; and for recipes whose weight gradient samples
+  (``fst_mvue``'s MVUE, the sampled recipes) the sampling alone on one step's operands
+  (``sampling_ms``, ``sampling_percent_of_dense_step``). Each is timed in the same rotated
+  rounds as a dense step (``dense_step_ms``), the denominator of its percentage.
 
 Plus ``grad_weight``: the ``fst`` weight gradient alone against the dense one at a 56×56
 conv shape (batch 32, 64→64 channels, 3×3 by default), the half-FLOP product on its own.
@@ -296,26 +297,31 @@ def _bench_case(
         layers, fn = work[name]
         if not layers:
             continue
-        work_ms = interleaved_ms({"work": fn}, warmup, repeats, device)["work"]
+        # the work is timed in the same rounds as a dense step: its share of that step
+        # holds even where the machine's speed drifts between one measurement and the next
+        fns = {"dense": steps["dense"], "work": fn}
         if _config(name, mask_interval).mask_interval > 1:
             # one step in mask_interval recomputes the masks; the others apply cached ones
-            _, cached_fn = _weight_side_fn(models[name], cached_masks=True)
-            cached_ms = interleaved_ms({"work": cached_fn}, warmup, repeats, device)["work"]
-            work_ms = cached_ms + (work_ms - cached_ms) / mask_interval
+            fns["cached"] = _weight_side_fn(models[name], cached_masks=True)[1]
+        sampled, sample_fn = _sampling_fn(case, models[name], device)
+        if sampled:
+            fns["sampling"] = sample_fn
+        t = interleaved_ms(fns, warmup, repeats, device)
+        work_ms = t["work"]
+        if "cached" in t:
+            work_ms = t["cached"] + (work_ms - t["cached"]) / mask_interval
         row = {
             "case": case.name,
             "recipe": name,
             "layers": layers,
             "ms": work_ms,
-            "dense_step_ms": ms["dense"],
-            "percent_of_dense_step": 100.0 * work_ms / ms["dense"],
+            "dense_step_ms": t["dense"],
+            "percent_of_dense_step": 100.0 * work_ms / t["dense"],
         }
-        sampled, sample_fn = _sampling_fn(case, models[name], device)
         if sampled:
-            sample_ms = interleaved_ms({"sampling": sample_fn}, warmup, repeats, device)
             row["sampling_layers"] = sampled
-            row["sampling_ms"] = sample_ms["sampling"]
-            row["sampling_percent_of_dense_step"] = 100.0 * sample_ms["sampling"] / ms["dense"]
+            row["sampling_ms"] = t["sampling"]
+            row["sampling_percent_of_dense_step"] = 100.0 * t["sampling"] / t["dense"]
         side.append(row)
     return rows, side
 
