@@ -276,7 +276,12 @@ def test_bench_steps_times_the_weight_gradient_sampling_of_sampling_recipes():
     for name in ("fst_is", "fst_mvue"):
         assert rows[name]["sampling_layers"] == rows[name]["layers"] == 4
         assert rows[name]["sampling_ms"] > 0
-    worst = max(rows[n]["sampling_percent_of_dense_step"] for n in ("fst_is", "fst_mvue"))
+        assert rows[name]["sampling_in_step_ms"] > 0  # also clocked inside the steps
+    worst = max(
+        max(rows[n]["sampling_percent_of_dense_step"],
+            rows[n]["sampling_in_step_percent_of_dense_step"])
+        for n in ("fst_is", "fst_mvue")
+    )  # fmt: skip
     assert result["targets"]["sampling_percent_max"]["value"] == worst
 
 
@@ -300,3 +305,48 @@ def test_machine_info_names_the_allocator_environment(monkeypatch):
     assert line.endswith(
         "allocator: LD_PRELOAD=/usr/lib/libjemalloc.so.2 MALLOC_MMAP_THRESHOLD_=33554432"
     )
+
+
+def test_the_sampling_clock_counts_nested_marked_calls_once(monkeypatch):
+    from fullsparse import clock as clock_module
+    from fullsparse.clock import SamplingClock, running, sampling_part
+
+    ticks = iter(range(100))  # each reading of the time one second later
+    monkeypatch.setattr(clock_module.time, "perf_counter", lambda: float(next(ticks)))
+    calls = []
+
+    @sampling_part
+    def inner(x):
+        calls.append(x)
+        return x + 1
+
+    @sampling_part
+    def outer(x):
+        return inner(x) * 2
+
+    assert outer(1) == 4  # no clock: plain calls, no reading of the time
+    clock = SamplingClock()
+    with running(clock):
+        outer(2)  # one interval: the inner call is inside it
+        assert clock.seconds == 1.0
+        inner(3)
+        assert clock.seconds == 2.0
+        clock.reset()
+        assert clock.seconds == 0.0
+    outer(4)  # stopped: nothing more counted
+    assert clock.seconds == 0.0 and calls == [1, 2, 3, 4]
+    assert next(ticks) == 4  # the time was read only while the clock ran
+
+
+def test_bench_steps_clocks_the_sampling_inside_the_steps():
+    """fst_is's sampling clocked in its timed steps: positive, in the row with the replayed
+    measure; fst samples nothing and has no such entry."""
+    from fullsparse.bench import steps
+
+    _, side = steps._bench_case(STEP_CASES["tiny-gpt"], ["dense", "fst", "fst_is"], 1, 2,
+                                torch.device("cpu"))  # fmt: skip
+    rows = {r["recipe"]: r for r in side}
+    assert "sampling_in_step_ms" not in rows["fst"]
+    row = rows["fst_is"]
+    assert row["sampling_in_step_ms"] > 0 and row["sampling_ms"] > 0
+    assert row["sampling_in_step_percent_of_dense_step"] > 0

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fullsparse.clock import sampling_part
 from fullsparse.config import MEPROP_KEEP, SparsityConfig
 from fullsparse.estimators import mvue_2to4, mvue_2to4_channels, topk_rows
 from fullsparse.masks import (
@@ -391,6 +392,7 @@ def mask_spatial_conv(t: Tensor) -> Tensor:
     return t * mask
 
 
+@sampling_part
 def mvue_spatial_conv(t: Tensor) -> Tensor:
     """MVUE_T for ``[N, C, H, W]``: the random unbiased 2:4 sparsification along N·H·W per
     channel, in (n, h, w) order (S_T's layout), drawn from torch's default generator on
@@ -398,6 +400,7 @@ def mvue_spatial_conv(t: Tensor) -> Tensor:
     return mvue_2to4_channels(t)
 
 
+@sampling_part
 def mvue_tokens(t2: Tensor) -> Tensor:
     """MVUE_T for a Linear layer's ``[M, d_out]`` gradient: along the flattened leading
     (batch × token) axis M, per output feature, from torch's default generator."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fullsparse import native, sampling
+from fullsparse.clock import sampling_part
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import conv_backward
 from fullsparse.sampling import (
@@ -55,6 +56,7 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+@sampling_part
 def token_scores(x2: Tensor, dy2: Tensor) -> Tensor:
     """``‖dY_t‖·‖X_t‖`` per row ``[M]``: the Frobenius norm of row t's term ``dY_tᵀ X_t``."""
     fast = native.row_norm_products(x2, dy2)  # float32 on a CPU: one native pass
@@ -71,6 +73,7 @@ def _window_index(cols: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     return (cols[:, None] * geo.stride[1] + taps[None, :]).reshape(-1)
 
 
+@sampling_part
 def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     """One score per unit ``2n + q`` ``[2N]``: ``‖dY[n, :, :, q::2]‖`` times the norm of the
     (zero-padded) input columns those output columns' windows read — an upper bound of the
@@ -88,6 +91,7 @@ def block_scores(x: Tensor, dy: Tensor, kw: int, geo: ConvGeometry) -> Tensor:
     return torch.stack(parts, 1).reshape(-1)
 
 
+@sampling_part
 def sample_scores(x: Tensor, dy: Tensor) -> Tensor:
     """One score per sample ``[N]``: ``‖dY_n‖·‖X_n‖``, proportional to an upper bound of
     the norm of sample n's term of the weight gradient (each input entry is read by at
@@ -127,6 +131,7 @@ def _measured(
     return grad
 
 
+@sampling_part
 def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
     """``grad``, made NaN wherever it would otherwise hide a NaN or infinity of the units
     ``rand_half`` dropped (an overflow must reach the weight gradient, where the trainer and
@@ -141,6 +146,7 @@ def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
 _FUSED_GROUP_FLOATS = 1 << 16
 
 
+@sampling_part
 def _kept_rows(
     x2: Tensor, dy2: Tensor, share: float, group: int, scores: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -267,6 +273,7 @@ def _half_geometry(
     return odd, (pw - sw, pw)
 
 
+@sampling_part
 def _half_operands(
     x: Tensor, dy_half: Tensor, geo: ConvGeometry, phase: int
 ) -> tuple[Tensor, Tensor, ConvGeometry]:
@@ -279,6 +286,7 @@ def _half_operands(
     return _channels_like(F.pad(x, pad), x), dy_half, part
 
 
+@sampling_part
 def _block_operands(
     x: Tensor, dy: Tensor, geo: ConvGeometry, units: Tensor, scale: Tensor
 ) -> list[tuple[Tensor, Tensor, ConvGeometry]]:
@@ -305,6 +313,7 @@ def _block_operands(
     return parts
 
 
+@sampling_part
 def _sample_operands(
     x: Tensor, dy: Tensor, samples: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:

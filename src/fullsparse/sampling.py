@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fullsparse import native
+from fullsparse.clock import sampling_part
 
 __all__ = [
     "SAMPLED_MODES",
@@ -157,6 +158,7 @@ def draw_plan(n_units: int, share: float, group: int = 4) -> tuple[int, int] | N
     return None if kept >= group or group == 0 else (group, kept)
 
 
+@sampling_part
 def sample_units(
     scores: Tensor, share: float, group: int = 4, u: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

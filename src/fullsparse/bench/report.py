@@ -172,12 +172,14 @@ def format_steps(result: dict[str, Any]) -> str:
     )
     lines += _table(
         "weight-side work: case | recipe | layers | ms per step | % of dense step "
-        "| sampling ms | sampling % of dense step",
-        "llrrrrr",
+        "| sampling ms | sampling % of dense step | sampling in the step, ms | in the step, %",
+        "llrrrrrrr",
         (
             f"| {w['case']} | {w['recipe']} | {w['layers']} | {_f(w['ms'], 3)} | "
             f"{_f(w['percent_of_dense_step'])} | {_f(w.get('sampling_ms'), 3)} | "
-            f"{_f(w.get('sampling_percent_of_dense_step'))} |"
+            f"{_f(w.get('sampling_percent_of_dense_step'))} | "
+            f"{_f(w.get('sampling_in_step_ms'), 3)} | "
+            f"{_f(w.get('sampling_in_step_percent_of_dense_step'))} |"
             for w in result["weight_side"]
         ),
     )
