@@ -109,8 +109,10 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         help="time whole training steps (forward, backward, optimizer) per recipe vs dense",
         description="Time one whole training step (forward, loss, backward, optimizer step) "
         "of dense and each recipe, interleaved in one process, median over --repeats rounds; "
-        "also each step's peak memory, the weight-side mask work of the sparse layers as a "
-        "share of the dense step, and the fst weight gradient alone at a 56x56 conv shape. "
+        "also each step's peak memory, the weight-side mask work of the sparse layers and "
+        "the weight-gradient sampling (replayed alone, and clocked inside the timed steps) as "
+        "shares of a dense step timed beside them, and the fst weight gradient alone at a "
+        "56x56 conv shape. "
         f"Cases: {', '.join(STEP_CASES)}.",
     )
     steps.add_argument(
