@@ -147,23 +147,19 @@ _FUSED_GROUP_FLOATS = 1 << 16
 
 
 @sampling_part
-def _kept_rows(
-    x2: Tensor, dy2: Tensor, share: float, group: int, scores: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def _kept_rows(x2: Tensor, dy2: Tensor, share: float, group: int) -> tuple[Tensor, Tensor]:
     """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``. Small
-    groups draw and copy in the pass that scores them; ``scores``: the token scores where
-    the caller has them."""
+    groups draw and copy in the pass that scores them."""
     plan = draw_plan(x2.shape[0], share, group)
     if plan is None:
         return dy2, x2
     g, kept = plan
     u = sampling.uniforms(x2.shape[0] // g, x2.device)  # (tests replace it)
-    if scores is None and g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS:
+    if g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS:
         fused = native.draw_rows(x2, dy2, g, kept, u)
         if fused is not None:
             return fused[2], fused[3]
-    scores = token_scores(x2, dy2) if scores is None else scores
-    index, weight = sample_units(scores, share, group, u)
+    index, weight = sample_units(token_scores(x2, dy2), share, group, u)
     dy_kept = native.gather_rows(dy2, index, weight)
     x_kept = native.gather_rows(x2, index, index_checked=dy_kept is not None)  # same rows
     if dy_kept is None or x_kept is None:
