@@ -158,14 +158,24 @@ static double sum_squares(const float *restrict v, int64_t n) {
 
 /* out[r] = ‖dy_r‖ · ‖x_r‖ of m rows (x rows of length dx, dy rows of length ddy, each row
  * contiguous, rows `sx` / `sdy` floats apart): sampled_grad.token_scores. */
+static inline float row_score(const float *x, int64_t dx, const float *dy, int64_t ddy) {
+    float a = (float)sqrt(sum_squares(dy, ddy));
+    float b = (float)sqrt(sum_squares(x, dx));
+    return a * b;
+}
+
+/* to[0..n) = from[0..n) · f */
+static inline void scaled_copy(const float *restrict from, float f, float *restrict to,
+                               int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        to[i] = from[i] * f;
+}
+
 void fs_row_norm_products(const float *x, const float *dy, int64_t m, int64_t dx, int64_t sx,
                           int64_t ddy, int64_t sdy, float *out) {
 #pragma omp parallel for schedule(static) if (m * (dx + ddy) > 65536)
-    for (int64_t r = 0; r < m; r++) {
-        float a = (float)sqrt(sum_squares(dy + r * sdy, ddy));
-        float b = (float)sqrt(sum_squares(x + r * sx, dx));
-        out[r] = a * b;
-    }
+    for (int64_t r = 0; r < m; r++)
+        out[r] = row_score(x + r * sx, dx, dy + r * sdy, ddy);
 }
 
 /* One group's draw (sampling.keep_probabilities, then sampling.select_units): keep k of g
@@ -280,11 +290,8 @@ int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t 
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < G; q++) {
                 const float *xq = x + q * g * sx, *dq = dy + q * g * sdy;
-                for (int64_t i = 0; i < g; i++) {
-                    float a = (float)sqrt(sum_squares(dq + i * sdy, ddy));
-                    float b = (float)sqrt(sum_squares(xq + i * sx, dx));
-                    s[i] = a * b;
-                }
+                for (int64_t i = 0; i < g; i++)
+                    s[i] = row_score(xq + i * sx, dx, dq + i * sdy, ddy);
                 if (draw_group(s, g, k, u[q], t, capped, index + q * k, weight + q * k) != 0) {
 #pragma omp atomic write
                     failed = 1;
@@ -292,11 +299,7 @@ int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t 
                 }
                 for (int64_t j = q * k; j < q * k + k; j++) {
                     const int64_t row = q * g + index[j];
-                    const float f = weight[j];
-                    const float *restrict from = dy + row * sdy;
-                    float *restrict to = dy_out + j * ddy;
-                    for (int64_t c = 0; c < ddy; c++)
-                        to[c] = from[c] * f;
+                    scaled_copy(dy + row * sdy, weight[j], dy_out + j * ddy, ddy);
                     memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
                     index[j] = row;
                 }
@@ -310,8 +313,7 @@ int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t 
         const int64_t j = G * k + r, row = G * g + r;
         index[j] = row;
         weight[j] = 1.0f;
-        for (int64_t c = 0; c < ddy; c++)
-            dy_out[j * ddy + c] = dy[row * sdy + c] * 1.0f;
+        scaled_copy(dy + row * sdy, 1.0f, dy_out + j * ddy, ddy);
         memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
     }
     return failed ? -1 : 0;
@@ -325,13 +327,10 @@ void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t
     for (int64_t j = 0; j < n; j++) {
         const float *restrict from = src + index[j] * stride;
         float *restrict to = dst + j * len;
-        if (scale == NULL) {
+        if (scale == NULL)
             memcpy(to, from, sizeof(float) * len);
-        } else {
-            float f = scale[j];
-            for (int64_t i = 0; i < len; i++)
-                to[i] = from[i] * f;
-        }
+        else
+            scaled_copy(from, scale[j], to, len);
     }
 }
 
@@ -420,25 +419,18 @@ int64_t fs_gather_blocks(const float *x, int64_t rx, int64_t w, const float *dy,
         const float f = scale[j];
         const float *restrict xs = x + s * rx * w;
         const float *restrict ds = dy + s * rdy * wo;
-        if ((units[j] & 1) == 0) {
+        const int64_t q = units[j] & 1, cq = q ? c1 : c0;
+        if (q == 0)
             memcpy(x0 + k * rx * w, xs, sizeof(float) * (size_t)(rx * w));
-            float *restrict to = dy0 + k * rdy * c0;
-            for (int64_t r = 0; r < rdy; r++) {
-                const float *restrict row = ds + r * wo;
-                float *restrict out = to + r * c0;
-                for (int64_t c = 0; c < c0; c++)
-                    out[c] = row[2 * c] * f;
-            }
-        } else {
+        else
             for (int64_t r = 0; r < rx; r++)
                 shifted_row(xs + r * w, w, -left, w1, x1 + (k * rx + r) * w1);
-            float *restrict to = dy1 + k * rdy * c1;
-            for (int64_t r = 0; r < rdy; r++) {
-                const float *restrict row = ds + r * wo + 1;
-                float *restrict out = to + r * c1;
-                for (int64_t c = 0; c < c1; c++)
-                    out[c] = row[2 * c] * f;
-            }
+        float *restrict to = (q ? dy1 : dy0) + k * rdy * cq;
+        for (int64_t r = 0; r < rdy; r++) { /* dY's columns q, q + 2, ... times 1/p */
+            const float *restrict row = ds + r * wo + q;
+            float *restrict out = to + r * cq;
+            for (int64_t c = 0; c < cq; c++)
+                out[c] = row[2 * c] * f;
         }
     }
     free(slot);

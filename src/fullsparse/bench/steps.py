@@ -19,9 +19,9 @@ Reported per case and recipe:
   (``sampling_ms``, ``sampling_percent_of_dense_step``). Each is timed in the same rotated
   rounds as a dense step (``dense_step_ms``), the denominator of its percentage. The
   sampling is also clocked inside the timed steps themselves (``sampling_in_step_ms``,
-  ``sampling_in_step_percent_of_dense_step``, :mod:`fullsparse.clock`): there X comes from
-  the forward and dY is fresh, and its buffers are new to the cache; that is the cost a
-  training step pays, and it comes out higher than the replay.
+  ``sampling_in_step_percent_of_dense_step``, :mod:`fullsparse.clock`): what a training
+  step pays for it, X as the forward left it and dY just made (on the project's CPU it came
+  out higher than the replay: ``docs/benchmarks/cpu-steps.md``).
 
 Plus ``grad_weight``: the ``fst`` weight gradient alone against the dense one at a 56×56
 conv shape (batch 32, 64→64 channels, 3×3 by default), the half-FLOP product on its own.
