@@ -233,12 +233,15 @@ def test_the_native_draw_matches_the_float64_reference(groups, size, k):
 
 
 @pytest.mark.usefixtures("library")
-@pytest.mark.parametrize(("m", "group", "k"), [(23, 4, 2), (24, 8, 3), (3, 2, 1), (16, 16, 9)])
-def test_draw_rows_equals_the_separate_calls(m, group, k):
+@pytest.mark.parametrize(("m", "group", "k", "width"),
+                         [(23, 4, 2, 7), (24, 8, 3, 7), (3, 2, 1, 7), (16, 16, 9, 7),
+                          (131, 128, 76, 700), (7, 4, 3, 7)])  # fmt: skip
+def test_draw_rows_equals_the_separate_calls(m, group, k, width):
     """Scores, draw and copies in one pass: the bits of row_norm_products, draw and
-    gather_rows, on rows with a stride (views of wider matrices) and a partial last group."""
+    gather_rows, on rows with a stride (views of wider matrices) and a partial last group;
+    one whole group (fst_is_batch's draw) with rows wide enough for the threads to share."""
     gen = torch.Generator().manual_seed(m)
-    x2 = torch.randn(m, 9, generator=gen)[:, :7]  # rows 9 floats apart
+    x2 = torch.randn(m, width + 2, generator=gen)[:, :width]  # rows width + 2 floats apart
     dy2 = torch.randn(m, 5, generator=gen)
     x2[1] = 0.0  # a zero score
     u = torch.rand(m // group, generator=gen)
@@ -252,6 +255,34 @@ def test_draw_rows_equals_the_separate_calls(m, group, k):
     _same(weight, want_weight)
     _same(dy_kept, native.gather_rows(dy2, want_index, want_weight))
     _same(x_kept, native.gather_rows(x2, want_index))
+
+
+@pytest.mark.usefixtures("library")
+def test_whole_samples_draw_in_one_call(monkeypatch):
+    """fst_is_batch's convolutions: the samples scored, drawn and copied in one native call,
+    the same bits as the separate calls (scores, draw, two gathers)."""
+    from fullsparse import sampled_grad
+    from fullsparse.geometry import ConvGeometry
+
+    gen = torch.Generator().manual_seed(8)
+    x, dy = torch.randn(11, 3, 6, 7, generator=gen), torch.randn(11, 4, 6, 7, generator=gen)
+    weight, geo = torch.zeros(4, 3, 3, 3), ConvGeometry.make(1, 1, 1, 1)
+    calls = []
+    real = native.draw_rows
+    monkeypatch.setattr(native, "draw_rows", lambda *a: calls.append(a[2]) or real(*a))
+
+    def grad():
+        torch.manual_seed(4)
+        return sampled_grad.conv_sampled_grad_weight(
+            x, dy, weight, geo, "is_half", group=0, share=0.59, unit="sample"
+        )
+
+    got = grad()
+    assert calls == [8]  # one group: the 8 samples of the whole groups of 4
+    monkeypatch.setattr(sampled_grad, "_FUSED_ONE_GROUP", False)
+    monkeypatch.setattr(sampled_grad, "_FUSED_GROUP_FLOATS", 0)
+    assert torch.equal(grad(), got)
+    assert calls == [8]
 
 
 @pytest.mark.usefixtures("library")
@@ -296,6 +327,7 @@ def test_the_native_linear_sampling_is_unbiased(monkeypatch, path):
     monkeypatch.setattr(native, path, lambda *a: calls.append(1) or real(*a))
     if path == "draw":
         monkeypatch.setattr(sampled_grad, "_FUSED_GROUP_FLOATS", 0)
+        monkeypatch.setattr(sampled_grad, "_FUSED_ONE_GROUP", False)
     total = torch.zeros(5, 6, dtype=torch.float64)
     for a, b in itertools.pairwise(cuts):
         if b - a < 1e-9:

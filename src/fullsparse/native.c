@@ -266,19 +266,54 @@ int fs_draw(const float *s, int64_t G, int64_t g, int64_t k, const float *u, int
     return failed ? -1 : 0;
 }
 
-/* fs_row_norm_products, fs_draw and fs_gather_rows in one pass, group by group, while a
- * group's rows are in cache: m rows of x [m, dx] (rows sx apart) and dy [m, ddy] (rows sdy
- * apart) in G = m / g groups of g; group q's scores ‖dy_r‖·‖x_r‖, its k kept rows drawn with
- * uniform u[q] and copied to rows q·k, ... of x_out [., dx] and dy_out [., ddy] (dy's times
- * 1/p); the rows after the last whole group kept as they are (weight 1) after them. index
- * and weight as fs_draw's, then the tail's rows. Returns 0, or −1 where a group could not
- * be drawn natively (a non-finite score: the caller runs the separate calls instead). */
-int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t k, int64_t dx,
-                 int64_t sx, int64_t ddy, int64_t sdy, const float *u, int64_t *index,
-                 float *weight, float *x_out, float *dy_out) {
-    const int64_t G = m / g, tail = m - G * g;
+/* Kept row j of group q (index[j] its position in the group, made its row number here)
+ * copied: x's as is, dy's times weight[j]. */
+static void copy_kept(const float *x, const float *dy, int64_t g, int64_t dx, int64_t sx,
+                      int64_t ddy, int64_t sdy, int64_t q, int64_t j, int64_t *index, const float *weight, float *x_out, float *dy_out) {
+    const int64_t row = q * g + index[j];
+    scaled_copy(dy + row * sdy, weight[j], dy_out + j * ddy, ddy);
+    memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
+    index[j] = row;
+}
+
+/* fs_draw_rows with one whole group (m / g == 1): every thread scores rows, one draws, every
+ * thread copies kept rows (a group too large for one thread's pass). */
+static int draw_rows_one_group(const float *x, const float *dy, int64_t g, int64_t k,
+                               int64_t dx, int64_t sx, int64_t ddy, int64_t sdy, float u,
+                               int64_t *index, float *weight, float *x_out, float *dy_out,
+                               int64_t work) {
+    double *t = malloc(sizeof(double) * g);
+    unsigned char *capped = malloc(g);
+    float *s = malloc(sizeof(float) * g);
+    int failed = t == NULL || capped == NULL || s == NULL;
+    if (!failed) {
+#pragma omp parallel if (work > 65536)
+        {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < g; i++)
+                s[i] = row_score(x + i * sx, dx, dy + i * sdy, ddy);
+#pragma omp single
+            failed = draw_group(s, g, k, u, t, capped, index, weight) != 0;
+            if (!failed) {
+#pragma omp for schedule(static)
+                for (int64_t j = 0; j < k; j++)
+                    copy_kept(x, dy, g, dx, sx, ddy, sdy, 0, j, index, weight, x_out, dy_out);
+            }
+        }
+    }
+    free(t);
+    free(capped);
+    free(s);
+    return failed;
+}
+
+/* fs_draw_rows over G groups: a thread scores, draws and copies one group at a time. */
+static int draw_rows_groups(const float *x, const float *dy, int64_t G, int64_t g, int64_t k,
+                            int64_t dx, int64_t sx, int64_t ddy, int64_t sdy, const float *u,
+                            int64_t *index, float *weight, float *x_out, float *dy_out,
+                            int64_t work) {
     int failed = 0;
-#pragma omp parallel if (m * (dx + ddy) > 65536)
+#pragma omp parallel if (work > 65536)
     {
         double *t = malloc(sizeof(double) * g);
         unsigned char *capped = malloc(g);
@@ -297,18 +332,33 @@ int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t 
                     failed = 1;
                     continue;
                 }
-                for (int64_t j = q * k; j < q * k + k; j++) {
-                    const int64_t row = q * g + index[j];
-                    scaled_copy(dy + row * sdy, weight[j], dy_out + j * ddy, ddy);
-                    memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);
-                    index[j] = row;
-                }
+                for (int64_t j = q * k; j < q * k + k; j++)
+                    copy_kept(x, dy, g, dx, sx, ddy, sdy, q, j, index, weight, x_out, dy_out);
             }
         }
         free(t);
         free(capped);
         free(s);
     }
+    return failed;
+}
+
+/* fs_row_norm_products, fs_draw and fs_gather_rows in one pass, group by group, while a
+ * group's rows are in cache: m rows of x [m, dx] (rows sx apart) and dy [m, ddy] (rows sdy
+ * apart) in G = m / g groups of g; group q's scores ‖dy_r‖·‖x_r‖, its k kept rows drawn with
+ * uniform u[q] and copied to rows q·k, ... of x_out [., dx] and dy_out [., ddy] (dy's times
+ * 1/p); the rows after the last whole group kept as they are (weight 1) after them. index
+ * and weight as fs_draw's, then the tail's rows. Returns 0, or −1 where a group could not
+ * be drawn natively (a non-finite score: the caller runs the separate calls instead). One
+ * whole group (G = 1, fst_is_batch's draw) is scored and copied by every thread. */
+int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t k, int64_t dx,
+                 int64_t sx, int64_t ddy, int64_t sdy, const float *u, int64_t *index,
+                 float *weight, float *x_out, float *dy_out) {
+    const int64_t G = m / g, tail = m - G * g, work = m * (dx + ddy);
+    int failed = G == 1 ? draw_rows_one_group(x, dy, g, k, dx, sx, ddy, sdy, u[0], index, weight,
+                                              x_out, dy_out, work)
+                        : draw_rows_groups(x, dy, G, g, k, dx, sx, ddy, sdy, u, index, weight,
+                                           x_out, dy_out, work);
     for (int64_t r = 0; r < tail; r++) { /* the partial group: kept whole, weight 1 */
         const int64_t j = G * k + r, row = G * g + r;
         index[j] = row;

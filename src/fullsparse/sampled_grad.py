@@ -144,18 +144,23 @@ def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
 #: a group's rows (X's and dY's, floats) up to which the draw and the copies of its kept
 #: rows run in one pass with its scores (:func:`fullsparse.native.draw_rows`)
 _FUSED_GROUP_FLOATS = 1 << 16
+#: a single group of any size (``fst_is_batch``'s draw) is scored, drawn and copied in one
+#: call too (its passes split among the threads)
+_FUSED_ONE_GROUP = True
 
 
 @sampling_part
 def _kept_rows(x2: Tensor, dy2: Tensor, share: float, group: int) -> tuple[Tensor, Tensor]:
     """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``. Small
-    groups draw and copy in the pass that scores them."""
+    groups, and a single group (``fst_is_batch``), draw and copy in the call that scores
+    them."""
     plan = draw_plan(x2.shape[0], share, group)
     if plan is None:
         return dy2, x2
     g, kept = plan
     u = sampling.uniforms(x2.shape[0] // g, x2.device)  # (tests replace it)
-    if g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS:
+    one_group = _FUSED_ONE_GROUP and x2.shape[0] // g == 1
+    if g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS or one_group:
         fused = native.draw_rows(x2, dy2, g, kept, u)
         if fused is not None:
             return fused[2], fused[3]
@@ -325,6 +330,16 @@ def _sample_operands(
     return x.index_select(0, samples), _channels_like(dy_kept, x)
 
 
+def _sample_rows(x: Tensor, dy: Tensor, share: float, group: int) -> tuple[Tensor, Tensor]:
+    """``(input, dY)`` of the full-width product over the kept samples of contiguous ``x``
+    and ``dy`` (dY ÷ p): each sample one row, scored, drawn and copied as a Linear layer's
+    tokens are (:func:`_kept_rows`: one native call where it applies)."""
+    n = x.shape[0]
+    dy_kept, x_kept = _kept_rows(x.view(n, -1), dy.view(n, -1), share, group)
+    m = x_kept.shape[0]
+    return x_kept.view(m, *x.shape[1:]), dy_kept.view(m, *dy.shape[1:])
+
+
 def _products(weight: Tensor, parts: list[tuple[Tensor, Tensor, ConvGeometry]]) -> Tensor:
     """``Σ`` of the weight gradients of ``parts`` (``(input, dY, geometry)`` each)."""
     grad = None
@@ -420,6 +435,10 @@ def _conv_impl(
         return _carrying_non_finite(grad, dy[..., 1 - phase :: 2], x)
     n = x.shape[0]
     per_sample = unit == "sample"
+    if per_sample and mode == "is_half" and x.is_contiguous() and dy.is_contiguous():
+        x_kept, dy_kept = _sample_rows(x, dy, share, group)
+        AdaptiveState.count(state, x_kept.shape[0] * wo, n * wo)
+        return conv_backward(dy_kept, x_kept, weight, geo, "weight")
     scores = sample_scores(x, dy) if per_sample else block_scores(x, dy, weight.shape[3], geo)
 
     def estimate(keep: float) -> tuple[Tensor, int]:
@@ -470,6 +489,8 @@ def sampling_work(
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)
+    if unit == "sample" and mode == "is_half" and x.is_contiguous() and dy.is_contiguous():
+        return _sample_rows(x, dy, share, group)
     if unit == "sample":
         samples, scale = sample_units(sample_scores(x, dy), share, group)
         return _sample_operands(x, dy, samples, scale)
