@@ -4,6 +4,7 @@ with one-line messages, the autocast compute dtype, and an untracked-alias outpu
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -30,6 +31,19 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A block with autocast off on ``device_type``: ``torch.autocast(..., enabled=False)``
+    where autocast is on, else a shared empty context (the sparse layers enter one per
+    forward and backward: entering a real one costs more than the rest of a small layer's
+    bookkeeping)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_CONTEXT
 
 
 def _not_a_view(y: Tensor) -> Tensor:

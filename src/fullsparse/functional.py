@@ -40,6 +40,7 @@ from fullsparse.entry_checks import (
     _check_same_dtype,
     _checked_call,
     _not_a_view,
+    autocast_off,
     stash_forward,
 )
 from fullsparse.geometry import ConvGeometry, pair
@@ -363,7 +364,7 @@ class _SparseConv2dFn(torch.autograd.Function):
             decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
-        with torch.autocast(input.device.type, enabled=False):
+        with autocast_off(input.device.type):
             y = _not_a_view(kernel.output(x, ops.output, b, geo))  # output (Eq. 1)
         # W_gi stands in for W's shape and dtype in the weight gradient when there is one
         w_bwd = ops.grad_input if ops.grad_input is not None else ops.output
@@ -381,7 +382,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         ops = config.operands
         dy = grad_output.to(ctx.compute)
         grad_input = grad_weight = grad_bias = None
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if needs_dx and needs_dw and _one_conv_backward(ops, kernel):
                 # both gradients from one dY operand (dY, or meProp's TopK(dY)): one
                 # convolution_backward call serves both
@@ -551,7 +552,7 @@ class _SparseLinearFn(torch.autograd.Function):
             decay=needs_dw and add_decay, soft_scale=soft_scale, grad_input_mask=grad_input_mask,
         )  # fmt: skip
         x, b = stash_forward(ctx, input, weight, bias, config, compute, kernel)
-        with torch.autocast(input.device.type, enabled=False):
+        with autocast_off(input.device.type):
             y = _not_a_view(kernel.output(x, ops.output, b))  # output (Eq. 1)
         ctx.save_for_backward(x, ops.grad_input, _decay_source(ops, weight))
         ctx.decay_scale = ops.decay_scale
@@ -564,7 +565,7 @@ class _SparseLinearFn(torch.autograd.Function):
         input_dtype, weight_dtype, bias_dtype = ctx.dtypes
         dy = grad_output.to(ctx.compute)
         grad_input = grad_weight = grad_bias = None
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
             if ctx.needs_input_grad[0]:
                 dy_gi = _linear_dy_gi(config, dy)

@@ -80,6 +80,9 @@ def conv_backward(
     return grads[0] if which == "input" else grads[1]
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def onednn_guard(
     t: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry, output_hw: Sequence[int]
 ) -> contextlib.AbstractContextManager[Any]:
@@ -98,10 +101,10 @@ def onednn_guard(
     #169688, are in docs/reliability.md. Such shapes are tiny, so the detour costs nothing.
     """
     if t.device.type != "cpu":
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
     if min(output_hw) == 1 or _has_dead_tap(input.shape[-2:], weight.shape[-2:], geo, output_hw):
         return _without_onednn()
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def _has_dead_tap(
