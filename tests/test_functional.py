@@ -320,6 +320,23 @@ def test_bfloat16_autocast_on_cpu(name):
     assert _rel(wr.grad, want[2]) < 3e-2
 
 
+def test_autocast_off_turns_autocast_off_only_where_it_is_on():
+    """The layers' autocast-off block: a real one under autocast (the products inside run in
+    the compute dtype the layer chose), a shared empty one elsewhere."""
+    from fullsparse.entry_checks import autocast_off
+
+    assert autocast_off("cpu") is autocast_off("cpu")  # off: the one shared empty context
+    with autocast_off("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with autocast_off("cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (a @ a).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+
+
 # PyTorch's CPU oneDNN convolution in bfloat16 is wrong (or crashes) on some shapes with an
 # output height or width of 1 or a kernel tap that meets only padding; onednn_guard routes
 # those around it (docs/reliability.md).
