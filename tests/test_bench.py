@@ -350,3 +350,25 @@ def test_bench_steps_clocks_the_sampling_inside_the_steps():
     row = rows["fst_is"]
     assert row["sampling_in_step_ms"] > 0 and row["sampling_ms"] > 0
     assert row["sampling_in_step_percent_of_dense_step"] > 0
+
+
+def test_the_layer_overhead_script_counts_layers_and_writes_json(tmp_path, capsys):
+    """``scripts/layer_overhead.py``: one row per case and recipe, the sparse layers counted
+    (none for dense), the excess the step time minus dense's; bad values one usage line."""
+    from conftest import load_script
+
+    script = load_script("layer_overhead")
+    out = tmp_path / "overhead.json"
+    assert script.main(["--cases", "tiny-gpt", "--recipes", "fst2,fst_is_batch", "--repeats",
+                        "1", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["fst2", "fst_is_batch"]
+    for r in rows:
+        assert r["sparse_layers"] > 0
+        assert r["excess_ms"] == pytest.approx(r["step_ms"] - r["dense_step_ms"])
+        assert r["excess_us_per_layer"] == pytest.approx(1000 * r["excess_ms"] / r["sparse_layers"])
+    assert capsys.readouterr().out.count("| tiny-gpt |") == 2
+    for bad in (["--repeats", "0"], ["--cases", "nope"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(bad)
+        assert exc.value.code == 2
