@@ -8,9 +8,10 @@ of each recipe in a rotating order (``fullsparse.bench.harness.interleaved_ms``)
 per recipe: the step time, its excess over dense, and that excess per sparse layer: the
 bookkeeping of the sparse layer path (checks, weight operands, the autograd function, the
 calls around the products), which a full-size step pays too. Warm: inside a real step,
-where each small call follows a large product, the same work costs more. Two processes
-on the project's VM gave 307 and 425 µs per layer for ``fst2`` on ResNet-20: compare
-versions in alternating runs, not across days.
+where each small call follows a large product, the same work costs more. Three processes
+on the project's VM within five minutes gave 307, 425 and 332 µs per layer for ``fst2`` on
+ResNet-20 (dense's step 9.1, 10.4 and 11.9 ms): the machine's speed moves, so compare two
+versions in alternating runs.
 
     OMP_NUM_THREADS=1 python scripts/layer_overhead.py --threads 1 --repeats 30
 """
