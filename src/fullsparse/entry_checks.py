@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
+from fullsparse.kernels.reference import NO_CONTEXT
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,9 +34,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """A block with autocast off on ``device_type``: ``torch.autocast(..., enabled=False)``
     where autocast is on, else a shared empty context (the sparse layers enter one per
@@ -43,7 +41,7 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     bookkeeping)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
-    return _NO_CONTEXT
+    return NO_CONTEXT
 
 
 def _not_a_view(y: Tensor) -> Tensor:

@@ -269,7 +269,8 @@ int fs_draw(const float *s, int64_t G, int64_t g, int64_t k, const float *u, int
 /* Kept row j of group q (index[j] its position in the group, made its row number here)
  * copied: x's as is, dy's times weight[j]. */
 static void copy_kept(const float *x, const float *dy, int64_t g, int64_t dx, int64_t sx,
-                      int64_t ddy, int64_t sdy, int64_t q, int64_t j, int64_t *index, const float *weight, float *x_out, float *dy_out) {
+                      int64_t ddy, int64_t sdy, int64_t q, int64_t j, int64_t *index,
+                      const float *weight, float *x_out, float *dy_out) {
     const int64_t row = q * g + index[j];
     scaled_copy(dy + row * sdy, weight[j], dy_out + j * ddy, ddy);
     memcpy(x_out + j * dx, x + row * sx, sizeof(float) * (size_t)dx);

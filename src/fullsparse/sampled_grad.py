@@ -330,6 +330,13 @@ def _sample_operands(
     return x.index_select(0, samples), _channels_like(dy_kept, x)
 
 
+def _samples_as_rows(mode: str, unit: str, x: Tensor, dy: Tensor) -> bool:
+    """Whether a convolution's draw takes its whole samples as rows (:func:`_sample_rows`):
+    ``is_half`` over samples, ``x`` and ``dy`` contiguous. ``is_adaptive`` keeps the separate
+    scores, which its measuring calls draw from twice."""
+    return unit == "sample" and mode == "is_half" and x.is_contiguous() and dy.is_contiguous()
+
+
 def _sample_rows(x: Tensor, dy: Tensor, share: float, group: int) -> tuple[Tensor, Tensor]:
     """``(input, dY)`` of the full-width product over the kept samples of contiguous ``x``
     and ``dy`` (dY ÷ p): each sample one row, scored, drawn and copied as a Linear layer's
@@ -435,7 +442,7 @@ def _conv_impl(
         return _carrying_non_finite(grad, dy[..., 1 - phase :: 2], x)
     n = x.shape[0]
     per_sample = unit == "sample"
-    if per_sample and mode == "is_half" and x.is_contiguous() and dy.is_contiguous():
+    if _samples_as_rows(mode, unit, x, dy):
         x_kept, dy_kept = _sample_rows(x, dy, share, group)
         AdaptiveState.count(state, x_kept.shape[0] * wo, n * wo)
         return conv_backward(dy_kept, x_kept, weight, geo, "weight")
@@ -489,7 +496,7 @@ def sampling_work(
     if mode == "rand_half":
         phase = random_phase(x.device)
         return _half_operands(x, dy[..., phase::2], geo, phase)
-    if unit == "sample" and mode == "is_half" and x.is_contiguous() and dy.is_contiguous():
+    if _samples_as_rows(mode, unit, x, dy):
         return _sample_rows(x, dy, share, group)
     if unit == "sample":
         samples, scale = sample_units(sample_scores(x, dy), share, group)

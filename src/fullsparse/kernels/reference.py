@@ -31,6 +31,7 @@ __all__ = [
     "conv_grad_input",
     "conv_backward",
     "onednn_guard",
+    "NO_CONTEXT",
     "ReferenceLinearKernel",
     "ReferenceConvKernel",
     "REFERENCE_LINEAR",
@@ -80,7 +81,8 @@ def conv_backward(
     return grads[0] if which == "input" else grads[1]
 
 
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
+#: an empty context shared by every call that needs one (it holds no state)
+NO_CONTEXT = contextlib.nullcontext()
 
 
 def onednn_guard(
@@ -101,10 +103,10 @@ def onednn_guard(
     #169688, are in docs/reliability.md. Such shapes are tiny, so the detour costs nothing.
     """
     if t.device.type != "cpu":
-        return _NO_CONTEXT
+        return NO_CONTEXT
     if min(output_hw) == 1 or _has_dead_tap(input.shape[-2:], weight.shape[-2:], geo, output_hw):
         return _without_onednn()
-    return _NO_CONTEXT
+    return NO_CONTEXT
 
 
 def _has_dead_tap(
