@@ -697,3 +697,27 @@ def test_information_restoration_matches_the_eager_path(monkeypatch, shape, dim,
     ref = ir_grad_output(torch.where(finite, t, 0.0).double(), alpha, dim)
     mask = ir_grad_output(finite.float(), 0.0, dim) > 0  # positions with finite inputs
     torch.testing.assert_close(got.double()[mask], ref[mask], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("shape", [(3, 4, 5, 8), (3, 4, 5, 7), (4, 3, 2, 1), (64, 16, 9, 13)])
+@pytest.mark.parametrize("phase", [0, 1])
+def test_half_columns_copies_one_phase_and_flags_the_others_non_finite(shape, phase):
+    """rand_half's dY operand: ``t[..., phase::2]`` bit for bit (NaN, ±inf and −0 included),
+    and a flag that is set exactly when a column of the other phase is not finite (the
+    largest shape splits its rows among the threads)."""
+    t = torch.randn(shape)
+    t.view(-1)[:6] = torch.tensor([-0.0, 0.0, 3e38, -3e38, 1e-45, 2.0])  # finite extremes
+    got, bad = native.half_columns(t, phase)
+    _same(got, t[..., phase::2], strides=False)
+    assert got.is_contiguous() and bad is False  # x − x of ±3e38 is 0: no overflow
+    width = shape[-1]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for column in range(width):
+            u = t.clone()
+            u[-1, 0, -1, column] = value
+            got, bad = native.half_columns(u, phase)
+            _same(got, u[..., phase::2], strides=False)
+            assert bad is (column % 2 != phase)
+    assert native.half_columns(t.double(), phase) is None
+    assert native.half_columns(t.transpose(0, 1), phase) is None  # not contiguous

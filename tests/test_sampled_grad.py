@@ -16,6 +16,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -645,3 +646,52 @@ def test_sampling_work_is_the_products_own_operands():
     want = conv_grad_weight(x, dy, weight, geo, "is_half", unit="sample")
     got = sampled_grad._products(weight, [(x_kept, dy_kept, geo)])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _read_by_kept_columns(hw, khw, geo, phase):
+    """Which input entries the output columns ``phase, phase + 2, …`` read (float64
+    autograd through a convolution of ones: the reference of ``_reads_all_of``)."""
+    x = torch.zeros(1, 1, *hw, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x + 1, torch.ones(1, 1, *khw, dtype=torch.float64), None, geo.stride,
+                 geo.padding, geo.dilation)  # fmt: skip
+    y[..., phase::2].sum().backward()
+    return x.grad[0, 0] > 0
+
+
+def test_the_kept_columns_read_all_of_x_exactly_where_the_reference_says():
+    """rand_half checks X for a NaN or an infinity only where its kept columns' windows
+    skip some of X: the rule agrees with autograd on every small geometry."""
+    checked = 0
+    for h, w, kh, kw, s, p, d in itertools.product(
+        (4, 5), (5, 6, 7), (1, 3), (1, 2, 3), (1, 2), (0, 1, 2), (1, 2)
+    ):
+        geo = ConvGeometry.make((s, s), (p, p), (d, d), 1)
+        ho, wo = geo.output_size((h, w), (kh, kw))
+        if ho < 1 or wo < 1:
+            continue
+        for phase in (0, 1):
+            want = bool(_read_by_kept_columns((h, w), (kh, kw), geo, phase).all())
+            assert sampled_grad._reads_all_of((h, w), (kh, kw), geo, phase, wo) is want
+            checked += want
+    assert checked > 10  # both answers occur
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("phase", [0, 1])
+def test_rand_half_keeps_a_non_finite_value_of_dy_or_x_visible(native_on, phase, monkeypatch):
+    """A NaN or an infinity in a dropped column of dY, or anywhere in X, reaches a
+    convolution's rand_half weight gradient, with the native pass and without it."""
+    if not native_on:
+        monkeypatch.setenv("FULLSPARSE_NATIVE", "off")
+    monkeypatch.setattr(sampling, "uniforms", lambda n, device: torch.full((n,), 0.25 + phase / 2))
+    geo = ConvGeometry.make((1, 1), (1, 1), (1, 1), 1)  # 3x3: the kept columns read all of X
+    w = torch.zeros(4, 3, 3, 3)
+    for bad in (float("nan"), float("inf")):
+        for where in ("dy", "x"):
+            x, dy = torch.randn(6, 3, 5, 6), torch.randn(6, 4, 5, 6)
+            (dy if where == "dy" else x)[4, 1, 2, 1 - phase if where == "dy" else 3] = bad
+            g = sampled_grad.conv_sampled_grad_weight(x, dy, w, geo, "rand_half")
+            assert not bool(torch.isfinite(g).all())
+    x, dy = torch.randn(6, 3, 5, 6), torch.randn(6, 4, 5, 6)
+    g = sampled_grad.conv_sampled_grad_weight(x, dy, w, geo, "rand_half")
+    assert bool(torch.isfinite(g).all())  # and nothing is flagged without a cause

@@ -498,6 +498,26 @@ int64_t fs_count_odd(const int64_t *units, int64_t m) {
 
 /* ------------------------------------------------------------------ information restoration */
 
+/* rand_half's operand (sampled_grad, a convolution): the columns phase, phase + 2, ... of each
+ * of the `rows` rows of width w of t, contiguous in out (rows of (w - phase + 1) / 2), and
+ * whether a column of the other phase holds a NaN or an infinity (1) or not (0). */
+int fs_half_columns(const float *t, int64_t rows, int64_t w, int64_t phase, float *out) {
+    const int64_t kept = (w - phase + 1) / 2, other = 1 - phase;
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (rows * w > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *restrict src = t + r * w;
+        float *restrict dst = out + r * kept;
+        float probe = 0.0f; /* x - x: 0 for a finite x, NaN for NaN and +-inf */
+        for (int64_t j = 0; j < kept; j++)
+            dst[j] = src[phase + 2 * j];
+        for (int64_t j = other; j < w; j += 2)
+            probe += src[j] - src[j];
+        bad |= probe != 0.0f;
+    }
+    return bad;
+}
+
 /* FST's information restoration (operands.ir_grad_output) along the middle axis of t [outer,
  * size, inner]: out [outer, ceil(size/2), inner], out[o, j, i] = t[o, 2j, i] + alpha·t[o, 2j+1, i]
  * as one fused multiply-add (what torch's add_(other, alpha=alpha) computes on a CPU with FMA;

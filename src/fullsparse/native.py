@@ -9,8 +9,9 @@ decay in one pass over W (:func:`masked_weight_side` the same from cached masks,
 path's; :func:`row_norm_products`, :func:`draw`, :func:`gather_rows` (the three in one pass
 over small groups: :func:`draw_rows`), :func:`block_scores` and :func:`gather_blocks` are the
 sampled weight gradients' scores, draw and operands, :func:`mvue` the MVUE of ``fst_mvue``
-with its counter-based uniforms drawn in place (bit for bit). The eager functions stay the
-reference (``tests/test_native.py``).
+with its counter-based uniforms drawn in place (bit for bit), :func:`ir_half` FST's
+information restoration and :func:`half_columns` ``rand_half``'s half of a convolution's
+dY. The eager functions stay the reference (``tests/test_native.py``).
 
 When the native form runs (:func:`available`): float32 CPU tensors, a C compiler on the
 ``PATH`` (``cc``, ``gcc`` or ``clang``) and ``FULLSPARSE_NATIVE`` not ``0``/``off``. The
@@ -51,6 +52,7 @@ __all__ = [
     "block_scores",
     "gather_blocks",
     "ir_half",
+    "half_columns",
     "mvue",
 ]
 
@@ -133,6 +135,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_gather_blocks": (i64, [ptr, i64, i64, ptr, i64, i64, ptr, ptr] + [i64] * 3 + [ptr] * 4),
         "fs_count_odd": (i64, [ptr, i64]),
         "fs_ir_half": (None, [ptr, i64, i64, i64, f32, ptr]),
+        "fs_half_columns": (ctypes.c_int, [ptr, i64, i64, i64, ptr]),
         "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -414,6 +417,22 @@ def gather_blocks(
         m, left, width, x0.data_ptr(), dy0.data_ptr(), x1.data_ptr(), dy1.data_ptr(),
     )  # fmt: skip
     return None if failed else (x0, dy0, x1, dy1)
+
+
+def half_columns(t: Tensor, phase: int) -> tuple[Tensor, bool] | None:
+    """``(t[..., phase::2]`` contiguous, whether ``t[..., 1 - phase::2]`` holds a NaN or an
+    infinity``)`` in one pass over ``t``: ``rand_half``'s dY operand of a convolution and the
+    check of the columns it drops. None where the kernel does not apply (not a contiguous
+    float32 CPU tensor of at least one dimension)."""
+    if t.ndim == 0 or not t.is_contiguous() or t.numel() == 0 or phase not in (0, 1):
+        return None
+    lib = _usable(t)
+    if lib is None:
+        return None
+    w = t.shape[-1]
+    out = t.new_empty(*t.shape[:-1], (w - phase + 1) // 2)
+    bad = lib.fs_half_columns(t.data_ptr(), t.numel() // w, w, phase, out.data_ptr())
+    return out, bool(bad)
 
 
 def ir_half(t: Tensor, alpha: float, dim: int) -> Tensor | None:

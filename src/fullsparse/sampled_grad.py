@@ -23,6 +23,7 @@ Eager calls run the same implementation directly (the op's dispatch costs tens o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -132,12 +133,41 @@ def _measured(
 
 
 @sampling_part
-def _carrying_non_finite(grad: Tensor, *dropped: Tensor) -> Tensor:
+def _carrying_non_finite(grad: Tensor, *dropped: Tensor, known_bad: bool = False) -> Tensor:
     """``grad``, made NaN wherever it would otherwise hide a NaN or infinity of the units
     ``rand_half`` dropped (an overflow must reach the weight gradient, where the trainer and
-    AMP's scaler look for it): one sum per dropped operand, added times 0 — 0 when finite."""
+    AMP's scaler look for it): one sum per dropped operand, added times 0 — 0 when finite;
+    NaN at once where the caller found one (``known_bad``)."""
+    if known_bad:
+        return grad.add_(float("nan"))
     total = sum(t.sum(dtype=_work_dtype(t)) for t in dropped)
     return grad.add_(total * 0)
+
+
+@sampling_part
+def _kept_columns(dy: Tensor, phase: int) -> tuple[Tensor, bool | None]:
+    """``(dY[..., phase::2], whether the other columns hold a NaN or an infinity)``: one
+    native pass over a contiguous float32 dY; elsewhere the strided view and None (the
+    caller checks the dropped columns itself)."""
+    fast = native.half_columns(dy, phase)
+    if fast is not None:
+        return fast
+    return dy[..., phase::2], None
+
+
+@functools.lru_cache(maxsize=1024)
+def _reads_all_of(
+    hw: tuple[int, ...], khw: tuple[int, ...], geo: ConvGeometry, phase: int, wo: int
+) -> bool:
+    """Whether the output columns ``phase, phase + 2, …`` of ``wo``, over every output row,
+    read every entry of an ``hw`` input through their ``khw`` windows: then a NaN or an
+    infinity anywhere in X reaches the half-size product, and X needs no check of its own."""
+    ho = geo.output_size(hw, khw)[0]
+    rows = {r * geo.stride[0] - geo.padding[0] + t * geo.dilation[0]
+            for r in range(ho) for t in range(khw[0])}  # fmt: skip
+    cols = {c * geo.stride[1] - geo.padding[1] + t * geo.dilation[1]
+            for c in range(phase, wo, 2) for t in range(khw[1])}  # fmt: skip
+    return rows.issuperset(range(hw[0])) and cols.issuperset(range(hw[1]))
 
 
 # --------------------------------------------------------------------------- Linear
@@ -437,9 +467,12 @@ def _conv_impl(
     if mode == "rand_half":
         phase = random_phase(x.device)
         AdaptiveState.count(state, half_count(wo, phase), wo)
-        grad = _products(weight, [_half_operands(x, dy[..., phase::2], geo, phase)]).mul_(2)
-        # the kept columns' windows need not read every input column: all of X is checked
-        return _carrying_non_finite(grad, dy[..., 1 - phase :: 2], x)
+        dy_half, dropped_bad = _kept_columns(dy, phase)
+        grad = _products(weight, [_half_operands(x, dy_half, geo, phase)]).mul_(2)
+        unread = [] if dropped_bad is not None else [dy[..., 1 - phase :: 2]]
+        if not _reads_all_of(tuple(x.shape[2:]), tuple(weight.shape[2:]), geo, phase, wo):
+            unread.append(x)  # some input the kept columns' windows skip: all of X checked
+        return _carrying_non_finite(grad, *unread, known_bad=bool(dropped_bad))
     n = x.shape[0]
     per_sample = unit == "sample"
     if _samples_as_rows(mode, unit, x, dy):
@@ -495,7 +528,7 @@ def sampling_work(
         return _kept_rows(x, dy, share, group)
     if mode == "rand_half":
         phase = random_phase(x.device)
-        return _half_operands(x, dy[..., phase::2], geo, phase)
+        return _half_operands(x, _kept_columns(dy, phase)[0], geo, phase)
     if _samples_as_rows(mode, unit, x, dy):
         return _sample_rows(x, dy, share, group)
     if unit == "sample":
