@@ -269,7 +269,7 @@ def test_whole_samples_draw_in_one_call(monkeypatch):
     weight, geo = torch.zeros(4, 3, 3, 3), ConvGeometry.make(1, 1, 1, 1)
     calls = []
     real = native.draw_rows
-    monkeypatch.setattr(native, "draw_rows", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(native, "draw_rows", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
 
     def grad():
         torch.manual_seed(4)
@@ -324,7 +324,7 @@ def test_the_native_linear_sampling_is_unbiased(monkeypatch, path):
     cuts = sorted({0.0, 1.0} | {float(sum(p[: i + 1])) % 1.0 for i in range(11)})
     calls = []
     real = getattr(native, path)
-    monkeypatch.setattr(native, path, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, path, lambda *a, **k: calls.append(1) or real(*a, **k))
     if path == "draw":
         monkeypatch.setattr(sampled_grad, "_FUSED_GROUP_FLOATS", 0)
         monkeypatch.setattr(sampled_grad, "_FUSED_ONE_GROUP", False)
@@ -721,3 +721,56 @@ def test_half_columns_copies_one_phase_and_flags_the_others_non_finite(shape, ph
             assert bad is (column % 2 != phase)
     assert native.half_columns(t.double(), phase) is None
     assert native.half_columns(t.transpose(0, 1), phase) is None  # not contiguous
+
+
+@pytest.mark.usefixtures("library")
+def test_count_adds_as_index_add_does():
+    """AdaptiveState.count in one native call: the same float64 bits as the torch update,
+    and the torch update wherever the call does not apply."""
+    from fullsparse.sampling import AdaptiveState
+
+    state = AdaptiveState.new()
+    state[4], state[5] = 0.1, 2.0**52 + 1  # not exact sums in float64
+    want = state.clone()
+    want.index_add_(0, torch.tensor([1, 4, 5]), torch.tensor([1.0, 7, 13], dtype=torch.float64))
+    assert native.count(state, 7, 13)
+    assert torch.equal(state, want)
+    for other in (state.float(), state[::2].clone()[:3], torch.zeros(14, dtype=torch.float64)[::2]):
+        assert not native.count(other, 1, 2)  # float32, too short, not contiguous
+    strided = torch.zeros(14, dtype=torch.float64)[::2]
+    AdaptiveState.count(strided, 7, 13)  # the torch path
+    assert strided.tolist() == [0, 1, 0, 0, 7, 13, 0]
+
+
+@pytest.mark.usefixtures("library")
+@pytest.mark.parametrize("m", [8, 14])
+def test_draw_rows_takes_samples_as_rows_and_may_skip_the_indices(m):
+    """Rows of a contiguous 4-D tensor along its first dimension, kept rows in its shape,
+    and without index and weight (the C code keeps its own): the bits of the 2-D call."""
+    gen = torch.Generator().manual_seed(m)
+    x, dy = torch.randn(m, 3, 2, 5, generator=gen), torch.randn(m, 4, 2, 2, generator=gen)
+    u = torch.rand(m // 4, generator=gen)
+    want = native.draw_rows(x.view(m, -1), dy.view(m, -1), 4, 3, u)
+    got = native.draw_rows(x, dy, 4, 3, u, indices=False)
+    assert got[0] is None and got[1] is None
+    assert got[3].shape == (want[3].shape[0], 3, 2, 5) and got[2].shape[1:] == (4, 2, 2)
+    assert torch.equal(got[3].view(want[3].shape), want[3])
+    assert torch.equal(got[2].view(want[2].shape), want[2])
+    assert native.draw_rows(x.transpose(1, 2), dy, 4, 3, u) is None  # not contiguous
+
+
+@pytest.mark.usefixtures("library")
+def test_the_weight_side_reads_a_convolution_weight_in_place():
+    """A contiguous [Co, Ci, kh, kw] weight is read as [Co, Ci·kh·kw] with no reshape: the
+    operands in its shape and the decay added to its gradient, the bits of the 2-D calls."""
+    w = _weight((8, 4, 3, 3), seed=3)
+    want = native.fst_weight_side(w.view(8, -1), 0.25, True, True)
+    got = native.fst_weight_side(w, 0.25, True, True)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == w.shape
+        _same(a.view(b.shape), b)
+    grad = torch.randn(8, 4, 3, 3)
+    grad2 = grad.clone().view(8, -1)
+    assert native.add_fst_decay(grad, w, 0.25) and native.add_fst_decay(grad2, w.view(8, -1), 0.25)
+    _same(grad.view(8, -1), grad2)
+    assert native.fst_weight_side(_weight((8, 3, 1, 1)), 0.25, True, True) is None  # k = 3

@@ -102,4 +102,10 @@ def stash_forward(
     ctx.config, ctx.compute, ctx.kernel = config, compute, kernel
     ctx.has_bias = bias is not None
     ctx.dtypes = (input.dtype, weight.dtype, bias.dtype if bias is not None else None)
-    return input.to(compute), (bias.to(compute) if bias is not None else None)
+    return cast(input, compute), (cast(bias, compute) if bias is not None else None)
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without a call where ``t`` already has that dtype (the same tensor
+    either way): the layers cast each operand, nearly always to its own dtype."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -41,6 +41,7 @@ from fullsparse.entry_checks import (
     _checked_call,
     _not_a_view,
     autocast_off,
+    cast,
     stash_forward,
 )
 from fullsparse.geometry import ConvGeometry, pair
@@ -380,26 +381,26 @@ class _SparseConv2dFn(torch.autograd.Function):
         input_dtype, weight_dtype, bias_dtype = ctx.dtypes
         needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ops = config.operands
-        dy = grad_output.to(ctx.compute)
+        dy = cast(grad_output, ctx.compute)
         grad_input = grad_weight = grad_bias = None
         with autocast_off(x.device.type):
             if needs_dx and needs_dw and _one_conv_backward(ops, kernel):
                 # both gradients from one dY operand (dY, or meProp's TopK(dY)): one
                 # convolution_backward call serves both
                 dx, dw = conv_backward(_conv_dy_gi(config, dy, geo), x, w_gi, geo, "both")
-                grad_input = dx.to(input_dtype)
-                grad_weight = _plus(dw.to(weight_dtype), decay, ctx.decay_scale)
+                grad_input = cast(dx, input_dtype)
+                grad_weight = _plus(cast(dw, weight_dtype), decay, ctx.decay_scale)
             else:
                 # ---- grad_input (Eq. 2): dX = W_giᵀ · dY_gi
                 if needs_dx:
                     dy_gi = _conv_dy_gi(config, dy, geo)
-                    grad_input = kernel.grad_input(dy_gi, x, w_gi, geo).to(input_dtype)
+                    grad_input = cast(kernel.grad_input(dy_gi, x, w_gi, geo), input_dtype)
                 # ---- grad_weight (Eq. 3): dW = dY_gw · X_gwᵀ, + λ·(W − W_out) (Eq. 6)
                 if needs_dw:
                     mode, alpha = config.grad_weight_mode, config.ir_alpha
                     sampling = sampling_args(config, ctx.gw_state, conv=True)
                     dw = conv_grad_weight(x, dy, w_gi, geo, mode, alpha, **sampling)
-                    grad_weight = _plus(dw.to(weight_dtype), decay, ctx.decay_scale)
+                    grad_weight = _plus(cast(dw, weight_dtype), decay, ctx.decay_scale)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.sum((0, 2, 3)).to(bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None
@@ -563,18 +564,18 @@ class _SparseLinearFn(torch.autograd.Function):
         x, w_gi, decay = ctx.saved_tensors
         config = ctx.config
         input_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        dy = grad_output.to(ctx.compute)
+        dy = cast(grad_output, ctx.compute)
         grad_input = grad_weight = grad_bias = None
         with autocast_off(x.device.type):
             # ---- grad_input (Eq. 2): dX = dY_gi · W_gi
             if ctx.needs_input_grad[0]:
                 dy_gi = _linear_dy_gi(config, dy)
-                grad_input = ctx.kernel.grad_input(dy_gi, w_gi).to(input_dtype)
+                grad_input = cast(ctx.kernel.grad_input(dy_gi, w_gi), input_dtype)
             # ---- grad_weight (Eq. 3): dW = dY_gwᵀ · X_gw, + λ·(W − W_out) (Eq. 6)
             if ctx.needs_input_grad[1]:
                 mode, alpha = config.grad_weight_mode, config.ir_alpha
                 sampling = sampling_args(config, ctx.gw_state)
-                dw = linear_grad_weight(x, dy, mode, alpha, **sampling).to(weight_dtype)
+                dw = cast(linear_grad_weight(x, dy, mode, alpha, **sampling), weight_dtype)
                 grad_weight = _plus(dw, decay, ctx.decay_scale)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)

@@ -356,6 +356,18 @@ int fs_draw_rows(const float *x, const float *dy, int64_t m, int64_t g, int64_t 
                  int64_t sx, int64_t ddy, int64_t sdy, const float *u, int64_t *index,
                  float *weight, float *x_out, float *dy_out) {
     const int64_t G = m / g, tail = m - G * g, work = m * (dx + ddy);
+    if (index == NULL || weight == NULL) { /* the caller wants the kept rows only */
+        const size_t rows = (size_t)(G * k + tail);
+        int64_t *own_index = malloc(sizeof(int64_t) * (rows ? rows : 1));
+        float *own_weight = malloc(sizeof(float) * (rows ? rows : 1));
+        int failed = own_index == NULL || own_weight == NULL
+                         ? -1
+                         : fs_draw_rows(x, dy, m, g, k, dx, sx, ddy, sdy, u, own_index,
+                                        own_weight, x_out, dy_out);
+        free(own_index);
+        free(own_weight);
+        return failed;
+    }
     int failed = G == 1 ? draw_rows_one_group(x, dy, g, k, dx, sx, ddy, sdy, u[0], index, weight,
                                               x_out, dy_out, work)
                         : draw_rows_groups(x, dy, G, g, k, dx, sx, ddy, sdy, u, index, weight,
@@ -497,6 +509,14 @@ int64_t fs_count_odd(const int64_t *units, int64_t m) {
 }
 
 /* ------------------------------------------------------------------ information restoration */
+
+/* AdaptiveState.count (sampling): one call, `kept` of `total` units, added to the slots calls
+ * (1), kept_units (4) and total_units (5) of a float64 state, as index_add_ adds them. */
+void fs_count(double *state, double kept, double total) {
+    state[1] = state[1] + 1.0;
+    state[4] = state[4] + kept;
+    state[5] = state[5] + total;
+}
 
 /* rand_half's operand (sampled_grad, a convolution): the columns phase, phase + 2, ... of each
  * of the `rows` rows of width w of t, contiguous in out (rows of (w - phase + 1) / 2), and

@@ -53,6 +53,7 @@ __all__ = [
     "gather_blocks",
     "ir_half",
     "half_columns",
+    "count",
     "mvue",
 ]
 
@@ -136,6 +137,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_count_odd": (i64, [ptr, i64]),
         "fs_ir_half": (None, [ptr, i64, i64, i64, f32, ptr]),
         "fs_half_columns": (ctypes.c_int, [ptr, i64, i64, i64, ptr]),
+        "fs_count": (None, [ptr, ctypes.c_double, ctypes.c_double]),
         "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
     }
     for name, (restype, argtypes) in signatures.items():
@@ -199,24 +201,34 @@ def _rows(t: Tensor) -> bool:
     return t.ndim == 2 and (t.stride(1) == 1 or t.shape[1] <= 1) and t.shape[0] > 0
 
 
+def _co_k(w: Tensor) -> tuple[int, int] | None:
+    """``(co, k)`` of a contiguous weight read as ``[co, k]`` (a convolution's
+    ``[Co, Ci/g, kh, kw]`` as ``[Co, Ci/g·kh·kw]``, with no reshape), k a multiple of 4."""
+    if w.ndim < 2 or not w.is_contiguous() or w.numel() == 0:
+        return None
+    co = w.shape[0]
+    k = w.numel() // co
+    return None if k % 4 else (co, k)
+
+
 def fst_weight_side(
     w2: Tensor, lam: float, grad_input: bool, decay: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
     """``(W·S_K(W), W·S_Co(W) or None, λ·(W − W·S_K(W)) or None)`` of ``w2 [co, k]`` (S_K
     along rows in groups of 4, S_Co down columns in groups of 4 rows), or None where the
     native kernel does not apply: not a contiguous float32 CPU matrix with co and k
-    multiples of 4, or no native library (:func:`available`)."""
-    if w2.ndim != 2 or w2.shape[0] % 4 or w2.shape[1] % 4 or not w2.is_contiguous():
+    multiples of 4, or no native library (:func:`available`). A contiguous weight of more
+    dimensions is read as ``[co, k]`` (k the rest), and the results have its shape."""
+    shape = _co_k(w2)
+    if shape is None or shape[0] % 4:
         return None
-    lib = _usable(w2) if w2.numel() else None
+    lib = _usable(w2)
     if lib is None:
         return None
     out = torch.empty_like(w2)
     gi = torch.empty_like(w2) if grad_input else None
     term = torch.empty_like(w2) if decay else None
-    lib.fs_fst_weight_side(
-        w2.data_ptr(), out.data_ptr(), _ptr(gi), _ptr(term), w2.shape[0], w2.shape[1], lam
-    )
+    lib.fs_fst_weight_side(w2.data_ptr(), out.data_ptr(), _ptr(gi), _ptr(term), *shape, lam)
     return out, gi, term
 
 
@@ -249,12 +261,11 @@ def masked_weight_side(
 
 def add_fst_decay(grad: Tensor, w2: Tensor, lam: float) -> bool:
     """``grad += λ·(W − W·S_K(W))`` in place for ``w2 [co, k]`` (S_K along rows in groups of
-    4, k a multiple of 4) and a ``grad`` of W's shape and layout: the decay term
-    :func:`fst_weight_side` makes, added in one pass over W and grad (the same bits as
-    ``grad.add_(decay)``). False where the kernel does not apply (nothing done)."""
-    if w2.ndim != 2 or w2.shape[1] % 4 or not w2.is_contiguous() or w2.numel() == 0:
-        return False
-    if not grad.is_contiguous() or grad.numel() != w2.numel():
+    4, k a multiple of 4; a contiguous weight of more dimensions is read as ``[co, k]``) and
+    a ``grad`` of W's shape and layout: the decay term :func:`fst_weight_side` makes, added
+    in one pass over W and grad (the same bits as ``grad.add_(decay)``). False where the
+    kernel does not apply (nothing done)."""
+    if _co_k(w2) is None or not grad.is_contiguous() or grad.numel() != w2.numel():
         return False
     lib = _usable(w2, grad)
     if lib is None:
@@ -300,32 +311,53 @@ def draw(scores: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def draw_rows(
-    x2: Tensor, dy2: Tensor, group: int, k: int, u: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    x2: Tensor, dy2: Tensor, group: int, k: int, u: Tensor, *, indices: bool = True
+) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor] | None:
     """:func:`row_norm_products`, :func:`draw` and :func:`gather_rows` in one pass, group by
     group while its rows are in cache: ``(index, weight, dy_kept, x_kept)`` — k of every
     ``group`` consecutive rows of ``x2 [m, dx]`` and ``dy2 [m, ddy]`` drawn with ``u`` (one
     per whole group), the rows after the last whole group kept with weight 1; ``dy_kept`` is
     divided by p. The same bits as the three calls. None where the kernel does not apply or
-    a group has a non-finite score (the separate calls then run on the same ``u``)."""
-    if not (_rows(x2) and _rows(dy2)) or x2.shape[0] != dy2.shape[0] or not 0 < k < group:
+    a group has a non-finite score (the separate calls then run on the same ``u``).
+
+    A contiguous ``x2`` or ``dy2`` of more dimensions gives its rows along the first (a
+    convolution's samples), and the kept rows keep its shape after the first dimension.
+    ``indices=False``: ``index`` and ``weight`` are not returned (None; nothing allocated
+    for them here)."""
+    if x2.ndim < 2 or dy2.ndim < 2 or x2.shape[0] != dy2.shape[0] or not 0 < k < group:
         return None
     m = x2.shape[0]
     if u.numel() != m // group or not u.is_contiguous() or u.device.type != "cpu":
+        return None
+    x_rows, dy_rows = _row_layout(x2), _row_layout(dy2)
+    if x_rows is None or dy_rows is None:
         return None
     lib = _usable(x2, dy2, u)
     if lib is None:
         return None
     rows = m // group * k + m % group
-    index, weight = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
-    x_kept = torch.empty(rows, x2.shape[1], dtype=torch.float32)
-    dy_kept = torch.empty(rows, dy2.shape[1], dtype=torch.float32)
+    index = weight = None
+    if indices:
+        index = torch.empty(rows, dtype=torch.int64)
+        weight = torch.empty(rows, dtype=torch.float32)
+    x_kept = torch.empty(rows, *x2.shape[1:], dtype=torch.float32)
+    dy_kept = torch.empty(rows, *dy2.shape[1:], dtype=torch.float32)
     failed = lib.fs_draw_rows(
-        x2.data_ptr(), dy2.data_ptr(), m, group, k, x2.shape[1], x2.stride(0), dy2.shape[1],
-        dy2.stride(0), u.data_ptr(), index.data_ptr(), weight.data_ptr(), x_kept.data_ptr(),
-        dy_kept.data_ptr(),
+        x2.data_ptr(), dy2.data_ptr(), m, group, k, *x_rows, *dy_rows, u.data_ptr(),
+        _ptr(index), _ptr(weight), x_kept.data_ptr(), dy_kept.data_ptr(),
     )  # fmt: skip
     return None if failed else (index, weight, dy_kept, x_kept)
+
+
+def _row_layout(t: Tensor) -> tuple[int, int] | None:
+    """``(row length, row stride)`` of a matrix with contiguous rows, or of a contiguous
+    tensor of more dimensions read as rows along its first; None otherwise."""
+    if t.ndim == 2:
+        return (t.shape[1], t.stride(0)) if _rows(t) else None
+    if not t.is_contiguous() or t.shape[0] == 0:
+        return None
+    length = t.numel() // t.shape[0]
+    return length, length
 
 
 def gather_rows(
@@ -417,6 +449,20 @@ def gather_blocks(
         m, left, width, x0.data_ptr(), dy0.data_ptr(), x1.data_ptr(), dy1.data_ptr(),
     )  # fmt: skip
     return None if failed else (x0, dy0, x1, dy1)
+
+
+def count(state: Tensor, kept: int, total: int) -> bool:
+    """:meth:`fullsparse.sampling.AdaptiveState.count` on a float64 CPU state in one call (no
+    tensor made, no operator dispatched: this runs in every sampled layer's backward); the
+    same bits. False where it does not apply (nothing done)."""
+    if state.dtype != torch.float64 or state.device.type != "cpu" or state.numel() < 6:
+        return False
+    if not state.is_contiguous() or max(abs(kept), abs(total)) >= 2**53:
+        return False
+    if torch.compiler.is_compiling() or not available():
+        return False
+    _state["lib"].fs_count(state.data_ptr(), float(kept), float(total))  # type: ignore[union-attr]
+    return True
 
 
 def half_columns(t: Tensor, phase: int) -> tuple[Tensor, bool] | None:

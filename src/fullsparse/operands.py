@@ -345,11 +345,10 @@ def _native_operands(
             return None  # groups of 4 output channels would straddle two conv groups
         # the decay is left to the backward (add_deferred_decay): one tensor of W's size
         # less to write now and to keep until then
-        made = native.fst_weight_side(w.reshape(w.shape[0], -1), config.decay, co_mask, False)
+        made = native.fst_weight_side(w, config.decay, co_mask, False)  # in w's shape
     if made is None:
         return None
-    out, gi, term = (None if t is None else t.view(w.shape) for t in made)
-    assert out is not None
+    out, gi, term = made
     w_gi = {None: None, "W": w, "S_K(W)": out, "S_Co(W)": gi}[operand]
     deferred = config.decay if with_decay and forward_mask is None else None
     return WeightOperands(forward_mask, out, w_gi, term, deferred)
@@ -363,10 +362,9 @@ def add_deferred_decay(grad: Tensor, weight: Tensor, scale: float) -> Tensor:
     change in between: autograd's version check guards it)."""
     from fullsparse import native
 
-    w2 = weight.detach().reshape(weight.shape[0], -1)
-    if native.add_fst_decay(grad, w2, scale):
+    if native.add_fst_decay(grad, weight, scale):  # W read in place: no detach, no reshape
         return grad
-    made = native.fst_weight_side(w2, scale, False, True)
+    made = native.fst_weight_side(weight.detach(), scale, False, True)
     if made is not None and made[2] is not None:
         return grad.add_(made[2].view(grad.shape))
     w = weight.detach()  # no native library now: the eager S_K(W), the same mask

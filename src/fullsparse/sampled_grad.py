@@ -183,17 +183,21 @@ _FUSED_ONE_GROUP = True
 def _kept_rows(x2: Tensor, dy2: Tensor, share: float, group: int) -> tuple[Tensor, Tensor]:
     """The product's operands: the kept rows of ``dY`` (divided by p) and of ``X``. Small
     groups, and a single group (``fst_is_batch``), draw and copy in the call that scores
-    them."""
-    plan = draw_plan(x2.shape[0], share, group)
+    them. Rows are along the first dimension: a contiguous ``x2`` / ``dy2`` of more
+    dimensions (a convolution's samples) goes to that call as it is, and its kept rows
+    keep its shape; the separate calls take 2-D rows."""
+    m = x2.shape[0]
+    plan = draw_plan(m, share, group)
     if plan is None:
         return dy2, x2
     g, kept = plan
-    u = sampling.uniforms(x2.shape[0] // g, x2.device)  # (tests replace it)
-    one_group = _FUSED_ONE_GROUP and x2.shape[0] // g == 1
-    if g * (x2.shape[1] + dy2.shape[1]) <= _FUSED_GROUP_FLOATS or one_group:
-        fused = native.draw_rows(x2, dy2, g, kept, u)
+    u = sampling.uniforms(m // g, x2.device)  # (tests replace it)
+    one_group = _FUSED_ONE_GROUP and m // g == 1
+    if g * (x2.numel() + dy2.numel()) <= _FUSED_GROUP_FLOATS * m or one_group:
+        fused = native.draw_rows(x2, dy2, g, kept, u, indices=False)
         if fused is not None:
             return fused[2], fused[3]
+    x2, dy2 = x2.reshape(m, -1), dy2.reshape(m, -1)
     index, weight = sample_units(token_scores(x2, dy2), share, group, u)
     dy_kept = native.gather_rows(dy2, index, weight)
     x_kept = native.gather_rows(x2, index, index_checked=dy_kept is not None)  # same rows
@@ -371,10 +375,11 @@ def _sample_rows(x: Tensor, dy: Tensor, share: float, group: int) -> tuple[Tenso
     """``(input, dY)`` of the full-width product over the kept samples of contiguous ``x``
     and ``dy`` (dY ÷ p): each sample one row, scored, drawn and copied as a Linear layer's
     tokens are (:func:`_kept_rows`: one native call where it applies)."""
-    n = x.shape[0]
-    dy_kept, x_kept = _kept_rows(x.view(n, -1), dy.view(n, -1), share, group)
+    dy_kept, x_kept = _kept_rows(x, dy, share, group)  # the native call takes them as rows
     m = x_kept.shape[0]
-    return x_kept.view(m, *x.shape[1:]), dy_kept.view(m, *dy.shape[1:])
+    if x_kept.shape[1:] != x.shape[1:]:  # the separate calls' 2-D rows
+        x_kept, dy_kept = x_kept.view(m, *x.shape[1:]), dy_kept.view(m, *dy.shape[1:])
+    return x_kept, dy_kept
 
 
 def _products(weight: Tensor, parts: list[tuple[Tensor, Tensor, ConvGeometry]]) -> Tensor:

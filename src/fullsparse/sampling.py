@@ -242,7 +242,7 @@ class AdaptiveState:
     @staticmethod
     def count(state: Tensor | None, kept: int, total: int) -> None:
         """Count one call: ``kept`` of ``total`` units went into the product."""
-        if state is None:
+        if state is None or native.count(state, kept, total):  # one native call
             return
         # one op, not three indexed updates (this runs in every layer's every backward)
         counts = torch.tensor([1.0, kept, total], dtype=torch.float64)
