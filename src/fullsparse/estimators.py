@@ -141,8 +141,8 @@ def mvue_key(generator: torch.Generator | None, device: torch.device) -> tuple[i
     draw then uses ``torch.rand`` on the device)."""
     if device.type != "cpu":
         return None
-    k = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64)
-    return int(k[0]), int(k[1])
+    k0, k1 = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64).tolist()
+    return k0, k1
 
 
 _MIX = (0x21F0AAAD, 0x735A2D97)

@@ -260,11 +260,12 @@ def weight_operands(
     an S_Co grad_input operand.
     """
     ops = config.operands
-    w = weight.detach()
-    native = _native_operands(w, config, groups, compute, forward_mask, grad_input_mask,
+    # the native kernels read W's memory: no detached alias to make (a call per layer)
+    native = _native_operands(weight, config, groups, compute, forward_mask, grad_input_mask,
                               grad_input, decay)  # fmt: skip
     if native is not None:
         return native
+    w = weight.detach()
     score: Tensor | None = None
     out_mask: Tensor | None = None
     if ops.output_weight != "W":
@@ -349,7 +350,7 @@ def _native_operands(
     if made is None:
         return None
     out, gi, term = made
-    w_gi = {None: None, "W": w, "S_K(W)": out, "S_Co(W)": gi}[operand]
+    w_gi = {None: None, "S_K(W)": out, "S_Co(W)": gi}[operand] if operand != "W" else w.detach()
     deferred = config.decay if with_decay and forward_mask is None else None
     return WeightOperands(forward_mask, out, w_gi, term, deferred)
 

@@ -197,7 +197,7 @@ def sample_units(
 
 def random_phase(device: torch.device) -> int:
     """``rand_half``'s phase, 0 or 1 with probability 1/2 each (one uniform)."""
-    return int(uniforms(1, device)[0] >= 0.5)
+    return int(uniforms(1, device).item() >= 0.5)  # the float32 value, compared exactly
 
 
 #: the slots :meth:`AdaptiveState.count` adds to: calls, kept units, total units
