@@ -585,12 +585,19 @@ def test_the_native_mvue_equals_the_eager_one_bit_for_bit(monkeypatch, shape, di
     _same(got, want, strides=False)  # the eager result of a partial group is a strided view
 
 
-def test_the_native_mvue_leaves_non_finite_values_to_the_eager_path(monkeypatch):
+@pytest.mark.parametrize("post", [8, 1])  # groups down rows, and of adjacent entries
+@pytest.mark.parametrize("bad", ["inf", "nan", "overflow"])
+def test_the_native_mvue_leaves_non_finite_values_to_the_eager_path(monkeypatch, bad, post):
+    """A NaN or an infinity (or a group whose |t| sum overflows: 2·3e38) sends the whole
+    call to the eager path, which defines the result."""
     from fullsparse.estimators import mvue_2to4
 
-    t = torch.randn(16, 8)
-    t[3, 2] = float("inf")
-    assert native.mvue(t.view(1, 1, 16, 8), (5, 7)) is None
+    t = torch.randn(16, post)
+    if bad == "overflow":
+        t[4, 0], t[5, 0] = 3e38, -3e38  # one group (rows 4–7), all finite
+    else:
+        t[3, 0] = float(bad)
+    assert native.mvue(t.view(1, 1, 16, post), (5, 7)) is None
     torch.manual_seed(2)
     got = mvue_2to4(t, 0)
     monkeypatch.setenv("FULLSPARSE_NATIVE", "off")

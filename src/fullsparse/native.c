@@ -630,6 +630,14 @@ static inline float uniform_at(uint32_t counter, uint32_t k0, uint32_t k1) {
     return (float)(mix32(mix32(counter ^ k0) ^ k1) >> 8) * 0x1p-24f;
 }
 
+/* 1 where the sum of |x| is not finite: a NaN or an infinity among the four, or (rarely) a
+ * sum of finite values that overflows; either way the caller runs the eager path, which
+ * defines the result. One test per group instead of four. */
+static inline int not_finite_sum(float x0, float x1, float x2, float x3) {
+    float total = ((fabsf(x0) + fabsf(x1)) + fabsf(x2)) + fabsf(x3);
+    return total * 0.0f != 0.0f;
+}
+
 /* Full groups of 4 rows (r, r + post, r + 2·post, r + 3·post) of length post; group q's
  * counter is c0 + q·step. */
 __attribute__((noinline)) static int mvue_rows(const float *restrict r0, const float *restrict r1,
@@ -639,8 +647,7 @@ __attribute__((noinline)) static int mvue_rows(const float *restrict r0, const f
     int bad = 0;
     for (int64_t q = 0; q < post; q++) {
         float x0 = r0[q], x1 = r1[q], x2 = r2[q], x3 = r3[q];
-        bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
-               (x3 * 0.0f != 0.0f);
+        bad |= not_finite_sum(x0, x1, x2, x3);
         float u = uniform_at(c0 + (uint32_t)q * step, k0, k1);
         mvue_group(x0, x1, x2, x3, u, d0 + q, d1 + q, d2 + q, d3 + q);
     }
@@ -653,8 +660,7 @@ __attribute__((noinline)) static int mvue_adjacent(const float *restrict src, ui
     int bad = 0;
     for (int64_t g = 0; g < n; g++) {
         float x0 = src[4 * g], x1 = src[4 * g + 1], x2 = src[4 * g + 2], x3 = src[4 * g + 3];
-        bad |= (x0 * 0.0f != 0.0f) | (x1 * 0.0f != 0.0f) | (x2 * 0.0f != 0.0f) |
-               (x3 * 0.0f != 0.0f);
+        bad |= not_finite_sum(x0, x1, x2, x3);
         float u = uniform_at(c0 + (uint32_t)g, k0, k1);
         mvue_group(x0, x1, x2, x3, u, dst + 4 * g, dst + 4 * g + 1, dst + 4 * g + 2,
                    dst + 4 * g + 3);
