@@ -508,7 +508,7 @@ int64_t fs_count_odd(const int64_t *units, int64_t m) {
     return odd;
 }
 
-/* ------------------------------------------------------------------ information restoration */
+/* ------------------------------------------------------------------ call counts, rand_half */
 
 /* AdaptiveState.count (sampling): one call, `kept` of `total` units, added to the slots calls
  * (1), kept_units (4) and total_units (5) of a float64 state, as index_add_ adds them. */
@@ -537,6 +537,8 @@ int fs_half_columns(const float *t, int64_t rows, int64_t w, int64_t phase, floa
     }
     return bad;
 }
+
+/* ------------------------------------------------------------------ information restoration */
 
 /* FST's information restoration (operands.ir_grad_output) along the middle axis of t [outer,
  * size, inner]: out [outer, ceil(size/2), inner], out[o, j, i] = t[o, 2j, i] + alpha·t[o, 2j+1, i]
