@@ -30,6 +30,10 @@ __all__ = [
     "conv_output",
     "conv_grad_input",
     "conv_backward",
+    "conv_weight_gemm",
+    "weight_grad_by_gemm",
+    "GEMM_MIN_WEIGHT",
+    "GEMM_MAX_REDUCTION",
     "onednn_guard",
     "NO_CONTEXT",
     "ReferenceLinearKernel",
@@ -56,29 +60,71 @@ def conv_grad_input(
 def conv_backward(
     grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry, which: str
 ) -> Any:
-    """Gradients of a convolution from ``dY``, in one ``convolution_backward`` call:
-    ``which`` = "input" (shaped like ``input``), "weight" (shaped like ``weight``; its values
-    are not read) or "both" (the pair ``(grad_input, grad_weight)``)."""
+    """Gradients of a convolution from ``dY``, in one ``convolution_backward`` call (the
+    weight gradient as one GEMM where :func:`weight_grad_by_gemm` says so): ``which`` =
+    "input" (shaped like ``input``), "weight" (shaped like ``weight``; its values are not
+    read) or "both" (the pair ``(grad_input, grad_weight)``)."""
     if which not in ("input", "weight", "both"):
         raise ValueError(f"conv_backward: which must be 'input', 'weight' or 'both', got {which!r}")
-    mask = [which != "weight", which != "input", False]
-    with onednn_guard(grad_output, input, weight, geo, grad_output.shape[-2:]):
-        grads = torch.ops.aten.convolution_backward(
-            grad_output,
-            input,
-            weight,
-            None,
-            list(geo.stride),
-            list(geo.padding),
-            list(geo.dilation),
-            False,
-            [0, 0],
-            geo.groups,
-            mask,
-        )
+    by_gemm = which != "input" and weight_grad_by_gemm(grad_output, input, weight, geo)
+    mask = [which != "weight", which != "input" and not by_gemm, False]
+    grads: Sequence[Tensor | None] = (None, None)
+    if mask[0] or mask[1]:
+        with onednn_guard(grad_output, input, weight, geo, grad_output.shape[-2:]):
+            grads = torch.ops.aten.convolution_backward(
+                grad_output,
+                input,
+                weight,
+                None,
+                list(geo.stride),
+                list(geo.padding),
+                list(geo.dilation),
+                False,
+                [0, 0],
+                geo.groups,
+                mask,
+            )
+    grad_weight = conv_weight_gemm(grad_output, input, weight, geo) if by_gemm else grads[1]
     if which == "both":
-        return grads[0], grads[1]
-    return grads[0] if which == "input" else grads[1]
+        return grads[0], grad_weight
+    return grads[0] if which == "input" else grad_weight
+
+
+#: Where a convolution's weight gradient runs as one GEMM on the unfolded input instead of
+#: oneDNN's kernel (:func:`weight_grad_by_gemm`): a weight of at least this many entries ...
+GEMM_MIN_WEIGHT = 1 << 20
+#: ... and a reduction (N·Ho·Wo) of at most this many output positions.
+GEMM_MAX_REDUCTION = 512
+
+
+def weight_grad_by_gemm(
+    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
+) -> bool:
+    """Whether :func:`conv_backward` computes the weight gradient as one GEMM
+    (:func:`conv_weight_gemm`): float32 on a CPU, no groups, a large weight and a short
+    reduction — ResNet-18's last stage at a small batch (512×512×3×3 at 5×5). There
+    oneDNN's weight-gradient kernel took about 1.2–2× the GEMM's time, and no less on half
+    the samples, so a reduced-size product saved nothing through it
+    (``docs/training-speed.md``); elsewhere oneDNN was as fast or faster."""
+    if grad_output.device.type != "cpu" or geo.groups != 1:
+        return False
+    if grad_output.dtype != torch.float32 or input.dtype != torch.float32:
+        return False
+    n, _, ho, wo = grad_output.shape
+    return weight.numel() >= GEMM_MIN_WEIGHT and n * ho * wo <= GEMM_MAX_REDUCTION
+
+
+def conv_weight_gemm(
+    grad_output: Tensor, input: Tensor, weight: Tensor, geo: ConvGeometry
+) -> Tensor:
+    """A convolution's weight gradient (``weight``'s shape; its values are not read, and
+    ``geo.groups`` must be 1) as one GEMM: ``dY [Co, N·L] · cols [K, N·L]ᵀ``, where ``cols``
+    is the unfolded input (im2col: K = Ci·kh·kw rows, one column per output position)."""
+    co = weight.shape[0]
+    cols = F.unfold(input, tuple(weight.shape[2:]), geo.dilation, geo.padding, geo.stride)
+    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [K, N·L], (n, l) order
+    dy = grad_output.transpose(0, 1).reshape(co, -1)  # [Co, N·L], the same order
+    return torch.mm(dy, cols.t()).view(weight.shape)
 
 
 #: an empty context shared by every call that needs one (it holds no state)
