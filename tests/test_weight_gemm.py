@@ -115,4 +115,3 @@ def test_a_both_gradients_call_splits_and_keeps_grad_input(gemm_everywhere):
     torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
     assert kref.conv_backward(dy, x, weight, geo, "input").shape == x.shape
     assert len(gemm_everywhere) == 1  # no weight gradient asked: no GEMM
-
