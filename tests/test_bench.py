@@ -372,3 +372,26 @@ def test_the_layer_overhead_script_counts_layers_and_writes_json(tmp_path, capsy
         with pytest.raises(SystemExit) as exc:
             script.main(bad)
         assert exc.value.code == 2
+
+
+def test_the_weight_grad_kernels_script_times_both_kernels(tmp_path, capsys):
+    """``scripts/weight_grad_kernels.py``: per shape, oneDNN and the GEMM timed, their
+    ratios, and whether the rule picks the GEMM; bad values one usage line, exit 2."""
+    from conftest import load_script
+
+    script = load_script("weight_grad_kernels")
+    out = tmp_path / "kernels.json"
+    assert script.main(["--shape", "2,8,8,4,3,1", "--shape", "1,4,8,5,1,2", "--repeats", "1",
+                        "--threads", "1", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["reduction"] for r in rows] == [32, 9]
+    for r in rows:
+        t = r["ms"]
+        assert r["weight_ratio"] == pytest.approx(t["weight_gemm"] / t["weight_onednn"])
+        assert r["both_ratio"] == pytest.approx(t["both_split"] / t["both_onednn"])
+        assert r["rule_picks_gemm"] is False  # small weights: oneDNN
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    for bad in (["--repeats", "0"], ["--shape", "2,8,8"], ["--shape", "2,8,8,4,0,1"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(bad)
+        assert exc.value.code == 2

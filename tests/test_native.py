@@ -401,6 +401,11 @@ BLOCK_GEOMETRIES = [
     ((3, 2, 3, 11), 3, 1, 2, 2),  # dilation 2, padding 2
     ((2, 3, 4, 5), 5, 1, 0, 1),  # one output column: no odd block
     ((4, 1, 2, 3), 3, 3, 1, 1),
+    # widths 4-32: the column sums in registers (4-8, 8-16, 16-32 wide), ResNet-20's 28
+    ((2, 2, 3, 4), 3, 1, 1, 1),
+    ((3, 5, 6, 17), 3, 1, 1, 1),
+    ((2, 16, 28, 28), 3, 1, 1, 1),
+    ((2, 4, 3, 32), 3, 2, 1, 1),
 ]
 
 

@@ -397,9 +397,44 @@ void fs_gather_rows(const float *src, int64_t len, int64_t stride, const int64_t
     }
 }
 
+/* column_squares for a width w with 4 <= w <= WM (WM a multiple of 8): the WM sums live in
+ * registers. Every row but the last is read WM floats wide (its columns, then the first
+ * WM - w <= w of the next row's, whose sums are dropped); the last one w wide. Each column
+ * adds its squares in row order, as the loop below does: the same bits. */
+#define FS_NARROW_COLUMN_SQUARES(WM)                                                         \
+    static void column_squares_##WM(const float *restrict v, int64_t rows, int64_t w,        \
+                                    float *restrict col) {                                   \
+        float acc[WM];                                                                       \
+        for (int j = 0; j < WM; j++)                                                         \
+            acc[j] = 0.0f;                                                                   \
+        for (int64_t r = 0; r + 1 < rows; r++) {                                             \
+            const float *restrict row = v + r * w;                                           \
+            for (int j = 0; j < WM; j++)                                                     \
+                acc[j] += row[j] * row[j];                                                   \
+        }                                                                                    \
+        const float *restrict last = v + (rows - 1) * w;                                     \
+        for (int64_t j = 0; j < w; j++)                                                      \
+            col[j] = acc[j] + last[j] * last[j];                                             \
+    }
+FS_NARROW_COLUMN_SQUARES(8)
+FS_NARROW_COLUMN_SQUARES(16)
+FS_NARROW_COLUMN_SQUARES(32)
+
 /* Column sums of squares of one sample [rows, w] into col[w] (float lanes, as the eager
  * float32 sum). */
 static void column_squares(const float *restrict v, int64_t rows, int64_t w, float *restrict col) {
+    if (rows > 0 && w >= 4 && w <= 8) {
+        column_squares_8(v, rows, w, col);
+        return;
+    }
+    if (rows > 0 && w >= 8 && w <= 16) {
+        column_squares_16(v, rows, w, col);
+        return;
+    }
+    if (rows > 0 && w >= 16 && w <= 32) {
+        column_squares_32(v, rows, w, col);
+        return;
+    }
     for (int64_t j = 0; j < w; j++)
         col[j] = 0.0f;
     for (int64_t r = 0; r < rows; r++) {
