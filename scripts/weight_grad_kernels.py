@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from fullsparse.bench.harness import machine_info
+from fullsparse.bench.harness import interleaved_ms, machine_info
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.reference import conv_weight_gemm, weight_grad_by_gemm
 
@@ -42,18 +40,6 @@ SHAPES = [
 ]
 
 
-def _median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def measure(shape: tuple[int, ...], repeats: int) -> dict[str, object]:
     n, ci, co, side, k, s = shape
     p = k // 2
@@ -64,21 +50,22 @@ def measure(shape: tuple[int, ...], repeats: int) -> dict[str, object]:
     dy = torch.randn(n, co, out, out, generator=gen)
     geo = ConvGeometry.make(s, p)
 
-    def onednn(mask: list[bool]) -> Callable[[], object]:
+    def onednn(mask: list[bool]) -> Callable[[int], object]:
         args = (dy, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
-        return lambda: torch.ops.aten.convolution_backward(*args)
+        return lambda _: torch.ops.aten.convolution_backward(*args)
 
-    def split() -> object:
-        return onednn([True, False, False])(), conv_weight_gemm(dy, x, w, geo)
+    def split(_: int) -> object:
+        return onednn([True, False, False])(0), conv_weight_gemm(dy, x, w, geo)
 
-    t = _median_ms(
+    t = interleaved_ms(
         {
             "weight_onednn": onednn([False, True, False]),
-            "weight_gemm": lambda: conv_weight_gemm(dy, x, w, geo),
+            "weight_gemm": lambda _: conv_weight_gemm(dy, x, w, geo),
             "both_onednn": onednn([True, True, False]),
             "both_split": split,
         },
-        repeats,
+        warmup=1,
+        repeats=repeats,
     )
     return {
         "shape": {"batch": n, "ci": ci, "co": co, "side": side, "kernel": k, "stride": s},
