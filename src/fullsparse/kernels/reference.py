@@ -103,7 +103,7 @@ def weight_grad_by_gemm(
     """Whether :func:`conv_backward` computes the weight gradient as one GEMM
     (:func:`conv_weight_gemm`): float32 on a CPU, no groups, a large weight and a short
     reduction — ResNet-18's last stage at a small batch (512×512×3×3 at 5×5). There
-    oneDNN's weight-gradient kernel took 1.2–1.5× the GEMM's time, and no less on 5 of 8
+    oneDNN's weight-gradient kernel took 1.1–2.2× the GEMM's time, and no less on 5 of 8
     samples than on all 8, so a reduced-size product saved nothing through it
     (``docs/training-speed.md``); elsewhere oneDNN was as fast or faster."""
     if grad_output.device.type != "cpu" or geo.groups != 1:
