@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import pytest
 import torch
 
 from fullsparse.bench import ConvShape, bench_layers, format_layers
-from fullsparse.bench.harness import interleaved_ms, median_ms, peak_memory_bytes
+from fullsparse.bench.harness import (
+    interleaved_ms,
+    interleaved_times,
+    median_interval,
+    median_ms,
+    paired_speedup,
+    peak_memory_bytes,
+)
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.bench.steps import STEP_CASES
 from fullsparse.cli import main
@@ -33,6 +41,52 @@ def test_harness_rotates_the_order_of_interleaved_callables():
     ms = interleaved_ms(fns, warmup=1, repeats=3)
     assert set(ms) == {"a", "b", "c"} and all(v >= 0 for v in ms.values())
     assert order == list("abc" + "abc" + "bca" + "cab")  # warm-up, then rotated rounds
+
+
+def test_interleaved_times_keeps_every_round_in_order():
+    fns = {name: (lambda i, name=name: None) for name in "ab"}
+    times = interleaved_times(fns, warmup=1, repeats=4)
+    assert set(times) == {"a", "b"} and all(len(t) == 4 for t in times.values())
+    assert interleaved_ms(fns, warmup=1, repeats=4).keys() == times.keys()
+
+
+def _coverage_by_enumeration(n: int, j: int) -> float:
+    """P(x_(j) <= median <= x_(n+1-j)) for n draws of a continuous distribution: each draw
+    falls below the median with probability 1/2, independently; the interval holds the
+    median when at least j draws fall below it and at least j above."""
+    hits = 0
+    for signs in range(2**n):
+        below = bin(signs).count("1")
+        hits += below >= j and n - below >= j
+    return hits / 2**n
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 12, 16, 17])
+def test_median_interval_takes_the_narrowest_order_statistics_with_the_coverage(n):
+    values = [float((7 * i) % n) + 0.5 * i for i in range(n)]  # distinct, shuffled
+    low, high, coverage = median_interval(values, 0.95)
+    xs = sorted(values)
+    j = xs.index(low) + 1
+    assert high == xs[n - j]
+    assert coverage == pytest.approx(_coverage_by_enumeration(n, j))
+    # j is the largest index whose interval still has the coverage (else the smallest one)
+    assert coverage >= 0.95 or j == 1
+    if j + 1 <= (n + 1) // 2:
+        assert _coverage_by_enumeration(n, j + 1) < 0.95
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
+
+
+def test_paired_speedup_is_the_ratio_round_by_round():
+    dense = [10.0, 20.0, 10.0, 40.0, 10.0]
+    fast = [5.0, 10.0, 10.0, 20.0, 20.0]  # 2, 2, 1, 2, 0.5: a drifting machine
+    p = paired_speedup(dense, fast)
+    assert p["median"] == 2.0 and (p["low"], p["high"]) == (0.5, 2.0)
+    assert p["coverage"] == pytest.approx(1 - 2 / 32)
+    # the medians' ratio of the same rounds says 1.0 here
+    assert statistics.median(dense) / statistics.median(fast) == 1.0
+    with pytest.raises(ValueError, match="same, non-zero length"):
+        paired_speedup(dense, fast[:2])
 
 
 def test_peak_memory_counts_the_most_bytes_live_at_once_on_cpu():
@@ -149,9 +203,14 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
     ]
     for r in data["steps"]:
         assert set(r) == {
-            "case", "recipe", "batch", "step_ms", "speedup_vs_dense", "peak_memory_mb",
-            "sparse_layers",
+            "case", "recipe", "batch", "step_ms", "speedup_vs_dense", "speedup_paired",
+            "peak_memory_mb", "sparse_layers",
         }  # fmt: skip
+        paired = r["speedup_paired"]
+        assert set(paired) == {"median", "low", "high", "coverage"}
+        # one round: the interval is that round's ratio, and it covers nothing
+        assert paired["low"] == paired["median"] == paired["high"]
+        assert paired["coverage"] == 0.0
         assert r["step_ms"] > 0 and r["peak_memory_mb"] > 0
         assert (r["sparse_layers"] == 0) == (r["recipe"] == "dense")
         assert r["recipe"] != "dense" or r["speedup_vs_dense"] == 1.0
@@ -166,6 +225,7 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
     assert set(data["targets"]) == {
         "fst_step_speedup_min",
         "best_step_speedup_min",
+        "best_step_speedup_low",
         "weight_side_percent_max",
         "sampling_percent_max",
         "fst_grad_weight_speedup",
@@ -178,6 +238,12 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
     }
     assert best["per_recipe"] == per_recipe
     assert best["value"] == max(per_recipe.values()) and best["recipe"] in per_recipe
+    low = data["targets"]["best_step_speedup_low"]
+    assert low["per_recipe"] == {
+        name: min(r["speedup_paired"]["low"] for r in data["steps"] if r["recipe"] == name)
+        for name in ("fst", "tsm")
+    }
+    assert low["value"] == max(low["per_recipe"].values())
     printed = capsys.readouterr().out
     assert "| tiny-gpt | tsm | 2 |" in printed and "| weight-side work: case |" in printed
     assert "grad_weight alone, 1x64x56x56" in printed and f"saved {out}" in printed
@@ -235,8 +301,10 @@ def test_bench_steps_mask_interval_amortizes_the_weight_side_work(monkeypatch):
     )
     model = steps._build(STEP_CASES["tiny-gpt"], "fst", torch.device("cpu"), 40)
     assert {m.config.mask_interval for _, m in sparse_modules(model)} == {40}
-    timings = iter([{"fst": 5.0, "dense": 5.0}, {"dense": 8.0, "work": 10.0, "cached": 2.0}])
+    timings = iter([{"dense": 8.0, "work": 10.0, "cached": 2.0}])
     calls = []
+    monkeypatch.setattr(steps, "interleaved_times", lambda fns, *a, **k: calls.append(set(fns))
+                        or {"fst": [5.0], "dense": [5.0]})  # fmt: skip
     monkeypatch.setattr(steps, "interleaved_ms", lambda fns, *a, **k: calls.append(set(fns))
                         or next(timings))  # fmt: skip
     monkeypatch.setattr(steps, "peak_memory_bytes", lambda *a, **k: 0)

@@ -4,7 +4,10 @@ peak memory, and what a table must say about the machine it ran on.
 - :func:`median_ms` times one callable; :func:`interleaved_ms` times several in turn, the
   order rotated every round, so load from other processes on a shared machine falls on all
   of them alike (a ratio between two of them is then fair even when the absolute times are
-  not).
+  not). :func:`interleaved_times` keeps every round's time, for :func:`paired_speedup`: the
+  ratio of two callables round by round (the calls of one round run close in time, so a
+  machine whose speed drifts over minutes moves both alike), its median, and a
+  distribution-free confidence interval of that median (:func:`median_interval`).
 - The first call of anything pays one-time costs (allocator growth, oneDNN / cuDNN kernel
   choice, lazy imports), so at least one warm-up call always runs, whatever ``warmup`` says.
 - On CUDA the times come from CUDA events around each call (device time, no host sync
@@ -17,18 +20,28 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["median_ms", "interleaved_ms", "peak_memory_bytes", "machine_info", "ratio"]
+__all__ = [
+    "median_ms",
+    "interleaved_ms",
+    "interleaved_times",
+    "median_interval",
+    "paired_speedup",
+    "peak_memory_bytes",
+    "machine_info",
+    "ratio",
+]
 
 #: Timed callables take the call's index (suites use it to rotate through a pool of inputs).
 Fn = Callable[[int], Any]
@@ -45,7 +58,19 @@ def interleaved_ms(
     repeats: int = 5,
     device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Median milliseconds per call of each of ``fns`` (same keys).
+    """Median milliseconds per call of each of ``fns`` (same keys), over the rounds of
+    :func:`interleaved_times`."""
+    times = interleaved_times(fns, warmup, repeats, device)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def interleaved_times(
+    fns: Mapping[str, Fn],
+    warmup: int = 1,
+    repeats: int = 5,
+    device: torch.device | None = None,
+) -> dict[str, list[float]]:
+    """Milliseconds of each of ``fns`` (same keys) in every timed round, in round order.
 
     Every round calls each function once; round ``r`` starts at the ``r``-th function (a
     rotation), so none always runs first or right after the same neighbour. ``warmup``
@@ -75,8 +100,44 @@ def interleaved_ms(
                 times[name].append(1e3 * (time.perf_counter() - t0))
     _sync(device)
     if cuda:
-        return {n: statistics.median(s.elapsed_time(e) for s, e in t) for n, t in times.items()}
-    return {n: statistics.median(t) for n, t in times.items()}
+        return {n: [s.elapsed_time(e) for s, e in t] for n, t in times.items()}
+    return times
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(low, high, coverage)``: a distribution-free confidence interval for the median of
+    the distribution ``values`` were drawn from (independently).
+
+    The order statistics ``x_(j)`` and ``x_(n+1-j)`` of the n sorted values hold the median
+    between them with probability ``1 − 2·P(B ≤ j − 1)``, B ~ Binomial(n, ½), whatever the
+    distribution; j is the largest with that coverage at least ``level``. Too few values for
+    ``level`` give the smallest and the largest and their own, lower, coverage (5 values:
+    0.9375; 8: 0.992 at j = 1, the first j above 0.95 needing 9 values for j = 2)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval: no values")
+
+    def coverage(j: int) -> float:
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0**n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= level:
+        j += 1
+    return xs[j - 1], xs[n - j], coverage(j)
+
+
+def paired_speedup(
+    reference_ms: Sequence[float], ms: Sequence[float], level: float = 0.95
+) -> dict[str, float]:
+    """Round-by-round ``reference / ms`` (above 1: faster than the reference) of two
+    :func:`interleaved_times` series: its ``median``, and the ``low`` / ``high`` ends of
+    :func:`median_interval` with their ``coverage``."""
+    if len(reference_ms) != len(ms) or not ms:
+        raise ValueError("paired_speedup: two series of the same, non-zero length")
+    ratios = [ratio(a, b) for a, b in zip(reference_ms, ms, strict=True)]
+    low, high, coverage = median_interval(ratios, level)
+    return {"median": statistics.median(ratios), "low": low, "high": high, "coverage": coverage}
 
 
 def median_ms(

@@ -8,7 +8,12 @@ result is the median over ``repeats`` rounds after ``max(1, warmup)`` warm-up ro
 Reported per case and recipe:
 
 - ``step_ms`` and ``speedup_vs_dense`` = dense step time / recipe step time (above 1 =
-  faster than dense);
+  faster than dense), each the median over the rounds;
+- ``speedup_paired``: the same ratio round by round (a dense step and the recipe's step of
+  one round run seconds apart, so a machine whose speed drifts moves both alike): its
+  ``median`` and a distribution-free confidence interval of that median, ``low`` to
+  ``high``, holding it with probability ``coverage`` (≥ 0.95 from 9 rounds on;
+  :func:`~fullsparse.bench.harness.median_interval`);
 - ``peak_memory_mb``: one more, untimed step's peak memory above what was live before it
   (:func:`~fullsparse.bench.harness.peak_memory_bytes` says what that counts);
 - ``weight_side``: the per-step work sparse layers do on their weights alone (the 2:4
@@ -39,7 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fullsparse.bench.cases import ConvShape
-from fullsparse.bench.harness import interleaved_ms, machine_info, peak_memory_bytes, ratio
+from fullsparse.bench.harness import (
+    interleaved_ms,
+    interleaved_times,
+    machine_info,
+    paired_speedup,
+    peak_memory_bytes,
+    ratio,
+)
 from fullsparse.bench.layers import role_fns
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.clock import SamplingClock, running
@@ -297,7 +309,8 @@ def _bench_case(
         return step
 
     with running(clock):
-        ms = interleaved_ms({n: clocked(n) for n in names}, warmup, repeats, device)
+        times = interleaved_times({n: clocked(n) for n in names}, warmup, repeats, device)
+    ms = {name: statistics.median(t) for name, t in times.items()}
     work = {name: _weight_side_fn(models[name]) for name in names}
     rows = [
         {
@@ -306,6 +319,7 @@ def _bench_case(
             "batch": case.batch,
             "step_ms": ms[name],
             "speedup_vs_dense": ratio(ms["dense"], ms[name]),
+            "speedup_paired": paired_speedup(times["dense"], times[name]),
             "peak_memory_mb": peak_memory_bytes(lambda s=steps[name]: s(0), device) / 2**20,
             "sparse_layers": work[name][0],
         }
@@ -473,12 +487,30 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
             name, value = r["recipe"], r["speedup_vs_dense"]
             per_recipe[name] = min(per_recipe.get(name, value), value)
     best = max(per_recipe, key=per_recipe.__getitem__) if per_recipe else None
+    # the same question asked of the paired intervals' low ends: which recipe is no slower
+    # than dense in every case with the interval's confidence (results from before the
+    # paired ratio have none)
+    per_recipe_low: dict[str, float] = {}
+    for r in result["steps"]:
+        if r["recipe"] != "dense" and "speedup_paired" in r:
+            name, low = r["recipe"], r["speedup_paired"]["low"]
+            per_recipe_low[name] = min(per_recipe_low.get(name, low), low)
+    best_low = max(per_recipe_low, key=per_recipe_low.__getitem__) if per_recipe_low else None
     return {
         "fst_step_speedup_min": judge(min(fst) if fst else None, t["fst_step_speedup_min"], True),
         "best_step_speedup_min": {
             **judge(per_recipe.get(best) if best else None, t["best_step_speedup_min"], True),
             "recipe": best,
             "per_recipe": per_recipe,
+        },
+        "best_step_speedup_low": {
+            **judge(
+                per_recipe_low.get(best_low) if best_low else None,
+                t["best_step_speedup_min"],
+                True,
+            ),
+            "recipe": best_low,
+            "per_recipe": per_recipe_low,
         },
         "weight_side_percent_max": judge(
             max(side) if side else None, t["weight_side_percent_max"], False
