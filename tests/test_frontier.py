@@ -77,6 +77,23 @@ def test_verdicts_follow_goals_sparsity_and_speed(tmp_path, frontier, capsys):
     assert "| `fst_rand` | -0.10 ✓ (2) | -0.10 ✓ (2) | +3.1 % ✗ (2) |" in table
 
 
+def test_the_paired_intervals_lowest_end_is_shown_and_judged(frontier):
+    tasks = ("resnet20-fashion-mnist-full", "vit-fashion-mnist", "gpt-stdlib")
+    qual = frontier.quality([_row(t, v, -0.1, 2, 0.96) for t in tasks for v in ("fst", "fst_is")])
+    bench = _bench({"fst": [1.1, 1.2], "fst_is": [1.1, 1.2]}, {})
+    for step, low in zip(bench["steps"], (1.02, 1.01, 0.97, 1.05), strict=True):
+        step["speedup_paired"] = {"median": 1.1, "low": low, "high": 1.3, "coverage": 0.98}
+    steps = frontier.speed(bench)
+    assert steps["fst"]["low"] == 1.01 and steps["fst_is"]["low"] == 0.97
+    table = frontier.markdown(frontier.frontier(qual, steps, {}), {})
+    assert "| 1.10–1.20 (1.15; interval ≥ 1.01) |" in table
+    assert (
+        "- no slower than dense in every case by the interval's lowest end (masks every "
+        "step): `fst` (fewer seeds" in table
+    )
+    assert "low" not in frontier.speed(_bench({"fst": [1.0]}, {}))["fst"]  # older results
+
+
 def test_a_task_whose_runs_are_another_variants_is_marked(frontier):
     rows = [_row("gpt-stdlib", "fst_is-g4096-s0.59", 0.028, 2, 0.9),
             _row("vit-fashion-mnist", "fst_is_batch", 0.1, 1, 0.94)]  # fmt: skip

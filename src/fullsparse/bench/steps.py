@@ -101,6 +101,11 @@ def _cases() -> dict[str, StepCase]:
                  note="ViT-tiny width, 4 blocks, 7x7 patches (docs/results.md)"),
         StepCase("gpt", "gpt_tiny", 32, task="lm", context=128, optimizer="adamw", lr=3e-3,
                  clip=1.0, note="gpt_tiny, 32 x 128 bytes (docs/language-model.md)"),
+        # not in DEFAULT_CASES: the same GPT four times as wide (a sampled weight gradient
+        # saves FLOPs that grow with the width squared, for copies that grow with the width)
+        StepCase("gpt-wide", "gpt_tiny", 8, task="lm", context=128, optimizer="adamw",
+                 lr=3e-3, clip=1.0, model_kwargs={"embed_dim": 512, "num_heads": 8},
+                 note="gpt_tiny at width 512 (8 heads), 8 x 128 bytes"),
         # small stand-ins: the whole command in seconds, for tests and a first try
         StepCase("tiny-resnet20", "resnet20", 4, image_size=8, channels=1, note="test size"),
         StepCase("tiny-vit", "vit_tiny", 4, image_size=8, channels=1, optimizer="adamw",
