@@ -463,3 +463,29 @@ def test_the_weight_grad_kernels_script_times_both_kernels(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             script.main(bad)
         assert exc.value.code == 2
+
+
+def test_the_linear_weight_grad_script_times_dense_and_sampled_by_width(tmp_path, capsys):
+    """``scripts/linear_weight_grad.py``: per width the block's three Linear shapes, the
+    dense and the sampled weight gradient timed round by round, the paired speed-up; bad
+    values one usage line, exit 2."""
+    from conftest import load_script
+
+    script = load_script("linear_weight_grad")
+    out = tmp_path / "linear.json"
+    assert script.main(["--width", "8", "--tokens", "16", "--repeats", "2", "--threads", "1",
+                        "--json", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["share"] == 0.59 and data["tokens"] == 16
+    assert [(r["layer"], r["d_in"], r["d_out"]) for r in data["rows"]] == [
+        ("qkv", 8, 24), ("fc1", 8, 32), ("fc2", 32, 8),
+    ]  # fmt: skip
+    for r in data["rows"]:
+        s = r["speedup"]
+        assert s["low"] <= s["median"] <= s["high"] and s["coverage"] == 0.5  # 2 rounds
+        assert r["sampling_share_of_dense"] == pytest.approx(r["ms"]["sampling"] / r["ms"]["dense"])
+    assert len(capsys.readouterr().out.splitlines()) == 2 + 3
+    for bad in (["--repeats", "0"], ["--share", "1"], ["--width", "0"], ["--tokens", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(bad)
+        assert exc.value.code == 2
