@@ -248,6 +248,11 @@ def test_bench_steps_runs_every_tiny_case_and_saves_the_documented_json(tmp_path
     assert "| tiny-gpt | tsm | 2 |" in printed and "| weight-side work: case |" in printed
     assert "grad_weight alone, 1x64x56x56" in printed and f"saved {out}" in printed
     assert md.read_text().startswith("CPU: ")
+    # the paired column: median, interval and its coverage (one round: 0 %)
+    tsm = next(r for r in data["steps"] if r["case"] == "tiny-gpt" and r["recipe"] == "tsm")
+    p = tsm["speedup_paired"]
+    assert f"| {p['median']:.2f}× ({p['low']:.2f}–{p['high']:.2f}, 0 %) |" in printed
+    assert "best recipe's paired interval's low end, min over cases" in printed
 
 
 def test_bench_steps_rejects_unknown_case_and_existing_output(tmp_path, capsys):
