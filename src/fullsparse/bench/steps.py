@@ -471,6 +471,18 @@ def bench_steps(
     return result
 
 
+def _worst_case_per_recipe(
+    steps: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]
+) -> dict[str, float]:
+    """Per sparse recipe, the smallest ``value`` of its rows over the cases."""
+    worst: dict[str, float] = {}
+    for r in steps:
+        if r["recipe"] != "dense":
+            v = value(r)
+            worst[r["recipe"]] = min(worst.get(r["recipe"], v), v)
+    return worst
+
+
 def _targets(result: dict[str, Any]) -> dict[str, Any]:
     fst = [r["speedup_vs_dense"] for r in result["steps"] if r["recipe"] == "fst"]
     side = [r["percent_of_dense_step"] for r in result["weight_side"]]
@@ -486,20 +498,14 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         return {"value": value, "target": target, "met": met}
 
     t = STEP_TARGETS
-    per_recipe: dict[str, float] = {}
-    for r in result["steps"]:
-        if r["recipe"] != "dense":
-            name, value = r["recipe"], r["speedup_vs_dense"]
-            per_recipe[name] = min(per_recipe.get(name, value), value)
+    per_recipe = _worst_case_per_recipe(result["steps"], lambda r: r["speedup_vs_dense"])
     best = max(per_recipe, key=per_recipe.__getitem__) if per_recipe else None
     # the same question asked of the paired intervals' low ends: which recipe is no slower
     # than dense in every case with the interval's confidence (results from before the
     # paired ratio have none)
-    per_recipe_low: dict[str, float] = {}
-    for r in result["steps"]:
-        if r["recipe"] != "dense" and "speedup_paired" in r:
-            name, low = r["recipe"], r["speedup_paired"]["low"]
-            per_recipe_low[name] = min(per_recipe_low.get(name, low), low)
+    per_recipe_low = _worst_case_per_recipe(
+        [r for r in result["steps"] if "speedup_paired" in r], lambda r: r["speedup_paired"]["low"]
+    )
     best_low = max(per_recipe_low, key=per_recipe_low.__getitem__) if per_recipe_low else None
     return {
         "fst_step_speedup_min": judge(min(fst) if fst else None, t["fst_step_speedup_min"], True),
