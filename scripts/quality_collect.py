@@ -35,6 +35,10 @@ GOALS = {"resnet20": 0.5, "vit": 1.0, "gpt": 0.03}
 EARLIER = {
     ("resnet20", "dense", 0): "docs/results/full/dense-seed0",
     ("resnet20", "fst", 0): "docs/results/full/fst-seed0",
+    # fst_is_batch on the GPT (no convolution) is fst_is over one group of the batch
+    # keeping 0.59: the same computation as these runs
+    ("gpt", "fst_is_batch", 0): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed0",
+    ("gpt", "fst_is_batch", 1): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed1",
 }
 #: whose FLOP account an earlier run (which predates the account) shares: the same model,
 #: the same sparse layers and the same sparse roles

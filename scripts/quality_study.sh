@@ -110,6 +110,9 @@ jobs() {  # task variant seed flags...
   echo "vit fst_is_batch-mask40 0 $VIT --recipe=fst_is_batch --mask-interval 40"
   echo "gpt fst_is_batch-mask40 0 $GPT --recipe=fst_is_batch --mask-interval 40"
   echo "vit fst_is-g4096 1 $VIT $G1"
+  # the GPT's third seeds of dense and the recommended recipe (its margin is the thinnest)
+  echo "gpt dense 2 $GPT --recipe=dense"
+  echo "gpt fst_is_batch 2 $GPT --recipe=fst_is_batch"
 }
 
 collected() {  # task variant seed: the run is committed under docs/ (a fresh machine has no runs/)

@@ -99,7 +99,9 @@ def test_mvue_draws_are_2to4_and_rescaled_survivors() -> None:
 def test_mvue_monte_carlo_mean_and_variance_match_theory() -> None:
     g = torch.Generator().manual_seed(1)
     t = torch.tensor([[3.0, -1.0, 0.5, 2.0, 9.0, 0.1, 0.2, -0.3]], dtype=torch.float64)
-    draws = torch.stack([mvue_2to4(t, 1, generator=g) for _ in range(20000)])
+    # 20,000 draws: 1,000 rows of t in each of 20 calls (each call draws a new key)
+    rows = t.expand(1000, -1).contiguous()
+    draws = torch.cat([mvue_2to4(rows, 1, generator=g) for _ in range(20)]).unsqueeze(1)
     p = mvue_keep_probabilities(t, 1)
     var_theory = t**2 / p - t**2
     torch.testing.assert_close(draws.mean(0), t, rtol=0, atol=0.06)

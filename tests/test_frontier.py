@@ -103,9 +103,18 @@ def test_a_task_whose_runs_are_another_variants_is_marked(frontier):
     assert "same_runs_as" not in qual["fst_is_batch"]["vit-fashion-mnist"]
     table = frontier.markdown(frontier.frontier(qual, {}, {}), {})
     assert "| +2.8 % ✓ (2) † |" in table
-    assert "† `fst_is_batch`: the runs of `fst_is-g4096-s0.59`" in table
+    assert "† `fst_is_batch`: runs of `fst_is-g4096-s0.59` count as its seeds" in table
     own = frontier.quality([*rows, _row("gpt-stdlib", "fst_is_batch", 0.03, 1, 0.9)])
     assert "same_runs_as" not in own["fst_is_batch"]["gpt-stdlib"]  # its own runs win
+    # its own row, two of whose seeds are the other variant's runs (quality_collect's EARLIER)
+    mixed = _row("gpt-stdlib", "fst_is_batch", 0.0275, 3, 0.9)
+    mixed["runs"] = [f"docs/results/quality/gpt/{v}/summary.json"
+                     for v in ("fst_is-g4096-s0.59-seed0", "fst_is-g4096-s0.59-seed1",
+                               "fst_is_batch-seed2")]  # fmt: skip
+    marked = frontier.quality([*rows, mixed])["fst_is_batch"]["gpt-stdlib"]
+    assert marked["same_runs_as"] == "fst_is-g4096-s0.59" and marked["seeds"] == 3
+    assert "| +2.8 % ✓ (3) † |" in frontier.markdown(frontier.frontier(
+        frontier.quality([*rows, mixed]), {}, {}), {})  # fmt: skip
 
 
 def test_unreadable_input_is_one_line(tmp_path, frontier):
