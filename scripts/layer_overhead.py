@@ -13,7 +13,16 @@ on the project's VM within five minutes gave 307, 425 and 332 µs per layer for 
 ResNet-20 (dense's step 9.1, 10.4 and 11.9 ms): the machine's speed moves, so compare two
 versions in alternating runs.
 
+The recipe name ``path`` is no recipe: every layer a sparse one with dense's three products
+and nothing else (no masks, no decay, no sampling): the cost of the sparse layers' path
+alone, which the masks, the decay and the sampling of a recipe add to. ``--full-size`` runs
+the cases at their ``fullsparse bench steps`` size instead, where that cost is a share of a
+real step: read the paired column (dense / recipe round by round, its median and a
+distribution-free interval).
+
     OMP_NUM_THREADS=1 python scripts/layer_overhead.py --threads 1 --repeats 30
+    OMP_NUM_THREADS=2 python scripts/layer_overhead.py --threads 2 --repeats 16 \\
+        --cases gpt --recipes path,fst2,fst_is_batch --full-size
 """
 
 from __future__ import annotations
@@ -21,13 +30,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
-from fullsparse.bench.harness import interleaved_ms, machine_info
+from fullsparse.bench.harness import interleaved_times, machine_info, paired_speedup
 from fullsparse.bench.steps import STEP_CASES, StepCase, _build, _step_fn
-from fullsparse.nn import SparseConv2d, SparseLinear
+from fullsparse.config import RECIPES, SparsityConfig
+from fullsparse.nn import SparseConv2d, SparseLinear, sparsify_
+
+#: the pseudo-recipe of dense's products through the sparse layers (module docstring)
+PATH = "path"
 
 
 def tiny(name: str) -> StepCase:
@@ -43,6 +57,16 @@ def tiny(name: str) -> StepCase:
     )
 
 
+def build(case: StepCase, recipe: str) -> torch.nn.Module:
+    """The case's model under ``recipe`` (``path``: sparse layers with every operand dense)."""
+    cpu = torch.device("cpu")
+    if recipe != PATH:
+        return _build(case, recipe, cpu)
+    model = _build(case, "dense", cpu)
+    sparsify_(model, SparsityConfig())
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="resnet20,vit,gpt", help="comma-separated")
@@ -51,37 +75,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--full-size", action="store_true",
+                        help="the cases at their bench steps size, not tiny")  # fmt: skip
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
     unknown = [c for c in args.cases.split(",") if c not in STEP_CASES]
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; one of {', '.join(STEP_CASES)}")
+    bad = [r for r in args.recipes.split(",") if r not in (*RECIPES, PATH) or r == "dense"]
+    if bad:
+        parser.error(f"unknown recipe {bad[0]!r} (dense always runs); one of "
+                     f"{PATH}, {', '.join(r for r in RECIPES if r != 'dense')}")  # fmt: skip
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"{info['cpu']}, {args.threads} threads, torch {info['torch']}, {info['date']}, "
           f"commit {info['commit']}")  # fmt: skip
-    print("| case | recipe | sparse layers | step ms | dense step ms | excess ms | µs per layer |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| case | recipe | sparse layers | step ms | dense step ms | excess ms | µs per layer "
+          "| dense / recipe, paired (interval, coverage) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     cpu = torch.device("cpu")
     rows = []
     for name in args.cases.split(","):
-        case = tiny(name)
+        case = STEP_CASES[name] if args.full_size else tiny(name)
         fns = {"dense": _step_fn(case, _build(case, "dense", cpu), cpu)}
         layers = {}
         for r in args.recipes.split(","):
-            model = _build(case, r, cpu)
+            model = build(case, r)
             layers[r] = sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())
             fns[r] = _step_fn(case, model, cpu)
-        ms = interleaved_ms(fns, warmup=3, repeats=args.repeats)
+        times = interleaved_times(fns, warmup=3, repeats=args.repeats)
+        ms = {r: statistics.median(t) for r, t in times.items()}
         for r, n in layers.items():
             excess = ms[r] - ms["dense"]
             per = 1000 * excess / n if n else float("nan")
+            paired = paired_speedup(times["dense"], times[r])
             rows.append({"case": name, "recipe": r, "sparse_layers": n, "step_ms": ms[r],
                          "dense_step_ms": ms["dense"], "excess_ms": excess,
-                         "excess_us_per_layer": per})  # fmt: skip
+                         "excess_us_per_layer": per, "speedup_paired": paired,
+                         "full_size": args.full_size})  # fmt: skip
             print(f"| {name} | {r} | {n} | {ms[r]:.2f} | {ms['dense']:.2f} | {excess:.2f} | "
-                  f"{per:.0f} |", flush=True)  # fmt: skip
+                  f"{per:.0f} | {paired['median']:.3f}× ({paired['low']:.3f}–{paired['high']:.3f}"
+                  f", {100 * paired['coverage']:.0f} %) |", flush=True)  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": info, "settings": vars(args) | {
             "json": str(args.json)}, "rows": rows}, indent=2) + "\n")  # fmt: skip

@@ -23,7 +23,7 @@ from fullsparse.bench.harness import (
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.bench.steps import STEP_CASES
 from fullsparse.cli import main
-from fullsparse.nn import sparse_modules
+from fullsparse.nn import SparseLinear, sparse_modules
 from reference import ref_weight_operands
 
 TINY = [ConvShape("tiny 3x3 8-8 @8", 8, 8, 3, 1, 8, 2), ConvShape("tiny 3x3/2", 4, 8, 3, 2, 9, 2)]
@@ -435,16 +435,24 @@ def test_the_layer_overhead_script_counts_layers_and_writes_json(tmp_path, capsy
 
     script = load_script("layer_overhead")
     out = tmp_path / "overhead.json"
-    assert script.main(["--cases", "tiny-gpt", "--recipes", "fst2,fst_is_batch", "--repeats",
-                        "1", "--json", str(out)]) == 0  # fmt: skip
+    assert script.main(["--cases", "tiny-gpt", "--recipes", "path,fst2,fst_is_batch",
+                        "--repeats", "2", "--json", str(out), "--full-size"]) == 0  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
-    assert [r["recipe"] for r in rows] == ["fst2", "fst_is_batch"]
+    assert [r["recipe"] for r in rows] == ["path", "fst2", "fst_is_batch"]
     for r in rows:
-        assert r["sparse_layers"] > 0
+        assert r["sparse_layers"] > 0 and r["full_size"] is True
         assert r["excess_ms"] == pytest.approx(r["step_ms"] - r["dense_step_ms"])
         assert r["excess_us_per_layer"] == pytest.approx(1000 * r["excess_ms"] / r["sparse_layers"])
-    assert capsys.readouterr().out.count("| tiny-gpt |") == 2
-    for bad in (["--repeats", "0"], ["--cases", "nope"]):
+        paired = r["speedup_paired"]
+        assert paired["low"] <= paired["median"] <= paired["high"]
+    assert capsys.readouterr().out.count("| tiny-gpt |") == 3
+    # path: the same layers as a recipe's, every operand dense (no masks, no decay)
+    model = script.build(script.STEP_CASES["tiny-gpt"], "path")
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == rows[1]["sparse_layers"]
+    assert all(m.config.output_weight == "dense" and m.config.decay == 0 for m in layers)
+    assert all(m.config.grad_weight_mode == "dense" for m in layers)
+    for bad in (["--repeats", "0"], ["--cases", "nope"], ["--recipes", "dense"]):
         with pytest.raises(SystemExit) as exc:
             script.main(bad)
         assert exc.value.code == 2
