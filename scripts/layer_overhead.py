@@ -15,7 +15,9 @@ versions in alternating runs.
 
 The recipe name ``path`` is no recipe: every layer a sparse one with dense's three products
 and nothing else (no masks, no decay, no sampling): the cost of the sparse layers' path
-alone, which the masks, the decay and the sampling of a recipe add to. ``--full-size`` runs
+alone, which the masks, the decay and the sampling of a recipe add to. ``function``: the
+same layers, each a minimal Python ``autograd.Function`` calling dense's own forward and
+backward kernels: the floor of any layer written as a Python autograd function. ``--full-size`` runs
 the cases at their ``fullsparse bench steps`` size instead, where that cost is a share of a
 real step: read the paired column (dense / recipe round by round, its median and a
 distribution-free interval).
@@ -28,6 +30,7 @@ distribution-free interval).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -40,8 +43,69 @@ from fullsparse.bench.steps import STEP_CASES, StepCase, _build, _step_fn
 from fullsparse.config import RECIPES, SparsityConfig
 from fullsparse.nn import SparseConv2d, SparseLinear, sparsify_
 
-#: the pseudo-recipe of dense's products through the sparse layers (module docstring)
-PATH = "path"
+#: the pseudo-recipes of dense's products through the sparse layers, and through a
+#: minimal Python autograd function at the same layers (module docstring)
+PATH, FUNCTION = "path", "function"
+
+
+class _LinearFn(torch.autograd.Function):
+    """Dense's Linear products, nothing else, as a Python autograd function."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x, w)
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
+        x, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        return dy.matmul(w), dy2.t().mm(x.reshape(-1, x.shape[-1])), dy2.sum(0)
+
+
+class _ConvFn(torch.autograd.Function):
+    """Dense's convolution forward and backward kernels as a Python autograd function."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, conv):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x, w)
+        ctx.conv, ctx.has_bias = conv, b is not None
+        return torch.nn.functional.conv2d(
+            x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[no-untyped-def, override]
+        x, w = ctx.saved_tensors
+        c = ctx.conv
+        bias = [w.shape[0]] if ctx.has_bias else None
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy, x, w, bias, c.stride, c.padding, c.dilation, False, [0, 0], c.groups,
+            [True, True, ctx.has_bias],
+        )  # fmt: skip
+        return dx, dw, db, None
+
+
+class _FnLinear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFn.apply(x, self.weight, self.bias)
+
+
+class _FnConv2d(torch.nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ConvFn.apply(x, self.weight, self.bias, self)
+
+
+def _as_functions(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """``model`` with the layers ``names`` (Linear / Conv2d, no string padding) swapped for
+    the minimal autograd-function layers, with the same parameters."""
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.__class__ = _FnConv2d
+        else:
+            layer.__class__ = _FnLinear
+    return model
 
 
 def tiny(name: str) -> StepCase:
@@ -58,13 +122,18 @@ def tiny(name: str) -> StepCase:
 
 
 def build(case: StepCase, recipe: str) -> torch.nn.Module:
-    """The case's model under ``recipe`` (``path``: sparse layers with every operand dense)."""
+    """The case's model under ``recipe`` (``path``: sparse layers with every operand dense;
+    ``function``: the minimal autograd-function layers where those are)."""
     cpu = torch.device("cpu")
-    if recipe != PATH:
+    if recipe not in (PATH, FUNCTION):
         return _build(case, recipe, cpu)
     model = _build(case, "dense", cpu)
-    sparsify_(model, SparsityConfig())
-    return model
+    sparse = copy.deepcopy(model)
+    sparsify_(sparse, SparsityConfig())
+    if recipe == PATH:
+        return sparse
+    names = [n for n, m in sparse.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    return _as_functions(model, names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.cases.split(",") if c not in STEP_CASES]
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; one of {', '.join(STEP_CASES)}")
-    bad = [r for r in args.recipes.split(",") if r not in (*RECIPES, PATH) or r == "dense"]
-    if bad:
-        parser.error(f"unknown recipe {bad[0]!r} (dense always runs); one of "
-                     f"{PATH}, {', '.join(r for r in RECIPES if r != 'dense')}")  # fmt: skip
+    bad = [r for r in args.recipes.split(",") if r not in (*RECIPES, PATH, FUNCTION)]
+    if bad or "dense" in args.recipes.split(","):
+        parser.error(f"unknown recipe {(bad or ['dense'])[0]!r} (dense always runs); one of "
+                     f"{PATH}, {FUNCTION}, {', '.join(RECIPES[1:])}")  # fmt: skip
     torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"{info['cpu']}, {args.threads} threads, torch {info['torch']}, {info['date']}, "
@@ -102,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         layers = {}
         for r in args.recipes.split(","):
             model = build(case, r)
-            layers[r] = sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())
+            layers[r] = sum(isinstance(m, (SparseConv2d, SparseLinear, _FnLinear, _FnConv2d))
+                            for m in model.modules())  # fmt: skip
             fns[r] = _step_fn(case, model, cpu)
         times = interleaved_times(fns, warmup=3, repeats=args.repeats)
         ms = {r: statistics.median(t) for r, t in times.items()}
