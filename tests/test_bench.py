@@ -22,6 +22,7 @@ from fullsparse.bench.harness import (
 )
 from fullsparse.bench.ops import recipe, weight_side_work
 from fullsparse.bench.steps import STEP_CASES
+from fullsparse.bench.steps import _batch as bench_batch
 from fullsparse.cli import main
 from fullsparse.nn import SparseLinear, sparse_modules
 from reference import ref_weight_operands
@@ -452,6 +453,21 @@ def test_the_layer_overhead_script_counts_layers_and_writes_json(tmp_path, capsy
     assert len(layers) == rows[1]["sparse_layers"]
     assert all(m.config.output_weight == "dense" and m.config.decay == 0 for m in layers)
     assert all(m.config.grad_weight_mode == "dense" for m in layers)
+    # function: the same layers as minimal autograd functions, dense's gradients to the bit
+    for name in ("tiny-gpt", "tiny-resnet20"):
+        case = script.tiny(name)
+        dense, fn = (
+            script._build(case, "dense", torch.device("cpu")),
+            script.build(case, "function"),
+        )
+        swapped = [m for m in fn.modules() if type(m) in (script._FnLinear, script._FnConv2d)]
+        assert len(swapped) == len(list(sparse_modules(script.build(case, "path"))))
+        x, y = bench_batch(case, torch.device("cpu"))
+        for m in (dense.double(), fn.double()):
+            xx = x.double() if x.is_floating_point() else x
+            torch.nn.functional.cross_entropy(m(xx).flatten(0, -2), y.flatten()).backward()
+        for (n, a), b in zip(dense.named_parameters(), fn.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), n
     for bad in (["--repeats", "0"], ["--cases", "nope"], ["--recipes", "dense"]):
         with pytest.raises(SystemExit) as exc:
             script.main(bad)
