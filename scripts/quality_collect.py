@@ -39,6 +39,8 @@ EARLIER = {
     # keeping 0.59: the same computation as these runs
     ("gpt", "fst_is_batch", 0): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed0",
     ("gpt", "fst_is_batch", 1): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed1",
+    ("gpt", "fst_is-g4096-s0.59", 2): "docs/results/quality/gpt/fst_is_batch-seed2",
+    ("gpt", "fst_is-g4096-s0.59", 3): "docs/results/quality/gpt/fst_is_batch-seed3",
 }
 #: whose FLOP account an earlier run (which predates the account) shares: the same model,
 #: the same sparse layers and the same sparse roles
@@ -135,13 +137,23 @@ def build_rows(found: dict) -> list[dict[str, Any]]:
         })  # fmt: skip
     for row in rows:
         dense = [r for r in rows if r["task"] == row["task"] and r["variant"] == "dense"]
-        row["dense_mean"] = dense[0]["mean"] if dense else None
+        row["dense_mean"] = _dense_mean(row, dense[0]) if dense else None
         if row["dense_mean"] is not None:
             if row["metric"] == "top1":
                 row["delta_vs_dense"] = round(row["mean"] - row["dense_mean"], 2)
             else:
                 row["delta_vs_dense"] = round(row["mean"] / row["dense_mean"] - 1, 4)
     return rows
+
+
+def _dense_mean(row: dict[str, Any], dense: dict[str, Any]) -> float:
+    """Dense's mean over the row's own seeds where dense ran all of them (a seed fixes the
+    initialisation and the data order of both, so the gap is measured on the same draws),
+    else over all of dense's seeds; ``row["dense_seeds"]`` says which."""
+    by_seed = dict(zip(dense["seeds"], dense["values"], strict=True))
+    seeds = row["seeds"] if all(s in by_seed for s in row["seeds"]) else dense["seeds"]
+    row["dense_seeds"] = list(seeds)
+    return round(statistics.fmean(by_seed[s] for s in seeds), 4)
 
 
 def _goal(task: str, row: dict[str, Any]) -> str:

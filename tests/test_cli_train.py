@@ -345,9 +345,9 @@ def test_compare_trains_dense_fst_and_the_recommended_recipe_by_default(tmp_path
     from fullsparse.config import COMPARE_RECIPES
     from fullsparse.train import compare
 
-    assert COMPARE_RECIPES == ("dense", "fst", "fst_is_batch")
+    assert COMPARE_RECIPES == ("dense", "fst", "fst_mvue")
     args = build_parser().parse_args(["compare"])
-    assert args.recipes == "dense,fst,fst_is_batch"
+    assert args.recipes == "dense,fst,fst_mvue"
     assert inspect.signature(compare).parameters["recipes"].default == COMPARE_RECIPES
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "with `dense`, `fst` and `fst_is_batch` side by side" in readme
+    assert "with `dense`, `fst` and `fst_mvue` side by side" in readme

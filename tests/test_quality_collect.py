@@ -96,3 +96,19 @@ def test_update_tables_replaces_each_tasks_table_under_its_heading(collect):
     assert out[i + 2 : i + 6] == ["| variant | seeds |", "|---|---:|", "| `fst` | 3 |", ""]
     assert "text after" in out and "| keep | me |" in out  # other tables stay
     assert "| vit | table |" not in out and "| gpt | table |" not in out
+
+
+def test_the_gap_is_against_dense_on_the_same_seeds(collect):
+    """A variant run on a subset of dense's seeds is compared with dense's mean over those
+    seeds (the same initialisations and data orders); one with a seed dense lacks, with
+    dense's mean over all of its seeds."""
+    dense = {"task": "gpt-stdlib", "variant": "dense", "seeds": [0, 1, 2, 3],
+             "values": [1.0, 1.2, 1.4, 1.6], "metric": "val_loss"}  # fmt: skip
+    two = {"task": "gpt-stdlib", "variant": "a", "seeds": [0, 1], "values": [1.1], "mean": 1.155,
+           "metric": "val_loss"}  # fmt: skip
+    other = {"task": "gpt-stdlib", "variant": "b", "seeds": [0, 7], "metric": "val_loss"}
+    assert collect._dense_mean(two, dense) == pytest.approx(1.1)
+    assert two["dense_seeds"] == [0, 1]
+    assert collect._dense_mean(other, dense) == pytest.approx(1.3)
+    assert other["dense_seeds"] == [0, 1, 2, 3]
+    assert collect._dense_mean(dict(dense), dense) == pytest.approx(1.3)

@@ -120,9 +120,9 @@ def _cases() -> dict[str, StepCase]:
 
 STEP_CASES: dict[str, StepCase] = _cases()
 DEFAULT_CASES = ("resnet20", "resnet18-b8", "resnet18-b32", "vit", "gpt")
-#: The paper's recipe, the two fully sparse ones within the quality study's goals (``fst_mvue``
-#: for 2:4 hardware, ``fst_is_batch`` the README's recommendation) and the other sampled
-#: (reduced-size) weight gradients.
+#: The paper's recipe, the two fully sparse candidates of the quality study (``fst_mvue``, the
+#: README's recommendation for dense quality, and ``fst_is_batch``, the cheapest on a CPU)
+#: and the other sampled (reduced-size) weight gradients.
 DEFAULT_RECIPES = ("dense", "fst", "fst_mvue", "fst_rand", "fst_is", "fst_adaptive", "fst_is_batch")
 #: Where ``bench steps`` runs.
 STEP_DEVICES = ("cpu", "cuda")

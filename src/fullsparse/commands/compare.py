@@ -13,7 +13,7 @@ from fullsparse.errors import ConfigError
 HELP = "train several recipes with identical settings and print one table"
 DESCRIPTION = (
     "Train the same model/data/schedule once per recipe (default: dense, fst and "
-    "fst_is_batch) into OUT/<recipe>/ and print best/final top-1 (with --task lm: "
+    "fst_mvue) into OUT/<recipe>/ and print best/final top-1 (with --task lm: "
     "validation loss, perplexity, bits per byte) and time per epoch side by side; the table "
     "is also written to OUT/compare.md and OUT/compare.json. Takes every train flag; --out is "
     "the comparison folder (default: runs/compare-<dataset>-<model>-seed<seed>)."
