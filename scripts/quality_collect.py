@@ -39,8 +39,10 @@ EARLIER = {
     # keeping 0.59: the same computation as these runs
     ("gpt", "fst_is_batch", 0): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed0",
     ("gpt", "fst_is_batch", 1): "docs/results/quality/gpt/fst_is-g4096-s0.59-seed1",
-    ("gpt", "fst_is-g4096-s0.59", 2): "docs/results/quality/gpt/fst_is_batch-seed2",
-    ("gpt", "fst_is-g4096-s0.59", 3): "docs/results/quality/gpt/fst_is_batch-seed3",
+    **{
+        ("gpt", "fst_is-g4096-s0.59", s): f"docs/results/quality/gpt/fst_is_batch-seed{s}"
+        for s in (2, 3, 4, 5)
+    },
 }
 #: whose FLOP account an earlier run (which predates the account) shares: the same model,
 #: the same sparse layers and the same sparse roles
