@@ -471,6 +471,30 @@ def sparse_conv2d(
         fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
             cannot run (the message says why and how to get it).
     """
+    config, kernel, geo, pad = conv_plan(
+        input, weight, bias, stride, padding, dilation, groups, config, backend
+    )
+    return apply_conv(
+        input, weight, bias, config, kernel, geo, pad, forward_mask, soft_scale, grad_input_mask,
+        gw_state, add_decay,
+    )  # fmt: skip
+
+
+def conv_plan(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+    groups: int,
+    config: SparsityConfig | str,
+    backend: str,
+) -> tuple[SparsityConfig, Any, ConvGeometry, tuple[int, int, int, int] | None]:
+    """What :func:`sparse_conv2d` checks and chooses before its autograd function: the conv
+    layers' config, the kernel, the geometry, and the input's explicit padding (an
+    asymmetric ``'same'``; None: none). A module keeps the answer for the next calls of
+    the same kind (:meth:`fullsparse.nn.SparseConv2d.forward`)."""
     config = _checked_call("sparse_conv2d", "conv", config, backend, input, weight, bias)
     if weight.ndim != 4:
         raise ValueError(
@@ -497,6 +521,7 @@ def sparse_conv2d(
         raise ValueError(f"sparse_conv2d: bias must have shape ({co},), got {tuple(bias.shape)}")
     if _autocast_dtype(input.device.type) is None:
         _check_same_dtype(input, weight, bias, "sparse_conv2d")
+    pad: tuple[int, int, int, int] | None = None
     if isinstance(padding, str):
         dil = pair(dilation, "dilation")
         if padding == "valid":
@@ -508,7 +533,8 @@ def sparse_conv2d(
             if (left, top) == (right, bottom):
                 padding = (top, left)
             else:  # asymmetric: pad the input explicitly, outside the sparse op
-                input = F.pad(input, (left, right, top, bottom))
+                pad = (left, right, top, bottom)
+                input = F.pad(input, pad)
                 padding = 0
         else:
             raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
@@ -522,6 +548,27 @@ def sparse_conv2d(
         )
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
+    return config, kernel, geo, pad
+
+
+def apply_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    config: SparsityConfig,
+    kernel: Any,
+    geo: ConvGeometry,
+    pad: tuple[int, int, int, int] | None = None,
+    forward_mask: Tensor | None = None,
+    soft_scale: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
+    gw_state: Tensor | None = None,
+    add_decay: bool = True,
+) -> Tensor:
+    """The sparse convolution's autograd function on arguments :func:`conv_plan` has checked
+    (its config, kernel, geometry and padding)."""
+    if pad is not None:
+        input = F.pad(input, pad)
     return _SparseConv2dFn.apply(
         input, weight, bias, geo, config, forward_mask, kernel, soft_scale, grad_input_mask,
         gw_state, add_decay,
@@ -609,6 +656,19 @@ def sparse_linear(
     Raises ``ValueError`` (wrong ndim, mismatched features, non-float dtype, unknown
     backend) and ``BackendUnavailableError`` as :func:`sparse_conv2d` does.
     """
+    layer, kernel = linear_plan(input, weight, bias, config, backend)
+    return apply_linear(
+        input, weight, bias, layer, kernel, forward_mask, soft_scale, grad_input_mask, gw_state,
+        add_decay,
+    )  # fmt: skip
+
+
+def linear_plan(
+    input: Tensor, weight: Tensor, bias: Tensor | None, config: SparsityConfig | str, backend: str
+) -> tuple[SparsityConfig, Any]:
+    """What :func:`sparse_linear` checks and chooses before its autograd function: the
+    Linear layers' config and the kernel. A module keeps the answer for the next calls of
+    the same kind (:meth:`fullsparse.nn.SparseLinear.forward`)."""
     config = _checked_call("sparse_linear", "linear", config, backend, input, weight, bias)
     if weight.ndim != 2:
         raise ValueError(
@@ -628,10 +688,29 @@ def sparse_linear(
     if _autocast_dtype(input.device.type) is None:
         _check_same_dtype(input, weight, bias, "sparse_linear")
     compute = _autocast_dtype(input.device.type) or input.dtype
-    kernel = select_linear_kernel(backend, config, input, weight, compute)
-    x = input.unsqueeze(0) if input.ndim == 1 else input  # [d_in]: a batch of one
-    y = _SparseLinearFn.apply(
-        x, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, gw_state,
+    return config.for_kind("linear"), select_linear_kernel(backend, config, input, weight, compute)
+
+
+def apply_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    config: SparsityConfig,
+    kernel: Any,
+    forward_mask: Tensor | None = None,
+    soft_scale: Tensor | None = None,
+    grad_input_mask: Tensor | None = None,
+    gw_state: Tensor | None = None,
+    add_decay: bool = True,
+) -> Tensor:
+    """The sparse Linear layer's autograd function on arguments :func:`linear_plan` has
+    checked (``config`` and ``kernel`` as it returned them)."""
+    if input.ndim == 1:  # [d_in]: a batch of one
+        return _SparseLinearFn.apply(
+            input.unsqueeze(0), weight, bias, config, forward_mask, kernel, soft_scale,
+            grad_input_mask, gw_state, add_decay,
+        )[0]  # fmt: skip
+    return _SparseLinearFn.apply(
+        input, weight, bias, config, forward_mask, kernel, soft_scale, grad_input_mask, gw_state,
         add_decay,
     )  # fmt: skip
-    return y[0] if input.ndim == 1 else y

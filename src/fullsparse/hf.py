@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig
-from fullsparse.functional import sparse_linear
+from fullsparse.nn import linear_forward
 from fullsparse.sparse_state import _SparseMixin
 
 try:
@@ -80,7 +80,7 @@ class SparseConv1D(_SparseMixin, Conv1D):
         return super().pruned_weight().t()
 
     def forward(self, input: Tensor) -> Tensor:
-        return sparse_linear(input, self.weight.t(), self.bias, **self._step_operands())
+        return linear_forward(self, input, self.weight.t())
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._sparse_repr()}"

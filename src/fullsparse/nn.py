@@ -18,8 +18,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fullsparse.config import SparsityConfig, resolve_config
-from fullsparse.functional import sparse_conv2d, sparse_linear
-from fullsparse.kernels import BackendUnavailableError, LayerShape, check_backend, predict_plan
+from fullsparse.entry_checks import _autocast_dtype
+from fullsparse.functional import apply_conv, apply_linear, conv_plan, linear_plan
+from fullsparse.kernels import (
+    REFERENCE_CONV,
+    REFERENCE_LINEAR,
+    BackendUnavailableError,
+    LayerShape,
+    check_backend,
+    predict_plan,
+)
 from fullsparse.nn_report import LayerReport, SparsifyReport
 from fullsparse.sparse_state import (
     StepCounting,
@@ -83,16 +91,30 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d does: pad explicitly, then padding 0
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return sparse_conv2d(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            **self._step_operands(),
-        )
+        step = self._step_state()
+        weight, bias = self.weight, self.bias
+        geometry = (self.stride, padding, self.dilation, self.groups)
+        if torch.compiler.is_compiling():  # traced once: the checks and the choice as they are
+            plan = conv_plan(input, weight, bias, *geometry, self.config, self.backend)
+            return apply_conv(input, weight, bias, *plan, *step)
+        try:
+            key = (
+                self.config, self.backend, geometry, input.dtype, input.device, input.shape,
+                input.is_contiguous(memory_format=torch.channels_last), weight.dtype,
+                weight.device, weight.shape, None if bias is None else (bias.dtype, bias.shape),
+                _autocast_dtype(input.device.type),
+            )  # fmt: skip
+        except AttributeError:  # not a tensor: the checks say so
+            key = None
+        cached = self.__dict__.get("_conv_plan")
+        # (a deep copy of the module holds a copy of the kernel: not the one to reuse)
+        if cached is None or key is None or cached[0] != key or cached[1][1] is not REFERENCE_CONV:
+            plan = conv_plan(input, weight, bias, *geometry, self.config, self.backend)
+            if plan[1] is REFERENCE_CONV and key is not None:
+                self.__dict__["_conv_plan"] = (key, plan)
+        else:
+            plan = cached[1]
+        return apply_conv(input, weight, bias, *plan, *step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
@@ -109,10 +131,44 @@ class SparseLinear(_SparseMixin, nn.Linear):
         return (module.in_features, module.out_features, module.bias is not None)
 
     def forward(self, input: Tensor) -> Tensor:
-        return sparse_linear(input, self.weight, self.bias, **self._step_operands())
+        return linear_forward(self, input, self.weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._sparse_repr()}"
+
+
+def linear_forward(module: _SparseMixin, input: Tensor, weight: Tensor) -> Tensor:
+    """A sparse Linear-like module's forward with ``weight`` in the ``[d_out, d_in]`` layout:
+    :func:`~fullsparse.functional.sparse_linear` on the module's step state.
+
+    The checks and the kernel choice (:func:`~fullsparse.functional.linear_plan`) depend on
+    the call's kind, not on its values: the module keeps the answer and, in eager mode, a
+    call of the same kind (config, backend, dtypes, devices, shapes but the leading
+    dimensions, autocast) goes straight to the autograd function. Kept only where the
+    reference kernel runs: another kernel may look at the input's shape.
+    """
+    step = module._step_state()
+    bias = module.bias
+    if torch.compiler.is_compiling():  # traced once: the checks and the choice, as they are
+        layer, kernel = linear_plan(input, weight, bias, module.config, module.backend)
+        return apply_linear(input, weight, bias, layer, kernel, *step)
+    try:
+        key = (
+            module.config, module.backend, input.dtype, input.device, input.shape[-1:],
+            weight.dtype, weight.device, weight.shape,
+            None if bias is None else (bias.dtype, bias.shape),
+            _autocast_dtype(input.device.type),
+        )  # fmt: skip
+    except AttributeError:  # not a tensor: the checks say so
+        key = None
+    plan = module.__dict__.get("_linear_plan")
+    if plan is None or key is None or plan[0] != key or plan[2] is not REFERENCE_LINEAR:
+        layer, kernel = linear_plan(input, weight, bias, module.config, module.backend)
+        if kernel is REFERENCE_LINEAR and key is not None:
+            module.__dict__["_linear_plan"] = (key, layer, kernel)
+    else:
+        _, layer, kernel = plan
+    return apply_linear(input, weight, bias, layer, kernel, *step)
 
 
 def _sparse_twin(module: nn.Module) -> type[_SparseMixin] | None:

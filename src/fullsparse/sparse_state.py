@@ -172,28 +172,56 @@ class _SparseMixin:
         return None
 
     def _step_operands(self) -> dict[str, Any]:
-        """The per-step state a sparse layer passes to its autograd function: the forward
-        mask (updated first, on the module's clock), the cached S_Co mask, S-STE's β, the
-        config and the backend. A training forward that does not open a step (a later
-        micro-batch under :func:`count_optimizer_steps`) keeps the step's masks and leaves
-        out the SR-STE decay, which the step's first backward added already."""
+        """The per-step state a sparse layer passes to its autograd function, as the keyword
+        arguments of :func:`~fullsparse.functional.sparse_linear` /
+        :func:`~fullsparse.functional.sparse_conv2d`: :meth:`_step_state`, the config and
+        the backend."""
+        forward_mask, soft, gi_mask, gw_state, add_decay = self._step_state()
+        return {
+            "config": self.config,
+            "add_decay": add_decay,
+            "forward_mask": forward_mask,
+            "grad_input_mask": gi_mask,
+            "backend": self.backend,
+            "soft_scale": soft,
+            "gw_state": gw_state,
+        }
+
+    def _step_state(
+        self,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
+        """``(forward_mask, soft_scale, grad_input_mask, gw_state, add_decay)`` of this
+        forward: the forward mask (updated first, on the module's clock), S-STE's β, the
+        cached S_Co mask, the sampled weight gradient's state, and whether the backward adds
+        the SR-STE decay. A training forward that does not open a step (a later micro-batch
+        under :func:`count_optimizer_steps`) keeps the step's masks and leaves out the
+        decay, which the step's first backward added already."""
         training = self.training and torch.is_grad_enabled()
         opens = training and self._opens_step()
         forward_mask = self._forward_mask(opens)
-        return {
-            "config": self.config,
-            "add_decay": opens or not training,
-            "forward_mask": forward_mask,
-            "grad_input_mask": self._grad_input_mask(),
-            "backend": self.backend,
-            "soft_scale": self._soft_scale(),
-            "gw_state": self._gw_state(),
-        }
+        caches_gi, soft, samples = self._config_facts()
+        return (
+            forward_mask,
+            self._soft_scale() if soft else None,
+            self.gi_mask if caches_gi else None,  # type: ignore[has-type]
+            self.gw_state if samples else None,
+            opens or not training,
+        )
 
-    def _gw_state(self) -> Tensor | None:
-        """The state of a sampled weight gradient, or None when the config samples none."""
-        modes = {self.config.grad_weight_mode, self.config.for_kind("linear").grad_weight_mode}
-        return self.gw_state if modes & set(SAMPLED_MODES) else None
+    def _config_facts(self) -> tuple[bool, bool, bool]:
+        """``(caches the S_Co mask, soft_2:4 forward, samples its weight gradient)`` of the
+        module's config, worked out once per config object (a forward reads them)."""
+        facts: tuple[SparsityConfig, tuple[bool, bool, bool]] | None = self.__dict__.get("_facts")
+        if facts is None or facts[0] is not self.config:
+            modes = {self.config.grad_weight_mode, self.config.for_kind("linear").grad_weight_mode}
+            answer = (
+                self._caches_grad_input_mask(),
+                self.config.operands.output_weight == SOFT,
+                bool(modes & set(SAMPLED_MODES)),
+            )
+            facts = (self.config, answer)
+            self.__dict__["_facts"] = facts
+        return facts[1]
 
     def _opens_step(self) -> bool:
         """Whether this training forward opens a step (always, unless the module counts
@@ -294,10 +322,6 @@ class _SparseMixin:
         """S_Co of grad_input's source: W, or the pruned S_K(W) (``grad_input_source``)."""
         pruned = self.config.operands.grad_input_weight == "S_Co(S_K(W))"
         return mask_co(weight * out_mask if pruned else weight, self._groups())
-
-    def _grad_input_mask(self) -> Tensor | None:
-        """The cached S_Co mask for this step (after :meth:`_forward_mask`), or None."""
-        return self.gi_mask if self._caches_grad_input_mask() else None  # type: ignore
 
     def pruned_weight(self) -> Tensor:
         """The weight operand of the forward GEMM (``S_K(W)``, TSM-masked W, or W), detached,
