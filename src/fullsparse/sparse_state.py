@@ -171,22 +171,6 @@ class _SparseMixin:
             return self.config.mask_interval, mask_k
         return None
 
-    def _step_operands(self) -> dict[str, Any]:
-        """The per-step state a sparse layer passes to its autograd function, as the keyword
-        arguments of :func:`~fullsparse.functional.sparse_linear` /
-        :func:`~fullsparse.functional.sparse_conv2d`: :meth:`_step_state`, the config and
-        the backend."""
-        forward_mask, soft, gi_mask, gw_state, add_decay = self._step_state()
-        return {
-            "config": self.config,
-            "add_decay": add_decay,
-            "forward_mask": forward_mask,
-            "grad_input_mask": gi_mask,
-            "backend": self.backend,
-            "soft_scale": soft,
-            "gw_state": gw_state,
-        }
-
     def _step_state(
         self,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
