@@ -49,9 +49,12 @@ def test_a_linear_call_of_the_same_kind_skips_the_checks(plans: dict[str, int]) 
     assert plans["linear"] == 1
     layer.float()(x.float())  # other dtype: checked again
     assert plans["linear"] == 2
-    layer.config = recipe("fst")  # another config: checked again
-    layer(x.float())
+    layer.config = recipe("fst")  # another config: checked again, and computed by it
+    with torch.no_grad():
+        got = layer(x.float())
     assert plans["linear"] == 3
+    want = sparse_linear(x.float(), layer.weight, layer.bias, config=recipe("fst"))
+    assert torch.equal(got, want)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on: checked again
         layer(x.float())
     assert plans["linear"] == 4

@@ -471,12 +471,13 @@ def sparse_conv2d(
         fullsparse.kernels.BackendUnavailableError: ``backend='semi_structured'`` where it
             cannot run (the message says why and how to get it).
     """
-    config, kernel, geo, pad = conv_plan(
+    *plan, padded = _conv_plan(
         input, weight, bias, stride, padding, dilation, groups, config, backend
     )
+    layer, kernel, geo, _ = plan  # the input is padded already: once
     return apply_conv(
-        input, weight, bias, config, kernel, geo, pad, forward_mask, soft_scale, grad_input_mask,
-        gw_state, add_decay,
+        padded, weight, bias, layer, kernel, geo, None, forward_mask, soft_scale,
+        grad_input_mask, gw_state, add_decay,
     )  # fmt: skip
 
 
@@ -495,6 +496,22 @@ def conv_plan(
     layers' config, the kernel, the geometry, and the input's explicit padding (an
     asymmetric ``'same'``; None: none). A module keeps the answer for the next calls of
     the same kind (:meth:`fullsparse.nn.SparseConv2d.forward`)."""
+    return _conv_plan(input, weight, bias, stride, padding, dilation, groups, config, backend)[:4]
+
+
+def _conv_plan(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+    groups: int,
+    config: SparsityConfig | str,
+    backend: str,
+) -> tuple[SparsityConfig, Any, ConvGeometry, tuple[int, int, int, int] | None, Tensor]:
+    """:func:`conv_plan`, and the input with that padding applied (the kernel choice looks at
+    it; :func:`sparse_conv2d` runs on it)."""
     config = _checked_call("sparse_conv2d", "conv", config, backend, input, weight, bias)
     if weight.ndim != 4:
         raise ValueError(
@@ -548,7 +565,7 @@ def conv_plan(
         )
     compute = _autocast_dtype(input.device.type) or input.dtype
     kernel = select_conv_kernel(backend, config, input, weight, geo, compute)
-    return config, kernel, geo, pad
+    return config, kernel, geo, pad, input
 
 
 def apply_conv(

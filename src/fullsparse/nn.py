@@ -94,26 +94,17 @@ class SparseConv2d(_SparseMixin, nn.Conv2d):
         step = self._step_state()
         weight, bias = self.weight, self.bias
         geometry = (self.stride, padding, self.dilation, self.groups)
-        if torch.compiler.is_compiling():  # traced once: the checks and the choice as they are
-            plan = conv_plan(input, weight, bias, *geometry, self.config, self.backend)
-            return apply_conv(input, weight, bias, *plan, *step)
-        try:
-            key = (
-                self.config, self.backend, geometry, input.dtype, input.device, input.shape,
-                input.is_contiguous(memory_format=torch.channels_last), weight.dtype,
-                weight.device, weight.shape, None if bias is None else (bias.dtype, bias.shape),
-                _autocast_dtype(input.device.type),
-            )  # fmt: skip
-        except AttributeError:  # not a tensor: the checks say so
-            key = None
-        cached = self.__dict__.get("_conv_plan")
-        # (a deep copy of the module holds a copy of the kernel: not the one to reuse)
-        if cached is None or key is None or cached[0] != key or cached[1][1] is not REFERENCE_CONV:
-            plan = conv_plan(input, weight, bias, *geometry, self.config, self.backend)
-            if plan[1] is REFERENCE_CONV and key is not None:
-                self.__dict__["_conv_plan"] = (key, plan)
-        else:
-            plan = cached[1]
+        key = lambda: (  # noqa: E731
+            self.config, self.backend, geometry, input.dtype, input.device, input.shape,
+            input.is_contiguous(memory_format=torch.channels_last), weight.dtype, weight.device,
+            weight.shape, None if bias is None else (bias.dtype, bias.shape),
+            _autocast_dtype(input.device.type),
+        )  # fmt: skip
+        plan = self._kept_plan(
+            key,
+            lambda: conv_plan(input, weight, bias, *geometry, self.config, self.backend),
+            REFERENCE_CONV,
+        )
         return apply_conv(input, weight, bias, *plan, *step)
 
     def extra_repr(self) -> str:
@@ -149,25 +140,16 @@ def linear_forward(module: _SparseMixin, input: Tensor, weight: Tensor) -> Tenso
     """
     step = module._step_state()
     bias = module.bias
-    if torch.compiler.is_compiling():  # traced once: the checks and the choice, as they are
-        layer, kernel = linear_plan(input, weight, bias, module.config, module.backend)
-        return apply_linear(input, weight, bias, layer, kernel, *step)
-    try:
-        key = (
-            module.config, module.backend, input.dtype, input.device, input.shape[-1:],
-            weight.dtype, weight.device, weight.shape,
-            None if bias is None else (bias.dtype, bias.shape),
-            _autocast_dtype(input.device.type),
-        )  # fmt: skip
-    except AttributeError:  # not a tensor: the checks say so
-        key = None
-    plan = module.__dict__.get("_linear_plan")
-    if plan is None or key is None or plan[0] != key or plan[2] is not REFERENCE_LINEAR:
-        layer, kernel = linear_plan(input, weight, bias, module.config, module.backend)
-        if kernel is REFERENCE_LINEAR and key is not None:
-            module.__dict__["_linear_plan"] = (key, layer, kernel)
-    else:
-        _, layer, kernel = plan
+    key = lambda: (  # noqa: E731
+        module.config, module.backend, input.dtype, input.device, input.shape[-1:],
+        weight.dtype, weight.device, weight.shape,
+        None if bias is None else (bias.dtype, bias.shape), _autocast_dtype(input.device.type),
+    )  # fmt: skip
+    layer, kernel = module._kept_plan(
+        key,
+        lambda: linear_plan(input, weight, bias, module.config, module.backend),
+        REFERENCE_LINEAR,
+    )
     return apply_linear(input, weight, bias, layer, kernel, *step)
 
 

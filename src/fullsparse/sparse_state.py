@@ -207,6 +207,32 @@ class _SparseMixin:
             self.__dict__["_facts"] = facts
         return facts[1]
 
+    def _kept_plan(
+        self,
+        key: Callable[[], tuple[Any, ...]],
+        make: Callable[[], tuple[Any, ...]],
+        reference: Any,
+    ) -> tuple[Any, ...]:
+        """The plan of this forward (checks done, kernel chosen: ``plan[1]``): the one kept
+        from the last call of the same kind (``key()``: config, backend, dtypes, devices,
+        shapes, autocast), else ``make()``, kept when its kernel is ``reference`` (another
+        kernel may look at the input's shape). While compiling, or when ``key()`` fails (an
+        argument that is not a tensor: ``make()`` says so in one line), nothing is kept. A
+        deep copy's kept kernel is a copy, not ``reference``: its plan is made again."""
+        if _is_compiling():  # traced once: the checks and the choice as they are
+            return make()
+        try:
+            kind = key()
+        except AttributeError:
+            return make()
+        kept = self.__dict__.get("_call_plan")
+        if kept is not None and kept[0] == kind and kept[1][1] is reference:
+            return kept[1]
+        plan = make()
+        if plan[1] is reference:
+            self.__dict__["_call_plan"] = (kind, plan)
+        return plan
+
     def _opens_step(self) -> bool:
         """Whether this training forward opens a step (always, unless the module counts
         optimizer steps and the current one is open already)."""
