@@ -343,6 +343,47 @@ def test_bench_steps_sampling_groups_reach_only_the_recipes_they_steer(tmp_path,
     assert not (tmp_path / "b.json").exists()
 
 
+def test_bench_steps_masked_decay_reaches_the_sparse_recipes_their_steps_and_weight_side(
+    tmp_path, capsys, monkeypatch
+):
+    import fullsparse.nn
+    import fullsparse.sparse_state
+    from fullsparse.bench import steps
+
+    decay = {"decay_kind": "masked_grad", "decay": 6e-5}
+    got = {
+        n: steps._config(n, 1, None, decay) for n in ("fst_is_batch", "fst_mvue", "tsm", "dense")
+    }
+    assert (got["fst_is_batch"].decay_kind, got["fst_is_batch"].decay) == ("masked_grad", 6e-5)
+    assert got["fst_mvue"].decay_kind == "masked_grad"
+    assert got["tsm"] == recipe("tsm") and got["dense"].name == "dense"  # no decay to move
+    case, cpu = STEP_CASES["tiny-gpt"], torch.device("cpu")
+    model = steps._build(case, "fst_is_batch", cpu, 1, None, decay)
+    layers = [m for _, m in sparse_modules(model)]
+    assert {m.config.decay_kind for m in layers} == {"masked_grad"}
+    calls, real = [], fullsparse.nn.masked_grad_decay_
+    monkeypatch.setattr(fullsparse.nn, "masked_grad_decay_", lambda m: calls.append(real(m)))
+    step = steps._step_fn(case, model, cpu)
+    step(0), step(1)
+    assert calls == [len(layers)] * 2  # once per optimizer step, every sparse layer
+    added = []
+    monkeypatch.setattr(fullsparse.sparse_state, "add_masked_decay_",
+                        lambda g, w, m, lam: added.append((w.shape, lam, m.dtype)))  # fmt: skip
+    count, work = steps._weight_side_fn(model)
+    work(0)
+    want = [(m.weight.shape, 6e-5, torch.bool) for m in layers]
+    assert count == len(layers) and added == want
+    argv = ["bench", "steps", "--cases", "tiny-gpt", "--decay-kind", "masked_grad", "--decay",
+            "0", "--json", str(tmp_path / "d.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: decay_kind='masked_grad' clashes with decay=0.0")
+        and err.count("\n") == 1
+    )
+    assert not (tmp_path / "d.json").exists()
+
+
 def test_bench_steps_times_the_weight_gradient_sampling_of_sampling_recipes():
     from fullsparse.bench.steps import bench_steps
 

@@ -12,7 +12,7 @@ from fullsparse.errors import ConfigError
 from fullsparse.functional import sparse_conv2d, sparse_linear
 from fullsparse.masks import is_2to4
 from fullsparse.nn import load_sparse_state_, masked_grad_decay_, sparse_state_dict
-from fullsparse.operands import soft_scale, soft_threshold_k
+from fullsparse.operands import mask_k, soft_scale, soft_threshold_k
 from fullsparse.train import TrainConfig, load_checkpoint, train
 from reference import (
     Geo,
@@ -290,6 +290,43 @@ def test_masked_decay_equals_srste_decay_in_a_plain_step(kind):
         masked_grad_decay_(model)
         grads.append(layer.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_masked_decay_uses_the_mask_the_forward_used(kind):
+    """Under ``mask_interval > 1`` the forward applies the cached S_K mask; the masked decay
+    of that step decays what that mask pruned (as SR-STE's decay in the backward does), not
+    S_K of the weight as it stands."""
+    lam = 1e-2
+    grads = []
+    for decay_kind in ("srste", "masked_grad"):
+        config = recipe("fst", decay=lam, decay_kind=decay_kind, mask_interval=4)
+        torch.manual_seed(5)
+        if kind == "linear":
+            layer, x = SparseLinear(16, 8, config=config).double(), torch.randn(2, 6, 16)
+        else:
+            layer, x = (
+                SparseConv2d(8, 8, 3, padding=1, config=config).double(),
+                torch.randn(2, 8, 5, 5),
+            )
+        model, x = torch.nn.Sequential(layer), x.double()
+        model(x).sum().backward()  # step 1 computes and caches the mask
+        cached = layer.tsm_mask.clone()
+        with torch.no_grad():  # a weight whose own S_K differs from the cached mask
+            layer.weight.copy_(layer.weight.flip(1))
+        assert not torch.equal(mask_k(layer.weight.detach()), cached)
+        layer.weight.grad = None
+        model(x).square().sum().backward()  # step 2: the cached mask, not recomputed
+        assert torch.equal(layer.tsm_mask, cached)
+        if decay_kind == "masked_grad":
+            plain = layer.weight.grad.clone()
+            assert masked_grad_decay_(model) == 1
+            w = layer.weight.detach()
+            torch.testing.assert_close(
+                layer.weight.grad - plain, lam * w * ~cached, rtol=0, atol=1e-15
+            )
+        grads.append(layer.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
 def test_the_trainer_applies_the_masked_decay_once_per_optimizer_step(tmp_path, monkeypatch):

@@ -17,14 +17,14 @@ from torch import Tensor
 
 from fullsparse.config import SparsityConfig
 from fullsparse.entry_checks import _autocast_dtype, _not_a_view, stash_forward
-from fullsparse.functional import (
+from fullsparse.geometry import ConvGeometry
+from fullsparse.operands import SOFT, output_weight_mask, soft_output_weight
+from fullsparse.roles import (
     conv_grad_input_for,
     conv_grad_weight_for,
     linear_grad_input_for,
     linear_grad_weight_for,
 )
-from fullsparse.geometry import ConvGeometry
-from fullsparse.operands import SOFT, output_weight_mask, soft_output_weight
 
 __all__ = ["ReferenceConv2dFn", "ReferenceLinearFn"]
 

@@ -338,14 +338,23 @@ class _SparseMixin:
         shaped like the weight Parameter (what ``load_state_dict`` takes); a module whose
         Parameter is not in the GEMM layout (:meth:`_gemm_weight`) overrides this to
         transpose it back."""
+        weight = self._gemm_weight().detach()
+        if self.config.operands.output_weight == SOFT:
+            return soft_output_weight(weight, self._soft_scale())
+        out = self.forward_weight_mask()
+        return weight if out is None else weight * out
+
+    def forward_weight_mask(self) -> Tensor | None:
+        """The forward GEMM's mask of the weight as it stands, in the GEMM layout (None: a
+        dense forward): a fixed mask, the cached TSM mask or S_K mask (``mask_interval >
+        1``: the one the step's forward used), else S_K(W) (the positions S-STE's soft
+        operand keeps). Between a training forward and its optimizer step this is the mask
+        that forward applied."""
         mask = self.tsm_mask if self._cached_mask_rule() is not None else None  # type: ignore
         if getattr(self, "fixed_mask", None) is not None:
             mask = self.fixed_mask  # type: ignore[attr-defined]
         weight = self._gemm_weight().detach()
-        if self.config.operands.output_weight == SOFT:
-            return soft_output_weight(weight, self._soft_scale())
-        out = output_weight_mask(weight, self.config, self._groups(), mask)
-        return weight if out is None else weight * out
+        return output_weight_mask(weight, self.config, self._groups(), mask)
 
     def _sparse_repr(self) -> str:
         return f"recipe={self.config.name}, backend={self.backend}"
@@ -424,7 +433,8 @@ def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def masked_grad_decay_(model: nn.Module) -> int:
     """2by4's masked decay (Hu et al., ICML 2024), in place on the gradients: for every sparse
     layer with ``decay_kind='masked_grad'``, ``W.grad += λ·(W ⊙ ¬m)`` with ``m`` the layer's
-    forward mask (S_K(W), the cached TSM mask, or S_K's positions of a ``soft_2:4`` operand).
+    forward mask (:meth:`forward_weight_mask`: S_K(W), the cached TSM or ``mask_interval``
+    mask the step's forward used, a fixed mask, or S_K's positions of a ``soft_2:4`` operand).
 
     Call it once per optimizer step, after the backward passes (and gradient accumulation),
     the loss-scale unscaling and the clipping, just before ``optimizer.step()``: the decay is
@@ -438,15 +448,20 @@ def masked_grad_decay_(model: nn.Module) -> int:
         if config.decay_kind != "masked_grad" or grad is None:
             continue
         weight = module._gemm_weight().detach()  # type: ignore[attr-defined]
-        cached = module.tsm_mask if config.uses_transposable_mask else None  # type: ignore
-        mask = output_weight_mask(weight, config, module._groups(), cached)  # type: ignore
+        mask = module.forward_weight_mask()  # type: ignore[attr-defined]
         assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
-        term = (weight * ~mask).mul_(config.decay)
-        if term.shape != grad.shape:  # a 2-D Parameter stored transposed (HF Conv1D)
-            term = term.t()
-        grad.add_(term.to(grad.dtype))
+        add_masked_decay_(grad, weight, mask, config.decay)
         changed += 1
     return changed
+
+
+def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:
+    """``grad += λ·(W ⊙ ¬m)`` in place (W and m in the GEMM layout; a ``grad`` of the
+    transposed shape — a Hugging Face ``Conv1D`` Parameter — gets the term transposed)."""
+    term = (weight * ~mask).mul_(decay)
+    if term.shape != grad.shape:
+        term = term.t()
+    return grad.add_(term.to(grad.dtype))
 
 
 # --------------------------------------------------------------------------- steps

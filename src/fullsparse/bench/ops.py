@@ -14,12 +14,7 @@ from fullsparse.config import RECIPES, SparsityConfig, recipe
 from fullsparse.functional import (
     ConvGeometry,
     conv_grad_input,
-    conv_grad_input_for,
-    conv_grad_weight,
-    conv_grad_weight_for,
     ir_grad_output,
-    linear_grad_input_for,
-    linear_grad_weight_for,
     mask_co,
     mask_k,
     output_weight_mask,
@@ -27,6 +22,13 @@ from fullsparse.functional import (
     sparse_linear,
 )
 from fullsparse.operands import add_deferred_decay, weight_operands
+from fullsparse.roles import (
+    conv_grad_input_for,
+    conv_grad_weight,
+    conv_grad_weight_for,
+    linear_grad_input_for,
+    linear_grad_weight_for,
+)
 
 __all__ = [
     "RECIPES",

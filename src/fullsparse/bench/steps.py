@@ -18,7 +18,8 @@ Reported per case and recipe:
   (:func:`~fullsparse.bench.harness.peak_memory_bytes` says what that counts);
 - ``weight_side``: the per-step work sparse layers do on their weights alone (the 2:4
   masks S_K(W) and S_Co(W) or the TSM mask, the ``grad_input`` weight operand, the SR-STE
-  decay term; :func:`~fullsparse.bench.ops.weight_side_work`), summed over every sparse
+  decay term — or 2by4's masked decay, under ``decay_kind='masked_grad'`` —;
+  :func:`~fullsparse.bench.ops.weight_side_work`), summed over every sparse
   layer, as a percentage of the dense step; and for recipes whose weight gradient samples
   (``fst_mvue``'s MVUE, the sampled recipes) the sampling alone on one step's operands
   (``sampling_ms``, ``sampling_percent_of_dense_step``). Each is timed in the same rotated
@@ -138,15 +139,23 @@ STEP_TARGETS = {
 
 
 # --------------------------------------------------------------------------- one case
-def _config(name: str, mask_interval: int, sampling: dict[str, Any] | None = None) -> Any:
+def _config(
+    name: str,
+    mask_interval: int,
+    sampling: dict[str, Any] | None = None,
+    decay: dict[str, Any] | None = None,
+) -> Any:
     """Recipe ``name`` with the masks recomputed every ``mask_interval`` steps (recipes with
-    an S_K forward; the others ignore the interval) and ``sampling``'s ``sample_group`` /
+    an S_K forward; the others ignore the interval), ``sampling``'s ``sample_group`` /
     ``sample_share`` / ``conv_sample_unit`` (recipes whose weight gradient they steer; the
-    others ignore them)."""
+    others ignore them) and ``decay``'s ``decay_kind`` / ``decay`` (recipes with a sparse
+    forward and a decay)."""
     base = recipe(name)
     fields: dict[str, Any] = {}
     if mask_interval > 1 and base.operands.output_weight == "S_K(W)":
         fields["mask_interval"] = mask_interval
+    if base.operands.output_weight != "W" and base.decay:
+        fields.update({k: v for k, v in (decay or {}).items() if v is not None})
     modes = {base.grad_weight_mode, base.grad_weight_mode_linear}
     for key, value in (sampling or {}).items():
         steered = {"is_half"} if key == "sample_share" else {"is_half", "is_adaptive"}
@@ -162,6 +171,7 @@ def _build(
     device: torch.device,
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
+    decay: dict[str, Any] | None = None,
 ) -> nn.Module:
     from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
@@ -175,7 +185,7 @@ def _build(
         )
     model = model.to(device)
     if name != "dense":
-        sparsify_(model, _config(name, mask_interval, sampling))
+        sparsify_(model, _config(name, mask_interval, sampling, decay))
     return model
 
 
@@ -190,8 +200,12 @@ def _batch(case: StepCase, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 def _step_fn(case: StepCase, model: nn.Module, device: torch.device) -> Callable[[int], None]:
-    """One training step of ``model`` on a fixed batch."""
+    """One training step of ``model`` on a fixed batch (with 2by4's masked decay just before
+    the optimizer where a layer's config asks for it, as the trainer adds it)."""
+    from fullsparse.nn import masked_grad_decay_, sparse_modules
+
     x, y = _batch(case, device)
+    masked = any(m.config.decay_kind == "masked_grad" for _, m in sparse_modules(model))  # type: ignore[attr-defined]
     if case.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=case.lr)
     else:
@@ -205,6 +219,8 @@ def _step_fn(case: StepCase, model: nn.Module, device: torch.device) -> Callable
         loss.backward()
         if case.clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), case.clip)
+        if masked:
+            masked_grad_decay_(model)
         opt.step()
 
     return step
@@ -218,6 +234,7 @@ def _weight_side_fn(
     ``cached_masks``: the work of a step between two mask recomputations (``mask_interval >
     1``): the module's cached S_K and S_Co masks are applied, not recomputed."""
     from fullsparse.nn import sparse_modules
+    from fullsparse.sparse_state import add_masked_decay_
 
     layers = []
     for _, m in sparse_modules(model):
@@ -226,12 +243,19 @@ def _weight_side_fn(
         gi = m.gi_mask if cached_masks else None  # type: ignore[attr-defined]
         w = m.weight.detach()
         # the weight gradient a backward adds a deferred decay to (it exists by then)
-        layers.append((w, cfg, int(getattr(m, "groups", 1)), cached, gi, torch.zeros_like(w)))
+        # 2by4's masked decay, once per optimizer step: the forward's mask (recomputed where
+        # the native weight side made the operand without one) and the term
+        masked = m if cfg.decay_kind == "masked_grad" else None
+        layers.append(
+            (w, cfg, int(getattr(m, "groups", 1)), cached, gi, torch.zeros_like(w), masked)
+        )
 
     def work(_: int) -> None:
         with torch.no_grad():
-            for w, cfg, groups, cached, gi, grad in layers:
+            for w, cfg, groups, cached, gi, grad, masked in layers:
                 weight_side_work(w, cfg, groups, cached, gi, grad=grad)
+                if masked is not None:
+                    add_masked_decay_(grad, w, masked.forward_weight_mask(), cfg.decay)
 
     return len(layers), work
 
@@ -298,8 +322,9 @@ def _bench_case(
     device: torch.device,
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
+    decay: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    models = {name: _build(case, name, device, mask_interval, sampling) for name in names}
+    models = {name: _build(case, name, device, mask_interval, sampling, decay) for name in names}
     steps = {name: _step_fn(case, models[name], device) for name in names}
     # the sampling inside each timed step, on its own operands (X as the forward left it,
     # dY just made): a clock over the marked functions (fullsparse.clock)
@@ -407,6 +432,7 @@ def bench_steps(
     progress: Callable[[str], None] | None = None,
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
+    decay: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Time whole training steps of every recipe (``dense`` always included, first) for
     every case of :data:`STEP_CASES` named in ``cases``.
@@ -440,7 +466,7 @@ def bench_steps(
     for case_name in cases:
         report(f"steps {case_name}: {', '.join(names)}")
         rows, work = _bench_case(
-            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval, sampling
+            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval, sampling, decay
         )
         steps += rows
         side += work
@@ -458,6 +484,7 @@ def bench_steps(
             "repeats": repeats,
             "mask_interval": mask_interval,
             "sampling": {k: v for k, v in (sampling or {}).items() if v is not None},
+            "decay": {k: v for k, v in (decay or {}).items() if v is not None},
             "device": str(device),
             "peak_memory": "bytes held at once above what was live before the step "
             + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else

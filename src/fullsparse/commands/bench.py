@@ -102,7 +102,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
     from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES, STEP_DEVICES
-    from fullsparse.config import CONV_SAMPLE_UNIT
+    from fullsparse.config import CONV_SAMPLE_UNIT, DECAY_KIND
 
     steps = sub.add_parser(
         "steps",
@@ -151,6 +151,21 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FLOAT",
         default=None,
         help="the share of every group fst_is keeps",
+    )
+    steps.add_argument(
+        "--decay-kind",
+        choices=DECAY_KIND,
+        metavar="KIND",
+        default=None,
+        help="the decay of every recipe with a sparse forward and a decay: srste (in each "
+        "backward, the recipes' own) or masked_grad (2by4's, once per optimizer step)",
+    )
+    steps.add_argument(
+        "--decay",
+        type=float,
+        metavar="FLOAT",
+        default=None,
+        help="λ of that decay (default: each recipe's own)",
     )
     steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (at least 1 runs)")
     steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median")
@@ -260,8 +275,10 @@ def run_steps(args: argparse.Namespace) -> int:
         raise UserError(f"--mask-interval must be >= 1, got {args.mask_interval}")
     sampling = {"sample_group": args.sample_group, "sample_share": args.sample_share}
     sampling["conv_sample_unit"] = args.conv_sample_unit
+    decay = {"decay_kind": args.decay_kind, "decay": args.decay}
     try:  # the values alone, before any timing
         recipe("fst_is", **{k: v for k, v in sampling.items() if v is not None})
+        recipe("fst", **{k: v for k, v in decay.items() if v is not None})
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.device == "cuda":
@@ -286,6 +303,7 @@ def run_steps(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         mask_interval=args.mask_interval,
         sampling=sampling,
+        decay=decay,
         threads=args.threads,
         device=args.device,
         grad_weight_shape=shape,
