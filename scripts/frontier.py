@@ -52,6 +52,7 @@ ROWS = {
     "fst_is_batch-mask40": ("`fst_is_batch`, masks every 40 steps", None),
     "fst2-mvue": ("`fst_mvue`", "fst_mvue"),
     "fst2-mvue-maskeddecay": ("`fst_mvue` + masked decay", None),
+    "fst_is_batch-maskeddecay": ("`fst_is_batch` + masked decay", None),
 }
 #: (variant, task) whose runs are another variant's: the same computation there, checked
 #: bit for bit (the GPT has no convolution, and one group of 0 or of 4,096 units is the same
@@ -72,11 +73,16 @@ is the larger of the benchmark's two measures: the sampling replayed alone, and 
 clocked inside the timed steps (where the benchmark records it). "—": not measured.
 
 """
-#: study variants (options on a named recipe) benchmarked on their own, masks every 40 steps
-#: (``fullsparse bench steps --recipes R --sample-group ... --mask-interval 40``)
+#: study variants (options on a named recipe) benchmarked on their own: variant -> (the
+#: benchmark's JSON, the recipe row there). Masks every step (``fullsparse bench steps
+#: --recipes R --decay-kind masked_grad --decay 6e-5``) ...
+VARIANT_STEPS = {
+    "fst2-mvue-maskeddecay": ("docs/benchmarks/cpu-steps-maskeddecay.json", "fst_mvue"),
+}
+#: ... and every 40 steps (``--sample-group ... --mask-interval 40``)
 VARIANT_STEPS40 = {
-    "fst_is-g4096-s0.5625": "docs/benchmarks/cpu-steps-g4096.json",
-    "fst_is-g4096-s0.59": "docs/benchmarks/cpu-steps-g4096-s059.json",
+    "fst_is-g4096-s0.5625": ("docs/benchmarks/cpu-steps-g4096.json", "fst_is"),
+    "fst_is-g4096-s0.59": ("docs/benchmarks/cpu-steps-g4096-s059.json", "fst_is"),
 }
 FULLY_SPARSE = 0.9
 PAYS = 1.0
@@ -166,9 +172,11 @@ def frontier(
     steps: dict[str, Any],
     steps40: dict[str, Any],
     variant40: dict[str, dict[str, float]] | None = None,
+    variant1: dict[str, dict[str, float]] | None = None,
 ) -> dict:
-    """One entry per row of ROWS that has any result. ``variant40``: the masks-every-40
-    speed-ups of study variants benchmarked on their own (options on a named recipe)."""
+    """One entry per row of ROWS that has any result. ``variant1`` / ``variant40``: the
+    speed-ups (masks every step / every 40) of study variants benchmarked on their own
+    (options on a named recipe)."""
     entries = []
     for variant, (label, named) in ROWS.items():
         q = qual.get(variant, {})
@@ -177,7 +185,7 @@ def frontier(
         worst = max(v["normalized"] for v in q.values())
         complete = all(task in q and q[task]["seeds"] >= SEEDS_WANTED[task] for task in TASKS)
         sparse = min(v["sparse_fraction"] for v in q.values())
-        s1 = steps.get(named) if named else None
+        s1 = steps.get(named) if named else (variant1 or {}).get(variant)
         s40 = steps40.get(named) if named else (variant40 or {}).get(variant)
         entries.append({
             "variant": variant,
@@ -304,19 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results/frontier"))
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    variant40 = {}
-    for variant, path in VARIANT_STEPS40.items():
-        bench = speed(_load(Path(path)))
-        variant40[variant] = next(v for r, v in bench.items() if r != "dense")
+    variant1 = {v: speed(_load(Path(p)))[r] for v, (p, r) in VARIANT_STEPS.items()}
+    variant40 = {v: speed(_load(Path(p)))[r] for v, (p, r) in VARIANT_STEPS40.items()}
     result = frontier(
         quality(_load(args.quality)["rows"]),
         speed(_load(args.steps)),
         speed(_load(args.steps40)),
         variant40,
+        variant1,
     )
     sources = {"quality": str(args.quality), "steps": str(args.steps),
-               "steps, masks every 40": str(args.steps40),
-               **{f"`{v}`": p for v, p in VARIANT_STEPS40.items()}}  # fmt: skip
+               "steps, masks every 40": str(args.steps40)}  # fmt: skip
+    sources.update({f"`{v}`": p for v, (p, _) in VARIANT_STEPS.items()})
+    sources.update({f"`{v}`, masks every 40": p for v, (p, _) in VARIANT_STEPS40.items()})
     table = markdown(result, sources)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     figure = not args.no_plot and plot(result, args.out.with_suffix(".png"))

@@ -367,12 +367,11 @@ def test_bench_steps_masked_decay_reaches_the_sparse_recipes_their_steps_and_wei
     step(0), step(1)
     assert calls == [len(layers)] * 2  # once per optimizer step, every sparse layer
     added = []
-    monkeypatch.setattr(fullsparse.sparse_state, "add_masked_decay_",
-                        lambda g, w, m, lam: added.append((w.shape, lam, m.dtype)))  # fmt: skip
+    monkeypatch.setattr(fullsparse.sparse_state, "module_masked_decay_",
+                        lambda m, g: added.append((m, g.shape)))  # fmt: skip
     count, work = steps._weight_side_fn(model)
     work(0)
-    want = [(m.weight.shape, 6e-5, torch.bool) for m in layers]
-    assert count == len(layers) and added == want
+    assert count == len(layers) and added == [(m, m.weight.shape) for m in layers]
     argv = ["bench", "steps", "--cases", "tiny-gpt", "--decay-kind", "masked_grad", "--decay",
             "0", "--json", str(tmp_path / "d.json")]  # fmt: skip
     assert main(argv) == 2

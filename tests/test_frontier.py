@@ -120,3 +120,20 @@ def test_a_task_whose_runs_are_another_variants_is_marked(frontier):
 def test_unreadable_input_is_one_line(tmp_path, frontier):
     with pytest.raises(SystemExit, match="frontier: cannot read .*missing.json"):
         frontier.main(["--quality", str(tmp_path / "missing.json"), "--no-plot"])
+
+
+def test_a_variant_benchmarked_on_its_own_gets_its_own_step_speed(frontier):
+    """An option on a named recipe (masked decay) is timed by its own benchmark run: its
+    row shows that run's speed-ups, not the plain recipe's."""
+    tasks = ("resnet20-fashion-mnist-full", "vit-fashion-mnist", "gpt-stdlib")
+    qual = frontier.quality([_row(t, "fst2-mvue-maskeddecay", -0.1, 3, 0.96) for t in tasks])
+    plain = frontier.speed(_bench({"fst_mvue": [0.9, 0.95]}, {}))
+    own = frontier.speed(_bench({"dense": [1, 1], "fst_mvue": [0.85, 0.92]}, {"fst_mvue": 5.5}))
+    result = frontier.frontier(qual, plain, {}, None, {"fst2-mvue-maskeddecay": own["fst_mvue"]})
+    entry = result["entries"][0]
+    assert entry["step_speedup"]["min"] == 0.85 and entry["step_speedup"]["sampling_max"] == 5.5
+    assert not entry["pays"]  # below 1, and no masks-every-40 run
+    table = frontier.markdown(result, {})
+    assert "| `fst_mvue` + masked decay | -0.10 ✓ (3) | -0.10 ✓ (3) | -10.0 % ✓ (3) |" in table
+    assert "| 0.85–0.92 (0.88" in table
+    assert frontier.frontier(qual, plain, {})["entries"][0]["step_speedup"] is None

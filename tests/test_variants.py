@@ -329,6 +329,32 @@ def test_masked_decay_uses_the_mask_the_forward_used(kind):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("name", "kind", "layout"),
+    [("fst", "linear", "im2col"), ("fst_mvue", "conv", "im2col"), ("srste", "conv", "channel")],
+)
+def test_masked_decay_in_one_pass_equals_the_mask_and_the_term(name, kind, layout, monkeypatch):
+    """Masks every step: the term comes from W in one pass (SR-STE's decay term of S_K(W));
+    it equals λ·(W ⊙ ¬S_K(W)) with S_K in the config's grouping, float32, bit for bit."""
+    import fullsparse.sparse_state as state
+
+    lam = 6e-5
+    config = recipe(name, decay=lam, decay_kind="masked_grad", conv_layout=layout)
+    torch.manual_seed(7)
+    if kind == "linear":
+        layer = SparseLinear(64, 32, config=config)
+    else:
+        layer = SparseConv2d(12, 16, 3, padding=1, config=config)
+    grad = torch.randn_like(layer.weight)
+    want = grad + lam * (layer.weight.detach() * ~mask_k(layer.weight.detach(), layout))
+    one_pass = []
+    real = state.add_deferred_decay
+    monkeypatch.setattr(state, "add_deferred_decay", lambda *a: one_pass.append(1) or real(*a))
+    got = state.module_masked_decay_(layer, grad.clone())
+    assert torch.equal(got, want)
+    assert one_pass == ([] if layout == "channel" else [1])  # the grouping the kernel knows
+
+
 def test_the_trainer_applies_the_masked_decay_once_per_optimizer_step(tmp_path, monkeypatch):
     import fullsparse.train.guard as guard
 

@@ -33,6 +33,7 @@ from fullsparse.config import SparsityConfig, resolve_config
 from fullsparse.kernels import check_backend
 from fullsparse.operands import (
     SOFT,
+    add_deferred_decay,
     mask_co,
     mask_k,
     output_weight_mask,
@@ -447,12 +448,34 @@ def masked_grad_decay_(model: nn.Module) -> int:
         grad = module.weight.grad  # type: ignore[union-attr]
         if config.decay_kind != "masked_grad" or grad is None:
             continue
-        weight = module._gemm_weight().detach()  # type: ignore[attr-defined]
-        mask = module.forward_weight_mask()  # type: ignore[attr-defined]
-        assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
-        add_masked_decay_(grad, weight, mask, config.decay)
+        module_masked_decay_(module, grad)
         changed += 1
     return changed
+
+
+def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
+    """``grad += λ·(W ⊙ ¬m)`` in place for one sparse layer (``m``: its forward mask,
+    :meth:`forward_weight_mask`). Where ``m`` is S_K of the weight as it stands (masks every
+    step, no fixed mask, the ``im2col`` grouping) this is SR-STE's decay term of that
+    forward, ``λ·(W − W·S_K(W))``, added in one pass over W
+    (:func:`~fullsparse.operands.add_deferred_decay`: the native kernel where it applies);
+    elsewhere the mask is made, or taken from the cache, and the term added."""
+    config = module.config  # type: ignore[attr-defined]
+    weight = module._gemm_weight()  # type: ignore[operator]
+    one_pass = (
+        config.operands.output_weight in ("S_K(W)", SOFT)
+        and (config.conv_layout == "im2col" or weight.ndim == 2)
+        and module._cached_mask_rule() is None  # type: ignore[operator]
+        and getattr(module, "fixed_mask", None) is None
+        and grad.shape == weight.shape
+        and grad.dtype == weight.dtype
+    )
+    with torch.no_grad():
+        if one_pass:
+            return add_deferred_decay(grad, weight, config.decay)
+        mask = module.forward_weight_mask()  # type: ignore[operator]
+        assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
+        return add_masked_decay_(grad, weight.detach(), mask, config.decay)
 
 
 def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:

@@ -234,7 +234,7 @@ def _weight_side_fn(
     ``cached_masks``: the work of a step between two mask recomputations (``mask_interval >
     1``): the module's cached S_K and S_Co masks are applied, not recomputed."""
     from fullsparse.nn import sparse_modules
-    from fullsparse.sparse_state import add_masked_decay_
+    from fullsparse.sparse_state import module_masked_decay_
 
     layers = []
     for _, m in sparse_modules(model):
@@ -243,8 +243,7 @@ def _weight_side_fn(
         gi = m.gi_mask if cached_masks else None  # type: ignore[attr-defined]
         w = m.weight.detach()
         # the weight gradient a backward adds a deferred decay to (it exists by then)
-        # 2by4's masked decay, once per optimizer step: the forward's mask (recomputed where
-        # the native weight side made the operand without one) and the term
+        # 2by4's masked decay, once per optimizer step, as the trainer adds it
         masked = m if cfg.decay_kind == "masked_grad" else None
         layers.append(
             (w, cfg, int(getattr(m, "groups", 1)), cached, gi, torch.zeros_like(w), masked)
@@ -255,7 +254,7 @@ def _weight_side_fn(
             for w, cfg, groups, cached, gi, grad, masked in layers:
                 weight_side_work(w, cfg, groups, cached, gi, grad=grad)
                 if masked is not None:
-                    add_masked_decay_(grad, w, masked.forward_weight_mask(), cfg.decay)
+                    module_masked_decay_(masked, grad)
 
     return len(layers), work
 
