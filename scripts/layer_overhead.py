@@ -40,8 +40,9 @@ import torch
 
 from fullsparse.bench.harness import interleaved_times, machine_info, paired_speedup
 from fullsparse.bench.steps import STEP_CASES, StepCase, _build, _step_fn
-from fullsparse.config import RECIPES, SparsityConfig
+from fullsparse.config import SparsityConfig
 from fullsparse.nn import SparseConv2d, SparseLinear, sparsify_
+from fullsparse.recipes import RECIPES
 
 #: the pseudo-recipes of dense's products through the sparse layers, and through a
 #: minimal Python autograd function at the same layers (module docstring)

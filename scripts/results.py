@@ -240,7 +240,8 @@ def step_units(recipe_name: str) -> float:
     GEMM counts 1/2 when one of its operands is 2:4 along its reduction axis
     (``fullsparse.config.SPARSE_ALONG``) or is meProp's 50 % top-k (a count of
     multiply-adds: no hardware runs unstructured top-k faster)."""
-    from fullsparse.config import SPARSE_ALONG, recipe
+    from fullsparse.config import SPARSE_ALONG
+    from fullsparse.recipes import recipe
 
     ops = recipe(recipe_name).operands
     operands = {

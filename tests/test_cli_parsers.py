@@ -78,6 +78,7 @@ OTHER_ENUMS = {
     (("bench", "gpu"), "dtype"): tuple(GPU_DTYPES),
     (("bench", "steps"), "device"): STEP_DEVICES,
     (("bench", "steps"), "conv_sample_unit"): CONV_SAMPLE_UNIT,
+    (("bench", "steps"), "decay_kind"): DECAY_KIND,
     (("analyze", "fidelity"), "reference"): REFERENCES,
     (("analyze", "overhead"), "recipe"): RECIPES,
     **{(("analyze", a), "split"): SPLITS for a in ("similarity", "neighbors", "fidelity")},

@@ -202,3 +202,16 @@ def test_operand_table_gives_each_recipe_its_spec_row():
     for config in [recipe(n) for n in fullsparse.RECIPES] + [pruned_config]:
         for symbol in dataclasses.astuple(config.operands)[:5]:
             assert symbol in SPARSE_ALONG, symbol
+
+
+def test_the_named_recipes_are_importable_from_config_as_before():
+    """The recipe table lives in fullsparse.recipes; the old import path still gives the
+    same objects, and an unknown name is still an AttributeError."""
+    import fullsparse.config as config
+    import fullsparse.recipes as recipes
+
+    for name in ("COMPARE_RECIPES", "RECIPE_PINNED", "RECIPE_TABLE", "RECIPES", "recipe",
+                 "resolve_config"):  # fmt: skip
+        assert getattr(config, name) is getattr(recipes, name)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        config.no_such_name  # noqa: B018

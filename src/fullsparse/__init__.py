@@ -10,7 +10,7 @@ The public face::
 See ``docs/spec.md`` (the contract) and README.md.
 """
 
-from fullsparse.config import RECIPES, SparsityConfig, recipe
+from fullsparse.config import SparsityConfig
 from fullsparse.nn import (
     SparseConv2d,
     SparseLinear,
@@ -20,6 +20,7 @@ from fullsparse.nn import (
     end_optimizer_step,
     sparsify_,
 )
+from fullsparse.recipes import RECIPES, recipe
 
 #: The release, kept equal to ``version`` in pyproject.toml (a test checks it).
 __version__ = "0.2.0.dev0"

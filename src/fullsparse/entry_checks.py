@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.config import SparsityConfig
 from fullsparse.kernels import check_backend
 from fullsparse.kernels.reference import NO_CONTEXT
+from fullsparse.recipes import resolve_config
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

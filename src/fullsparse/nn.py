@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.config import SparsityConfig
 from fullsparse.entry_checks import _autocast_dtype
 from fullsparse.functional import apply_conv, apply_linear, conv_plan, linear_plan
 from fullsparse.kernels import (
@@ -29,6 +29,7 @@ from fullsparse.kernels import (
     predict_plan,
 )
 from fullsparse.nn_report import LayerReport, SparsifyReport
+from fullsparse.recipes import resolve_config
 from fullsparse.sparse_state import (
     StepCounting,
     _SparseMixin,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from fullsparse.config import SparsityConfig, resolve_config
+from fullsparse.config import SparsityConfig
 from fullsparse.kernels import check_backend
 from fullsparse.operands import (
     SOFT,
@@ -41,6 +41,7 @@ from fullsparse.operands import (
     soft_scale,
     transposable_mask,
 )
+from fullsparse.recipes import resolve_config
 from fullsparse.sampling import SAMPLED_MODES, AdaptiveState
 
 __all__ = [

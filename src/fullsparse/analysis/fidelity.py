@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fullsparse.config import RECIPES, SparsityConfig, recipe
+from fullsparse.config import SparsityConfig
 from fullsparse.nn import densify_, sparsify_
+from fullsparse.recipes import RECIPES, recipe
 
 __all__ = [
     "MODES",

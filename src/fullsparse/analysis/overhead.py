@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fullsparse.config import recipe as make_recipe
 from fullsparse.functional import ir_grad_output, mask_co, mask_k
 from fullsparse.masks import mask_2to4
 from fullsparse.nn import densify_, sparse_modules, sparsify_
+from fullsparse.recipes import recipe as make_recipe
 
 __all__ = [
     "OPERATORS",

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fullsparse.config import recipe as make_recipe
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.recipes import recipe as make_recipe
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.run_folder import RUN_CONTROL
 from fullsparse.train.schedule import fraction_text, mean_account

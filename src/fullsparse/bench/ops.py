@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fullsparse.config import RECIPES, SparsityConfig, recipe
+from fullsparse.config import SparsityConfig
 from fullsparse.functional import (
     ConvGeometry,
     conv_grad_input,
@@ -22,6 +22,7 @@ from fullsparse.functional import (
     sparse_linear,
 )
 from fullsparse.operands import add_deferred_decay, weight_operands
+from fullsparse.recipes import RECIPES, recipe
 from fullsparse.roles import (
     conv_grad_input_for,
     conv_grad_weight,

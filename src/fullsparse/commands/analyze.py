@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fullsparse.config import RECIPES
 from fullsparse.errors import UserError
+from fullsparse.recipes import RECIPES
 
 #: The splits the images of an analysis come from.
 SPLITS = ("train", "test")

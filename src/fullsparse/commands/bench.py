@@ -249,7 +249,7 @@ def run_steps(args: argparse.Namespace) -> int:
     from fullsparse.bench.ops import RECIPES
     from fullsparse.bench.report import format_steps
     from fullsparse.bench.steps import GRAD_WEIGHT_SHAPE, STEP_CASES, bench_steps
-    from fullsparse.config import recipe
+    from fullsparse.recipes import recipe
 
     cases: list[str] = []
     for c in (c.strip() for c in args.cases.split(",")):

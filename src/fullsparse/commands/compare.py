@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from fullsparse.commands.train import add_train_arguments, overrides_from_args, refuse_flags
-from fullsparse.config import COMPARE_RECIPES
 from fullsparse.errors import ConfigError
+from fullsparse.recipes import COMPARE_RECIPES
 
 #: The line of ``fullsparse --help`` and the text of ``fullsparse compare --help``.
 HELP = "train several recipes with identical settings and print one table"

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from fullsparse.config import COMPARE_RECIPES, RECIPES, recipe
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.recipes import COMPARE_RECIPES, RECIPES, recipe
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.schedule import fraction_text
 

@@ -29,12 +29,11 @@ from fullsparse.config import (
     GRAD_INPUT_SOURCE,
     GRAD_WEIGHT_MODE,
     OUTPUT_WEIGHT,
-    RECIPES,
     SparsityConfig,
-    recipe,
 )
 from fullsparse.errors import ConfigError
 from fullsparse.limits import check_config_ranges
+from fullsparse.recipes import RECIPES, recipe
 from fullsparse.train.config_checks import (
     DETECTION_DATASETS,
     LM_DATASETS,
