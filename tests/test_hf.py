@@ -86,6 +86,30 @@ def test_conv1d_equals_linear_with_transposed_weight(name: str) -> None:
         assert torch.equal(sconv.tsm_mask, slin.tsm_mask)  # cached in the Linear layout
 
 
+@pytest.mark.parametrize(("nf", "nx", "interval"), [(16, 16, 1), (16, 16, 3), (12, 16, 1)])
+def test_conv1d_masked_decay_is_the_linears_transposed(nf: int, nx: int, interval: int) -> None:
+    """2by4's masked decay lands on a Conv1D's gradient in the Parameter's layout, also for
+    a square weight (whose shape cannot tell the two layouts apart: GPT-2's attention
+    projection), masks every step (one pass over W) and cached (mask and term)."""
+    from fullsparse.hf import SparseConv1D
+    from fullsparse.nn import masked_grad_decay_
+
+    config = fullsparse.recipe("fst", decay=1e-2, decay_kind="masked_grad", mask_interval=interval)
+    conv, lin = _conv1d_and_linear(nf=nf, nx=nx, seed=5)
+    sconv, slin = SparseConv1D.from_dense(conv, config), SparseLinear.from_dense(lin, config)
+    x = torch.randn(2, 6, nx, dtype=torch.float64)
+    gy = torch.randn(2, 6, nf, dtype=torch.float64)
+    for m in (sconv, slin):
+        _step(m, x, gy)
+    before = slin.weight.grad.clone()
+    for m in (sconv, slin):
+        assert masked_grad_decay_(nn.Sequential(m)) == 1
+    w = slin.weight.detach()
+    want = before + 1e-2 * w * ~slin.forward_weight_mask()  # float64, the Linear layout
+    torch.testing.assert_close(slin.weight.grad, want, **TOL64)
+    torch.testing.assert_close(sconv.weight.grad, want.t(), **TOL64)
+
+
 def _gpt2(**overrides: Any) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

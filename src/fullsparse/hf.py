@@ -67,8 +67,8 @@ class SparseConv1D(_SparseMixin, Conv1D):
     def _dense_args(cls, module: nn.Module) -> tuple[Any, ...]:
         return (module.nf, module.nx)
 
-    def _gemm_weight(self) -> Tensor:
-        return self.weight.t()  # [d_out, d_in], a view
+    def _gemm_layout(self, t: Tensor) -> Tensor:
+        return t.t()  # [d_in, d_out] -> [d_out, d_in], a view
 
     @classmethod
     def _gemm_weight_of(cls, dense: nn.Module) -> Tensor:

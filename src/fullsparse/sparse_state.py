@@ -152,7 +152,14 @@ class _SparseMixin:
         The TSM mask has this shape. A module whose Parameter is stored in another layout
         (Hugging Face ``Conv1D``: ``[d_in, d_out]``) returns a view.
         """
-        return self.weight
+        return self._gemm_layout(self.weight)  # type: ignore[arg-type]
+
+    def _gemm_layout(self, t: Tensor) -> Tensor:
+        """``t``, a tensor in the weight Parameter's layout (its gradient), as a view in the
+        GEMM layout of :meth:`_gemm_weight` (a module that stores it otherwise overrides
+        this: the layout is the module's fact, not the shape's — a square weight looks the
+        same either way)."""
+        return t
 
     @classmethod
     def _gemm_weight_of(cls, dense: nn.Module) -> Tensor:
@@ -455,7 +462,8 @@ def masked_grad_decay_(model: nn.Module) -> int:
 
 
 def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
-    """``grad += λ·(W ⊙ ¬m)`` in place for one sparse layer (``m``: its forward mask,
+    """``grad += λ·(W ⊙ ¬m)`` in place for one sparse layer (``grad`` in the weight
+    Parameter's layout, returned as the module's GEMM-layout view of it; ``m``: its forward mask,
     :meth:`forward_weight_mask`). Where ``m`` is S_K of the weight as it stands (masks every
     step, no fixed mask, the ``im2col`` grouping) this is SR-STE's decay term of that
     forward, ``λ·(W − W·S_K(W))``, added in one pass over W
@@ -463,12 +471,12 @@ def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
     elsewhere the mask is made, or taken from the cache, and the term added."""
     config = module.config  # type: ignore[attr-defined]
     weight = module._gemm_weight()  # type: ignore[operator]
+    grad = module._gemm_layout(grad)  # type: ignore[operator]
     one_pass = (
         config.operands.output_weight in ("S_K(W)", SOFT)
         and (config.conv_layout == "im2col" or weight.ndim == 2)
         and module._cached_mask_rule() is None  # type: ignore[operator]
         and getattr(module, "fixed_mask", None) is None
-        and grad.shape == weight.shape
         and grad.dtype == weight.dtype
     )
     with torch.no_grad():
@@ -480,12 +488,9 @@ def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
 
 
 def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:
-    """``grad += λ·(W ⊙ ¬m)`` in place (W and m in the GEMM layout; a ``grad`` of the
-    transposed shape — a Hugging Face ``Conv1D`` Parameter — gets the term transposed)."""
-    term = (weight * ~mask).mul_(decay)
-    if term.shape != grad.shape:
-        term = term.t()
-    return grad.add_(term.to(grad.dtype))
+    """``grad += λ·(W ⊙ ¬m)`` in place, all four in one layout (a module's GEMM layout:
+    :func:`module_masked_decay_` passes a gradient through the module's view of it)."""
+    return grad.add_((weight * ~mask).mul_(decay).to(grad.dtype))
 
 
 # --------------------------------------------------------------------------- steps
