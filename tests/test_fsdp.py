@@ -25,7 +25,12 @@ import torch.nn.functional as F
 import fullsparse
 from fullsparse.errors import ConfigError, UserError
 from fullsparse.models import build_model
-from fullsparse.nn import load_sparse_state_, sparse_modules, sparse_state_dict
+from fullsparse.nn import (
+    load_sparse_state_,
+    masked_grad_decay_,
+    sparse_modules,
+    sparse_state_dict,
+)
 from fullsparse.train import (
     TrainConfig,
     convert_checkpoint,
@@ -43,7 +48,7 @@ SAVE_AT = 2
 def _model(recipe: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model("vit_tiny", 10, 3, 8, depth=2, embed_dim=32, num_heads=2)
-    fullsparse.sparsify_(model, recipe)
+    fullsparse.sparsify_(model, RECIPES[recipe])
     return model
 
 
@@ -66,6 +71,7 @@ def _single_process(recipe: str) -> tuple[list[float], dict[str, torch.Tensor], 
     for x, y in _batches():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
+        masked_grad_decay_(model)  # 2by4's decay where the config asks for it
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
@@ -79,6 +85,7 @@ def _sharded_steps(model, opt, batches, rank: int) -> list[float]:
         # each rank takes its half of the global batch; FSDP averages the gradients
         loss = F.cross_entropy(model(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
         loss.backward()
+        masked_grad_decay_(model)  # on the sharded gradients and weights
         opt.step()
         opt.zero_grad()
         total = loss.detach().clone()
@@ -87,7 +94,16 @@ def _sharded_steps(model, opt, batches, rank: int) -> list[float]:
     return losses
 
 
-RECIPES = ("fst", "tsm")  # S_K / S_Co masks at every step; a cached transposable mask
+#: S_K / S_Co masks at every step; a cached transposable mask; 2by4's masked decay on the
+#: sharded weights, with S_K of the weight (one pass) and with a cached S_K mask
+RECIPES = {
+    "fst": "fst",
+    "tsm": "tsm",
+    "fst-masked": fullsparse.recipe("fst", decay_kind="masked_grad", decay=1e-2),
+    "fst-masked-cached": fullsparse.recipe(
+        "fst", decay_kind="masked_grad", decay=1e-2, mask_interval=3
+    ),
+}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -154,7 +170,7 @@ def _check(recipe: str, got: dict) -> None:
     for key, value in want_state.items():
         torch.testing.assert_close(got["final"][key], value, rtol=1e-4, atol=1e-5)
     masks = got["masks"]
-    if recipe == "tsm":  # cached masks: those of one process, on both ranks
+    if recipe in ("tsm", "fst-masked-cached"):  # cached masks: one process's, on both ranks
         assert want_masks and masks[0].keys() == masks[1].keys() == want_masks.keys()
         for name, mask in want_masks.items():
             assert torch.equal(masks[0][name], mask) and torch.equal(masks[1][name], mask)

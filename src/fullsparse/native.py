@@ -186,10 +186,19 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+#: the tensor types whose ``data_ptr()`` is the memory the kernels read: a subclass (a
+#: sharded ``DTensor`` under FSDP2, a fake or functional tensor) wraps its data elsewhere
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain(t: Tensor) -> bool:
+    return type(t) in _PLAIN
+
+
 def _usable(*tensors: Tensor) -> ctypes.CDLL | None:
-    """The library, if every tensor is a float32 CPU tensor outside a compile trace."""
+    """The library, if every tensor is a plain float32 CPU tensor outside a compile trace."""
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
+        if not _plain(t) or t.dtype != torch.float32 or t.device.type != "cpu":
             return None
     if torch.compiler.is_compiling() or not available():
         return None
@@ -240,7 +249,7 @@ def masked_weight_side(
     apply (not contiguous float32 / bool CPU tensors of one shape)."""
     masks = [out_mask] if co_mask is None else [out_mask, co_mask]
     for m in masks:
-        if m.dtype != torch.bool or m.shape != w.shape or not m.is_contiguous():
+        if not _plain(m) or m.dtype != torch.bool or m.shape != w.shape or not m.is_contiguous():
             return None
         if m.device.type != "cpu":
             return None
@@ -368,6 +377,8 @@ def gather_rows(
     (an IndexError) unless ``index_checked`` says a call on as many rows just did."""
     if not _rows(src) or index.dtype != torch.int64 or not index.is_contiguous():
         return None
+    if not _plain(index):
+        return None
     if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
         return None
     lib = _usable(src)
@@ -431,6 +442,8 @@ def gather_blocks(
         return None
     if units.dtype != torch.int64 or not units.is_contiguous() or units.device.type != "cpu":
         return None
+    if not _plain(units):
+        return None
     if scale.numel() != units.numel():
         return None
     lib = _usable(x, dy, scale)
@@ -455,7 +468,9 @@ def count(state: Tensor, kept: int, total: int) -> bool:
     """:meth:`fullsparse.sampling.AdaptiveState.count` on a float64 CPU state in one call (no
     tensor made, no operator dispatched: this runs in every sampled layer's backward); the
     same bits. False where it does not apply (nothing done)."""
-    if state.dtype != torch.float64 or state.device.type != "cpu" or state.numel() < 6:
+    if not _plain(state) or state.dtype != torch.float64 or state.device.type != "cpu":
+        return False
+    if state.numel() < 6:
         return False
     if not state.is_contiguous() or max(abs(kept), abs(total)) >= 2**53:
         return False

@@ -484,7 +484,20 @@ def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
             return add_deferred_decay(grad, weight, config.decay)
         mask = module.forward_weight_mask()  # type: ignore[operator]
         assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
-        return add_masked_decay_(grad, weight.detach(), mask, config.decay)
+        return add_masked_decay_(grad, weight.detach(), _laid_out_as(mask, weight), config.decay)
+
+
+def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` — a whole tensor every process holds alike (a cached mask) — laid out as
+    ``like`` when that is a sharded ``DTensor`` (FSDP2's weights outside a forward): each
+    process keeps its own part, no communication; ``t`` itself otherwise."""
+    if type(like) in (torch.Tensor, nn.Parameter) or type(t) is not torch.Tensor:
+        return t
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return t
+    return distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:
