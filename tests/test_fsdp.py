@@ -38,6 +38,7 @@ from fullsparse.train import (
     load_checkpoint,
     train,
 )
+from fullsparse.train.asp import keep_pruned_zero, prune_once_
 from fullsparse.train.fsdp import full_state_dicts, load_full_state_dicts_, shard_model_
 
 WORLD = 2
@@ -64,9 +65,19 @@ def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)  # momentum: state to save
 
 
+def _asp(model: torch.nn.Module, opt: torch.optim.Optimizer, recipe: str, prune: bool) -> None:
+    """Recipe asp: prune the (here: freshly initialised) weights once, then the hooks that
+    keep the pruned ones zero (a resumed model gets its fixed masks from the sparse state)."""
+    if recipe == "asp":
+        if prune:
+            prune_once_(model)
+        keep_pruned_zero(model, opt)
+
+
 def _single_process(recipe: str) -> tuple[list[float], dict[str, torch.Tensor], dict]:
     model = _model(recipe)
     opt = _optimizer(model)
+    _asp(model, opt, recipe, prune=True)
     losses = []
     for x, y in _batches():
         loss = F.cross_entropy(model(x), y)
@@ -76,6 +87,8 @@ def _single_process(recipe: str) -> tuple[list[float], dict[str, torch.Tensor], 
         opt.zero_grad()
         losses.append(float(loss.detach()))
     masks = {n: m.tsm_mask for n, m in sparse_modules(model) if m.tsm_mask is not None}
+    masks.update({f"{n}.fixed": m.fixed_mask for n, m in sparse_modules(model)
+                  if m.fixed_mask is not None})  # fmt: skip
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, masks
 
 
@@ -103,6 +116,7 @@ RECIPES = {
     "fst-masked-cached": fullsparse.recipe(
         "fst", decay_kind="masked_grad", decay=1e-2, mask_interval=3
     ),
+    "asp": "asp",  # pruned once, fixed masks kept through the steps and the resume
 }
 
 
@@ -124,6 +138,7 @@ def _run(rank: int, recipe: str, out: str) -> None:
     batches = _batches()
     model = shard_model_(_model(recipe))
     opt = _optimizer(model)
+    _asp(model, opt, recipe, prune=True)  # on the sharded weights
     first = _sharded_steps(model, opt, batches[:SAVE_AT], rank)
     model_state, optim_state = full_state_dicts(model, opt)
     sparse_state = sparse_state_dict(model)
@@ -136,8 +151,11 @@ def _run(rank: int, recipe: str, out: str) -> None:
     opt = _optimizer(model)
     load_full_state_dicts_(model, saved["model"], opt, saved["optim"])
     load_sparse_state_(model, saved["sparse"])
+    _asp(model, opt, recipe, prune=False)
     rest = _sharded_steps(model, opt, batches[SAVE_AT:], rank)
     masks = {n: m.tsm_mask for n, m in sparse_modules(model) if m.tsm_mask is not None}
+    masks.update({f"{n}.fixed": m.fixed_mask for n, m in sparse_modules(model)
+                  if m.fixed_mask is not None})  # fmt: skip
     every_rank: list = [None] * WORLD
     dist.all_gather_object(every_rank, masks)
     final, _ = full_state_dicts(model)
@@ -170,7 +188,7 @@ def _check(recipe: str, got: dict) -> None:
     for key, value in want_state.items():
         torch.testing.assert_close(got["final"][key], value, rtol=1e-4, atol=1e-5)
     masks = got["masks"]
-    if recipe in ("tsm", "fst-masked-cached"):  # cached masks: one process's, on both ranks
+    if recipe in ("tsm", "fst-masked-cached", "asp"):  # cached / fixed masks: one process's
         assert want_masks and masks[0].keys() == masks[1].keys() == want_masks.keys()
         for name, mask in want_masks.items():
             assert torch.equal(masks[0][name], mask) and torch.equal(masks[1][name], mask)
@@ -323,3 +341,22 @@ def test_fsdp_with_gradient_accumulation_equals_one_process(tmp_path):
         assert torch.equal(got["sparse_state"][key], value), key
     clocks = {int(v) for k, v in got["sparse_state"].items() if k.endswith("tsm_step")}
     assert clocks == {8}
+
+
+@pytest.mark.slow
+def test_fsdp_asp_prunes_a_dense_run_like_one_process(tmp_path):
+    """recipe asp under --fsdp: the dense run's weights load into the sharded model, the
+    masks are those of the whole weights, and 2 processes train as 1."""
+    dense = tmp_path / "dense"
+    train(TrainConfig(out=str(dense), **RUN | {"recipe": "dense", "epochs": 1}))
+    asp = RUN | {"recipe": "asp", "init_from": str(dense), "epochs": 1}
+    train(TrainConfig(out=str(tmp_path / "one"), **asp))
+    flags = [*_cli_flags(), "--recipe", "asp", "--init-from", str(dense), "--epochs", "1"]
+    _torchrun(*flags, "--fsdp", "--out", str(tmp_path / "two"))
+    want, got = (load_checkpoint(tmp_path / r / "last.pt") for r in ("one", "two"))
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    fixed = [k for k in want["sparse_state"] if k.endswith("fixed_mask")]
+    assert fixed and all(
+        torch.equal(got["sparse_state"][k], want["sparse_state"][k]) for k in fixed
+    )

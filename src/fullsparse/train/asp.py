@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, ConfigError
 from fullsparse.operands import mask_k
-from fullsparse.sparse_state import sparse_modules
+from fullsparse.sparse_state import _laid_out_as, sparse_modules
+from fullsparse.train.fsdp import load_model_state_
 from fullsparse.train.protocol import TrainerView
 
 __all__ = ["ASP_RECIPE", "init_checkpoint", "prune_once_", "keep_pruned_zero", "pretraining_cost"]
@@ -63,7 +64,7 @@ def load_init_weights_(model: nn.Module, init_from: str) -> None:
     if mismatch:
         raise CheckpointError(f"--init-from {path}: its weights do not fit this model: {mismatch}")
     try:
-        model.load_state_dict(state["model"])
+        load_model_state_(model, state["model"])  # sharded under --fsdp: each rank its shard
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -78,11 +79,18 @@ def prune_once_(model: nn.Module) -> dict[str, Tensor]:
     with torch.no_grad():
         for name, module in sparse_modules(model):
             weight = module._gemm_weight()  # type: ignore[operator]
-            mask = mask_k(weight.detach())
+            mask = mask_k(_whole(weight.detach()))  # a sharded weight: of the whole weight
             module.fixed_mask = mask  # type: ignore[assignment]
-            weight.mul_(mask)
+            weight.mul_(_laid_out_as(mask, weight))
             masks[name] = mask
     return masks
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A sharded ``DTensor`` (FSDP2's weights outside a forward) gathered whole (a collective:
+    every rank calls it in the same order); any other tensor as it is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def _parameter_masks(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
@@ -101,7 +109,8 @@ def _parameter_masks(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
             weight: nn.Parameter = module.weight  # type: ignore[assignment]
             saved = weight.detach().clone()
             weight.zero_()
-            module._gemm_weight().masked_fill_(mask, 1.0)  # type: ignore[operator]
+            gemm = module._gemm_weight()  # type: ignore[operator]
+            gemm.masked_fill_(_laid_out_as(mask, gemm), 1.0)
             param_mask = weight.detach() != 0
             weight.copy_(saved)
             pairs.append((weight, param_mask))
