@@ -346,8 +346,8 @@ def test_bench_steps_sampling_groups_reach_only_the_recipes_they_steer(tmp_path,
 def test_bench_steps_masked_decay_reaches_the_sparse_recipes_their_steps_and_weight_side(
     tmp_path, capsys, monkeypatch
 ):
+    import fullsparse.masked_decay
     import fullsparse.nn
-    import fullsparse.sparse_state
     from fullsparse.bench import steps
 
     decay = {"decay_kind": "masked_grad", "decay": 6e-5}
@@ -367,7 +367,7 @@ def test_bench_steps_masked_decay_reaches_the_sparse_recipes_their_steps_and_wei
     step(0), step(1)
     assert calls == [len(layers)] * 2  # once per optimizer step, every sparse layer
     added = []
-    monkeypatch.setattr(fullsparse.sparse_state, "module_masked_decay_",
+    monkeypatch.setattr(fullsparse.masked_decay, "module_masked_decay_",
                         lambda m, g: added.append((m, g.shape)))  # fmt: skip
     count, work = steps._weight_side_fn(model)
     work(0)

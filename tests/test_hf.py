@@ -358,15 +358,22 @@ def test_docs_huggingface_md_runs(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "gpt2-fst-2to4" / "model.safetensors").is_file()
 
 
-def _trainer_run(tmp_path, name: str, batch: int, accumulation: int, count: bool) -> nn.Module:
+def _trainer_run(
+    tmp_path, name: str, batch: int, accumulation: int, count: bool, **kw: Any
+) -> nn.Module:
     """3 SGD steps of transformers.Trainer over 12 sequences: batches of ``batch``,
-    ``accumulation`` of them per step; ``count``: ``count_optimizer_steps`` first."""
+    ``accumulation`` of them per step; ``count``: ``count_optimizer_steps`` first.
+    ``decay_kind`` (default srste), ``masked_hook`` (``masked_decay_on_step`` first) and
+    ``max_grad_norm`` (the Trainer's default 1.0) as given."""
     from transformers import Trainer, TrainingArguments
 
     nodrop = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # the same maths per split
     model = _gpt2(**nodrop)
-    sparsify_(model, fullsparse.recipe("srste", mask_interval=2, decay=0.05))
+    kind = kw.get("decay_kind", "srste")
+    sparsify_(model, fullsparse.recipe("srste", mask_interval=2, decay=0.05, decay_kind=kind))
     handle = fullsparse.count_optimizer_steps(model) if count else None  # before the Trainer
+    if kw.get("masked_hook"):
+        handle_md = fullsparse.nn.masked_decay_on_step(model)  # every optimizer holding it
     tokens = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(2))
     args = TrainingArguments(
         output_dir=str(tmp_path / name),
@@ -381,13 +388,36 @@ def _trainer_run(tmp_path, name: str, batch: int, accumulation: int, count: bool
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        max_grad_norm=kw.get("max_grad_norm", 1.0),
     )
     data = [{"input_ids": t, "labels": t} for t in tokens]
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3
     if handle is not None:
         handle.remove()
+    if kw.get("masked_hook"):
+        handle_md.remove()
     return model
+
+
+def test_trainer_adds_the_masked_decay_through_the_step_hook(tmp_path) -> None:
+    """Under transformers.Trainer, ``masked_decay_on_step`` adds 2by4's decay once per
+    optimizer step: with no clipping and one backward per step it equals the SR-STE decay
+    in the backward; without the hook a masked_grad config gets no decay at all."""
+    plain = dict(max_grad_norm=0.0)
+    srste = _trainer_run(tmp_path, "srste", 4, 1, False, **plain)
+    hooked = _trainer_run(tmp_path, "hook", 4, 1, False, decay_kind="masked_grad",
+                          masked_hook=True, **plain)  # fmt: skip
+    bare = _trainer_run(tmp_path, "bare", 4, 1, False, decay_kind="masked_grad", **plain)
+    for (name, p), q in zip(srste.named_parameters(), hooked.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    pairs = zip(srste.parameters(), bare.parameters(), strict=True)
+    assert max((p - q).abs().max().item() for p, q in pairs) > 1e-4  # the decay shows
+    with torch.no_grad():  # the hook is gone: a later step of any optimizer adds nothing
+        for p in hooked.parameters():
+            p.grad = torch.zeros_like(p)
+        torch.optim.SGD(hooked.parameters(), lr=0.0).step()
+        assert all(not p.grad.any() for p in hooked.parameters())
 
 
 def test_trainer_gradient_accumulation_equals_the_whole_batch(tmp_path) -> None:

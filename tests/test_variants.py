@@ -336,7 +336,7 @@ def test_masked_decay_uses_the_mask_the_forward_used(kind):
 def test_masked_decay_in_one_pass_equals_the_mask_and_the_term(name, kind, layout, monkeypatch):
     """Masks every step: the term comes from W in one pass (SR-STE's decay term of S_K(W));
     it equals λ·(W ⊙ ¬S_K(W)) with S_K in the config's grouping, float32, bit for bit."""
-    import fullsparse.sparse_state as state
+    import fullsparse.masked_decay as state
 
     lam = 6e-5
     config = recipe(name, decay=lam, decay_kind="masked_grad", conv_layout=layout)

@@ -28,6 +28,7 @@ from fullsparse.kernels import (
     check_backend,
     predict_plan,
 )
+from fullsparse.masked_decay import MaskedDecayHook, masked_decay_on_step, masked_grad_decay_
 from fullsparse.nn_report import LayerReport, SparsifyReport
 from fullsparse.recipes import resolve_config
 from fullsparse.sparse_state import (
@@ -36,7 +37,6 @@ from fullsparse.sparse_state import (
     count_optimizer_steps,
     end_optimizer_step,
     load_sparse_state_,
-    masked_grad_decay_,
     pruned_state_dict,
     sparse_modules,
     sparse_state_dict,
@@ -56,6 +56,8 @@ __all__ = [
     "load_sparse_state_",
     "pruned_state_dict",
     "masked_grad_decay_",
+    "masked_decay_on_step",
+    "MaskedDecayHook",
     "count_optimizer_steps",
     "end_optimizer_step",
     "StepCounting",

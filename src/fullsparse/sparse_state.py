@@ -33,7 +33,6 @@ from fullsparse.config import SparsityConfig
 from fullsparse.kernels import check_backend
 from fullsparse.operands import (
     SOFT,
-    add_deferred_decay,
     mask_co,
     mask_k,
     output_weight_mask,
@@ -49,7 +48,6 @@ __all__ = [
     "sparse_state_dict",
     "load_sparse_state_",
     "pruned_state_dict",
-    "masked_grad_decay_",
     "count_optimizer_steps",
     "end_optimizer_step",
     "StepCounting",
@@ -436,74 +434,6 @@ def pruned_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if key in state:
             state[key] = module.pruned_weight().clone()  # type: ignore[attr-defined]
     return state
-
-
-# --------------------------------------------------------------------------- masked decay
-def masked_grad_decay_(model: nn.Module) -> int:
-    """2by4's masked decay (Hu et al., ICML 2024), in place on the gradients: for every sparse
-    layer with ``decay_kind='masked_grad'``, ``W.grad += λ·(W ⊙ ¬m)`` with ``m`` the layer's
-    forward mask (:meth:`forward_weight_mask`: S_K(W), the cached TSM or ``mask_interval``
-    mask the step's forward used, a fixed mask, or S_K's positions of a ``soft_2:4`` operand).
-
-    Call it once per optimizer step, after the backward passes (and gradient accumulation),
-    the loss-scale unscaling and the clipping, just before ``optimizer.step()``: the decay is
-    then independent of the loss scale, of the number of accumulated backward passes, and
-    outside the clipped norm. Returns the number of layers it changed.
-    """
-    changed = 0
-    for _, module in sparse_modules(model):
-        config = module.config  # type: ignore[attr-defined]
-        grad = module.weight.grad  # type: ignore[union-attr]
-        if config.decay_kind != "masked_grad" or grad is None:
-            continue
-        module_masked_decay_(module, grad)
-        changed += 1
-    return changed
-
-
-def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
-    """``grad += λ·(W ⊙ ¬m)`` in place for one sparse layer (``grad`` in the weight
-    Parameter's layout, returned as the module's GEMM-layout view of it; ``m``: its forward mask,
-    :meth:`forward_weight_mask`). Where ``m`` is S_K of the weight as it stands (masks every
-    step, no fixed mask, the ``im2col`` grouping) this is SR-STE's decay term of that
-    forward, ``λ·(W − W·S_K(W))``, added in one pass over W
-    (:func:`~fullsparse.operands.add_deferred_decay`: the native kernel where it applies);
-    elsewhere the mask is made, or taken from the cache, and the term added."""
-    config = module.config  # type: ignore[attr-defined]
-    weight = module._gemm_weight()  # type: ignore[operator]
-    grad = module._gemm_layout(grad)  # type: ignore[operator]
-    one_pass = (
-        config.operands.output_weight in ("S_K(W)", SOFT)
-        and (config.conv_layout == "im2col" or weight.ndim == 2)
-        and module._cached_mask_rule() is None  # type: ignore[operator]
-        and getattr(module, "fixed_mask", None) is None
-        and grad.dtype == weight.dtype
-    )
-    with torch.no_grad():
-        if one_pass:
-            return add_deferred_decay(grad, weight, config.decay)
-        mask = module.forward_weight_mask()  # type: ignore[operator]
-        assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
-        return add_masked_decay_(grad, weight.detach(), _laid_out_as(mask, weight), config.decay)
-
-
-def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` — a whole tensor every process holds alike (a cached mask) — laid out as
-    ``like`` when that is a sharded ``DTensor`` (FSDP2's weights outside a forward): each
-    process keeps its own part, no communication; ``t`` itself otherwise."""
-    if type(like) in (torch.Tensor, nn.Parameter) or type(t) is not torch.Tensor:
-        return t
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor):
-        return t
-    return distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
-
-
-def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:
-    """``grad += λ·(W ⊙ ¬m)`` in place, all four in one layout (a module's GEMM layout:
-    :func:`module_masked_decay_` passes a gradient through the module's view of it)."""
-    return grad.add_((weight * ~mask).mul_(decay).to(grad.dtype))
 
 
 # --------------------------------------------------------------------------- steps

@@ -233,8 +233,8 @@ def _weight_side_fn(
 
     ``cached_masks``: the work of a step between two mask recomputations (``mask_interval >
     1``): the module's cached S_K and S_Co masks are applied, not recomputed."""
+    from fullsparse.masked_decay import module_masked_decay_
     from fullsparse.nn import sparse_modules
-    from fullsparse.sparse_state import module_masked_decay_
 
     layers = []
     for _, m in sparse_modules(model):

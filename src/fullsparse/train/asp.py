@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, ConfigError
+from fullsparse.masked_decay import _laid_out_as
 from fullsparse.operands import mask_k
-from fullsparse.sparse_state import _laid_out_as, sparse_modules
+from fullsparse.sparse_state import sparse_modules
 from fullsparse.train.fsdp import load_model_state_
 from fullsparse.train.protocol import TrainerView
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fullsparse.errors import UserError
-from fullsparse.sparse_state import end_optimizer_step, masked_grad_decay_, sparse_modules
+from fullsparse.masked_decay import masked_grad_decay_
+from fullsparse.sparse_state import end_optimizer_step, sparse_modules
 from fullsparse.train.distributed import any_rank
 from fullsparse.train.protocol import TrainerView
 
