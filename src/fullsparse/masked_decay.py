@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fullsparse.operands import SOFT, add_deferred_decay
-from fullsparse.sparse_state import sparse_modules
+from fullsparse.sparse_state import OptimizerHook, sparse_modules
 
 __all__ = ["masked_grad_decay_", "masked_decay_on_step", "MaskedDecayHook"]
 
@@ -89,23 +89,9 @@ def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) 
     return grad.add_((weight * ~mask).mul_(decay).to(grad.dtype))
 
 
-class MaskedDecayHook:
+class MaskedDecayHook(OptimizerHook):
     """What :func:`masked_decay_on_step` returns: :meth:`remove` (or the end of a ``with``
     block) takes the hook off."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def __enter__(self) -> MaskedDecayHook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def masked_decay_on_step(

@@ -446,26 +446,38 @@ def end_optimizer_step(model: nn.Module) -> None:
         module.step_open = False  # type: ignore[assignment]
 
 
-class StepCounting:
-    """What :func:`count_optimizer_steps` returns: :meth:`remove` (or the end of a ``with``
-    block) goes back to counting one step per training forward."""
+class OptimizerHook:
+    """An optimizer hook of the library: :meth:`remove` (or the end of a ``with`` block)
+    takes it off."""
 
-    def __init__(self, model: nn.Module, handle: Any) -> None:
-        self.model, self._handle = model, handle
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        for _, module in sparse_modules(self.model):
-            module.counts_optimizer_steps = False  # type: ignore[assignment]
-            module.step_open = False  # type: ignore[assignment]
 
-    def __enter__(self) -> StepCounting:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class StepCounting(OptimizerHook):
+    """What :func:`count_optimizer_steps` returns: :meth:`remove` (or the end of a ``with``
+    block) goes back to counting one step per training forward."""
+
+    def __init__(self, model: nn.Module, handle: Any) -> None:
+        super().__init__(handle)
+        self.model = model
+
+    def remove(self) -> None:
+        super().remove()
+        for _, module in sparse_modules(self.model):
+            module.counts_optimizer_steps = False  # type: ignore[assignment]
+            module.step_open = False  # type: ignore[assignment]
 
 
 def count_optimizer_steps(
