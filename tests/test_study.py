@@ -87,6 +87,20 @@ def test_an_ir_alpha_grid_leaves_fst_noir_at_zero_with_a_note(tmp_path):
     assert notes == ["ir_alpha=0.03 does not apply to fst_noir (kept its default)"]
 
 
+def test_a_grid_gives_the_masked_decay_and_its_lambda_together(tmp_path):
+    """decay_kind=masked_grad is valid for tsm (own decay 0) only beside the grid's decay:
+    both apply; dense takes neither, with a note for each."""
+    grid = {"decay_kind": ("masked_grad",), "decay": (6e-5,)}
+    runs, notes = plan_study(_spec(tmp_path, recipes=("dense", "tsm"), grid=grid, seeds=(0,)))
+    assert [r.name for r in runs] == ["dense-seed0", "tsm-decay_kindmasked_grad-decay6e-05-seed0"]
+    tsm = runs[1].config.sparsity()
+    assert (tsm.decay_kind, tsm.decay) == ("masked_grad", 6e-5)
+    assert notes == [
+        "decay_kind=masked_grad does not apply to dense (kept its default)",
+        "decay=6e-05 does not apply to dense (kept its default)",
+    ]
+
+
 def test_compare_ir_alpha_leaves_fst_noir_at_zero_with_a_note(tmp_path):
     from fullsparse.train.compare import recipe_configs
     from fullsparse.train.config import TrainConfig

@@ -379,6 +379,23 @@ def test_compare_gives_the_soft_forward_to_the_s_k_recipes_only(tmp_path):
     assert "output_weight=soft_2:4 does not apply to dense (kept its default)" in notes
 
 
+def test_compare_gives_the_masked_decay_with_its_lambda_to_every_recipe_taking_both(tmp_path):
+    """decay_kind=masked_grad is valid for tsm (own decay 0) only beside the decay given: the
+    two go together, not one of them alone (tsm would then train with SR-STE's decay)."""
+    from fullsparse.train.compare import recipe_configs
+
+    base = TrainConfig(decay_kind="masked_grad", decay=6e-5)
+    configs, notes = recipe_configs(base, ("dense", "tsm", "fst_mvue"), tmp_path)
+    got = {c.recipe: c.sparsity() for c in configs}
+    for name in ("tsm", "fst_mvue"):
+        assert (got[name].decay_kind, got[name].decay) == ("masked_grad", 6e-5), name
+    assert (got["dense"].decay_kind, got["dense"].decay) == ("srste", 0.0)
+    assert notes == [
+        "decay=6e-05 does not apply to dense (kept its default)",
+        "decay_kind=masked_grad does not apply to dense (kept its default)",
+    ]
+
+
 def test_export_writes_the_soft_forward_weights_with_the_saved_scale(tmp_path):
     from fullsparse.train.inference import export_checkpoint
 

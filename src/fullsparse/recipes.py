@@ -16,6 +16,7 @@ __all__ = [
     "COMPARE_RECIPES",
     "recipe",
     "resolve_config",
+    "applicable_overrides",
 ]
 
 _COMMON_FST = dict(output_weight="2:4", grad_input_weight="2:4_co", decay=DEFAULT_DECAY)
@@ -134,3 +135,25 @@ def resolve_config(config_or_name: SparsityConfig | str) -> SparsityConfig:
     raise TypeError(
         f"expected a SparsityConfig or a recipe name, got {type(config_or_name).__name__}"
     )
+
+
+def applicable_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``overrides`` (SparsityConfig fields) recipe ``name`` takes, together: each
+    is kept if the recipe is valid with it and those kept so far, and the others are tried
+    again once more are kept (a field valid only beside another: ``decay_kind='masked_grad'``
+    on ``tsm``, whose own decay is 0, with ``decay`` given). What ``compare`` and ``study``
+    give each recipe of a comparison (the rest: "does not apply, kept its default")."""
+    kept: dict[str, Any] = {}
+    pending = dict(overrides)
+    while pending:
+        took = False
+        for key, value in list(pending.items()):
+            try:
+                recipe(name, **kept, **{key: value})
+            except ValueError:
+                continue
+            kept[key] = pending.pop(key)
+            took = True
+        if not took:
+            break
+    return kept

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from fullsparse.errors import ConfigError, UserError
+from fullsparse.recipes import applicable_overrides
 from fullsparse.recipes import recipe as make_recipe
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.run_folder import RUN_CONTROL
@@ -217,16 +218,16 @@ def plan_study(spec: StudySpec) -> tuple[list[StudyRun], list[str]]:
     seen: set[str] = set()
     for name in spec.recipes:
         for combo in combos:
+            pairs = list(zip(keys, combo, strict=True))
+            sparsity = {k: v for k, v in pairs if k in SPARSITY_OVERRIDES and v is not None}
+            taken = applicable_overrides(name, sparsity)  # together (decay_kind with decay)
             applied: list[tuple[str, Any]] = []
-            for key, value in zip(keys, combo, strict=True):
-                if key in SPARSITY_OVERRIDES and value is not None:
-                    try:
-                        make_recipe(name, **{key: value})
-                    except ValueError:
-                        note = f"{key}={value} does not apply to {name} (kept its default)"
-                        if note not in notes:
-                            notes.append(note)
-                        continue
+            for key, value in pairs:
+                if key in sparsity and key not in taken:
+                    note = f"{key}={value} does not apply to {name} (kept its default)"
+                    if note not in notes:
+                        notes.append(note)
+                    continue
                 applied.append((key, value))
             variant = "-".join([name, *(f"{k}{_name_value(v)}" for k, v in applied)])
             if variant in seen:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fullsparse.errors import ConfigError, UserError
-from fullsparse.recipes import COMPARE_RECIPES, RECIPES, recipe
+from fullsparse.recipes import COMPARE_RECIPES, RECIPES, applicable_overrides
 from fullsparse.train.config import SPARSITY_OVERRIDES, TrainConfig
 from fullsparse.train.schedule import fraction_text
 
@@ -168,13 +168,12 @@ def recipe_configs(
     }
     configs, notes = [], []
     for name in recipes:
-        kept = {}
-        for key, value in overrides.items():
-            try:
-                recipe(name, **{key: value})
-                kept[key] = value
-            except ValueError:
-                notes.append(f"{key}={value} does not apply to {name} (kept its default)")
+        kept = applicable_overrides(name, overrides)
+        notes += [
+            f"{key}={value} does not apply to {name} (kept its default)"
+            for key, value in overrides.items()
+            if key not in kept
+        ]
         cleared = {k: None for k in SPARSITY_OVERRIDES}
         resume = config.resume
         if resume is True and not (out / name / "last.pt").is_file():
