@@ -125,7 +125,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)  # fmt: skip
     try:
-        for recipe in RECIPES:  # one pair of processes for both: starting them is the cost
+        for recipe in RECIPES:  # one pair of processes for all: starting them is the cost
             _run(rank, recipe, f"{out}.{recipe}")
         dist.barrier()  # no rank tears gloo down while another has work in flight
     finally:
