@@ -21,7 +21,7 @@ from estimator_error import parse_and_load, print_errors
 from torch import Tensor
 
 from fullsparse.data.fashion_mnist import load_fashion_mnist
-from fullsparse.functional import conv_grad_weight
+from fullsparse.roles import conv_grad_weight
 from fullsparse.geometry import ConvGeometry
 
 #: Fashion-MNIST's pixel mean and standard deviation (of x / 255)
