@@ -21,8 +21,8 @@ from estimator_error import parse_and_load, print_errors
 from torch import Tensor
 
 from fullsparse.data.fashion_mnist import load_fashion_mnist
-from fullsparse.roles import conv_grad_weight
 from fullsparse.geometry import ConvGeometry
+from fullsparse.roles import conv_grad_weight
 
 #: Fashion-MNIST's pixel mean and standard deviation (of x / 255)
 MEAN, STD = 0.2860, 0.3530
