@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fullsparse.operands import SOFT, add_deferred_decay
+from fullsparse.sharding import laid_out_as
 from fullsparse.sparse_state import OptimizerHook, sparse_modules
 
 __all__ = ["masked_grad_decay_", "masked_decay_on_step", "MaskedDecayHook"]
@@ -67,20 +68,7 @@ def module_masked_decay_(module: nn.Module, grad: Tensor) -> Tensor:
             return add_deferred_decay(grad, weight, config.decay)
         mask = module.forward_weight_mask()  # type: ignore[operator]
         assert mask is not None  # SparsityConfig refuses masked_grad with a dense forward
-        return add_masked_decay_(grad, weight.detach(), _laid_out_as(mask, weight), config.decay)
-
-
-def _laid_out_as(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` — a whole tensor every process holds alike (a cached mask) — laid out as
-    ``like`` when that is a sharded ``DTensor`` (FSDP2's weights outside a forward): each
-    process keeps its own part, no communication; ``t`` itself otherwise."""
-    if type(like) in (torch.Tensor, nn.Parameter) or type(t) is not torch.Tensor:
-        return t
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(like, DTensor):
-        return t
-    return distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
+        return add_masked_decay_(grad, weight.detach(), laid_out_as(mask, weight), config.decay)
 
 
 def add_masked_decay_(grad: Tensor, weight: Tensor, mask: Tensor, decay: float) -> Tensor:

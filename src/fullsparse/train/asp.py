@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from fullsparse.checkpoint_guard import state_dict_mismatch
 from fullsparse.errors import CheckpointError, ConfigError
-from fullsparse.masked_decay import _laid_out_as
 from fullsparse.operands import mask_k
+from fullsparse.sharding import laid_out_as, whole
 from fullsparse.sparse_state import sparse_modules
 from fullsparse.train.fsdp import load_model_state_
 from fullsparse.train.protocol import TrainerView
@@ -80,18 +80,11 @@ def prune_once_(model: nn.Module) -> dict[str, Tensor]:
     with torch.no_grad():
         for name, module in sparse_modules(model):
             weight = module._gemm_weight()  # type: ignore[operator]
-            mask = mask_k(_whole(weight.detach()))  # a sharded weight: of the whole weight
+            mask = mask_k(whole(weight.detach()))  # a sharded weight: of the whole weight
             module.fixed_mask = mask  # type: ignore[assignment]
-            weight.mul_(_laid_out_as(mask, weight))
+            weight.mul_(laid_out_as(mask, weight))
             masks[name] = mask
     return masks
-
-
-def _whole(t: Tensor) -> Tensor:
-    """A sharded ``DTensor`` (FSDP2's weights outside a forward) gathered whole (a collective:
-    every rank calls it in the same order); any other tensor as it is."""
-    full = getattr(t, "full_tensor", None)
-    return full() if callable(full) else t
 
 
 def _parameter_masks(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
@@ -111,7 +104,7 @@ def _parameter_masks(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
             saved = weight.detach().clone()
             weight.zero_()
             gemm = module._gemm_weight()  # type: ignore[operator]
-            gemm.masked_fill_(_laid_out_as(mask, gemm), 1.0)
+            gemm.masked_fill_(laid_out_as(mask, gemm), 1.0)
             param_mask = weight.detach() != 0
             weight.copy_(saved)
             pairs.append((weight, param_mask))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fullsparse.sharding import whole
 from fullsparse.train.distributed import all_reduce_sum
 from fullsparse.train.protocol import TrainerView
 
@@ -36,9 +37,7 @@ def grad_norm(model: nn.Module) -> float:
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
         )
-    if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2 shards)
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(whole(norm))  # a DTensor under FSDP2: gathered
 
 
 class StepLog:
