@@ -94,7 +94,13 @@ def mvue_keep_probabilities(t: Tensor, dim: int) -> Tensor:
     return _ungroup(_probabilities(groups), size, dim % t.ndim)
 
 
-def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) -> Tensor:
+def mvue_2to4(
+    t: Tensor,
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    key: tuple[int, int] | None = None,
+) -> Tensor:
     """Minimum-variance unbiased 2:4 sparsification of ``t`` along ``dim``.
 
     Args:
@@ -112,9 +118,13 @@ def mvue_2to4(t: Tensor, dim: int, *, generator: torch.Generator | None = None) 
         draws): on a CPU the counter-based :func:`mvue_uniforms` of a key drawn from the
         generator (the generator advances by one draw of two integers per call); on other
         devices ``torch.rand`` (it advances by the number of groups).
+        key: on a CPU, the key of the uniforms, already drawn by :func:`mvue_key` (the
+            generator is then not touched): a caller that tried a fused form first.
     """
     _check(t, dim)
-    return _mvue(t, dim % t.ndim, mvue_key(generator, t.device), generator)
+    if key is None:
+        key = mvue_key(generator, t.device)
+    return _mvue(t, dim % t.ndim, key, generator)
 
 
 def mvue_2to4_channels(t: Tensor, *, generator: torch.Generator | None = None) -> Tensor:

@@ -404,7 +404,9 @@ class _SparseLinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 mode, alpha = config.grad_weight_mode, config.ir_alpha
                 sampling = sampling_args(config, ctx.gw_state)
-                dw = cast(linear_grad_weight(x, dy, mode, alpha, **sampling), weight_dtype)
+                gemm = getattr(ctx.kernel, "gemm", None)
+                dw = linear_grad_weight(x, dy, mode, alpha, **sampling, gemm=gemm)
+                dw = cast(dw, weight_dtype)
                 grad_weight = _plus(dw, decay, ctx.decay_scale)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)

@@ -763,3 +763,33 @@ int fs_mvue(const float *t, uint32_t k0, uint32_t k1, float *out, int64_t outer,
     }
     return bad ? -1 : 0;
 }
+
+/* MVUE of t [size, post] along size (size a multiple of 4), the draws and values of
+ * fs_mvue(t, k0, k1, ·, 1, 1, size, post), written compressed for the 2:4 products
+ * (spmm24.c): entry j of column q at vals[j·vj + q] / idx[j·vj + q] (j < size/2), as
+ * fs_compress24 of the result read as [post, size]. One pass: each group of 4 rows goes
+ * through a small buffer that stays in the cache. Returns 0, or -1 if t holds a NaN or an
+ * infinity (vals / idx are then unspecified; the caller runs the eager path). */
+int fs_compress24_group(const float *src, int64_t R, int64_t sk, int32_t base, float *v,
+                        int32_t *c, int64_t vj);
+
+#define FS_BLOCK 256
+int fs_mvue_packed(const float *t, uint32_t k0, uint32_t k1, float *vals, int32_t *idx,
+                   int64_t size, int64_t post, int64_t vj) {
+    int64_t groups = size / 4;
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (size * post >= 65536)
+    for (int64_t g = 0; g < groups; g++) {
+        float buf[4 * FS_BLOCK];
+        const float *src = t + 4 * g * post;
+        for (int64_t q0 = 0; q0 < post; q0 += FS_BLOCK) {
+            int64_t n = post - q0 < FS_BLOCK ? post - q0 : FS_BLOCK;
+            bad |= mvue_rows(src + q0, src + post + q0, src + 2 * post + q0, src + 3 * post + q0,
+                             (uint32_t)(g + q0 * groups), (uint32_t)groups, k0, k1, buf,
+                             buf + FS_BLOCK, buf + 2 * FS_BLOCK, buf + 3 * FS_BLOCK, n);
+            fs_compress24_group(buf, n, FS_BLOCK, (int32_t)(4 * g), vals + 2 * g * vj + q0,
+                                idx + 2 * g * vj + q0, vj);
+        }
+    }
+    return bad ? -1 : 0;
+}

@@ -42,6 +42,8 @@ from torch import Tensor
 __all__ = [
     "available",
     "enabled",
+    "library",
+    "usable",
     "fst_weight_side",
     "masked_weight_side",
     "add_fst_decay",
@@ -97,10 +99,14 @@ def _torch_uses_gnu_openmp() -> bool:
         return any((Path(torch.__file__).parent / "lib").glob("libgomp*"))
 
 
+#: the C sources of the library: the per-step loops, and the 2:4 sparse products
+_SOURCES = ("native.c", "spmm24.c")
+
+
 def _build(compiler: str) -> Path:
-    source = resources.files("fullsparse").joinpath("native.c").read_bytes()
+    sources = [resources.files("fullsparse").joinpath(n).read_bytes() for n in _SOURCES]
     flags = _flags()
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(sources) + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     from fullsparse.kernels.autotune import cache_dir
 
     folder = cache_dir() / "native"
@@ -109,11 +115,12 @@ def _build(compiler: str) -> Path:
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / "native.c"
-        src.write_bytes(source)
+        paths = [Path(tmp) / name for name in _SOURCES]
+        for path, source in zip(paths, sources, strict=True):
+            path.write_bytes(source)
         built = Path(tmp) / target.name
         subprocess.run(
-            [compiler, *flags, str(src), "-o", str(built), "-lm"],
+            [compiler, *flags, *map(str, paths), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             timeout=120,
@@ -123,7 +130,7 @@ def _build(compiler: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    ptr, i64, f32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
     signatures = {
         "fs_fst_weight_side": (None, [ptr] * 4 + [i64] * 2 + [f32]),
         "fs_masked_weight_side": (None, [ptr] * 6 + [i64, f32]),
@@ -139,6 +146,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fs_half_columns": (ctypes.c_int, [ptr, i64, i64, i64, ptr]),
         "fs_count": (None, [ptr, ctypes.c_double, ctypes.c_double]),
         "fs_mvue": (ctypes.c_int, [ptr, ctypes.c_uint32, ctypes.c_uint32, ptr] + [i64] * 4),
+        "fs_spmm24_vectorized": (ctypes.c_int, []),
+        "fs_compress24": (ctypes.c_int, [ptr] + [i64] * 4 + [ptr, ptr, i64, i64]),
+        "fs_spmm24": (ctypes.c_int, [ptr, *[i64] * 4, ptr, ptr, *[i64] * 3, ptr, ptr, i64, i64]),
+        "fs_mvue_packed": (ctypes.c_int, [ptr, u32, u32, ptr, ptr] + [i64] * 3),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
@@ -180,6 +191,17 @@ def available() -> bool:
         return False
     lib = _state.get("lib", False)  # a loaded library (or None: no build) without the lock
     return (lib if lib is not False else _load()) is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None where the native kernels do not run (:func:`available`)."""
+    return _state.get("lib") if available() else None
+
+
+def usable(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The library, if every tensor is a plain float32 CPU tensor outside a compile trace and
+    the native kernels run here; else None."""
+    return _usable(*tensors)
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -400,10 +400,11 @@ def mvue_spatial_conv(t: Tensor) -> Tensor:
 
 
 @sampling_part
-def mvue_tokens(t2: Tensor) -> Tensor:
+def mvue_tokens(t2: Tensor, key: tuple[int, int] | None = None) -> Tensor:
     """MVUE_T for a Linear layer's ``[M, d_out]`` gradient: along the flattened leading
-    (batch × token) axis M, per output feature, from torch's default generator."""
-    return mvue_2to4(t2, dim=0)
+    (batch × token) axis M, per output feature, from torch's default generator (``key``: the
+    uniforms' key, already drawn from it)."""
+    return mvue_2to4(t2, dim=0, key=key)
 
 
 def ir_grad_output(grad_output: Tensor, alpha: float, dim: int) -> Tensor:

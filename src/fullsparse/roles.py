@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fullsparse.config import SparsityConfig
+from fullsparse.estimators import mvue_key
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels import REFERENCE_CONV, REFERENCE_LINEAR
 from fullsparse.kernels.reference import conv_backward
@@ -138,6 +139,7 @@ def linear_grad_weight(
     interval: int = 50,
     group: int = 4,
     share: float = 0.5,
+    gemm: Any = None,
 ) -> Tensor:
     """``grad_weight`` (Eq. 3) of a linear layer: ``[d_out, d_in]``.
 
@@ -149,6 +151,11 @@ def linear_grad_weight(
     the top-k of each token's dY along d_out (meProp). The sampled modes
     (:data:`~fullsparse.sampling.SAMPLED_MODES`) keep a random sample of the rows of the
     flattened leading axes, unbiased (:mod:`fullsparse.sampled_grad`).
+
+    ``gemm``: a backend's GEMM (``cpu_sparse``) whose ``weight_product(dy2, x2)`` /
+    ``mvue_weight_product(dy2, x2, key)`` compute ``dy2ᵀ · x2`` on a 2:4 kernel for the modes
+    whose dY is 2:4 along the tokens (``2:4_grad_output``, ``mvue``: the same draws), or
+    return None to leave it to the dense product.
     """
     d_in, d_out = input.shape[-1], grad_output.shape[-1]
     if mode in SAMPLED_MODES:
@@ -164,11 +171,20 @@ def linear_grad_weight(
     elif mode == "2:4_input":
         x2 = x2 * mask_2to4(x2, dim=0)
     elif mode == "mvue":
-        dy2 = mvue_tokens(dy2)
+        key = mvue_key(None, dy2.device)
+        fused = getattr(gemm, "mvue_weight_product", None)
+        product = None if fused is None or key is None else fused(dy2, x2, key)
+        if product is not None:
+            return product
+        dy2 = mvue_tokens(dy2, key=key)
     elif mode == "topk_grad_output":
         dy2 = topk_channels(dy2, -1)
     elif mode not in ("dense", "ir"):
         raise ValueError(f"unknown grad_weight mode {mode!r}")
+    if mode == "2:4_grad_output" and hasattr(gemm, "weight_product"):
+        product = gemm.weight_product(dy2, x2)
+        if product is not None:
+            return product
     return dy2.t().mm(x2)
 
 

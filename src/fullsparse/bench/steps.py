@@ -172,6 +172,7 @@ def _build(
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
     decay: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> nn.Module:
     from fullsparse.models import build_lm_model, build_model
     from fullsparse.nn import sparsify_
@@ -185,7 +186,7 @@ def _build(
         )
     model = model.to(device)
     if name != "dense":
-        sparsify_(model, _config(name, mask_interval, sampling, decay))
+        sparsify_(model, _config(name, mask_interval, sampling, decay), backend=backend)
     return model
 
 
@@ -322,8 +323,11 @@ def _bench_case(
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
     decay: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    models = {name: _build(case, name, device, mask_interval, sampling, decay) for name in names}
+    models = {
+        name: _build(case, name, device, mask_interval, sampling, decay, backend) for name in names
+    }
     steps = {name: _step_fn(case, models[name], device) for name in names}
     # the sampling inside each timed step, on its own operands (X as the forward left it,
     # dY just made): a clock over the marked functions (fullsparse.clock)
@@ -432,6 +436,7 @@ def bench_steps(
     mask_interval: int = 1,
     sampling: dict[str, Any] | None = None,
     decay: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Time whole training steps of every recipe (``dense`` always included, first) for
     every case of :data:`STEP_CASES` named in ``cases``.
@@ -442,7 +447,9 @@ def bench_steps(
     ``mask_interval``: every recipe with an S_K forward recomputes its weight masks every
     this-many steps (its weight-side work is then the amortized cost per step).
     ``sampling``: ``sample_group`` / ``sample_share`` for the recipes whose weight gradient
-    they steer (``fst_is``; the group also ``fst_adaptive``).
+    they steer (``fst_is``; the group also ``fst_adaptive``). ``backend``: the sparse layers'
+    (``sparsify_``'s ``backend``; ``cpu_sparse`` runs the Linear layers' 2:4 products on the
+    CPU's vector units).
 
     Raises:
         ValueError: an unknown case or recipe name.
@@ -465,8 +472,9 @@ def bench_steps(
     for case_name in cases:
         report(f"steps {case_name}: {', '.join(names)}")
         rows, work = _bench_case(
-            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval, sampling, decay
-        )
+            STEP_CASES[case_name], names, warmup, repeats, device, mask_interval, sampling, decay,
+            backend,
+        )  # fmt: skip
         steps += rows
         side += work
     grad_weight = None
@@ -484,6 +492,7 @@ def bench_steps(
             "mask_interval": mask_interval,
             "sampling": {k: v for k, v in (sampling or {}).items() if v is not None},
             "decay": {k: v for k, v in (decay or {}).items() if v is not None},
+            "backend": backend,
             "device": str(device),
             "peak_memory": "bytes held at once above what was live before the step "
             + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else

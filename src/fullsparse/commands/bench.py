@@ -103,6 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
     from fullsparse.bench.steps import DEFAULT_CASES, DEFAULT_RECIPES, STEP_CASES, STEP_DEVICES
     from fullsparse.config import CONV_SAMPLE_UNIT, DECAY_KIND
+    from fullsparse.kernels.dispatch import BACKENDS
 
     steps = sub.add_parser(
         "steps",
@@ -166,6 +167,14 @@ def _add_steps_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FLOAT",
         default=None,
         help="λ of that decay (default: each recipe's own)",
+    )
+    steps.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        metavar="BACKEND",
+        default="auto",
+        help="the sparse layers' backend (sparsify_'s; cpu_sparse: the Linear layers' 2:4 "
+        f"products on the CPU's vector units); one of {', '.join(BACKENDS)}",
     )
     steps.add_argument("--warmup", type=int, default=2, help="untimed rounds (at least 1 runs)")
     steps.add_argument("--repeats", type=int, default=10, help="timed rounds, median")
@@ -286,6 +295,12 @@ def run_steps(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+    if args.backend == "cpu_sparse":
+        from fullsparse.kernels.cpu_sparse import unavailable_reason
+
+        why = "runs on the CPU only" if args.device != "cpu" else unavailable_reason()
+        if why:
+            raise UserError(f"--backend cpu_sparse: {why}")
     _refuse_overwrite(args, args.json, args.markdown)
     shape = None
     if args.grad_weight_batch:
@@ -304,6 +319,7 @@ def run_steps(args: argparse.Namespace) -> int:
         mask_interval=args.mask_interval,
         sampling=sampling,
         decay=decay,
+        backend=args.backend,
         threads=args.threads,
         device=args.device,
         grad_weight_shape=shape,

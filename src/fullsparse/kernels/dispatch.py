@@ -11,6 +11,13 @@ Backends (the ``backend=`` argument of :func:`fullsparse.functional.sparse_linea
   of every packed operand) with dense products: runs anywhere, for CI and debugging.
 - ``"auto"`` (default) — semi_structured where the rules below allow it, else reference;
   k×k convs are decided by one measurement per shape (:mod:`fullsparse.kernels.autotune`).
+- ``"cpu_sparse"`` — the recipe's 2:4 products of Linear layers on a CPU's vector units
+  (:mod:`fullsparse.kernels.cpu_sparse`: float32, AVX2 and FMA): ``output`` and
+  ``grad_input`` where the recipe has a 2:4 weight operand along the reduction axis (rule 1),
+  and a weight gradient from a dY that is 2:4 along the tokens (``mvue``,
+  ``2:4_grad_output``). Convolutions, and a role without such an operand, run the
+  reference path. Raises :class:`BackendUnavailableError` off a CPU, outside float32, or
+  where the kernels cannot be built.
 
 Rules, checked in this order (the first that fails is the reason in the report):
 
@@ -45,6 +52,7 @@ from fullsparse.config import SPARSE_ALONG, SparsityConfig
 from fullsparse.errors import UserError
 from fullsparse.geometry import ConvGeometry
 from fullsparse.kernels.autotune import AUTOTUNER, Autotuner
+from fullsparse.kernels.cpu_sparse import CpuSparseGemm, unavailable_reason
 from fullsparse.kernels.reference import REFERENCE_CONV, REFERENCE_LINEAR
 from fullsparse.kernels.selfcheck import self_checked
 from fullsparse.kernels.semi_structured import (
@@ -77,7 +85,7 @@ __all__ = [
     "conv_autotune_key",
 ]
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "semi_structured", "emulation")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "semi_structured", "emulation", "cpu_sparse")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 #: torch.sparse's minimum 2:4 operand tile (rows, cols) for fp16/bf16, used if a torch
 #: version lacks the table this module reads.
@@ -300,11 +308,38 @@ def _reference(layer: LayerShape, reason: str) -> KernelPlan:
 
 
 def _unavailable(
-    layer: LayerShape, config: SparsityConfig, why: str, how: str
+    layer: LayerShape, config: SparsityConfig, why: str, how: str, backend: str = "semi_structured"
 ) -> BackendUnavailableError:
     what = f"{layer.kind} layer with weight {'x'.join(map(str, layer.weight_shape))}"
     return BackendUnavailableError(
-        f"backend='semi_structured' cannot run this {what} (recipe {config.name!r}): {why}; {how}"
+        f"backend={backend!r} cannot run this {what} (recipe {config.name!r}): {why}; {how}"
+    )
+
+
+def _cpu_sparse_plan(
+    layer: LayerShape, config: SparsityConfig, platform: Platform, compute_dtype: torch.dtype
+) -> KernelPlan:
+    """The ``cpu_sparse`` backend's plan (module docstring)."""
+    why = None
+    if platform.device_type != "cpu":
+        why = f"the layer is on {platform.device_type.upper()}, not the CPU"
+    elif compute_dtype != torch.float32:
+        why = f"compute dtype {str(compute_dtype).replace('torch.', '')}; the kernels are float32"
+    else:
+        why = unavailable_reason()
+    if why:
+        how = "use backend='reference' or 'auto'"
+        raise _unavailable(layer, config, why, how, backend="cpu_sparse")
+    if layer.kind != "linear":
+        return _reference(layer, "cpu_sparse runs Linear layers; convolutions run the reference")
+    out_why, gi_why = recipe_role_reasons(config)
+    rows, cols, rn, cn = layer.gemm_dims
+    out_why = out_why or (f"{cn}={cols} not a multiple of 4" if cols % 4 else None)
+    gi_why = gi_why or (f"{rn}={rows} not a multiple of 4" if rows % 4 else None)
+    roles = (("output", out_why), ("grad_input", gi_why))
+    notes = [f"{role} on reference: {why}" for role, why in roles if why]
+    return KernelPlan(
+        "cpu_sparse", "linear", not out_why, not gi_why, "cpu_sparse", reason="; ".join(notes)
     )
 
 
@@ -327,6 +362,8 @@ def plan_layer(
     explicit = backend == "semi_structured"
     if backend == "reference":
         return _reference(layer, "requested")
+    if backend == "cpu_sparse":
+        return _cpu_sparse_plan(layer, config, platform, compute_dtype)
     out_why, gi_why = recipe_role_reasons(config)
     if (
         out_why is None
@@ -449,6 +486,9 @@ def predict_plan(
     if backend in ("reference", "emulation"):
         return backend, plan_layer(layer, config, backend, _HYPOTHETICAL_GPU, torch.bfloat16).reason
     platform = platform_for(device)
+    if backend == "cpu_sparse":
+        plan = plan_layer(layer, config, backend, platform, compute_dtype or weight_dtype)
+        return plan.backend, plan.reason
     assumed = compute_dtype is None and weight_dtype not in HALF_DTYPES
     dtype = compute_dtype or (weight_dtype if weight_dtype in HALF_DTYPES else torch.bfloat16)
     if platform.device_type != "cuda":
@@ -468,7 +508,13 @@ def predict_plan(
 # --------------------------------------------------------------------------- the kernels
 @cache_outside_compile(maxsize=256)
 def _kernel(kind: str, path: str, gemm: str, output: bool, grad_input: bool) -> Any:
-    engine = EmulatedGemm() if gemm == "emulation" else SemiStructuredGemm(gemm)
+    engine: Any
+    if gemm == "emulation":
+        engine = EmulatedGemm()
+    elif gemm == "cpu_sparse":
+        engine = CpuSparseGemm()
+    else:
+        engine = SemiStructuredGemm(gemm)
     if kind == "linear":
         return GemmLinearKernel(engine, output, grad_input)
     cls = Gemm1x1ConvKernel if path == "conv1x1" else Im2colConvKernel

@@ -145,7 +145,9 @@ class _GemmKernel:
         self.gemm = gemm
         self.output_sparse = bool(output_sparse)
         self.grad_input_sparse = bool(grad_input_sparse)
-        self.name = "emulation" if isinstance(gemm, EmulatedGemm) else "semi_structured"
+        self.name = {"emulation": "emulation", "cpu_sparse": "cpu_sparse"}.get(
+            getattr(gemm, "name", ""), "semi_structured"
+        )
 
     def __repr__(self) -> str:
         flags = (("output", self.output_sparse), ("grad_input", self.grad_input_sparse))
@@ -155,14 +157,19 @@ class _GemmKernel:
     def _output_rows(self, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """``rows [M, K]`` · ``S(W)ᵀ`` (+ bias) → ``[M, Co]``, ``weight`` flattened to the 2:4
         operand ``[Co, K]``."""
-        y = self.gemm.linear(rows, self.gemm.pack(weight.reshape(weight.shape[0], -1)))
+        packed = self.gemm.pack(weight.reshape(weight.shape[0], -1))
+        if bias is not None and getattr(self.gemm, "fuses_bias", False):
+            return self.gemm.linear(rows, packed, bias)
+        y = self.gemm.linear(rows, packed)
         return y if bias is None else y + bias
 
     def _grad_input_rows(self, grad_rows: Tensor, weight: Tensor) -> Tensor:
         """``dY [M, Co]`` · ``W`` → ``[M, K]``; the 2:4 operand is ``Wᵀ [K, Co]`` (2:4 along
         Co, its rows)."""
-        operand = self.gemm.pack(weight.reshape(weight.shape[0], -1).t().contiguous())
-        return self.gemm.linear(grad_rows, operand)
+        operand = weight.reshape(weight.shape[0], -1).t()
+        if not getattr(self.gemm, "takes_views", False):
+            operand = operand.contiguous()
+        return self.gemm.linear(grad_rows, self.gemm.pack(operand))
 
 
 class GemmLinearKernel(_GemmKernel):
