@@ -174,6 +174,9 @@ static void pack_tile(const float *a, int64_t M, int64_t sam, int64_t sak, int64
 /* sums[0..63] (+)= Σ_j vals[j·vj]·pack[(idx[j·vj] − k0)·TILE + ·] over n entries */
 static void row_sums(const float *vals, const int32_t *idx, int64_t vj, int64_t n, int64_t k0,
                      const float *pack, float *sums, int first) {
+    /* the entries' columns count from the row's start, the pack from column k0: shift the
+     * base once (as an integer: a pointer before an array's start is undefined in C) */
+    pack = (const float *)((uintptr_t)pack - (uintptr_t)(k0 * TILE) * sizeof(float));
 #if FS_VECTOR
     __m256 a0, a1, a2, a3, a4, a5, a6, a7;
     if (first) {
@@ -184,18 +187,31 @@ static void row_sums(const float *vals, const int32_t *idx, int64_t vj, int64_t 
         a4 = _mm256_loadu_ps(sums + 32), a5 = _mm256_loadu_ps(sums + 40);
         a6 = _mm256_loadu_ps(sums + 48), a7 = _mm256_loadu_ps(sums + 56);
     }
-    for (int64_t j = 0; j < n; j++) {
-        __m256 s = _mm256_broadcast_ss(vals + j * vj);
-        const float *p = pack + (int64_t)(idx[j * vj] - k0) * TILE;
-        a0 = _mm256_fmadd_ps(s, _mm256_load_ps(p), a0);
-        a1 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 8), a1);
-        a2 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 16), a2);
-        a3 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 24), a3);
-        a4 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 32), a4);
-        a5 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 40), a5);
-        a6 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 48), a6);
-        a7 = _mm256_fmadd_ps(s, _mm256_load_ps(p + 56), a7);
+    /* one kept entry: its value times the packed row of its column, into the 64 sums */
+#define FS_ENTRY(j)                                                                          \
+    do {                                                                                     \
+        __m256 s_ = _mm256_broadcast_ss(vals + (j) * vj);                                    \
+        const float *p_ = pack + (int64_t)idx[(j) * vj] * TILE;                              \
+        a0 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_), a0);                                    \
+        a1 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 8), a1);                                \
+        a2 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 16), a2);                               \
+        a3 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 24), a3);                               \
+        a4 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 32), a4);                               \
+        a5 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 40), a5);                               \
+        a6 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 48), a6);                               \
+        a7 = _mm256_fmadd_ps(s_, _mm256_load_ps(p_ + 56), a7);                               \
+    } while (0)
+    int64_t j = 0;
+    /* four entries a round: the loads of the next entries issue under the last ones' sums */
+    for (; j + 4 <= n; j += 4) {
+        FS_ENTRY(j);
+        FS_ENTRY(j + 1);
+        FS_ENTRY(j + 2);
+        FS_ENTRY(j + 3);
     }
+    for (; j < n; j++)
+        FS_ENTRY(j);
+#undef FS_ENTRY
     _mm256_storeu_ps(sums, a0), _mm256_storeu_ps(sums + 8, a1);
     _mm256_storeu_ps(sums + 16, a2), _mm256_storeu_ps(sums + 24, a3);
     _mm256_storeu_ps(sums + 32, a4), _mm256_storeu_ps(sums + 40, a5);
@@ -206,7 +222,7 @@ static void row_sums(const float *vals, const int32_t *idx, int64_t vj, int64_t 
         acc[q] = first ? 0.0f : sums[q];
     for (int64_t j = 0; j < n; j++) {
         float s = vals[j * vj];
-        const float *p = pack + (int64_t)(idx[j * vj] - k0) * TILE;
+        const float *p = pack + (int64_t)idx[j * vj] * TILE;
         for (int q = 0; q < TILE; q++)
             acc[q] += s * p[q];
     }
