@@ -266,12 +266,11 @@ int fs_spmm24(const float *a, int64_t M, int64_t K, int64_t sam, int64_t sak,
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    /* few tiles (a weight gradient's few input features): share out the rows of B too */
-    if (tiles < threads) {
-        split = (threads + tiles - 1) / tiles;
-        if (split > (R + 7) / 8)
-            split = (R + 7) / 8;
-    }
+    /* few tiles, or a count the threads do not divide (a weight gradient's few input
+     * features): share out the rows of B too, the fewest ways that give every thread the
+     * same number of tasks (3 tiles on 2 threads: 6 tasks) */
+    while ((tiles * split < threads || (tiles * split) % threads) && split * 8 < R)
+        split++;
     int64_t per = ((R + split - 1) / split + 7) / 8 * 8, tasks = tiles * split;
     int failed = 0;
 #pragma omp parallel reduction(| : failed) if (tasks > 1 && M * K * R >= 262144)
