@@ -37,6 +37,7 @@ from fullsparse.config import (
     GRAD_WEIGHT_MODE,
     OUTPUT_WEIGHT,
 )
+from fullsparse.kernels.dispatch import BACKENDS
 from fullsparse.train.config import (
     AMP_MODES,
     DEVICES,
@@ -65,6 +66,7 @@ TRAIN_ENUMS = {
     "optimizer": OPTIMIZERS,
     "device": DEVICES,
     "amp": AMP_MODES,
+    "backend": BACKENDS,
     "log_level": LOG_LEVELS,
 }
 TRAIN_COMMANDS = {("train",), ("compare",), ("study",)}
@@ -79,6 +81,7 @@ OTHER_ENUMS = {
     (("bench", "steps"), "device"): STEP_DEVICES,
     (("bench", "steps"), "conv_sample_unit"): CONV_SAMPLE_UNIT,
     (("bench", "steps"), "decay_kind"): DECAY_KIND,
+    (("bench", "steps"), "backend"): BACKENDS,
     (("analyze", "fidelity"), "reference"): REFERENCES,
     (("analyze", "overhead"), "recipe"): RECIPES,
     **{(("analyze", a), "split"): SPLITS for a in ("similarity", "neighbors", "fidelity")},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,36 @@ def test_validation_windows_are_the_first_non_overlapping_windows():
 
 
 # ------------------------------------------------------------------------- training
+
+
+def test_a_run_on_the_cpu_sparse_backend_trains_as_on_the_reference(tmp_path, corpus):
+    from fullsparse.kernels import cpu_sparse
+
+    calls = []
+    kernel = cpu_sparse.spmm24
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_sparse, "spmm24", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+        fast = train(tiny_lm(tmp_path, corpus, "fast", recipe="fst_mvue", backend="cpu_sparse"))
+    # six steps of four layers, three 2:4 products each; four validation batches' forwards
+    assert len(calls) == 6 * 4 * 3 + 4 * 4
+    slow = train(tiny_lm(tmp_path, corpus, "slow", recipe="fst_mvue"))
+    # the same draws; the products' sums in another order: float32 roundings apart
+    assert fast["final_val_loss"] == pytest.approx(slow["final_val_loss"], rel=1e-4)
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert config["backend"] == "cpu_sparse"
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"device": "cuda"}, "backend='cpu_sparse' clashes with device='cuda'"),
+        ({"amp": "bf16"}, "clashes with amp='bf16' (the kernels are float32)"),
+        ({"compile": True}, "clashes with compile"),
+    ],
+)
+def test_the_cpu_sparse_backend_refuses_what_it_cannot_run(fields, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        TrainConfig(backend="cpu_sparse", **fields)
 
 
 def test_lm_run_writes_a_complete_run_folder_with_lm_metrics(tmp_path, corpus):

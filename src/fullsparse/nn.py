@@ -38,6 +38,7 @@ from fullsparse.sparse_state import (
     end_optimizer_step,
     load_sparse_state_,
     pruned_state_dict,
+    set_backend,
     sparse_modules,
     sparse_state_dict,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "head_name",
     "KEEP_DENSE",
     "sparse_modules",
+    "set_backend",
     "sparse_state_dict",
     "load_sparse_state_",
     "pruned_state_dict",

@@ -378,6 +378,18 @@ def sparse_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Give every sparse layer of ``model`` the backend ``backend``
+    (:mod:`fullsparse.kernels`; each layer chooses its kernel again at its next call).
+    Returns how many layers it set; an unknown name raises ``ValueError``."""
+    check_backend(backend)
+    layers = 0
+    for _, module in sparse_modules(model):
+        module.backend = backend
+        layers += 1
+    return layers
+
+
 def sparse_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The sparse state that is not in ``model.state_dict()``: TSM masks, step clocks and
     fixed (ASP) masks.

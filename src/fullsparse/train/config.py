@@ -32,6 +32,7 @@ from fullsparse.config import (
     SparsityConfig,
 )
 from fullsparse.errors import ConfigError
+from fullsparse.kernels.dispatch import BACKENDS
 from fullsparse.limits import check_config_ranges
 from fullsparse.recipes import RECIPES, recipe
 from fullsparse.train.config_checks import (
@@ -338,6 +339,15 @@ class TrainConfig:
         cli="optional:bf16",
     )
     channels_last: bool = option(False, "channels-last memory format")
+    #: How the sparse layers' products run (``sparsify_``'s ``backend``): ``cpu_sparse``
+    #: runs the Linear layers' 2:4 products on the CPU's vector units (float32, no
+    #: autocast, no compile). Execution only: not part of the run's identity.
+    backend: str = option(
+        "auto",
+        "the sparse layers' backend; cpu_sparse: the Linear layers' 2:4 products on the "
+        "CPU's vector units (docs/training-speed.md)",
+        choices=BACKENDS,
+    )
     compile: bool = option(False, "torch.compile the model (refused clearly if it cannot work)")
     #: Under DDP, replace BatchNorm by SyncBatchNorm (global-batch statistics).
     sync_bn: bool = option(False, "SyncBatchNorm under torchrun (global batch statistics)")

@@ -84,6 +84,29 @@ def task_defaults(config: Any) -> dict[str, Any]:
     }
 
 
+def check_backend_fields(config: Any) -> None:
+    """``backend='cpu_sparse'`` runs float32 products on a CPU, eagerly, where the native
+    kernels build (one line naming what clashes)."""
+    if getattr(config, "backend", "auto") != "cpu_sparse":
+        return
+    clash = [
+        name
+        for name, on in (
+            ("device='cuda'", config.device == "cuda"),
+            (f"amp={config.amp!r} (the kernels are float32)", config.amp != "none"),
+            ("compile (the kernels are opaque C calls)", config.compile),
+        )
+        if on
+    ]
+    if clash:
+        raise ConfigError(f"backend='cpu_sparse' clashes with {', '.join(clash)}")
+    from fullsparse.kernels.cpu_sparse import unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        raise ConfigError(f"backend='cpu_sparse' cannot run here: {why}")
+
+
 def check_task_fields(config: Any) -> None:
     """Model, dataset and steps_per_epoch must fit the task (one line naming the clash)."""
     from fullsparse.models import LM_MODELS, MODELS
@@ -94,6 +117,7 @@ def check_task_fields(config: Any) -> None:
     model, dataset = config.model, config.dataset
     if config.fsdp and config.compile:
         raise ConfigError("fsdp and compile clash: a sharded model runs eagerly; drop --compile")
+    check_backend_fields(config)
     if config.checkpoint_every and config.task not in ("classify", "custom"):
         raise ConfigError(
             f"checkpoint_every={config.checkpoint_every} is for task='classify'; task="

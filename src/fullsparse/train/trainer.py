@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from fullsparse.errors import ConfigError, UserError
-from fullsparse.sparse_state import count_optimizer_steps
+from fullsparse.sparse_state import count_optimizer_steps, set_backend
 from fullsparse.train import asp, tasks
 from fullsparse.train import checkpoint as ckpt
 from fullsparse.train.common import (
@@ -186,6 +186,7 @@ class Trainer:
             self.identity = task.load_data()
             built = task.build_model(self.identity)  # a user's own model (task custom)
             model, self.report = build_model(self.identity) if built is None else built
+            set_backend(model, config.backend)
             task.attach(model, self)
             if config.resume and self.resume_from is not None:
                 self.saved = ckpt.load_checkpoint(self.resume_from, shards=not config.fsdp)
