@@ -40,7 +40,7 @@ SHAPES = [
 ]
 
 
-def _roles(tokens: int, d_in: int, d_out: int) -> dict[str, dict[str, Callable[[], object]]]:
+def _roles(tokens: int, d_in: int, d_out: int) -> dict[str, dict[str, Callable[[int], object]]]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=gen)
     w = torch.randn(d_out, d_in, generator=gen)
@@ -51,20 +51,23 @@ def _roles(tokens: int, d_in: int, d_out: int) -> dict[str, dict[str, Callable[[
     dw = torch.empty(d_out, d_in)
     key = (12345, 67890)
 
-    def sparse_weight_grad() -> object:
+    def sparse_weight_grad(_: int) -> object:
         return spmm24(x.t(), pack24(dy_t.t()), out=dw.t())
 
-    def mvue_sparse() -> object:
+    def mvue_sparse(_: int) -> object:
         packed = mvue_packed(dy, key)
         assert packed is not None
         return spmm24(x.t(), packed, out=dw.t())
 
     return {
-        "output": {"dense": lambda: F.linear(x, w_k), "sparse": lambda: spmm24(x, out_k)},
-        "grad_input": {"dense": lambda: dy.matmul(w_co), "sparse": lambda: spmm24(dy, out_co)},
-        "grad_weight": {"dense": lambda: dy_t.t().mm(x), "sparse": sparse_weight_grad},
+        "output": {"dense": lambda _: F.linear(x, w_k), "sparse": lambda _: spmm24(x, out_k)},
+        "grad_input": {
+            "dense": lambda _: dy.matmul(w_co),
+            "sparse": lambda _: spmm24(dy, out_co),
+        },
+        "grad_weight": {"dense": lambda _: dy_t.t().mm(x), "sparse": sparse_weight_grad},
         "mvue_grad_weight": {
-            "dense": lambda: mvue_tokens(dy).t().mm(x),
+            "dense": lambda _: mvue_tokens(dy).t().mm(x),
             "sparse": mvue_sparse,
         },
     }
