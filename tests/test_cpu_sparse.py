@@ -183,3 +183,14 @@ def test_bench_steps_refuses_the_backend_where_it_cannot_run(monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "--backend cpu_sparse: the native CPU kernels are switched off" in err
+
+
+@pytest.mark.slow
+def test_inside_a_compile_trace_the_reference_products_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    sparsify_(model, "fst2", backend="cpu_sparse")
+    x = torch.randn(4, 8, 16)
+    eager = model(x)  # the kept plan holds the 2:4 kernel now
+    compiled = torch.compile(model)(x)
+    torch.testing.assert_close(compiled, eager, **TOL32)
