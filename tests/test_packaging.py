@@ -29,9 +29,14 @@ def test_the_version_is_the_same_in_pyproject_and_the_package():
     assert fullsparse.__version__ == "0.2.0.dev0"
 
 
-def test_py_typed_and_the_native_source_are_declared_as_package_data():
-    assert (SRC / "py.typed").is_file() and (SRC / "native.c").is_file()
-    assert '[tool.setuptools.package-data]\nfullsparse = ["py.typed", "native.c"]' in PYPROJECT
+def test_py_typed_and_the_native_sources_are_declared_as_package_data():
+    from fullsparse.native import _SOURCES
+
+    assert _SOURCES == ("native.c", "spmm24.c")
+    files = ["py.typed", *_SOURCES]
+    assert all((SRC / name).is_file() for name in files)
+    listed = ", ".join(f'"{name}"' for name in files)
+    assert f"[tool.setuptools.package-data]\nfullsparse = [{listed}]" in PYPROJECT
 
 
 def test_the_core_depends_on_torch_2_4_or_newer_and_nothing_else():
