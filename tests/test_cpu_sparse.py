@@ -60,6 +60,9 @@ def test_product_equals_the_float64_product(m, k, r):
     out = torch.empty(r, m).t()
     _close(spmm24(a.t().contiguous().t(), pack24(b.t().contiguous().t()), out=out), want, scale)
     assert out.stride() == (1, m)
+    for rows in (True, False):  # either layout of the packed entries, from either layout of B
+        _close(spmm24(a, pack24(b.t().contiguous().t(), rows=rows)), want, scale)
+        _close(spmm24(a, pack24(b, rows=rows)), want, scale)
     bias = torch.randn(r)
     _close(spmm24(a, pack24(b), bias=bias), want + bias.double(), scale + bias.double().abs())
 

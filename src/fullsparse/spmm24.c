@@ -28,22 +28,31 @@
 #endif
 
 #define TILE 64  /* rows of A per tile: eight vectors of eight floats */
-#define CHUNK 64 /* reduction entries packed at a time (a multiple of 4) */
+/* reduction entries packed at a time (multiples of 4): up to 96 where a row's kept entries
+ * lie side by side, 64 where they are a row stride apart (each entry its own cache line) */
+#define CHUNK 96
+#define CHUNK_STRIDED 64
 
 /* 1 where the kernels were built with AVX2 and FMA (the fast form), 0 for the portable one */
 int fs_spmm24_vectorized(void) { return FS_VECTOR; }
 
+/* Which of a group's four entries are nonzero, as a 4-bit pattern: the first and the last
+ * of them and how many (tables, so that random patterns cost no mispredicted branches) */
+static const int8_t FIRST[16] = {0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0};
+static const int8_t LAST[16] = {0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+static const int8_t COUNT[16] = {0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4};
+
 /* group g of row r: b[r, 4g + q] = src[q·sk]; its two entries at out[0] / out[vj] */
 static inline int compress_group(const float *src, int64_t sk, int32_t base, float *vals,
                                  int32_t *idx, int64_t vj) {
-    float x0 = src[0], x1 = src[sk], x2 = src[2 * sk], x3 = src[3 * sk];
-    int n0 = x0 != 0.0f, n1 = x1 != 0.0f, n2 = x2 != 0.0f, n3 = x3 != 0.0f;
-    /* branch-free, so that loops over groups vectorize: the first and the last nonzero */
-    vals[0] = n0 ? x0 : n1 ? x1 : n2 ? x2 : x3;
-    vals[vj] = n0 + n1 + n2 + n3 >= 2 ? (n3 ? x3 : n2 ? x2 : x1) : 0.0f;
-    idx[0] = base + (n0 ? 0 : n1 ? 1 : n2 ? 2 : 3);
-    idx[vj] = base + (n3 ? 3 : n2 ? 2 : n1 ? 1 : 0);
-    return n0 + n1 + n2 + n3 > 2;
+    float x[4] = {src[0], src[sk], src[2 * sk], src[3 * sk]};
+    int bits = (x[0] != 0.0f) | (x[1] != 0.0f) << 1 | (x[2] != 0.0f) << 2 | (x[3] != 0.0f) << 3;
+    int first = FIRST[bits], last = LAST[bits], count = COUNT[bits];
+    vals[0] = x[first];
+    vals[vj] = count >= 2 ? x[last] : 0.0f;
+    idx[0] = base + first;
+    idx[vj] = base + last;
+    return count > 2;
 }
 
 #if FS_VECTOR
@@ -272,6 +281,9 @@ int fs_spmm24(const float *a, int64_t M, int64_t K, int64_t sam, int64_t sak,
     while ((tiles * split < threads || (tiles * split) % threads) && split * 8 < R)
         split++;
     int64_t per = ((R + split - 1) / split + 7) / 8 * 8, tasks = tiles * split;
+    /* K in the fewest chunks of at most the limit, of equal size (192: two of 96) */
+    int64_t limit = vj == 1 ? CHUNK : CHUNK_STRIDED, chunks = (K + limit - 1) / limit;
+    int64_t step = ((K + chunks - 1) / chunks + 3) / 4 * 4;
     int failed = 0;
 #pragma omp parallel reduction(| : failed) if (tasks > 1 && M * K * R >= 262144)
     {
@@ -289,8 +301,8 @@ int fs_spmm24(const float *a, int64_t M, int64_t K, int64_t sam, int64_t sak,
                 int64_t rows = M - m0 < TILE ? M - m0 : TILE;
                 if (r0 >= r1)
                     continue;
-                for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
-                    int64_t kc = K - k0 < CHUNK ? K - k0 : CHUNK;
+                for (int64_t k0 = 0; k0 < K; k0 += step) {
+                    int64_t kc = K - k0 < step ? K - k0 : step;
                     pack_tile(a, M, sam, sak, m0, k0, kc, pack);
                     for (int64_t r = r0; r < r1; r++)
                         row_sums(vals + r * vr + (k0 / 2) * vj, idx + r * vr + (k0 / 2) * vj,

@@ -81,35 +81,39 @@ def _lib(*tensors: Tensor):  # noqa: ANN202 - a ctypes library
     return lib
 
 
-def pack24(b: Tensor) -> Packed24:
+def pack24(b: Tensor, rows: bool | None = None) -> Packed24:
     """Compress ``b [R, K]`` (any strides; K a multiple of 4), 2:4 along K. Raises
-    ``ValueError`` if a group of four holds more than two nonzeros."""
+    ``ValueError`` if a group of four holds more than two nonzeros. ``rows``: lay each row's
+    entries side by side (the product reads them faster; packing a ``b`` whose columns are
+    contiguous so is slower), or down the columns (None: whichever follows ``b``'s layout)."""
     if b.ndim != 2 or b.shape[1] % 4:
         raise ValueError(
             f"pack24: need a 2-D [R, K] operand with K a multiple of 4, got {tuple(b.shape)}"
         )
     lib = _lib(b)
-    rows, cols = b.shape
+    height, cols = b.shape
     half = cols // 2
-    if b.stride(0) == 1 and rows > 1:  # columns side by side: compress down the columns
-        stride = rows + _PAD
+    if rows is None:
+        rows = not (b.stride(0) == 1 and b.shape[0] > 1)
+    if not rows:  # columns side by side: compress down the columns
+        stride = height + _PAD
         values = torch.empty(half, stride, dtype=torch.float32)
         index = torch.empty(half, stride, dtype=torch.int32)
         row_stride, entry_stride = 1, stride
     else:
-        values = torch.empty(rows, half, dtype=torch.float32)
-        index = torch.empty(rows, half, dtype=torch.int32)
+        values = torch.empty(height, half, dtype=torch.float32)
+        index = torch.empty(height, half, dtype=torch.int32)
         row_stride, entry_stride = half, 1
     bad = lib.fs_compress24(
-        b.data_ptr(), rows, cols, b.stride(0), b.stride(1), values.data_ptr(), index.data_ptr(),
-        row_stride, entry_stride,
+        b.data_ptr(), height, cols, b.stride(0), b.stride(1), values.data_ptr(),
+        index.data_ptr(), row_stride, entry_stride,
     )  # fmt: skip
     if bad:
         raise ValueError(
             f"pack24: operand {tuple(b.shape)} is not 2:4 along its rows (a group of four "
             "holds more than two nonzeros)"
         )
-    return Packed24(values, index, rows, cols, row_stride, entry_stride)
+    return Packed24(values, index, height, cols, row_stride, entry_stride)
 
 
 def spmm24(
@@ -198,7 +202,9 @@ class CpuSparseGemm:
     fuses_bias = True
 
     def pack(self, operand: Tensor) -> Packed24:
-        return pack24(operand)
+        # a weight operand is small: laid out by rows (the product reads those faster) even
+        # where it is a transposed view (grad_input's S_Co(W)ᵀ)
+        return pack24(operand, rows=True)
 
     def linear(self, a2d: Tensor, packed: Packed24, bias: Tensor | None = None) -> Tensor:
         return spmm24(a2d, packed, bias=bias)
